@@ -1,0 +1,1 @@
+"""Bundled data: toy SFT tasks with exactly checkable answers (see make_tasks)."""

