@@ -48,6 +48,14 @@ def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": result.seconds}
 
 
+def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.train import train
+
+    init_ray(cfg)
+    result = train(cfg)
+    return {"model": result.model, "skipped": result.skipped, "seconds": result.seconds, "metrics": result.metrics}
+
+
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.models import build_tiny_model
 
@@ -57,7 +65,8 @@ def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spin-ray", description="SPIN self-play fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in [("generate", "θ_t answers every prompt and scores both answers: iter_<t>/pairs parquet")]:
+    for name, text in [("generate", "θ_t answers every prompt and scores both answers: iter_<t>/pairs parquet"),
+                       ("train", "train θ_{t+1} from θ_t on iter_<t>'s pairs window: iter_<t>/model")]:
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("--config", help="YAML config; see jobs/configs/")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -70,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": _generate}
+COMMANDS = {"generate": _generate, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,10 @@ def plan_steps(n_rows: int, global_batch: int, num_workers: int) -> list[int]:
 
 def _load_rows() -> list[dict[str, Any]]:
     import pyarrow as pa
+    import ray.data
     import ray.train
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Every worker reads the whole (small, text-only) pairs table and takes its slice of each global batch from
     # one seeded order: resume is exact and N workers see the same batches as one.
@@ -255,7 +258,7 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     )
     result = trainer.fit()
     seconds = time.perf_counter() - t0
-    final = _read_lines(metrics_uri)[-1]
+    final = json.loads(_read_lines(metrics_uri)[-1])
     with result.checkpoint.as_directory() as ckpt:
         _publish_model(ckpt, out, final)
     log.info("iteration %d: θ_%d saved to %s (%.1f s)", cfg.iteration, cfg.iteration + 1, out, seconds)
@@ -270,7 +273,7 @@ def _read_lines(uri: str) -> list[str]:
         return [line for line in f.read().decode().splitlines() if line.strip()]
 
 
-def _publish_model(ckpt: str, out: str, metrics_line: str) -> None:
+def _publish_model(ckpt: str, out: str, metrics: dict[str, Any]) -> None:
     """Copy the HF files (not the optimizer state) to `out`, marker last."""
     import pyarrow.fs as pafs
 
@@ -284,7 +287,7 @@ def _publish_model(ckpt: str, out: str, metrics_line: str) -> None:
         if not name.startswith("train_state_rank"):
             pafs.copy_files(os.path.join(ckpt, name), f"{work}/{name}", destination_filesystem=fs)
     with fs.open_output_stream(f"{work}/{records.MARKER}") as f:
-        f.write(metrics_line.encode())
+        f.write(json.dumps(metrics).encode())
     if local:
         if os.path.exists(path):
             shutil.rmtree(path)

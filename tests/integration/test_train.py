@@ -1,0 +1,129 @@
+"""The trainer on real Ray Train workers (gloo, CPU) with the tiny model, on pairs made by the real pipeline."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spin_ray import records
+from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.loop import make_pairs
+from spin_ray.train import train
+
+pytestmark = pytest.mark.integration
+
+FAST = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.optimizer=adamw", "train.beta=1.0",
+        "train.num_cpus_per_worker=1", "train.report_every=2"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model, ray_cluster, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("pairs")
+    cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={storage}", "data.max_rows=32",
+                                 "generate.max_tokens=12", "generate.num_cpus_per_actor=0.5",
+                                 "score.num_cpus_per_actor=0.5"])
+    return make_pairs(cfg).path
+
+
+def cfg_for(tiny_model, storage, *extra):
+    return SpinConfig.load(None, [f"model={tiny_model}", f"storage={storage}", *FAST, *extra])
+
+
+def metrics(storage, t=0):
+    with open(os.path.join(storage, f"iter_{t}", "train_metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
+    result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3"), pairs=[pairs])
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == list(range(1, 13))  # 32 pairs / 8 per step x 3 epochs
+    first = lines[0]
+    # The policy starts as the reference, and the trainer's log-probs equal the scorer's.
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert abs(first["rewards/margins"]) < 1e-3 and first["rewards/accuracies"] == 0
+    assert {"lr", "grad_norm", "tokens_per_s", "rewards/real", "rewards/generated", "logps/real"} <= first.keys()
+    assert sum(m["loss"] for m in lines[-4:]) / 4 < 0.5 * math.log(2)
+    assert lines[-1]["rewards/accuracies"] > 0.5 and lines[-1]["rewards/margins"] > 0
+    assert result.model == os.path.join(tmp_path, "iter_0", "model") and not result.skipped
+    model = AutoModelForCausalLM.from_pretrained(result.model)
+    assert not any(f.startswith("train_state") for f in os.listdir(result.model))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    # A second call finds the finished model and does nothing.
+    assert train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3"), pairs=[pairs]).skipped
+
+
+def test_two_workers_take_the_same_steps_as_one(tiny_model, pairs, tmp_path):
+    # 1 worker x 2 micro-batches and 2 workers x 1 micro-batch see the same global batches.
+    one = train(cfg_for(tiny_model, tmp_path / "one", "train.lr=1e-4", "train.epochs=1"), pairs=[pairs])
+    two = train(cfg_for(tiny_model, tmp_path / "two", "train.lr=1e-4", "train.epochs=1", "train.num_workers=2"),
+                pairs=[pairs])
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):  # tolerance: fp32 sums in another order (gloo all-reduce vs local accumulation)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    wa = AutoModelForCausalLM.from_pretrained(one.model).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(two.model).state_dict()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_trained_model_serves_as_the_next_opponent(tiny_model, pairs, tmp_path):
+    result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=1"), pairs=[pairs])
+    # The next iteration's generation (vLLM engine) and scoring load θ_1 from its HF folder.
+    nxt = make_pairs(SpinConfig.load(None, [f"model={result.model}", f"storage={tmp_path}", "iteration=1",
+                                            "data.max_rows=8", "generate.max_tokens=8", "generate.backend=vllm",
+                                            "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5"]))
+    assert nxt.rows == 8 and set(pq.read_table(nxt.path).column("iteration").to_pylist()) == {1}
+
+
+def test_resume_after_the_run_is_killed(tiny_model, pairs, tmp_path):
+    """A killed `spin-ray train` continues from its last checkpoint: steps neither repeat nor go missing."""
+    os.makedirs(tmp_path / "iter_0")
+    os.symlink(pairs, tmp_path / "iter_0" / "pairs")
+    cmd = [sys.executable, "-m", "spin_ray.cli", "train", *sum((["--set", s] for s in
+           [f"model={tiny_model}", f"storage={tmp_path}", *FAST, "train.lr=1e-3", "train.epochs=40",
+            "train.checkpoint_every=10", "train.report_every=1"]), [])]
+    lines_path = tmp_path / "iter_0" / "train_metrics.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (lines_path.exists() and len(lines_path.read_text().splitlines()) >= 25):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = lines_path.read_text().splitlines()
+    assert 25 <= len(before) < 160, "the run finished or never started before the kill"
+    # A metrics line is written before that step's checkpoint is reported, so the line after it proves the report.
+    saved = (len(before) - 1) // 10 * 10
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in lines_path.read_text().splitlines()]
+    assert steps == list(range(1, 161))
+    # It resumed rather than restarted: the checkpointed steps' lines (with their timings) are the first run's.
+    assert lines_path.read_text().splitlines()[:saved] == before[:saved]
+    assert records.is_complete(str(tmp_path / "iter_0" / "model"))
+
+
+def test_bad_input_is_refused_before_workers_start(tiny_model, pairs, tmp_path):
+    bad = tmp_path / "bad"
+    os.makedirs(bad)
+    pq.write_table(pq.read_table(pairs).drop(["ref_logp_generated"]), bad / "part.parquet")
+    (bad / records.MARKER).write_text("{}")
+    with pytest.raises(ConfigError, match=r"lack column\(s\) \['ref_logp_generated'\]"):
+        train(cfg_for(tiny_model, tmp_path), pairs=[str(bad)])
+    with pytest.raises(ConfigError, match="train.num_workers = 8 needs 8 CPU"):
+        train(cfg_for(tiny_model, tmp_path, "train.num_workers=8", "train.micro_batch_size=1"), pairs=[pairs])
+    with pytest.raises(ConfigError, match="no finished pairs"):
+        train(cfg_for(tiny_model, tmp_path, "iteration=3"))
+    with pytest.raises(ConfigError, match="train.beta"):
+        cfg_for(tiny_model, tmp_path, "train.beta=0")
+    assert not os.path.exists(tmp_path / "iter_0" / "model")
