@@ -10,9 +10,15 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from spin_ray.config import ConfigError, SpinConfig
+
+EMBEDDED = str(Path(__file__).parent / "assets" / "cpu_default.yaml")
+
+if TYPE_CHECKING:
+    from spin_ray.loop import IterationResult
 
 log = logging.getLogger("spin_ray")
 
@@ -56,6 +62,27 @@ def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     return {"model": result.model, "skipped": result.skipped, "seconds": result.seconds, "metrics": result.metrics}
 
 
+def iteration_row(r: "IterationResult") -> str:
+    m, sec = r.metrics, r.seconds
+    return (f"{r.iteration:>4} {r.pairs.rows:>6} {m.get('loss', float('nan')):>7.4f} {m.get('rewards/accuracies', 0):>6.3f} "
+            f"{m.get('rewards/margins', 0):>8.3f} {sec.get('generator', 0):>8.1f} {sec.get('scorer', 0):>7.1f} "
+            f"{sec.get('pairs', 0):>7.1f} {sec.get('train', 0):>7.1f}  {r.model}")
+
+
+TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'loss':>7} {'acc':>6} {'margin':>8} {'gen s':>8} {'score s':>7} "
+                f"{'pairs s':>7} {'train s':>7}  model")
+
+
+def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.loop import run
+
+    init_ray(cfg)
+    print(TABLE_HEADER, flush=True)
+    results = run(cfg, force=args.force, on_iteration=lambda r: print(iteration_row(r), flush=True))
+    return {"storage": cfg.storage, "iterations": len(results), "model": results[-1].model if results else cfg.model,
+            "seconds": [r.seconds for r in results]}
+
+
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.models import build_tiny_model
 
@@ -66,12 +93,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spin-ray", description="SPIN self-play fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in [("generate", "θ_t answers every prompt and scores both answers: iter_<t>/pairs parquet"),
-                       ("train", "train θ_{t+1} from θ_t on iter_<t>'s pairs window: iter_<t>/model")]:
+                       ("train", "train θ_{t+1} from θ_t on iter_<t>'s pairs window: iter_<t>/model"),
+                       ("run", "the self-play loop: loop.iterations x (generate, score, train); resumes finished work")]:
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("--config", help="YAML config; see jobs/configs/")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set train.beta=1.0 (repeatable; wins over the file)")
         c.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "run":
+            c.add_argument("--force", action="store_true", help="continue a run whose config or data changed")
     t = sub.add_parser("tiny-model", help="build a tiny random Llama + tokenizer with a chat template, offline")
     t.add_argument("out")
     t.add_argument("--seed", type=int, default=0)
@@ -79,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": _generate, "train": _train}
+COMMANDS = {"generate": _generate, "train": _train, "run": _run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-model":
             out = _tiny_model(args)
         else:
-            cfg = SpinConfig.load(args.config, args.overrides)
+            # No --config: the embedded CPU default (small real model, bundled data), so `spin-ray run` just works.
+            cfg = SpinConfig.load(args.config or EMBEDDED, args.overrides)
             out = COMMANDS[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         if args.debug:

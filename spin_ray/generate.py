@@ -130,7 +130,10 @@ class Generator:
         import torch
         from transformers import AutoTokenizer
 
+        from spin_ray.models import local_model
+
         on_gpu = torch.cuda.is_available()
+        model = local_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.iteration, self.seed, self.max_prompt_length = iteration, seed, max_prompt_length
         self.max_model_len = cfg.max_model_len or max_length

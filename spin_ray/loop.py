@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
 import pyarrow as pa
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.data import PROMPT_SCHEMA, load_sft
+from spin_ray.data import PROMPT_SCHEMA, load_sft, normalize
 from spin_ray.generate import generate, num_gpus_per_actor
 from spin_ray.models import resolve_model
 from spin_ray.score import score
@@ -44,10 +47,51 @@ def require_resources(what: str, field_name: str, count: int, per_unit: dict[str
                 f"{total.get(resource, 0):g}; lower {field_name} or the per-unit request, or add nodes")
 
 
-def make_pairs(cfg: SpinConfig, prompts: pa.Table | None = None, *, model: str | None = None) -> PairsResult:
+def _busy_seconds(stats: str) -> dict[str, float]:
+    """Summed actor time per stage from Ray Data's stats text: generate and score stream together, so their wall
+    times overlap; this is what each one cost."""
+    out = {}
+    for name, value, unit in re.findall(r"Operator \d+ [^\n]*?MapBatches\((\w+)\)[^\n]*\n\* Remote wall time:"
+                                        r"[^\n]*?([\d.]+)(ms|s|us) total", stats):
+        out[name.lower()] = float(value) / {"s": 1, "ms": 1e3, "us": 1e6}[unit]
+    return out
+
+
+Prompts = Union[pa.Table, "ray.data.Dataset", None]
+Model = Union[str, "ray.train.Checkpoint", None]
+
+
+def model_path(model: Model, cfg: SpinConfig) -> str:
+    """A local folder, URI or hub id for θ_t, from a path, a Ray Train Checkpoint or `cfg.model`."""
+    if model is None or isinstance(model, str):
+        return resolve_model(model or cfg.model)
+    import pyarrow.fs as pafs
+
+    local = isinstance(model.filesystem, pafs.LocalFileSystem)
+    return resolve_model(model.path if local else f"{model.filesystem.type_name}://{model.path}")
+
+
+def as_prompts(prompts: Prompts, cfg: SpinConfig) -> tuple[pa.Table, dict[str, int]]:
+    """Normalised prompt rows and the bad-row counts, from `cfg.data` (None), a Ray Dataset or a pyarrow table of
+    SFT rows in any accepted shape (data.py); an already normalised table is taken as it is."""
+    if prompts is None:
+        sft = load_sft(cfg.data)
+        return sft.to_arrow(), dict(sft.bad)
+    if not isinstance(prompts, pa.Table):
+        import ray
+
+        refs = prompts.to_arrow_refs()
+        prompts = pa.concat_tables(ray.get(refs)) if refs else pa.table({})
+    if set(PROMPT_SCHEMA.names) <= set(prompts.column_names):
+        return prompts.select(PROMPT_SCHEMA.names), {}
+    sft = normalize(prompts.to_pylist(), on_bad_rows=cfg.data.on_bad_rows, source="prompts")
+    return sft.to_arrow(), dict(sft.bad)
+
+
+def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None) -> PairsResult:
     """One iteration's pairs under `<storage>/iter_<t>/pairs`: θ_t answers every prompt, then scores both answers.
 
-    `prompts` (normalised prompt_id/prompt/real rows) defaults to `cfg.data`; `model` (θ_t) defaults to `cfg.model`.
+    `prompts` default to `cfg.data` (see `as_prompts`); `model` (θ_t) defaults to `cfg.model`.
     A finished pairs folder is kept as it is.
     """
     dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
@@ -56,14 +100,8 @@ def make_pairs(cfg: SpinConfig, prompts: pa.Table | None = None, *, model: str |
         log.info("iteration %d: pairs already at %s (%d rows); skipping generate and score", cfg.iteration, dest, rows)
         return PairsResult(dest, rows, skipped=True)
 
-    model = resolve_model(model or cfg.model)
-    bad: dict[str, int] = {}
-    if prompts is None:
-        sft = load_sft(cfg.data)
-        prompts, bad = sft.to_arrow(), dict(sft.bad)
-    missing = [c for c in PROMPT_SCHEMA.names if c not in prompts.column_names]
-    if missing:
-        raise ConfigError(f"prompts lack column(s) {missing}; build them with spin_ray.data.normalize")
+    model = model_path(model, cfg)
+    prompts, bad = as_prompts(prompts, cfg)
     g, s = cfg.generate, cfg.score
     require_resources("generation actors", "generate.num_actors", g.num_actors,
                       {"CPU": g.num_cpus_per_actor, "GPU": num_gpus_per_actor(g.num_gpus_per_actor, g.tensor_parallel_size)})
@@ -80,7 +118,113 @@ def make_pairs(cfg: SpinConfig, prompts: pa.Table | None = None, *, model: str |
     ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, **lengths)
     ds = score(ds, model, s, **lengths)
     stats = records.write_pairs(ds, dest, expected_ids=set(prompts.column("prompt_id").to_pylist()))
-    seconds = {"generate+score": time.perf_counter() - start}
+    seconds = {"generate+score": time.perf_counter() - start, **_busy_seconds(ds.stats())}
     log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest,
              seconds["generate+score"])
     return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=bad)
+
+
+def rescore_window(cfg: SpinConfig, model: str) -> list[str]:
+    """Earlier iterations' pairs in this iteration's window, their reference log-probs recomputed under θ_t.
+
+    uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
+    (spin.md §2); the older y' stay as θ_{t-1} sampled them.
+    """
+    import ray.data
+
+    here = records.iter_dir(cfg.storage, cfg.iteration)
+    out = []
+    for s in range(max(0, cfg.iteration - cfg.loop.window + 1), cfg.iteration):
+        dest = records.join(here, f"window/iter_{s}")
+        out.append(dest)
+        if records.is_complete(dest):
+            continue
+        source = records.read_pairs_table([records.join(records.iter_dir(cfg.storage, s), "pairs")])
+        log.info("iteration %d: rescoring iteration %d's %d pairs under θ_%d", cfg.iteration, s, source.num_rows,
+                 cfg.iteration)
+        step = cfg.score.batch_size
+        ds = ray.data.from_arrow([source.drop_columns(["ref_logp_real", "ref_logp_generated"]).slice(i, step)
+                                  for i in range(0, source.num_rows, step)])
+        ds = score(ds, model, cfg.score, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+        records.write_pairs(ds, dest, expected_ids=set(source.column("prompt_id").to_pylist()))
+    return out
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    model: str
+    """θ_{t+1}: an HF folder that transformers and vLLM load."""
+    pairs: PairsResult
+    metrics: dict[str, Any]
+    """The last optimizer step's metrics (train_metrics.jsonl has every step)."""
+    seconds: dict[str, float]
+
+    @property
+    def checkpoint(self) -> "ray.train.Checkpoint":
+        import ray.train
+
+        fs, path = records.filesystem(self.model)
+        return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None) -> IterationResult:
+    """Iteration `cfg.iteration`: θ_t (`model`, default cfg.model) → pairs → θ_{t+1}. Finished stages are kept."""
+    from spin_ray.train import train
+
+    model = model_path(model, cfg)
+    t0 = time.perf_counter()
+    pairs = make_pairs(cfg, prompts, model=model)  # a finished iteration reads no prompts
+    t1 = time.perf_counter()
+    rescore_window(cfg, model)
+    t2 = time.perf_counter()
+    trained = train(cfg, model=model)
+    t3 = time.perf_counter()
+    seconds = {"pairs": t1 - t0, "window": t2 - t1, "train": t3 - t2, **pairs.seconds}
+    return IterationResult(cfg.iteration, trained.model, pairs, trained.metrics, seconds)
+
+
+def check_storage(cfg: SpinConfig) -> None:
+    """Multi-node runs need storage every node sees: Train checkpoints and pairs are written from any node."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in cfg.storage and not cfg.storage_shared:
+        raise ConfigError(
+            f"storage = {cfg.storage!r} is a node-local path, but the cluster has {len(nodes)} nodes. Use shared "
+            "storage: an s3:// or gs:// URI, or a shared mount (NFS/EFS) at the same path on every node together "
+            "with storage_shared=true")
+
+
+def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
+        on_iteration: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
+    """The self-play loop: iterations 0..T−1, each starting from the last one's θ, resuming finished work.
+
+    `prompts` (normalised rows) default to `cfg.data`. `on_iteration` is called after each iteration (progress).
+    Needs Ray to be initialised (the CLI does it; inside a Ray program it is already up).
+    """
+    from spin_ray.evaluate import heldout_accuracy
+    from spin_ray.manifest import Manifest, fingerprint
+
+    check_storage(cfg)
+    prompts, _ = as_prompts(prompts, cfg)
+    manifest = Manifest(cfg.storage)
+    manifest.check(cfg, fingerprint(prompts.column("prompt_id").to_pylist()), force=force)
+    model, previous, results = model_path(None, cfg), None, []
+    for t in range(cfg.loop.iterations):
+        c = cfg.for_iteration(t)
+        if c.loop.early_stop_epsilon is not None and previous is not None:
+            accuracy = heldout_accuracy(c, model, previous)
+            if abs(accuracy - 0.5) < c.loop.early_stop_epsilon:
+                log.info("stopping before iteration %d: held-out reward accuracy %.3f is within %g of 0.5", t,
+                         accuracy, c.loop.early_stop_epsilon)
+                manifest.stage(f"iter_{t}", "stopped", heldout_accuracy=accuracy)
+                break
+        manifest.stage(f"iter_{t}", "running", model=model)
+        result = run_iteration(c, prompts, model=model)
+        manifest.stage(f"iter_{t}", "done", model=result.model, seconds=result.seconds, metrics=result.metrics)
+        results.append(result)
+        previous, model = model, result.model
+        if on_iteration:
+            on_iteration(result)
+    return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import re
@@ -209,12 +210,24 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     return _build_once(out, lambda tmp: _convert_smollm2(pkg_dir, tmp))
 
 
+def local_model(uri: str, cache_dir: str | None = None) -> str:
+    """A local folder for `uri`: an object-store model (s3://, gs://) is copied once per node into the cache."""
+    if "://" not in uri:
+        return uri
+    import pyarrow.fs as pafs
+
+    out = cache_root(cache_dir) / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return _build_once(out, lambda tmp: pafs.copy_files(uri, str(tmp)))
+
+
 def resolve_model(spec: str, cache_dir: str | None = None) -> str:
     """Model folder (or hub id) for ``spec``: "tiny", "smollm2-135m", a local HF folder, or "org/name"."""
     if spec == "tiny":
         return build_tiny_model(cache_root(cache_dir) / TINY_DIRNAME)
     if spec == "smollm2-135m":
         return smollm2_path(cache_dir)
+    if "://" in spec:  # object store: each actor copies it locally (local_model)
+        return spec
     path = Path(spec).expanduser()
     if path.exists():
         if not _is_model_dir(path):

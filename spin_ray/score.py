@@ -52,6 +52,9 @@ class Scorer:
     def __init__(self, model: str, cfg: ScoreConfig, *, max_length: int, max_prompt_length: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from spin_ray.models import local_model
+
+        model = local_model(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = resolve_dtype(cfg.dtype, self.device == "cuda")
         self.tokenizer = AutoTokenizer.from_pretrained(model)

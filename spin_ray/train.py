@@ -59,10 +59,8 @@ def plan_steps(n_rows: int, global_batch: int, num_workers: int) -> list[int]:
 
 def _load_rows() -> list[dict[str, Any]]:
     import pyarrow as pa
-    import ray.data
     import ray.train
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Every worker reads the whole (small, text-only) pairs table and takes its slice of each global batch from
     # one seeded order: resume is exact and N workers see the same batches as one.
@@ -119,6 +117,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from spin_ray.models import local_model
+
     cfg: SpinConfig = c["cfg"]
     tc = cfg.train
     ctx = ray.train.get_context()
@@ -129,7 +129,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     ckpt_dir = checkpoint.to_directory() if checkpoint else None
-    source = ckpt_dir or c["model"]
+    source = ckpt_dir or local_model(c["model"])
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     if tc.gradient_checkpointing:
@@ -194,7 +194,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         names = ["loss", *m.keys()]
         metrics = {n: float(v) for n, v in zip(names, (sums[:-1] / sums[-1]).tolist())}
         metrics.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=float(grad_norm), tokens=tokens,
-                       tokens_per_s=tokens / (time.perf_counter() - t0), beta=tc.beta, iteration=cfg.iteration)
+                       tokens_per_s=tokens / (time.perf_counter() - t0), beta=tc.beta, iteration=cfg.iteration,
+                       time=time.time())
         lines.append(json.dumps(metrics))
         done = step + 1 == total
         if rank == 0 and ((step + 1) % tc.report_every == 0 or done):
@@ -250,7 +251,7 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.num_cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        datasets={"train": ray.data.from_arrow(table)},
+        datasets={"train": _quiet_dataset(table)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
             name="train", storage_path=records.join(here, "ray_train"),
@@ -263,6 +264,18 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         _publish_model(ckpt, out, final)
     log.info("iteration %d: θ_%d saved to %s (%.1f s)", cfg.iteration, cfg.iteration + 1, out, seconds)
     return TrainResult(out, final, skipped=False, seconds=seconds)
+
+
+def _quiet_dataset(table: "pa.Table") -> "ray.data.Dataset":
+    """The pairs as a Dataset without progress bars: each worker reads it whole, and its bar never closes."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        return ray.data.from_arrow(table)
+    finally:
+        ctx.enable_progress_bars = old
 
 
 def _read_lines(uri: str) -> list[str]:

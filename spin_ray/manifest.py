@@ -1,0 +1,62 @@
+"""`<storage>/manifest.json`: the run's config and inputs, and each stage's status, so a rerun resumes safely.
+
+Whether a stage is finished is decided by its own completion marker (records.py); the manifest adds what the markers
+cannot: which config and data produced them (a rerun with another config is refused unless forced) and timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from spin_ray import records
+from spin_ray.config import ConfigError, SpinConfig
+
+# Keys that change how fast a run goes, not what it computes.
+NOT_HASHED = ("ray", "loop.iterations", "generate.num_actors", "generate.batch_size", "score.num_actors",
+              "score.batch_size", "train.report_every", "train.checkpoint_every", "train.num_to_keep", "iteration")
+
+
+def config_hash(cfg: SpinConfig) -> str:
+    tree = cfg.to_dict()
+    for dotted in NOT_HASHED:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(prompt_ids: list[str]) -> str:
+    """The data's identity: prompt ids are content hashes, so this changes when any pair does."""
+    return hashlib.sha256("\n".join(sorted(prompt_ids)).encode()).hexdigest()[:16]
+
+
+class Manifest:
+    def __init__(self, storage: str):
+        self.uri = records.join(records.absolute(storage), "manifest.json")
+        self.state: dict[str, Any] = records.read_json(self.uri) if records.exists(self.uri) else {}
+
+    def check(self, cfg: SpinConfig, data: str, *, force: bool = False) -> None:
+        """Refuse to continue a run made with another config or other data, unless `force`."""
+        new = {"config_hash": config_hash(cfg), "data": data, "model": cfg.model}
+        old = {k: self.state.get(k) for k in new}
+        if self.state and old != new and not force:
+            changed = [k for k in new if old[k] != new[k]]
+            raise ConfigError(
+                f"{records.absolute(cfg.storage)} holds a run made with another {' and '.join(changed)} "
+                f"({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in changed)}). Use a new `storage`, or pass --force to "
+                "continue it with this config (finished stages are kept; delete an iter_<t> folder to redo it)")
+        self.state.update(new, config=cfg.to_dict())
+        self.state.setdefault("stages", {})
+        self._write()
+
+    def stage(self, name: str, status: str, **info: Any) -> None:
+        self.state["stages"][name] = {"status": status, "time": time.time(), **info}
+        self._write()
+
+    def _write(self) -> None:
+        records.write_json_atomic(self.uri, self.state)
