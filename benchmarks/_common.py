@@ -13,7 +13,7 @@ import psutil
 
 
 class RssSampler:
-    """Polls process RSS in a thread and keeps each matching process's peak.
+    """Polls the RSS of this process's descendants in a thread and keeps each matching one's peak.
 
     torch allocates outside Python's allocator, so tracemalloc misses it; RSS sampling sees everything, at the cost of
     missing peaks shorter than `interval`.
@@ -26,8 +26,10 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        me = psutil.Process()
         while not self._stop.is_set():
-            for p in psutil.process_iter():
+            # Only our own processes (spawned children, our Ray cluster's workers): another session may run Ray here.
+            for p in me.children(recursive=True):
                 try:
                     label = self.label_of(p)
                     if label is None:
@@ -35,12 +37,15 @@ class RssSampler:
                     rss = p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                peak = self.peaks.setdefault(p.pid, {"pid": p.pid, "label": label, "max_rss_mib": 0.0})
-                peak["label"] = label  # a Ray worker's title changes as it takes on an actor
+                t = round(time.time() - self.t0, 2)
+                peak = self.peaks.setdefault(p.pid, {"pid": p.pid, "label": label, "max_rss_mib": 0.0,
+                                                     "first_seen_s": t})
+                peak["label"], peak["last_seen_s"] = label, t  # a Ray worker's title changes as it takes on an actor
                 peak["max_rss_mib"] = max(peak["max_rss_mib"], rss / 2**20)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "RssSampler":
+        self.t0 = time.time()
         self._thread.start()
         return self
 

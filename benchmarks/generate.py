@@ -185,7 +185,7 @@ if __name__ == "__main__":
                     .append_column("_threads", pa.array([torch.get_num_threads()] * n, pa.int64())))
 
     def map_workers() -> set[int]:
-        return {p.pid for p in psutil.process_iter() if "MapWorker" in " ".join(_safe_cmdline(p))}
+        return {p.pid for p in psutil.Process().children(recursive=True) if "MapWorker" in " ".join(_safe_cmdline(p))}
 
     def _safe_cmdline(p) -> list[str]:
         try:
@@ -199,7 +199,8 @@ if __name__ == "__main__":
         while map_workers() and time.time() < deadline:
             time.sleep(0.5)
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=args.verbose)
+    # address="local": a cluster of our own, even while another session has one running here
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
     lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     blocks = [table.slice(i, args.batch_size) for i in range(0, table.num_rows, args.batch_size)]

@@ -33,9 +33,10 @@ def heldout_accuracy(cfg: SpinConfig, model: str, previous: str) -> float:
         {"ref_logp_real": "logp_real", "ref_logp_generated": "logp_generated"})
     rows = score(ds, previous, cfg.score, **lengths).select_columns(
         ["logp_real", "logp_generated", "ref_logp_real", "ref_logp_generated"]).take_all()
-    wins = [(r["logp_real"] - r["ref_logp_real"]) > (r["logp_generated"] - r["ref_logp_generated"]) for r in rows]
-    accuracy = sum(wins) / len(wins)
-    records.write_json_atomic(cache, {"accuracy": accuracy, "rows": len(wins), "model": model, "previous": previous})
+    margins = [(r["logp_real"] - r["ref_logp_real"]) - (r["logp_generated"] - r["ref_logp_generated"]) for r in rows]
+    # A tie (θ_t = θ_{t−1} on that pair) is a coin flip: it counts half, so an unchanged model scores exactly 0.5.
+    accuracy = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+    records.write_json_atomic(cache, {"accuracy": accuracy, "rows": len(margins), "model": model, "previous": previous})
     log.info("iteration %d: held-out reward accuracy of θ_%d is %.3f on %d prompts", cfg.iteration, cfg.iteration,
-             accuracy, len(wins))
+             accuracy, len(margins))
     return accuracy

@@ -24,6 +24,9 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: Train workers and actor pools mostly wait on each other, so they can share.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Subprocesses (the CLI) join this cluster, not whichever cluster started last on the machine.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()

@@ -1,0 +1,363 @@
+"""Training tokens/s of spin_ray's Ray Train loop vs a plain single-process torch loop on the same model and batches.
+
+Pairs: synthesized from the bundled prompts (real/generated answers filled to --response-tokens tokens, so sequences
+have a realistic length rather than the tasks' 2-token answers), with reference log-probs precomputed by
+spin_ray.score.score_pairs (timed: it is the work the trainer no longer does per step); or an existing pairs folder
+(--pairs, e.g. from `spin-ray generate`).
+
+Plain loop: one spawned process, written here from spin_ray's building blocks (template.encode_pair / collate /
+sequence_logps, loss.spin_loss, train.plan_steps / lr_factor): the same seeded batch order, micro/global batch,
+AdamW, lr schedule and grad clipping as spin_ray.train. Two variants:
+  precomputed  reference log-probs read from the pairs, as spin_ray does (one model);
+  ref-model    a second frozen copy of the model runs a no-grad forward on every micro-batch (as uclaml/SPIN did).
+Ray Train: spin_ray.train.train(cfg, pairs=[folder]) with 1 and 2 workers of 1 CPU each (and 1 worker of 2 CPUs).
+
+Threads: Ray sets OMP_NUM_THREADS=num_cpus in a worker that asks for CPUs, so a 1-CPU Train worker runs torch on one
+thread. The plain loop therefore runs with OMP_NUM_THREADS=1 (like-for-like with a 1-CPU worker) and with the default
+(torch takes both cores; like-for-like with a 2-CPU worker).
+
+Throughput, both sides alike: tokens (attention-mask sum of the 2B sequences) of steps 2..N / (end time of step N -
+end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same stamps in the plain
+loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final save included) is
+reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
+Runs are sequential, never two at once.
+
+    python benchmarks/train.py                          # SmolLM2-135M, 64 pairs, micro 4, global 8, 1 epoch
+    python benchmarks/train.py --model tiny --pairs-count 128
+"""
+
+import os
+
+# Before ray/vllm are imported; the spawned plain-loop processes read them too.
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
+                  HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: int, epochs: int, lr: float,
+               beta: float, warmup_ratio: float, max_grad_norm: float, max_length: int, max_prompt_length: int,
+               seed: int, ref_model: bool) -> dict:
+    """spin_ray.train's update, single process, no Ray; `ref_model` scores the reference on the fly instead."""
+    import math
+    import resource
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spin_ray.loss import spin_loss
+    from spin_ray.template import collate, encode_pair, sequence_logps
+    from spin_ray.train import lr_factor, plan_steps
+
+    t_start = time.time()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.train()
+    ref = None
+    if ref_model:
+        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = plan_steps(len(rows), global_batch, 1)
+    total = len(steps) * epochs
+    warmup = math.ceil(warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    records, order = [], None
+    for step in range(total):
+        epoch, k = divmod(step, len(steps))
+        if order is None or k == 0:
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        begin = sum(steps[:k])
+        mine = order[begin:begin + steps[k]]
+        t0 = time.perf_counter()
+        tokens, loss_sum, ref_s = 0, 0.0, 0.0
+        for idx in (mine[i:i + micro] for i in range(0, len(mine), micro)):
+            batch_rows = [rows[j] for j in idx]
+            enc = [encode_pair(tokenizer, r["prompt"], r["real"], r["generated"], **lengths) for r in batch_rows]
+            batch = collate(enc, tokenizer.pad_token_id)
+            if ref is None:
+                ref_real = torch.tensor([r["ref_logp_real"] for r in batch_rows])
+                ref_gen = torch.tensor([r["ref_logp_generated"] for r in batch_rows])
+            else:
+                r0 = time.perf_counter()
+                with torch.no_grad():
+                    ref_logps = sequence_logps(ref, batch)
+                ref_real, ref_gen = ref_logps[:len(idx)], ref_logps[len(idx):]
+                ref_s += time.perf_counter() - r0
+            logps = sequence_logps(model, batch)
+            loss, _ = spin_loss(logps[:len(idx)], logps[len(idx):], ref_real, ref_gen, beta)
+            (loss * len(idx) / len(mine)).backward()
+            loss_sum += loss.item() * len(idx)
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        records.append({"step": step + 1, "tokens": tokens, "seconds": time.perf_counter() - t0, "time": time.time(),
+                        "loss": loss_sum / len(mine), "ref_forward_s": ref_s})
+    return {"steps": records, "start_s": records[0]["time"] - records[0]["seconds"] - t_start,
+            "torch_threads": torch.get_num_threads(),
+            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _plain_entry(conn, args, kwargs) -> None:
+    conn.send(plain_loop(*args, **kwargs))
+
+
+def steady(steps: list[dict]) -> dict:
+    """Tokens of steps 2..N over the time from the end of step 1 to the end of step N."""
+    if len(steps) < 2:
+        raise SystemExit("need at least 2 optimizer steps: raise --pairs-count or lower --global-batch")
+    tokens = sum(s["tokens"] for s in steps[1:])
+    seconds = steps[-1]["time"] - steps[0]["time"]
+    return {"steps": len(steps), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+            "s_per_step": seconds / (len(steps) - 1), "first_loss": steps[0]["loss"],
+            "losses": [s["loss"] for s in steps]}
+
+
+if __name__ == "__main__":
+    import argparse
+    import gc
+    import json
+    import multiprocessing
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import RssSampler, loadavg, machine, pid_in, print_table, write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
+    ap.add_argument("--pairs", help="an existing pairs folder (with _SUCCESS.json); default: synthesize")
+    ap.add_argument("--pairs-count", type=int, default=64, help="pairs to synthesize")
+    ap.add_argument("--response-tokens", type=int, default=48, help="tokens of each synthesized answer")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument("--workers", default="1,2,1x2",
+                    help="Ray Train variants: N (N workers of 1 CPU) or NxC (N workers of C CPUs), comma-separated")
+    ap.add_argument("--plain-threads", default="1,default",
+                    help="plain-loop OMP_NUM_THREADS settings (an int, or 'default' to leave it unset)")
+    ap.add_argument("--ref-threads", default="1", help="thread settings at which the ref-model variant also runs")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--verbose", action="store_true", help="show the workers' logs")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json"))
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spin_ray import records
+    from spin_ray.config import DataConfig, SpinConfig
+    from spin_ray.data import load_sft
+    from spin_ray.models import resolve_model
+    from spin_ray.score import score_pairs
+
+    load_start = loadavg()
+    print(f"load average at start: {load_start}")
+    model = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(model)
+    work = tempfile.mkdtemp(prefix="spin-bench-train-")
+    score_s = None
+    if args.pairs:
+        pairs_dir = records.absolute(args.pairs)
+    else:
+        # Answers padded with other rows' prompt text to a fixed token count: realistic lengths, any content will do.
+        base = load_sft(DataConfig(path="bundled")).rows
+        filler = [t for r in base for m in r["prompt"] for t in tok(" " + m["content"], add_special_tokens=False)["input_ids"]]
+
+        def answer(i: int) -> str:
+            start = (i * 7919) % (len(filler) - args.response_tokens)
+            return tok.decode(filler[start:start + args.response_tokens])
+
+        rows = [{"prompt_id": f"{base[i % len(base)]['prompt_id']}-{i // len(base)}",
+                 "prompt": base[i % len(base)]["prompt"], "real": answer(2 * i), "generated": answer(2 * i + 1),
+                 "iteration": 0, "finish_reason": "length", "generated_tokens": args.response_tokens}
+                for i in range(args.pairs_count)]
+        ref_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        real, gen = score_pairs(ref_model, tok, [r["prompt"] for r in rows], [r["real"] for r in rows],
+                                [r["generated"] for r in rows], max_length=args.max_length,
+                                max_prompt_length=args.max_prompt_length, micro_batch_size=8)
+        score_s = time.perf_counter() - t0
+        del ref_model
+        gc.collect()
+        for r, a, b in zip(rows, real, gen):
+            r["ref_logp_real"], r["ref_logp_generated"] = a, b
+        pairs_dir = os.path.join(work, "pairs")
+        os.makedirs(pairs_dir)
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(pairs_dir, "part-0.parquet"))
+        with open(os.path.join(pairs_dir, records.MARKER), "w") as f:
+            json.dump({"rows": len(rows)}, f)
+    table = records.read_pairs_table([pairs_dir], columns=["prompt_id", "prompt", "real", "generated",
+                                                           "ref_logp_real", "ref_logp_generated"])
+    rows = table.to_pylist()
+    from spin_ray.template import encode_pair
+    lens = [len(e["prompt_ids"]) + (len(e["real_ids"]) + len(e["generated_ids"])) / 2 for e in
+            (encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
+                         max_prompt_length=args.max_prompt_length) for r in rows)]
+    print(f"{len(rows)} pairs, mean {sum(lens) / len(lens):.0f} tokens per sequence, model {model}"
+          + (f"; reference log-probs precomputed in {score_s:.1f} s" if score_s else ""))
+
+    common = dict(micro=args.micro_batch, global_batch=args.global_batch, epochs=args.epochs, lr=args.lr, beta=0.1,
+                  warmup_ratio=0.1, max_grad_norm=1.0, max_length=args.max_length,
+                  max_prompt_length=args.max_prompt_length, seed=args.seed)  # beta .. max_grad_norm: TrainConfig's
+
+    # --- plain loops, each in its own spawned process
+    mp = multiprocessing.get_context("spawn")
+    plain = []
+    for threads in args.plain_threads.split(","):
+        for ref in ([False, True] if threads in args.ref_threads.split(",") else [False]):
+            saved = os.environ.pop("OMP_NUM_THREADS", None)
+            if threads != "default":
+                os.environ["OMP_NUM_THREADS"] = threads
+            recv, send = mp.Pipe(duplex=False)
+            proc = mp.Process(target=_plain_entry, args=(send, (model, rows), {**common, "ref_model": ref}))
+            load0 = loadavg()
+            t0 = time.perf_counter()
+            proc.start()
+            os.environ.pop("OMP_NUM_THREADS", None)
+            if saved is not None:
+                os.environ["OMP_NUM_THREADS"] = saved
+            with RssSampler(pid_in({proc.pid}, "plain")) as rss:
+                res = recv.recv()
+            proc.join()
+            wall = time.perf_counter() - t0
+            r = {"name": f"plain, OMP_NUM_THREADS={threads}, {'ref-model' if ref else 'precomputed'}",
+                 "threads": res["torch_threads"], "ref_model": ref, "wall_s": wall, **steady(res["steps"]),
+                 "ref_forward_s_per_step": sum(s["ref_forward_s"] for s in res["steps"][1:]) / (len(res["steps"]) - 1),
+                 "peak_rss_mib": max(v["max_rss_mib"] for v in rss.peaks.values()),
+                 "ru_maxrss_mib": res["ru_maxrss_mib"], "load_avg": [load0, loadavg()]}
+            plain.append(r)
+            print(f"{r['name']}: {r['tok_s']:.1f} tok/s, {r['s_per_step']:.2f} s/step, peak RSS "
+                  f"{r['peak_rss_mib']:.0f} MiB")
+
+    # --- Ray Train
+    import ray
+    import ray.data
+
+    from spin_ray.train import train
+
+    def train_workers(p: psutil.Process) -> str | None:
+        cmd = " ".join(p.cmdline())
+        return cmd.split()[0] if "RayTrainWorker" in cmd else None
+
+    # address="local": a cluster of our own, even while another session has one running here
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    @ray.remote
+    class Probe:
+        def threads(self) -> int:
+            import torch
+            return torch.get_num_threads()
+
+    def worker_threads(cpus: int) -> int:
+        """torch's threads in a fresh actor process asking for `cpus` CPUs, as a Train worker: Ray sets
+        OMP_NUM_THREADS from the request (a task would reuse a pooled process whose torch is already set up)."""
+        probe = Probe.options(num_cpus=cpus).remote()
+        threads = ray.get(probe.threads.remote())
+        ray.kill(probe)
+        return threads
+
+    raytrain = []
+    for spec in args.workers.split(","):
+        n, _, c = spec.partition("x")
+        n, c = int(n), int(c or 1)
+        storage = os.path.join(work, f"ray_{n}x{c}")
+        cfg = SpinConfig.load(None, [f"model={model}", f"storage={storage}", f"seed={args.seed}",
+                                     f"data.max_length={args.max_length}",
+                                     f"data.max_prompt_length={args.max_prompt_length}",
+                                     f"train.num_workers={n}", f"train.num_cpus_per_worker={c}",
+                                     f"train.micro_batch_size={args.micro_batch}",
+                                     f"train.global_batch_size={args.global_batch}", f"train.epochs={args.epochs}",
+                                     f"train.lr={args.lr}", "train.optimizer=adamw"])
+        load0 = loadavg()
+        with RssSampler(train_workers) as rss:
+            t0 = time.perf_counter()
+            result = train(cfg, pairs=[pairs_dir])
+            wall = time.perf_counter() - t0
+        with open(os.path.join(storage, "iter_0", "train_metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        if "time" not in lines[0]:  # older trainer: fall back to the steps' own durations (misses between-step time)
+            clock = 0.0
+            for m in lines:
+                clock += m["tokens"] / m["tokens_per_s"]
+                m["time"] = clock
+        r = {"name": f"Ray Train, {n} worker(s) x {c} CPU", "workers": n, "cpus_per_worker": c, "wall_s": wall,
+             "train_seconds": result.seconds, **steady(lines),
+             "worker_tokens_per_s_mean": sum(m["tokens_per_s"] for m in lines[1:]) / (len(lines) - 1),
+             "per_worker": sorted(rss.peaks.values(), key=lambda v: v["pid"]),
+             "load_avg": [load0, loadavg()]}
+        r["peak_rss_mib"] = max((w["max_rss_mib"] for w in r["per_worker"]), default=None)
+        r["threads"] = worker_threads(c)
+        raytrain.append(r)
+        print(f"{r['name']}: {r['tok_s']:.1f} tok/s, fit() {wall:.1f} s")
+    ray.shutdown()
+    load_end = loadavg()
+
+    def baseline(threads: str) -> dict | None:
+        return next((p for p in plain if p["name"] == f"plain, OMP_NUM_THREADS={threads}, precomputed"), None)
+
+    base1, base_default = baseline("1"), baseline("default")
+    print(f"\n== SPIN training, {len(rows)} pairs, micro {args.micro_batch}, global {args.global_batch}, "
+          f"{args.epochs} epoch(s), max_length {args.max_length}, {os.path.basename(model)}, {os.cpu_count()} CPU "
+          f"cores, no GPU; every run alone, one after another ==")
+    heads = ["run", "threads", "steps", "tok/s (steps 2..N)", "s/step", "wall s", "peak RSS/proc MiB", "step-1 loss"]
+    ratio_heads, ratio_of = [], []
+    for label, b in (("vs plain omp=1", base1), ("vs plain default", base_default)):
+        if b:
+            ratio_heads.append(label)
+            ratio_of.append(b)
+    print_table(heads + ratio_heads,
+                [[r["name"], r["threads"], r["steps"], r["tok_s"], r["s_per_step"], r["wall_s"], r["peak_rss_mib"],
+                  r["first_loss"], *[r["tok_s"] / b["tok_s"] for b in ratio_of]] for r in plain + raytrain])
+    print("\nratios: tokens/s over the ratio column's plain loop (precomputed reference), same run. wall s: the "
+          "process / train() call, start-up and (Ray Train) final checkpoint + model publish included.")
+
+    refs = [p for p in plain if p["ref_model"]]
+    if refs:
+        print("\nprecomputed reference log-probs vs an in-memory reference model (plain loop):")
+        rows_out = []
+        for rr in refs:
+            pre = next(p for p in plain if not p["ref_model"] and p["threads"] == rr["threads"])
+            rows_out.append([rr["name"].split(", ")[1], pre["s_per_step"], rr["s_per_step"],
+                             rr["ref_forward_s_per_step"], rr["s_per_step"] / pre["s_per_step"],
+                             pre["peak_rss_mib"], rr["peak_rss_mib"], rr["peak_rss_mib"] - pre["peak_rss_mib"]])
+        print_table(["threads", "s/step precomputed", "s/step ref-model", "ref forward s/step", "time x",
+                     "peak RSS precomputed MiB", "peak RSS ref-model MiB", "extra MiB"], rows_out)
+        if score_s:
+            print(f"(precomputing all {len(rows)} pairs' reference log-probs took {score_s:.1f} s, once, in the driver "
+                  "with default threads)")
+
+    print("\nper Ray Train worker:")
+    print_table(["run", "pid", "title", "seen from s", "to s", "peak RSS MiB"],
+                [[r["name"], w["pid"], w["label"], w["first_seen_s"], w["last_seen_s"], w["max_rss_mib"]]
+                 for r in raytrain for w in r["per_worker"]])
+    for r in raytrain:  # same batches, same seed: the per-step losses should agree with the plain loop's
+        b = base1 if r["cpus_per_worker"] == 1 else base_default
+        if b and len(b["losses"]) == len(r["losses"]):
+            r["max_loss_diff_vs_plain"] = max(abs(x - y) for x, y in zip(b["losses"], r["losses"]))
+            print(f"{r['name']}: max |loss - plain loss| over steps = {r['max_loss_diff_vs_plain']:.2e}")
+    print(f"\nload average (1, 5, 15 min): start {load_start}, end {load_end}")
+    one = next((r for r in raytrain if r["workers"] == 1 and r["cpus_per_worker"] == 1), None)
+    if one and base1:
+        print(f"goal, 1 Ray Train worker keeps >= 0.9 of the plain loop: {one['tok_s'] / base1['tok_s']:.2f} "
+              f"(1 CPU worker vs plain OMP_NUM_THREADS=1)"
+              + (f", {one['tok_s'] / base_default['tok_s']:.2f} vs plain default threads" if base_default else ""))
+
+    write_json(args.out, {
+        "benchmark": "train", "args": vars(args), "model_path": model, "machine": machine(),
+        "pairs": {"path": pairs_dir, "rows": len(rows), "mean_tokens_per_sequence": sum(lens) / len(lens),
+                  "precompute_ref_logps_s": score_s},
+        "load_avg": {"start": load_start, "end": load_end}, "plain": plain, "ray_train": raytrain,
+        "method": "tok/s = tokens of steps 2..N / (end of step N - end of step 1); Ray Train from train_metrics.jsonl"})

@@ -1,0 +1,155 @@
+"""The self-play loop end to end on real Ray, vLLM (CPU) and Ray Train, with the tiny model."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from spin_ray import records
+from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.evaluate import heldout_accuracy
+from spin_ray.loop import run, run_iteration
+
+pytestmark = pytest.mark.integration
+
+TINY = ["data.max_rows=16", "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8",
+        "generate.batch_size=8", "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "train.optimizer=adamw", "train.beta=1.0",
+        "train.lr=1e-3", "train.epochs=1", "train.report_every=1", "loop.iterations=2", "loop.window=2"]
+
+
+def cfg_for(model, storage, *extra):
+    return SpinConfig.load(None, [f"model={model}", f"storage={storage}", *TINY, *extra])
+
+
+def lines(storage, t):
+    with open(os.path.join(storage, f"iter_{t}", "train_metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
+    seen = []
+    results = run(cfg_for(tiny_model, tmp_path), on_iteration=seen.append)
+    assert [r.iteration for r in results] == [0, 1] and seen == results
+    it0, it1 = (os.path.join(tmp_path, f"iter_{t}") for t in (0, 1))
+    assert results[0].model == os.path.join(it0, "model") and results[1].model == os.path.join(it1, "model")
+    # θ_1 generated iteration 1's pairs; iteration 0's pairs were rescored under θ_1 for the window.
+    p0, p1 = pq.read_table(os.path.join(it0, "pairs")), pq.read_table(os.path.join(it1, "pairs"))
+    w0 = pq.read_table(os.path.join(it1, "window", "iter_0"))
+    assert p0.num_rows == p1.num_rows == w0.num_rows == 16
+    assert set(p1.column("iteration").to_pylist()) == {1}
+    assert w0.column("generated").to_pylist() == p0.column("generated").to_pylist()
+    assert w0.column("ref_logp_real").to_pylist() != p0.column("ref_logp_real").to_pylist()
+    # Both iterations start at ln 2: the reference is θ_t for all of the window's pairs.
+    assert [len(lines(tmp_path, t)) for t in (0, 1)] == [2, 4]  # 16 then 32 pairs, 8 per step
+    for t in (0, 1):
+        assert lines(tmp_path, t)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+        assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines(tmp_path, t))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {k: v["status"] for k, v in manifest["stages"].items()} == {"iter_0": "done", "iter_1": "done"}
+    assert set(results[1].seconds) >= {"pairs", "window", "train", "generator", "scorer"}
+
+    # The same command again redoes nothing; another config is refused unless forced.
+    mtimes = {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in os.listdir(os.path.join(it0, "pairs"))}
+    again = run(cfg_for(tiny_model, tmp_path))
+    assert [r.pairs.skipped for r in again] == [True, True] and [r.model for r in again] == [r.model for r in results]
+    assert {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in mtimes} == mtimes
+    with pytest.raises(ConfigError, match="another config_hash.*--force"):
+        run(cfg_for(tiny_model, tmp_path, "train.beta=2.0"))
+    assert len(run(cfg_for(tiny_model, tmp_path, "train.beta=2.0"), force=True)) == 2
+
+
+def test_library_api_inside_a_running_ray_program(tiny_model, ray_cluster, tmp_path):
+    import ray
+    import ray.data
+    import ray.train
+
+    rows = [{"messages": [{"role": "user", "content": f"Reverse the letters: {w}"},
+                          {"role": "assistant", "content": w[::-1]}]} for w in ["abc", "hello", "ray", "spin"] * 2]
+    rows[4]["messages"][0]["content"] += "!"  # no duplicates
+    rows[5]["messages"][0]["content"] += "!"
+    rows[6]["messages"][0]["content"] += "!"
+    rows[7]["messages"][0]["content"] += "!"
+    cfg = cfg_for(tiny_model, tmp_path, "loop.iterations=1")
+    checkpoint = ray.train.Checkpoint.from_directory(tiny_model)
+    result = run_iteration(cfg, ray.data.from_items(rows), model=checkpoint)
+    assert ray.is_initialized()
+    assert isinstance(result.checkpoint, ray.train.Checkpoint)
+    assert os.path.exists(os.path.join(result.checkpoint.path, "model.safetensors"))
+    pairs = result.pairs.dataset()
+    assert isinstance(pairs, ray.data.Dataset) and pairs.count() == 8
+    assert {r["real"] for r in pairs.take_all()} == {w[::-1] for w in ["abc", "hello", "ray", "spin"]}
+    assert result.metrics["step"] == 1
+
+
+def test_early_stop_at_the_fixed_point(tiny_model, ray_cluster, tmp_path):
+    cfg = cfg_for(tiny_model, tmp_path, "loop.eval_rows=8")
+    # An unchanged model cannot tell the data from its own answers any better: accuracy is exactly 0.5.
+    assert heldout_accuracy(cfg, tiny_model, tiny_model) == 0.5
+    # A learning rate too small to move fp32 weights leaves θ_1 = θ_0, so the loop stops before iteration 1.
+    results = run(cfg_for(tiny_model, tmp_path / "run", "train.lr=1e-30", "loop.early_stop_epsilon=0.01",
+                          "loop.eval_rows=8"))
+    assert len(results) == 1
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["iter_1"] == {**manifest["stages"]["iter_1"], "status": "stopped",
+                                           "heldout_accuracy": 0.5}
+
+
+def spin_ray_cli(*args):
+    return [sys.executable, "-m", "spin_ray.cli", *args]
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_resume_after_kills_inside_and_between_stages(tiny_model, ray_cluster, tmp_path):
+    sets = [f"model={tiny_model}", f"storage={tmp_path}", *TINY, "train.epochs=30", "train.checkpoint_every=10"]
+    cmd = spin_ray_cli("run", *sum((["--set", s] for s in sets), []))
+    metrics0 = tmp_path / "iter_0" / "train_metrics.jsonl"
+
+    # Kill 1: inside iteration 0's training (60 steps), after a checkpoint.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert wait_for(lambda: metrics0.exists() and len(metrics0.read_text().splitlines()) >= 25)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = metrics0.read_text().splitlines()
+    pairs0 = {f: os.path.getmtime(tmp_path / "iter_0" / "pairs" / f) for f in os.listdir(tmp_path / "iter_0" / "pairs")}
+
+    # Kill 2: between stages of iteration 1 (θ_1 is saved, iteration 1 is generating).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert wait_for(lambda: records.is_complete(str(tmp_path / "iter_0" / "model")))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = (len(before) - 1) // 10 * 10
+    steps = [json.loads(line)["step"] for line in metrics0.read_text().splitlines()]
+    assert steps == list(range(1, 61)) and metrics0.read_text().splitlines()[:saved] == before[:saved]
+    assert {f: os.path.getmtime(tmp_path / "iter_0" / "pairs" / f) for f in pairs0} == pairs0
+    for t in (0, 1):
+        ids = pq.read_table(tmp_path / f"iter_{t}" / "pairs").column("prompt_id").to_pylist()
+        assert len(ids) == len(set(ids)) == 16
+    assert [json.loads(line)["step"] for line in (tmp_path / "iter_1" / "train_metrics.jsonl").read_text()
+            .splitlines()] == list(range(1, 121))
+    assert "iter  pairs" in done.stdout and os.path.join(str(tmp_path), "iter_1", "model") in done.stdout
+
+
+def test_cli_user_errors_are_one_paragraph(tmp_path):
+    for args, needle in [(["--set", "train.beta=0"], "train.beta = 0"),
+                         (["--set", "model=/no/such/model", "--set", f"storage={tmp_path}"], "/no/such/model"),
+                         (["--config", str(tmp_path / "missing.yaml")], "missing.yaml")]:
+        out = subprocess.run(spin_ray_cli("generate", *args), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
