@@ -262,6 +262,9 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     final = json.loads(_read_lines(metrics_uri)[-1])
     with result.checkpoint.as_directory() as ckpt:
         _publish_model(ckpt, out, final)
+    # The published model is what later stages read; the resumable state (optimizer included) is only disk now.
+    fs, path = records.filesystem(records.join(here, "ray_train"))
+    fs.delete_dir(path)
     log.info("iteration %d: θ_%d saved to %s (%.1f s)", cfg.iteration, cfg.iteration + 1, out, seconds)
     return TrainResult(out, final, skipped=False, seconds=seconds)
 
