@@ -111,3 +111,15 @@ def test_bad_input_fails_before_actors(tiny_model, ray_cluster, tmp_path):
     with pytest.raises(ConfigError, match="data.path"):
         make_pairs(config(tmp_path, f"model={tiny_model}", f"data.path={tmp_path / 'none.parquet'}"))
     assert not os.path.exists(tmp_path / "iter_0")
+
+
+def test_actor_pools_release_their_resources(pairs, ray_cluster):
+    # On a GPU cluster the engines' GPUs must be free before Train workers ask for them.
+    import time
+
+    import ray
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
