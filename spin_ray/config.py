@@ -60,6 +60,9 @@ class GenerateConfig:
     max_model_len: int | None = None
     """vLLM context length; None = data.max_length."""
     gpu_memory_utilization: float = 0.85
+    keep_warm: bool = False
+    """Keep the engines between iterations and load θ_{t+1} into them, instead of starting new ones. Only where they
+    do not share devices with training (they hold their GPUs/CPUs while it runs)."""
 
 
 @dataclass

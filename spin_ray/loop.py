@@ -13,7 +13,7 @@ import pyarrow as pa
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.data import PROMPT_SCHEMA, load_sft, normalize
-from spin_ray.generate import generate, num_gpus_per_actor
+from spin_ray.generate import EnginePool, generate, num_gpus_per_actor
 from spin_ray.models import resolve_model
 from spin_ray.score import score
 
@@ -88,11 +88,12 @@ def as_prompts(prompts: Prompts, cfg: SpinConfig) -> tuple[pa.Table, dict[str, i
     return sft.to_arrow(), dict(sft.bad)
 
 
-def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None) -> PairsResult:
+def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
+               pool: EnginePool | None = None) -> PairsResult:
     """One iteration's pairs under `<storage>/iter_<t>/pairs`: θ_t answers every prompt, then scores both answers.
 
-    `prompts` default to `cfg.data` (see `as_prompts`); `model` (θ_t) defaults to `cfg.model`.
-    A finished pairs folder is kept as it is.
+    `prompts` default to `cfg.data` (see `as_prompts`); `model` (θ_t) defaults to `cfg.model`; a warm engine `pool`
+    must already hold θ_t. A finished pairs folder is kept as it is.
     """
     dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
     if records.is_complete(dest):
@@ -115,7 +116,7 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None)
     # One block per generation batch, so every actor in the pool has work queued.
     ds = ray.data.from_arrow([prompts.slice(i, g.batch_size) for i in range(0, prompts.num_rows, g.batch_size)])
     lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, **lengths)
+    ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths)
     ds = score(ds, model, s, **lengths)
     stats = records.write_pairs(ds, dest, expected_ids=set(prompts.column("prompt_id").to_pylist()))
     seconds = {"generate+score": time.perf_counter() - start, **_busy_seconds(ds.stats())}
@@ -168,13 +169,14 @@ class IterationResult:
         return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None) -> IterationResult:
+def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
+                  pool: EnginePool | None = None) -> IterationResult:
     """Iteration `cfg.iteration`: θ_t (`model`, default cfg.model) → pairs → θ_{t+1}. Finished stages are kept."""
     from spin_ray.train import train
 
     model = model_path(model, cfg)
     t0 = time.perf_counter()
-    pairs = make_pairs(cfg, prompts, model=model)  # a finished iteration reads no prompts
+    pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
     t1 = time.perf_counter()
     rescore_window(cfg, model)
     t2 = time.perf_counter()
@@ -203,28 +205,52 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     `prompts` (normalised rows) default to `cfg.data`. `on_iteration` is called after each iteration (progress).
     Needs Ray to be initialised (the CLI does it; inside a Ray program it is already up).
     """
-    from spin_ray.evaluate import heldout_accuracy
     from spin_ray.manifest import Manifest, fingerprint
 
     check_storage(cfg)
     prompts, _ = as_prompts(prompts, cfg)
     manifest = Manifest(cfg.storage)
     manifest.check(cfg, fingerprint(prompts.column("prompt_id").to_pylist()), force=force)
-    model, previous, results = model_path(None, cfg), None, []
-    for t in range(cfg.loop.iterations):
-        c = cfg.for_iteration(t)
-        if c.loop.early_stop_epsilon is not None and previous is not None:
-            accuracy = heldout_accuracy(c, model, previous)
-            if abs(accuracy - 0.5) < c.loop.early_stop_epsilon:
-                log.info("stopping before iteration %d: held-out reward accuracy %.3f is within %g of 0.5", t,
-                         accuracy, c.loop.early_stop_epsilon)
-                manifest.stage(f"iter_{t}", "stopped", heldout_accuracy=accuracy)
+    model, previous, results, pool = model_path(None, cfg), None, [], None
+    try:
+        for t in range(cfg.loop.iterations):
+            result, pool = _iteration(cfg.for_iteration(t), prompts, model, previous, pool, manifest)
+            if result is None:
                 break
-        manifest.stage(f"iter_{t}", "running", model=model)
-        result = run_iteration(c, prompts, model=model)
-        manifest.stage(f"iter_{t}", "done", model=result.model, seconds=result.seconds, metrics=result.metrics)
-        results.append(result)
-        previous, model = model, result.model
-        if on_iteration:
-            on_iteration(result)
+            results.append(result)
+            previous, model = model, result.model
+            if on_iteration:
+                on_iteration(result)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return results
+
+
+def _iteration(c: SpinConfig, prompts: pa.Table, model: str, previous: str | None, pool: EnginePool | None,
+               manifest: "Manifest") -> tuple[IterationResult | None, EnginePool | None]:
+    """One step of `run`: the early-stop check, warm engines brought to θ_t, the iteration, its manifest entries."""
+    from spin_ray.evaluate import heldout_accuracy
+
+    t = c.iteration
+    if c.loop.early_stop_epsilon is not None and previous is not None:
+        accuracy = heldout_accuracy(c, model, previous)
+        if abs(accuracy - 0.5) < c.loop.early_stop_epsilon:
+            log.info("stopping before iteration %d: held-out reward accuracy %.3f is within %g of 0.5", t,
+                     accuracy, c.loop.early_stop_epsilon)
+            manifest.stage(f"iter_{t}", "stopped", heldout_accuracy=accuracy)
+            return None, pool
+    handoff = 0.0
+    if c.generate.keep_warm and not records.is_complete(records.join(records.iter_dir(c.storage, t), "pairs")):
+        start = time.perf_counter()
+        if pool is None:
+            pool = EnginePool(model, c.generate, iteration=t, seed=c.seed, max_length=c.data.max_length,
+                              max_prompt_length=c.data.max_prompt_length)
+        elif pool.model != model:
+            pool.reload(model, t)
+        handoff = time.perf_counter() - start
+    manifest.stage(f"iter_{t}", "running", model=model)
+    result = run_iteration(c, prompts, model=model, pool=pool)
+    result.seconds["handoff"] = handoff
+    manifest.stage(f"iter_{t}", "done", model=result.model, seconds=result.seconds, metrics=result.metrics)
+    return result, pool

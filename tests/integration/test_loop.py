@@ -153,3 +153,18 @@ def test_cli_user_errors_are_one_paragraph(tmp_path):
                          (["--config", str(tmp_path / "missing.yaml")], "missing.yaml")]:
         out = subprocess.run(spin_ray_cli("generate", *args), capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_warm_engines_take_the_new_weights(tiny_model, ray_cluster, tmp_path):
+    from spin_ray.loop import make_pairs
+
+    greedy = ["generate.temperature=0", "generate.keep_warm=true", "generate.num_actors=1"]
+    results = run(cfg_for(tiny_model, tmp_path / "warm", *greedy))
+    assert results[0].seconds["handoff"] > 0 and results[1].seconds["handoff"] < results[0].seconds["handoff"]
+    # A fresh engine loaded from θ_1 answers exactly as the warm engine did after the in-place reload.
+    fresh = make_pairs(cfg_for(results[0].model, tmp_path / "fresh", *greedy, "iteration=1"))
+    warm = pq.read_table(tmp_path / "warm" / "iter_1" / "pairs").to_pylist()
+    cold = {r["prompt_id"]: r["generated"] for r in pq.read_table(fresh.path).to_pylist()}
+    assert {r["prompt_id"]: r["generated"] for r in warm} == cold
+    before = {r["prompt_id"]: r["generated"] for r in pq.read_table(tmp_path / "warm" / "iter_0" / "pairs").to_pylist()}
+    assert before != cold  # θ_1 answers differently from θ_0, so the comparison above can fail
