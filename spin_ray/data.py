@@ -92,7 +92,9 @@ def _read_local(path: Path, split: str | None) -> pa.Table:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[_pick_split(list(ds), split, str(path))]
         return ds.data.table
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # Like pyarrow datasets, skip _-/.-prefixed files (markers such as _SUCCESS.json, hidden temp files).
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(("_", "."))) \
+        if path.is_dir() else [path]
     tables = [_read_file(p) for p in files if p.suffix in (".parquet", ".jsonl", ".json")]
     if not tables:
         raise ConfigError(f"data.path {str(path)!r} holds no .parquet, .jsonl or .json files")

@@ -83,6 +83,10 @@ def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_ids: set[str]) ->
     fs, path = filesystem(dest)
     local = isinstance(fs, pafs.LocalFileSystem)
     work = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+    if local:  # leftovers of an interrupted write
+        for stale in fs.get_file_info(pafs.FileSelector(os.path.dirname(path), allow_not_found=True)):
+            if stale.base_name.startswith(os.path.basename(path) + ".tmp-"):
+                fs.delete_dir(stale.path)
     if not local and fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
     ds.write_parquet(work if local else dest)
