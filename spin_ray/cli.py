@@ -65,12 +65,15 @@ def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 def iteration_row(r: "IterationResult") -> str:
     m, sec = r.metrics, r.seconds
     return (f"{r.iteration:>4} {r.pairs.rows:>6} {m.get('loss', float('nan')):>7.4f} {m.get('rewards/accuracies', 0):>6.3f} "
-            f"{m.get('rewards/margins', 0):>8.3f} {sec.get('generator', 0):>8.1f} {sec.get('scorer', 0):>7.1f} "
-            f"{sec.get('pairs', 0):>7.1f} {sec.get('train', 0):>7.1f}  {r.model}")
+            f"{m.get('rewards/margins', 0):>8.3f} {sec.get('handoff', 0):>7.1f} {sec.get('generate', 0):>6.1f} "
+            f"{sec.get('score', 0):>7.1f} {sec.get('pairs', 0):>7.1f} {sec.get('window', 0):>6.1f} "
+            f"{sec.get('train', 0):>7.1f}  {r.model}")
 
 
-TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'loss':>7} {'acc':>6} {'margin':>8} {'gen s':>8} {'score s':>7} "
-                f"{'pairs s':>7} {'train s':>7}  model")
+# Seconds: handoff = engine start or in-place reload (warm engines); generate/score = actor busy time (they stream
+# together, so they overlap inside `pairs` wall time); window = rescoring earlier pairs under θ_t; train = fit wall.
+TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'loss':>7} {'acc':>6} {'margin':>8} {'handoff':>7} {'gen s':>6} "
+                f"{'score s':>7} {'pairs s':>7} {'window':>6} {'train s':>7}  model")
 
 
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:

@@ -212,7 +212,7 @@ class EnginePool:
             ray.kill(e)
 
 
-class _Forward:
+class PooledGenerator:
     """Ray Data stage in front of an EnginePool: each of these actors owns one engine for the execution."""
 
     def __init__(self, engines: list):
@@ -240,7 +240,7 @@ def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iterati
         import ray
 
         ray.get([e.release.remote() for e in pool.engines])
-        return ds.map_batches(_Forward, fn_constructor_kwargs={"engines": pool.engines}, batch_format="pyarrow",
+        return ds.map_batches(PooledGenerator, fn_constructor_kwargs={"engines": pool.engines}, batch_format="pyarrow",
                               batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=len(pool.engines)),
                               num_cpus=0)
     return ds.map_batches(

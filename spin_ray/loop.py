@@ -47,13 +47,17 @@ def require_resources(what: str, field_name: str, count: int, per_unit: dict[str
                 f"{total.get(resource, 0):g}; lower {field_name} or the per-unit request, or add nodes")
 
 
+STAGES = {"Generator": "generate", "PooledGenerator": "generate", "Scorer": "score"}
+
+
 def _busy_seconds(stats: str) -> dict[str, float]:
     """Summed actor time per stage from Ray Data's stats text: generate and score stream together, so their wall
     times overlap; this is what each one cost."""
     out = {}
     for name, value, unit in re.findall(r"Operator \d+ [^\n]*?MapBatches\((\w+)\)[^\n]*\n\* Remote wall time:"
                                         r"[^\n]*?([\d.]+)(ms|s|us) total", stats):
-        out[name.lower()] = float(value) / {"s": 1, "ms": 1e3, "us": 1e6}[unit]
+        if name in STAGES:
+            out[STAGES[name]] = float(value) / {"s": 1, "ms": 1e3, "us": 1e6}[unit]
     return out
 
 

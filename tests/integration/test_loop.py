@@ -53,7 +53,8 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
         assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines(tmp_path, t))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {k: v["status"] for k, v in manifest["stages"].items()} == {"iter_0": "done", "iter_1": "done"}
-    assert set(results[1].seconds) >= {"pairs", "window", "train", "generator", "scorer"}
+    assert set(results[1].seconds) >= {"pairs", "window", "train", "generate", "score", "handoff"}
+    assert all(v >= 0 for v in results[1].seconds.values()) and results[1].seconds["generate"] > 0
 
     # The same command again redoes nothing; another config is refused unless forced.
     mtimes = {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in os.listdir(os.path.join(it0, "pairs"))}
