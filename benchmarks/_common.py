@@ -13,7 +13,8 @@ import psutil
 
 
 class RssSampler:
-    """Polls the RSS of this process's descendants in a thread and keeps each matching one's peak.
+    """Polls this process's descendants in a thread: the peak RSS of each matching one, and how much CPU other
+    processes on the machine took meanwhile (`other_cpu_share`, 0..1 of all cores; the machine may be shared).
 
     torch allocates outside Python's allocator, so tracemalloc misses it; RSS sampling sees everything, at the cost of
     missing peaks shorter than `interval`.
@@ -22,36 +23,54 @@ class RssSampler:
     def __init__(self, label_of: Callable[[psutil.Process], str | None], interval: float = 0.25):
         self.label_of, self.interval = label_of, interval
         self.peaks: dict[int, dict] = {}
+        self.other_cpu_share: float | None = None
+        self._cpu: dict[int, list[float]] = {}  # pid -> [cpu seconds when first seen, when last seen]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self, me: psutil.Process, first: bool = False) -> None:
+        # Only our own processes (spawned children, our Ray cluster's workers): another session may run Ray here.
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                with p.oneshot():
+                    c = p.cpu_times()
+                    used = c.user + c.system
+                    label = None if p is me else self.label_of(p)
+                    rss = p.memory_info().rss if label is not None else 0
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            # A process born during the run counts from 0 (its first sample may come late).
+            self._cpu.setdefault(p.pid, [used if first else 0.0, used])[1] = used
+            if label is None:
+                continue
+            t = round(time.time() - self.t0, 2)
+            peak = self.peaks.setdefault(p.pid, {"pid": p.pid, "label": label, "max_rss_mib": 0.0, "first_seen_s": t})
+            peak["label"], peak["last_seen_s"] = label, t  # a Ray worker's title changes as it takes on an actor
+            peak["max_rss_mib"] = max(peak["max_rss_mib"], rss / 2**20)
+
     def _run(self) -> None:
         me = psutil.Process()
-        while not self._stop.is_set():
-            # Only our own processes (spawned children, our Ray cluster's workers): another session may run Ray here.
-            for p in me.children(recursive=True):
-                try:
-                    label = self.label_of(p)
-                    if label is None:
-                        continue
-                    rss = p.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                t = round(time.time() - self.t0, 2)
-                peak = self.peaks.setdefault(p.pid, {"pid": p.pid, "label": label, "max_rss_mib": 0.0,
-                                                     "first_seen_s": t})
-                peak["label"], peak["last_seen_s"] = label, t  # a Ray worker's title changes as it takes on an actor
-                peak["max_rss_mib"] = max(peak["max_rss_mib"], rss / 2**20)
-            self._stop.wait(self.interval)
+        self._sample(me, first=True)
+        while not self._stop.wait(self.interval):
+            self._sample(me)
+        self._sample(me)
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
 
     def __enter__(self) -> "RssSampler":
-        self.t0 = time.time()
+        self.t0, self._busy0 = time.time(), self._busy()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        ours = sum(last - first for first, last in self._cpu.values())
+        wall = time.time() - self.t0
+        self.other_cpu_share = max(0.0, (self._busy() - self._busy0 - ours) / (wall * (os.cpu_count() or 1)))
 
     def matching(self, text: str) -> list[dict]:
         return sorted((v for v in self.peaks.values() if text in v["label"]), key=lambda v: v["pid"])

@@ -1,18 +1,19 @@
 """Output tokens/s of spin_ray's generation stage (Ray Data -> pool of vLLM actors) vs vLLM's `LLM.generate` direct.
 
 Same prompts (bundled tasks, cycled to --prompts rows with unique prompt ids, rendered by spin_ray.template.prompt_ids),
-same engine settings (float32, enforce_eager, the pipeline's max_model_len) and the same per-prompt SamplingParams
-(temperature 1.0, top_p 1.0, max_tokens, seed = spin_ray.generate.sample_seed). Every run is sequential, never two at
-once: the direct engine and the actors would otherwise share the same 2 cores.
+same engine settings (float32, enforce_eager, the pipeline's max_model_len; see direct_run on chunked prefill) and the
+same per-prompt SamplingParams (temperature 1.0, top_p 1.0, max_tokens, seed = spin_ray.generate.sample_seed). Every
+run is sequential, never two at once: the direct engine and the actors would otherwise share the same 2 cores.
 
 Baselines, "direct": a spawned process (its own memory and thread binding) imports vLLM, builds `vllm.LLM` and calls
-`generate` once on all prompts, then once per --batch-size chunk (the calls the pipeline's actors get: it separates what
-batching costs from what Ray costs; the prefix cache is reset in between). It runs once per --direct-threads entry:
-vLLM's CPU worker binds one OpenMP thread per allowed core unless OMP_NUM_THREADS is set, and Ray sets
-OMP_NUM_THREADS=num_cpus to a 1-CPU actor, so "direct, 1 thread" is the like-for-like baseline and "direct, default"
-what a plain `LLM(...)` gets on this machine.
+`generate` once on all prompts, then (first --direct-threads entry only) once per --batch-size chunk, the calls the
+pipeline's actors get: that separates what batching costs from what Ray costs (prefix cache reset in between). One
+such process per --direct-threads entry: vLLM's CPU worker binds one OpenMP thread per allowed core unless
+OMP_NUM_THREADS is set, and Ray sets OMP_NUM_THREADS=num_cpus in a 1-CPU actor, so "direct, OMP_NUM_THREADS=1" is the
+like-for-like baseline and "direct, default" (2 threads here) what a plain `LLM(...)` gets on this machine.
 
-Pipeline: spin_ray.generate.generate on `ray.data.from_arrow(blocks of --batch-size)`, materialized, measured two ways:
+Pipeline: spin_ray.generate.generate on `ray.data.from_arrow(blocks of --batch-size)`, materialized, with 1 and 2
+actors of 1 CPU (GenerateConfig.num_cpus_per_actor=1, the default) and 1 actor of 2 CPUs; measured two ways:
   (a) end-to-end: wall time of `materialize()`, actor start, vLLM import and engine start included;
   (b) steady state: spin_ray.generate.Generator is swapped, for the benchmark only, for a subclass that stamps each
       batch with the wall-clock start/end of its `__call__` (and the actor's pid, __init__ time and torch threads).
@@ -25,7 +26,7 @@ actor class (Ray titles actor processes `ray::MapWorker(MapBatches(<class>))`).
 
 For context, the full `spin_ray.loop.make_pairs` (generate + score + parquet write) on the same prompts is timed too.
 
-    python benchmarks/generate.py                      # SmolLM2-135M, 128 prompts x 64 tokens
+    python benchmarks/generate.py                      # SmolLM2-135M, 256 prompts x 48 tokens, 4 batches
     python benchmarks/generate.py --model tiny --prompts 64 --max-tokens 16
 """
 
@@ -37,8 +38,8 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"
 
 
 def direct_run(model: str, prompts: list[list[int]], seeds: list[int], max_tokens: int, max_model_len: int,
-               gpu_memory_utilization: float, batch_size: int) -> dict:
-    """vLLM in this one process: start-up, one generate call over all prompts, then one call per batch."""
+               gpu_memory_utilization: float, batch_size: int | None) -> dict:
+    """vLLM in this one process: start-up, one generate call over all prompts, then (batch_size) one call per batch."""
     import resource
     import time
 
@@ -46,8 +47,11 @@ def direct_run(model: str, prompts: list[list[int]], seeds: list[int], max_token
     import torch
     from vllm import LLM, SamplingParams
     t1 = time.perf_counter()
+    # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is chunked, which
+    # one call with all prompts (> 4096 prompt tokens) triggers; whole-prompt scheduling with the same 4096-token step
+    # budget avoids it and matches what the pipeline's smaller batches get anyway.
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enforce_eager=True,
-              gpu_memory_utilization=gpu_memory_utilization)
+              gpu_memory_utilization=gpu_memory_utilization, enable_chunked_prefill=False, max_num_batched_tokens=4096)
     t2 = time.perf_counter()
     params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=s) for s in seeds]
     inputs = [{"prompt_token_ids": p} for p in prompts]
@@ -55,17 +59,20 @@ def direct_run(model: str, prompts: list[list[int]], seeds: list[int], max_token
     t3 = time.perf_counter()
     llm.reset_prefix_cache()  # the per-batch pass must prefill again, as the pipeline does
     batched = []
-    for i in range(0, len(inputs), batch_size):
-        batched += llm.generate(inputs[i:i + batch_size], params[i:i + batch_size], use_tqdm=False)
+    for i in range(0, len(inputs), batch_size or len(inputs)):
+        if batch_size:
+            batched += llm.generate(inputs[i:i + batch_size], params[i:i + batch_size], use_tqdm=False)
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "start_s": t2 - t1, "generate_s": t3 - t2, "per_batch_s": t4 - t3,
+    return {"import_s": t1 - t0, "start_s": t2 - t1, "generate_s": t3 - t2,
+            "per_batch_s": (t4 - t3) if batch_size else None,
             "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-            "per_batch_tokens": sum(len(o.outputs[0].token_ids) for o in batched),
+            "per_batch_tokens": sum(len(o.outputs[0].token_ids) for o in batched) if batch_size else None,
             "torch_threads": torch.get_num_threads(), "texts": [o.outputs[0].text.strip() for o in outs],
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _direct_entry(conn, *args) -> None:
+def _direct_entry(conn, nice: int, *args) -> None:
+    os.nice(nice)  # Ray runs its workers at niceness 15: on a shared machine others' load then hits both sides alike
     conn.send(direct_run(*args))
 
 
@@ -87,14 +94,17 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
-    ap.add_argument("--prompts", type=int, default=128, help="rows (the bundled tasks, cycled)")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=256, help="rows (the bundled tasks, cycled)")
+    ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=64, help="GenerateConfig.batch_size (prompts per actor call)")
     ap.add_argument("--max-length", type=int, default=1024, help="data.max_length (= the engine's max_model_len)")
     ap.add_argument("--max-prompt-length", type=int, default=512)
-    ap.add_argument("--actors", default="1,2", help="pipeline variants: actor counts, comma-separated")
+    ap.add_argument("--actors", default="1,2,1x2",
+                    help="pipeline variants: N (N actors of 1 CPU) or NxC (N actors of C CPUs), comma-separated")
     ap.add_argument("--direct-threads", default="1,default",
                     help="direct baselines: OMP_NUM_THREADS for each (an int, or 'default' to leave it unset)")
+    ap.add_argument("--baseline-nice", type=int, default=15,
+                    help="niceness of the direct process (Ray starts its workers at 15, RAY_worker_niceness)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip-pairs", action="store_true", help="skip the make_pairs context run")
     ap.add_argument("--verbose", action="store_true", help="show the actors' logs")
@@ -139,30 +149,36 @@ if __name__ == "__main__":
     # --- baselines: vLLM direct, each in its own spawned process, alone on the machine
     mp = multiprocessing.get_context("spawn")
     direct, direct_texts = {}, None
-    for threads in args.direct_threads.split(","):
+    for k, threads in enumerate(args.direct_threads.split(",")):
         saved = os.environ.pop("OMP_NUM_THREADS", None)
         if threads != "default":
             os.environ["OMP_NUM_THREADS"] = threads
         recv, send = mp.Pipe(duplex=False)
-        proc = mp.Process(target=_direct_entry, args=(send, model, ids, seeds, args.max_tokens, max_model_len,
-                                                      gcfg.gpu_memory_utilization, args.batch_size))
+        load0 = loadavg()
+        proc = mp.Process(target=_direct_entry, args=(send, args.baseline_nice, model, ids, seeds, args.max_tokens, max_model_len,
+                                                      gcfg.gpu_memory_utilization, None if k else args.batch_size))
         proc.start()
+        send.close()  # ours closed, so a dead child reads as EOF
         os.environ.pop("OMP_NUM_THREADS", None)
         if saved is not None:
             os.environ["OMP_NUM_THREADS"] = saved
         with RssSampler(pid_in({proc.pid}, "direct")) as rss:
-            d = recv.recv()
+            try:
+                d = recv.recv()
+            except EOFError:  # the child died (its traceback is above): fail rather than wait on a dead pipe
+                proc.join()
+                raise SystemExit(f"{proc.name} exited with code {proc.exitcode} before sending its results")
         proc.join()
-        d["omp_num_threads"] = threads
+        d.update(omp_num_threads=threads, load_avg=[load0, loadavg()], others_cpu_share=rss.other_cpu_share)
         d["peak_rss_mib"] = max(v["max_rss_mib"] for v in rss.peaks.values())
         texts = d.pop("texts")
         direct_texts = direct_texts or dict(zip((r["prompt_id"] for r in rows), texts))
         d["e2e_s"] = d["import_s"] + d["start_s"] + d["generate_s"]
         d["tok_s"], d["e2e_tok_s"] = d["tokens"] / d["generate_s"], d["tokens"] / d["e2e_s"]
-        d["per_batch_tok_s"] = d["per_batch_tokens"] / d["per_batch_s"]
+        d["per_batch_tok_s"] = d["per_batch_tokens"] / d["per_batch_s"] if d["per_batch_s"] else None
         direct[threads] = d
         print(f"direct, OMP_NUM_THREADS={threads}: import {d['import_s']:.1f} s, engine start {d['start_s']:.1f} s, "
-              f"generate {d['generate_s']:.1f} s -> {d['tok_s']:.1f} tok/s; per batch {d['per_batch_tok_s']:.1f} tok/s")
+              f"generate {d['generate_s']:.1f} s -> {d['tok_s']:.1f} tok/s")
 
     # --- the pipeline
     class TimedGenerator(gen.Generator):
@@ -206,14 +222,17 @@ if __name__ == "__main__":
     blocks = [table.slice(i, args.batch_size) for i in range(0, table.num_rows, args.batch_size)]
 
     pipeline = []
-    for n_actors in [int(x) for x in args.actors.split(",")]:
-        cfg = dataclasses.replace(gcfg, num_actors=n_actors)
+    for spec in args.actors.split(","):
+        n_actors, _, cpus = spec.partition("x")
+        n_actors, cpus = int(n_actors), int(cpus or 1)
+        cfg = dataclasses.replace(gcfg, num_actors=n_actors, num_cpus_per_actor=cpus)
         original, gen.Generator = gen.Generator, TimedGenerator
         try:  # generate() looks Generator up when it builds the plan; restore it before the plan is pickled
             ds = gen.generate(ray.data.from_arrow(blocks), model, cfg, iteration=0, seed=args.seed, **lengths)
         finally:
             gen.Generator = original
         wait_actors_gone()
+        load0 = loadavg()
         with RssSampler(cmdline_containing("MapBatches(TimedGenerator)")) as rss:
             t0 = time.time()
             out = pa.concat_tables(ray.get(ds.materialize().to_arrow_refs()))
@@ -233,15 +252,16 @@ if __name__ == "__main__":
                 a["torch_threads"] = mine.column("_threads")[0].as_py()
             actors.append(a)
         texts = dict(zip(out.column("prompt_id").to_pylist(), out.column("generated").to_pylist()))
-        r = {"actors": n_actors, "rows": out.num_rows, "tokens": tokens, "e2e_s": t_end - t0,
+        r = {"actors": n_actors, "cpus_per_actor": cpus, "name": f"pipeline, {n_actors} actor(s) x {cpus} CPU",
+             "rows": out.num_rows, "tokens": tokens, "e2e_s": t_end - t0,
              "e2e_tok_s": tokens / (t_end - t0), "until_first_batch_s": t_first - t0, "steady_s": t_last - t_first,
              "steady_tok_s": tokens / (t_last - t_first), "after_last_batch_s": t_end - t_last,
              "same_answer_as_direct": sum(texts[k] == v for k, v in direct_texts.items()) / len(direct_texts),
-             "per_actor": actors}
+             "per_actor": actors, "load_avg": [load0, loadavg()], "others_cpu_share": rss.other_cpu_share}
         r["ratios"] = {f"direct_omp_{k}": {"steady": r["steady_tok_s"] / d["tok_s"], "e2e": r["e2e_tok_s"] / d["e2e_tok_s"]}
                        for k, d in direct.items()}
         pipeline.append(r)
-        print(f"pipeline, {n_actors} actor(s): e2e {r['e2e_s']:.1f} s, steady {r['steady_tok_s']:.1f} tok/s")
+        print(f"{r['name']}: e2e {r['e2e_s']:.1f} s, steady {r['steady_tok_s']:.1f} tok/s")
         del ds, out
 
     pairs = None
@@ -261,6 +281,7 @@ if __name__ == "__main__":
             written = pads.dataset(res.path, format="parquet").to_table(columns=["generated_tokens"])
             tokens = sum(written.column(0).to_pylist())
         pairs = {"rows": res.rows, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+                 "others_cpu_share": rss.other_cpu_share,
                  "peak_rss_mib": {f"{v['label'].split()[0]} (pid {v['pid']})": v["max_rss_mib"]
                                   for v in rss.peaks.values()}}
         print(f"make_pairs: {wall:.1f} s")
@@ -270,37 +291,44 @@ if __name__ == "__main__":
     print(f"\n== generation, {args.prompts} prompts x max {args.max_tokens} tokens, {os.path.basename(model)}, "
           f"{os.cpu_count()} CPU cores, no GPU; every run alone, one after another ==")
     table_rows = []
+
+    def load(r: dict) -> str:
+        return f"{r['others_cpu_share']:.0%}"
+
     for k, d in direct.items():
         table_rows.append([f"vLLM direct, OMP_NUM_THREADS={k}, 1 call", d["torch_threads"], d["tokens"], d["e2e_s"],
-                           d["e2e_tok_s"], d["generate_s"], d["tok_s"], d["peak_rss_mib"]])
-        table_rows.append([f"vLLM direct, OMP_NUM_THREADS={k}, per batch", d["torch_threads"], d["per_batch_tokens"],
-                           None, None, d["per_batch_s"], d["per_batch_tok_s"], None])
+                           d["e2e_tok_s"], d["generate_s"], d["tok_s"], d["peak_rss_mib"], load(d)])
+        if d["per_batch_s"]:
+            table_rows.append([f"vLLM direct, OMP_NUM_THREADS={k}, per batch", d["torch_threads"],
+                               d["per_batch_tokens"], None, None, d["per_batch_s"], d["per_batch_tok_s"], None, None])
     for r in pipeline:
-        table_rows.append([f"pipeline, {r['actors']} actor(s)", max(a["torch_threads"] or 0 for a in r["per_actor"]),
+        table_rows.append([r["name"], max(a["torch_threads"] or 0 for a in r["per_actor"]),
                            r["tokens"], r["e2e_s"], r["e2e_tok_s"], r["steady_s"], r["steady_tok_s"],
-                           max((a["peak_rss_mib"] or 0) for a in r["per_actor"])])
-    print_table(["run", "threads", "tokens", "e2e s", "e2e tok/s", "steady s", "steady tok/s", "peak RSS/proc MiB"],
-                table_rows)
+                           max((a["peak_rss_mib"] or 0) for a in r["per_actor"]), load(r)])
+    print_table(["run", "threads", "tokens", "e2e s", "e2e tok/s", "steady s", "steady tok/s", "peak RSS/proc MiB",
+                 "others' CPU"], table_rows)
     print("\nratios, pipeline / direct (1 call), same run; e2e includes import + engine start on both sides, "
           "steady excludes them:")
     print_table(["run", *[f"steady vs omp={k}" for k in direct], *[f"e2e vs omp={k}" for k in direct]],
-                [[f"pipeline, {r['actors']} actor(s)", *[v["steady"] for v in r["ratios"].values()],
+                [[r["name"], *[v["steady"] for v in r["ratios"].values()],
                   *[v["e2e"] for v in r["ratios"].values()]] for r in pipeline])
     print("\nper actor:")
     print_table(["run", "pid", "threads", "init s", "batches", "tokens", "busy s", "busy tok/s", "peak RSS MiB"],
-                [[f"{r['actors']} actor(s)", a["pid"], a["torch_threads"], a["init_s"], a["batches"], a["tokens"],
+                [[r["name"], a["pid"], a["torch_threads"], a["init_s"], a["batches"], a["tokens"],
                   a["busy_s"], a["busy_tok_s"], a["peak_rss_mib"]] for r in pipeline for a in r["per_actor"]])
     print("\npipeline phases (materialize() -> first batch starts -> last batch ends -> materialize() returns):")
     print_table(["run", "until first batch s", "steady s", "after last batch s", "same answer as direct"],
-                [[f"{r['actors']} actor(s)", r["until_first_batch_s"], r["steady_s"], r["after_last_batch_s"],
+                [[r["name"], r["until_first_batch_s"], r["steady_s"], r["after_last_batch_s"],
                   f"{r['same_answer_as_direct']:.0%}"] for r in pipeline])
     if pairs:
         print(f"\nmake_pairs (generate + score + parquet write; 1 generation + 1 scoring actor): {pairs['wall_s']:.1f} s "
-              f"for {pairs['rows']} rows = {pairs['tok_s']:.1f} generated tok/s end to end")
+              f"for {pairs['rows']} rows = {pairs['tok_s']:.1f} generated tok/s end to end (others' CPU "
+              f"{pairs['others_cpu_share']:.0%})")
         for k, v in pairs["peak_rss_mib"].items():
             print(f"  peak RSS {v:6.0f} MiB  {k}")
-    print(f"\nload average (1, 5, 15 min): start {load_start}, end {load_end}")
-    one = next((r for r in pipeline if r["actors"] == 1), None)
+    print(f"\nload average (1, 5, 15 min): start {load_start}, end {load_end}. others' CPU: share of the "
+          f"{os.cpu_count()} cores that processes outside this benchmark used during the run")
+    one = next((r for r in pipeline if r["actors"] == 1 and r["cpus_per_actor"] == 1), None)
     if one:
         verdict = ", ".join(f"{v['steady']:.2f} of direct omp={k[len('direct_omp_'):]}" for k, v in one["ratios"].items())
         print(f"goal, 1 actor keeps >= 0.9 of direct vLLM (steady state): {verdict}")

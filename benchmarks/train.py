@@ -20,17 +20,18 @@ Throughput, both sides alike: tokens (attention-mask sum of the 2B sequences) of
 end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same stamps in the plain
 loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final save included) is
 reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
-Runs are sequential, never two at once.
+Runs are sequential, never two at once. The plain process runs at niceness 15 like Ray's workers, so that other users'
+load on a shared machine hits both sides alike; "others' CPU" says how much of the cores other processes took per run.
 
-    python benchmarks/train.py                          # SmolLM2-135M, 64 pairs, micro 4, global 8, 1 epoch
+    python benchmarks/train.py                          # SmolLM2-135M, 48 pairs, micro 4, global 8, 1 epoch
     python benchmarks/train.py --model tiny --pairs-count 128
 """
 
 import os
 
 # Before ray/vllm are imported; the spawned plain-loop processes read them too.
-os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
-                  HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: int, epochs: int, lr: float,
@@ -101,7 +102,8 @@ def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: i
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _plain_entry(conn, args, kwargs) -> None:
+def _plain_entry(conn, nice: int, args, kwargs) -> None:
+    os.nice(nice)  # Ray runs its workers at niceness 15: on a shared machine others' load then hits both sides alike
     conn.send(plain_loop(*args, **kwargs))
 
 
@@ -135,8 +137,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
     ap.add_argument("--pairs", help="an existing pairs folder (with _SUCCESS.json); default: synthesize")
-    ap.add_argument("--pairs-count", type=int, default=64, help="pairs to synthesize")
-    ap.add_argument("--response-tokens", type=int, default=48, help="tokens of each synthesized answer")
+    ap.add_argument("--pairs-count", type=int, default=48, help="pairs to synthesize")
+    ap.add_argument("--response-tokens", type=int, default=32, help="tokens of each synthesized answer")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=1)
@@ -148,6 +150,8 @@ if __name__ == "__main__":
     ap.add_argument("--plain-threads", default="1,default",
                     help="plain-loop OMP_NUM_THREADS settings (an int, or 'default' to leave it unset)")
     ap.add_argument("--ref-threads", default="1", help="thread settings at which the ref-model variant also runs")
+    ap.add_argument("--baseline-nice", type=int, default=15,
+                    help="niceness of the plain-loop process (Ray starts its workers at 15, RAY_worker_niceness)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--verbose", action="store_true", help="show the workers' logs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json"))
@@ -173,7 +177,8 @@ if __name__ == "__main__":
     else:
         # Answers padded with other rows' prompt text to a fixed token count: realistic lengths, any content will do.
         base = load_sft(DataConfig(path="bundled")).rows
-        filler = [t for r in base for m in r["prompt"] for t in tok(" " + m["content"], add_special_tokens=False)["input_ids"]]
+        filler = [t for r in base for m in r["prompt"]
+                  for t in tok(" " + m["content"], add_special_tokens=False)["input_ids"]]
 
         def answer(i: int) -> str:
             start = (i * 7919) % (len(filler) - args.response_tokens)
@@ -221,22 +226,29 @@ if __name__ == "__main__":
             if threads != "default":
                 os.environ["OMP_NUM_THREADS"] = threads
             recv, send = mp.Pipe(duplex=False)
-            proc = mp.Process(target=_plain_entry, args=(send, (model, rows), {**common, "ref_model": ref}))
+            proc = mp.Process(target=_plain_entry,
+                              args=(send, args.baseline_nice, (model, rows), {**common, "ref_model": ref}))
             load0 = loadavg()
             t0 = time.perf_counter()
             proc.start()
+            send.close()  # ours closed, so a dead child reads as EOF
             os.environ.pop("OMP_NUM_THREADS", None)
             if saved is not None:
                 os.environ["OMP_NUM_THREADS"] = saved
             with RssSampler(pid_in({proc.pid}, "plain")) as rss:
-                res = recv.recv()
+                try:
+                    res = recv.recv()
+                except EOFError:  # the child died (its traceback is above): fail rather than wait on a dead pipe
+                    proc.join()
+                    raise SystemExit(f"{proc.name} exited with code {proc.exitcode} before sending its results")
             proc.join()
             wall = time.perf_counter() - t0
             r = {"name": f"plain, OMP_NUM_THREADS={threads}, {'ref-model' if ref else 'precomputed'}",
                  "threads": res["torch_threads"], "ref_model": ref, "wall_s": wall, **steady(res["steps"]),
                  "ref_forward_s_per_step": sum(s["ref_forward_s"] for s in res["steps"][1:]) / (len(res["steps"]) - 1),
                  "peak_rss_mib": max(v["max_rss_mib"] for v in rss.peaks.values()),
-                 "ru_maxrss_mib": res["ru_maxrss_mib"], "load_avg": [load0, loadavg()]}
+                 "ru_maxrss_mib": res["ru_maxrss_mib"], "load_avg": [load0, loadavg()],
+                 "others_cpu_share": rss.other_cpu_share}
             plain.append(r)
             print(f"{r['name']}: {r['tok_s']:.1f} tok/s, {r['s_per_step']:.2f} s/step, peak RSS "
                   f"{r['peak_rss_mib']:.0f} MiB")
@@ -283,9 +295,9 @@ if __name__ == "__main__":
                                      f"train.lr={args.lr}", "train.optimizer=adamw"])
         load0 = loadavg()
         with RssSampler(train_workers) as rss:
-            t0 = time.perf_counter()
+            t0, unix0 = time.perf_counter(), time.time()
             result = train(cfg, pairs=[pairs_dir])
-            wall = time.perf_counter() - t0
+            wall, unix1 = time.perf_counter() - t0, time.time()
         with open(os.path.join(storage, "iter_0", "train_metrics.jsonl")) as f:
             lines = [json.loads(line) for line in f if line.strip()]
         if "time" not in lines[0]:  # older trainer: fall back to the steps' own durations (misses between-step time)
@@ -293,11 +305,14 @@ if __name__ == "__main__":
             for m in lines:
                 clock += m["tokens"] / m["tokens_per_s"]
                 m["time"] = clock
+        first_start = lines[0]["time"] - lines[0]["tokens"] / lines[0]["tokens_per_s"]
         r = {"name": f"Ray Train, {n} worker(s) x {c} CPU", "workers": n, "cpus_per_worker": c, "wall_s": wall,
              "train_seconds": result.seconds, **steady(lines),
+             # where fit() time goes: start-up until step 1 begins, and checkpoint + publish after the last step
+             "until_first_step_s": first_start - unix0, "after_last_step_s": unix1 - lines[-1]["time"],
              "worker_tokens_per_s_mean": sum(m["tokens_per_s"] for m in lines[1:]) / (len(lines) - 1),
              "per_worker": sorted(rss.peaks.values(), key=lambda v: v["pid"]),
-             "load_avg": [load0, loadavg()]}
+             "load_avg": [load0, loadavg()], "others_cpu_share": rss.other_cpu_share}
         r["peak_rss_mib"] = max((w["max_rss_mib"] for w in r["per_worker"]), default=None)
         r["threads"] = worker_threads(c)
         raytrain.append(r)
@@ -312,7 +327,8 @@ if __name__ == "__main__":
     print(f"\n== SPIN training, {len(rows)} pairs, micro {args.micro_batch}, global {args.global_batch}, "
           f"{args.epochs} epoch(s), max_length {args.max_length}, {os.path.basename(model)}, {os.cpu_count()} CPU "
           f"cores, no GPU; every run alone, one after another ==")
-    heads = ["run", "threads", "steps", "tok/s (steps 2..N)", "s/step", "wall s", "peak RSS/proc MiB", "step-1 loss"]
+    heads = ["run", "threads", "steps", "tok/s (steps 2..N)", "s/step", "wall s", "peak RSS/proc MiB", "step-1 loss",
+             "others' CPU"]
     ratio_heads, ratio_of = [], []
     for label, b in (("vs plain omp=1", base1), ("vs plain default", base_default)):
         if b:
@@ -320,7 +336,8 @@ if __name__ == "__main__":
             ratio_of.append(b)
     print_table(heads + ratio_heads,
                 [[r["name"], r["threads"], r["steps"], r["tok_s"], r["s_per_step"], r["wall_s"], r["peak_rss_mib"],
-                  r["first_loss"], *[r["tok_s"] / b["tok_s"] for b in ratio_of]] for r in plain + raytrain])
+                  r["first_loss"], f"{r['others_cpu_share']:.0%}",
+                  *[r["tok_s"] / b["tok_s"] for b in ratio_of]] for r in plain + raytrain])
     print("\nratios: tokens/s over the ratio column's plain loop (precomputed reference), same run. wall s: the "
           "process / train() call, start-up and (Ray Train) final checkpoint + model publish included.")
 
@@ -339,6 +356,10 @@ if __name__ == "__main__":
             print(f"(precomputing all {len(rows)} pairs' reference log-probs took {score_s:.1f} s, once, in the driver "
                   "with default threads)")
 
+    print("\nRay Train wall time, where it goes (s):")
+    print_table(["run", "train() wall", "until step 1 starts", "step 1", "steps 2..N", "after last step"],
+                [[r["name"], r["wall_s"], r["until_first_step_s"], r["wall_s"] - r["until_first_step_s"] - r["seconds"]
+                  - r["after_last_step_s"], r["seconds"], r["after_last_step_s"]] for r in raytrain])
     print("\nper Ray Train worker:")
     print_table(["run", "pid", "title", "seen from s", "to s", "peak RSS MiB"],
                 [[r["name"], w["pid"], w["label"], w["first_seen_s"], w["last_seen_s"], w["max_rss_mib"]]
@@ -348,7 +369,8 @@ if __name__ == "__main__":
         if b and len(b["losses"]) == len(r["losses"]):
             r["max_loss_diff_vs_plain"] = max(abs(x - y) for x, y in zip(b["losses"], r["losses"]))
             print(f"{r['name']}: max |loss - plain loss| over steps = {r['max_loss_diff_vs_plain']:.2e}")
-    print(f"\nload average (1, 5, 15 min): start {load_start}, end {load_end}")
+    print(f"\nload average (1, 5, 15 min): start {load_start}, end {load_end}. others' CPU: share of the "
+          f"{os.cpu_count()} cores that processes outside this benchmark used during the run")
     one = next((r for r in raytrain if r["workers"] == 1 and r["cpus_per_worker"] == 1), None)
     if one and base1:
         print(f"goal, 1 Ray Train worker keeps >= 0.9 of the plain loop: {one['tok_s'] / base1['tok_s']:.2f} "
