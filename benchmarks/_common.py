@@ -72,9 +72,6 @@ class RssSampler:
         wall = time.time() - self.t0
         self.other_cpu_share = max(0.0, (self._busy() - self._busy0 - ours) / (wall * (os.cpu_count() or 1)))
 
-    def matching(self, text: str) -> list[dict]:
-        return sorted((v for v in self.peaks.values() if text in v["label"]), key=lambda v: v["pid"])
-
 
 def cmdline_containing(*needles: str) -> Callable[[psutil.Process], str | None]:
     """Label a process by its command line (Ray sets it to `ray::<Actor>...`) when it holds one of `needles`."""
@@ -119,7 +116,3 @@ def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
     print(f"\nresults written to {path}")
-
-
-def now() -> float:
-    return time.perf_counter()

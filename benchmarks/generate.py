@@ -22,7 +22,9 @@ actors of 1 CPU (GenerateConfig.num_cpus_per_actor=1, the default) and 1 actor o
 The direct baseline for (a) is import vllm + LLM(...) + the single generate call; for (b) the generate call alone.
 
 Peak RSS: a psutil thread samples, every 0.25 s, the direct process and every process whose command line names the
-actor class (Ray titles actor processes `ray::MapWorker(MapBatches(<class>))`).
+actor class (Ray titles actor processes `ray::MapWorker(MapBatches(<class>))`). The direct process runs at niceness 15
+like Ray's workers, so other users' load on a shared machine hits both sides alike; "others' CPU" says how much of the
+cores processes outside the benchmark took during each run.
 
 For context, the full `spin_ray.loop.make_pairs` (generate + score + parquet write) on the same prompts is timed too.
 
@@ -33,8 +35,8 @@ For context, the full `spin_ray.loop.make_pairs` (generate + score + parquet wri
 import os
 
 # Before ray/vllm are imported; the spawned direct processes read them too.
-os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
-                  HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def direct_run(model: str, prompts: list[list[int]], seeds: list[int], max_tokens: int, max_model_len: int,
@@ -155,8 +157,9 @@ if __name__ == "__main__":
             os.environ["OMP_NUM_THREADS"] = threads
         recv, send = mp.Pipe(duplex=False)
         load0 = loadavg()
-        proc = mp.Process(target=_direct_entry, args=(send, args.baseline_nice, model, ids, seeds, args.max_tokens, max_model_len,
-                                                      gcfg.gpu_memory_utilization, None if k else args.batch_size))
+        proc = mp.Process(target=_direct_entry,
+                          args=(send, args.baseline_nice, model, ids, seeds, args.max_tokens, max_model_len,
+                                gcfg.gpu_memory_utilization, None if k else args.batch_size))
         proc.start()
         send.close()  # ours closed, so a dead child reads as EOF
         os.environ.pop("OMP_NUM_THREADS", None)
@@ -215,8 +218,10 @@ if __name__ == "__main__":
         while map_workers() and time.time() < deadline:
             time.sleep(0.5)
 
-    # address="local": a cluster of our own, even while another session has one running here
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose)
+    # A cluster of our own (address="local") in its own temp dir: another session's ray.init(address="auto") (as
+    # spin_ray's CLI does) finds clusters through /tmp/ray and would otherwise join this one and skew the figures.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     blocks = [table.slice(i, args.batch_size) for i in range(0, table.num_rows, args.batch_size)]
@@ -244,8 +249,9 @@ if __name__ == "__main__":
             mine = out.filter(pc.equal(out.column("_pid"), pid))
             calls = set(zip(mine.column("_t0").to_pylist(), mine.column("_t1").to_pylist()))
             busy = sum(b - a for a, b in calls)
-            a = {"pid": pid, "batches": len(calls), "tokens": sum(mine.column("generated_tokens").to_pylist()),
-                 "busy_s": busy, "busy_tok_s": (sum(mine.column("generated_tokens").to_pylist()) / busy) if busy else None,
+            n_tokens = sum(mine.column("generated_tokens").to_pylist())
+            a = {"pid": pid, "batches": len(calls), "tokens": n_tokens, "busy_s": busy,
+                 "busy_tok_s": n_tokens / busy if busy else None,
                  "init_s": None, "torch_threads": None, "peak_rss_mib": rss.peaks.get(pid, {}).get("max_rss_mib")}
             if mine.num_rows:
                 a["init_s"] = mine.column("_init_t1")[0].as_py() - mine.column("_init_t0")[0].as_py()
@@ -258,8 +264,8 @@ if __name__ == "__main__":
              "steady_tok_s": tokens / (t_last - t_first), "after_last_batch_s": t_end - t_last,
              "same_answer_as_direct": sum(texts[k] == v for k, v in direct_texts.items()) / len(direct_texts),
              "per_actor": actors, "load_avg": [load0, loadavg()], "others_cpu_share": rss.other_cpu_share}
-        r["ratios"] = {f"direct_omp_{k}": {"steady": r["steady_tok_s"] / d["tok_s"], "e2e": r["e2e_tok_s"] / d["e2e_tok_s"]}
-                       for k, d in direct.items()}
+        r["ratios"] = {f"direct_omp_{k}": {"steady": r["steady_tok_s"] / d["tok_s"],
+                                           "e2e": r["e2e_tok_s"] / d["e2e_tok_s"]} for k, d in direct.items()}
         pipeline.append(r)
         print(f"{r['name']}: e2e {r['e2e_s']:.1f} s, steady {r['steady_tok_s']:.1f} tok/s")
         del ds, out
@@ -321,7 +327,8 @@ if __name__ == "__main__":
                 [[r["name"], r["until_first_batch_s"], r["steady_s"], r["after_last_batch_s"],
                   f"{r['same_answer_as_direct']:.0%}"] for r in pipeline])
     if pairs:
-        print(f"\nmake_pairs (generate + score + parquet write; 1 generation + 1 scoring actor): {pairs['wall_s']:.1f} s "
+        print(f"\nmake_pairs (generate + score + parquet write; 1 generation + 1 scoring actor): "
+              f"{pairs['wall_s']:.1f} s "
               f"for {pairs['rows']} rows = {pairs['tok_s']:.1f} generated tok/s end to end (others' CPU "
               f"{pairs['others_cpu_share']:.0%})")
         for k, v in pairs["peak_rss_mib"].items():
@@ -330,7 +337,8 @@ if __name__ == "__main__":
           f"{os.cpu_count()} cores that processes outside this benchmark used during the run")
     one = next((r for r in pipeline if r["actors"] == 1 and r["cpus_per_actor"] == 1), None)
     if one:
-        verdict = ", ".join(f"{v['steady']:.2f} of direct omp={k[len('direct_omp_'):]}" for k, v in one["ratios"].items())
+        verdict = ", ".join(f"{v['steady']:.2f} of direct omp={k[len('direct_omp_'):]}"
+                            for k, v in one["ratios"].items())
         print(f"goal, 1 actor keeps >= 0.9 of direct vLLM (steady state): {verdict}")
 
     write_json(args.out, {

@@ -263,8 +263,10 @@ if __name__ == "__main__":
         cmd = " ".join(p.cmdline())
         return cmd.split()[0] if "RayTrainWorker" in cmd else None
 
-    # address="local": a cluster of our own, even while another session has one running here
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose)
+    # A cluster of our own (address="local") in its own temp dir: another session's ray.init(address="auto") (as
+    # spin_ray's CLI does) finds clusters through /tmp/ray and would otherwise join this one and skew the figures.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     @ray.remote

