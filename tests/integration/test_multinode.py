@@ -26,6 +26,17 @@ except ConfigError as e:
     assert "node-local path" in str(e) and "2 nodes" in str(e) and "s3://" in str(e), e
 check_storage(SpinConfig.load(None, ["storage=s3://bucket/spin"]))
 check_storage(SpinConfig.load(None, ["storage=/mnt/shared/spin", "storage_shared=true"]))
+
+# No autoscaler here: the capacity preflight checks is what the two nodes have (1 + 1 CPU, no GPU).
+from spin_ray.plan import cluster_capacity, preflight, requests
+assert cluster_capacity()["CPU"] == 2 and cluster_capacity().get("GPU", 0) == 0, cluster_capacity()
+small = ["model=tiny", "data.max_length=64", "data.max_prompt_length=32", "generate.max_tokens=16"]
+assert requests(preflight(SpinConfig.load(None, small)))["generate"].gpus == 0  # auto without GPUs: CPU
+try:
+    preflight(SpinConfig.load(None, small + ["generate.num_actors=2"]))
+    raise SystemExit("3 CPUs of streaming actors were accepted on 2")
+except ConfigError as e:
+    assert "3 CPU together" in str(e) and "at most 2" in str(e), e
 ray.shutdown()
 cluster.shutdown()
 print("OK")

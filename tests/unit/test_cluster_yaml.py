@@ -112,45 +112,106 @@ def test_head_has_no_gpus(prepared):
     assert head["max_workers"] == 0
 
 
-def test_every_node_installs_spin_ray(prepared):
+def test_every_node_links_spin_ray_without_installing_torch_or_vllm(prepared):
     mounts = prepared["file_mounts"]
     repo_remote = [remote for remote, local in mounts.items() if local in (".", "./")]
     assert repo_remote, "file_mounts should copy the checkout ('.') to the nodes"
     remote = repo_remote[0]
 
-    def installs(cmd: str) -> bool:
-        return ("pip install" in cmd and remote in cmd and (".[" in cmd or "-e ." in cmd)) or "install.sh" in cmd
+    def links(cmd: str) -> bool:
+        return "pip install" in cmd and remote in cmd and "--no-deps" in cmd and "-e ." in cmd
 
-    # prepare_config merges setup_commands into both lists, as `ray up` does: both node roles must install.
+    # prepare_config merges setup_commands into both lists, as `ray up` does: both node roles must link the checkout,
+    # and no node installs the heavy dependencies at boot (they are in the image).
     for key in ("head_setup_commands", "worker_setup_commands"):
         cmds = prepared[key]
-        assert any(installs(c) for c in cmds), (key, cmds)
-        assert any("gpu" in c for c in cmds if installs(c)), "GPU nodes need the CUDA vllm extra / SPIN_RAY_GPU=1"
+        assert any(links(c) for c in cmds), (key, cmds)
+        for c in cmds:
+            if "pip install" in c:
+                assert not re.search(r"torch|vllm|\[gpu|install\.sh", c), c
     for name, node_type in worker_types(prepared).items():  # a per-type override would replace the global list
         if "worker_setup_commands" in node_type:
-            assert any(installs(c) for c in node_type["worker_setup_commands"]), name
+            assert any(links(c) for c in node_type["worker_setup_commands"]), name
     assert ".venv" in prepared["rsync_exclude"]
 
 
-def test_ray_version_matches_the_project_pin(raw):
-    pin = next(Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if Requirement(r).name == "ray")
+def test_image_matches_the_project_pins(raw):
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(Requirement(r) for r in deps["dependencies"] if Requirement(r).name == "ray")
+    vllm_pin = next(Requirement(r) for r in deps["optional-dependencies"]["gpu"] if Requirement(r).name == "vllm")
     docker = raw.get("docker", {})
     images = {docker[k] for k in ("image", "head_image", "worker_image") if k in docker}
-    assert images, "expected a rayproject/ray image (or adapt this test to the AMI approach)"
+    assert images
     for image in images:
-        m = re.match(r"^rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)", image)
+        # The tag names what is baked in: ray<version>-vllm<version>.
+        m = re.search(r":ray(\d+\.\d+\.\d+)-vllm(\d+\.\d+\.\d+)$", image)
         assert m, image
-        assert pin.specifier.contains(m.group(1)), (image, str(pin))
-        # The launcher's Ray (this venv) must match the cluster's.
-        assert m.group(1) == ray.__version__, (image, ray.__version__)
+        assert ray_pin.specifier.contains(m.group(1)) and m.group(1) == ray.__version__, (image, ray.__version__)
+        assert vllm_pin.specifier.contains(m.group(2)), (image, str(vllm_pin))
+    # The recipe in the header builds it from Ray's image of the same version.
+    base = re.search(r"FROM rayproject/ray:(\d+\.\d+\.\d+)-py311-gpu", CLUSTER_YAML.read_text())
+    assert base and base.group(1) == ray.__version__
 
 
-def test_start_commands(raw):
+def test_start_commands_use_token_auth_and_keep_the_dashboard_local(raw):
     head = " ".join(raw["head_start_ray_commands"])
     assert "ray start --head" in head and "--port=6379" in head
-    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head and "--dashboard-host=0.0.0.0" in head
-    assert "--address=$RAY_HEAD_IP:6379" in " ".join(raw["worker_start_ray_commands"])
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "0.0.0.0" not in head and "--dashboard-host=127.0.0.1" in head
+    workers = " ".join(raw["worker_start_ray_commands"])
+    assert "--address=$RAY_HEAD_IP:6379" in workers
+    for cmds in (head, workers):
+        assert "RAY_AUTH_MODE=token" in cmds
+
+
+def test_h100_and_a100_worker_types(prepared):
+    types = {t["node_config"]["InstanceType"]: t for t in worker_types(prepared).values()}
+    assert {"p4de.24xlarge", "p5.48xlarge"} <= set(types)
+    assert types["p5.48xlarge"]["resources"] == {"CPU": 192, "GPU": 8}
+    assert types["p4de.24xlarge"]["resources"] == {"CPU": 96, "GPU": 8}
+
+
+# EFA network cards per instance type (AWS: p4de 4, p5 32).
+EFA_CARDS = {"p4de.24xlarge": 4, "p5.48xlarge": 32}
+
+
+def test_gpu_nodes_have_efa_in_one_subnet_and_a_placement_group(raw):
+    subnets = set()
+    for name, node_type in worker_types(raw).items():
+        cfg = node_type["node_config"]
+        interfaces = cfg["NetworkInterfaces"]
+        assert len(interfaces) == EFA_CARDS[cfg["InstanceType"]], name
+        assert all(i["InterfaceType"] == "efa" for i in interfaces), name
+        assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(len(interfaces))), name
+        assert [i["DeviceIndex"] for i in interfaces if i["NetworkCardIndex"] == 0] == [0], name
+        assert cfg["Placement"]["GroupName"], name
+        # `ray up`'s rule (aws/config.py, _configure_subnets_and_groups_from_network_interfaces; it needs boto3):
+        # with NetworkInterfaces, subnets and security groups are given only in each interface.
+        assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(cfg), name
+        assert all(i.get("SubnetId") and i.get("Groups") for i in interfaces), name
+        subnets |= {i["SubnetId"] for i in interfaces}
+    head = raw["available_node_types"][raw["head_node_type"]]["node_config"]
+    assert subnets == set(head["SubnetIds"]) and len(subnets) == 1  # one subnet: one availability zone
+    assert raw["provider"]["availability_zone"].count(",") == 0
+    run_options = " ".join(raw["docker"]["run_options"])
+    assert "FI_PROVIDER=efa" in run_options and "/dev/infiniband" in run_options and "memlock=-1" in run_options
+
+
+def test_caches_on_the_instance_nvme(raw):
+    run_options = " ".join(raw["docker"]["run_options"])
+    assert "-v /opt/dlami/nvme:/mnt/nvme" in run_options
+    for var in ("HF_HOME", "SPIN_RAY_CACHE", "VLLM_CACHE_ROOT"):
+        assert f"--env {var}=/mnt/nvme/" in run_options, var
+    assert "--temp-dir=/mnt/nvme/ray" in " ".join(raw["head_start_ray_commands"])  # object spilling too
+
+
+def test_every_placeholder_says_fill_in():
+    lines = CLUSTER_YAML.read_text().splitlines()
+    for i, line in enumerate(lines):
+        value = line.split("#", 1)[0]
+        if "REPLACE_ME" in value or "<ACCOUNT_ID>" in value:
+            near = " ".join(lines[max(0, i - 3): i + 1])
+            assert "FILL IN" in near, (i + 1, line)
 
 
 def test_shared_storage_and_iam(raw):

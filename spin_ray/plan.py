@@ -1,0 +1,539 @@
+"""The one place that decides what each stage asks Ray for, checks a config against a cluster before any actor
+starts, and sizes a run without loading weights (`spin-ray plan`).
+
+Stages and what runs at the same time (loop.py):
+  pairs   generation actors (or the warm EnginePool) and scoring actors stream together (Ray Data)
+  window  scoring actors rescore the window's earlier pairs under θ_t
+  train   Ray Train workers; warm engines (generate.keep_warm) keep their devices meanwhile
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from spin_ray.config import ConfigError, SpinConfig
+
+Resources = Mapping[str, float]
+PHASES = ("pairs", "window", "train")
+ASSETS = Path(__file__).parent / "assets" / "arch"
+
+
+@dataclass(frozen=True)
+class Request:
+    """`count` units of {CPU: cpus, GPU: gpus} for one stage; `field` is the config key that sets the count."""
+
+    what: str
+    field: str
+    count: int
+    cpus: float
+    gpus: float
+
+    def total(self) -> dict[str, float]:
+        return {"CPU": self.count * self.cpus, "GPU": self.count * self.gpus}
+
+
+def cluster_capacity() -> dict[str, float]:
+    """What the connected cluster has or can autoscale to, per resource: the live total, raised to the autoscaler's
+    node types at their max_workers where the cluster reports them (KubeRay). Ray's cluster launcher (cluster.yaml)
+    runs an autoscaler that does not report them: there CPU and GPU count as unbounded, so a cluster that starts
+    with no GPU node is not refused, and `resources: auto` means GPU."""
+    import ray
+    from ray._private.state import state  # Ray Train's worker group reads the same autoscaler config
+
+    live = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        reachable = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no cluster config stored: a plain `ray start` or ray.init, or the cluster launcher
+        reachable = {}
+    if not reachable and _autoscaler_running():
+        reachable = {"CPU": math.inf, "GPU": math.inf}
+    return {k: max(live.get(k, 0.0), float(reachable.get(k, 0.0))) for k in set(live) | set(reachable)}
+
+
+def _autoscaler_running() -> bool:
+    """Whether the monitor runs an autoscaler with node types of its own. Without an autoscaling config it runs a
+    read-only one (for `ray status`) whose node types are the nodes themselves, named node_<node id>."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = json.loads(raw).get("autoscaler_report") if raw else None
+    if not report:
+        return False
+    types = {*(report.get("active_nodes") or {}), *(report.get("idle_nodes") or {})}
+    return any(not re.fullmatch(r"node_[0-9a-f]+", t) for t in types)
+
+
+def uses_gpu(cfg: SpinConfig, cluster: Resources | None = None) -> bool:
+    """`resources`: gpu/cpu as stated; auto = GPU when train.use_gpu is set or the cluster has or can get GPUs."""
+    if cfg.resources != "auto":
+        return cfg.resources == "gpu"
+    if cfg.train.use_gpu:
+        return True
+    return (cluster if cluster is not None else cluster_capacity()).get("GPU", 0) > 0
+
+
+def actor_gpus(requested: float | None, on_gpu: float) -> float:
+    """GPUs for one actor when a stage config is used on its own (no SpinConfig): as configured, else `on_gpu` when
+    the cluster has or can get GPUs. `resolve` fills the configured value from `resources` before any stage runs."""
+    if requested is not None:
+        return requested
+    return on_gpu if cluster_capacity().get("GPU", 0) > 0 else 0.0
+
+
+def resolve(cfg: SpinConfig, cluster: Resources | None = None) -> SpinConfig:
+    """`cfg` with every GPU request made explicit from `resources`: generate/score num_gpus_per_actor and
+    train.use_gpu. The stages read these fields only, so what they ask for is decided here."""
+    gpu = uses_gpu(cfg, cluster)
+    g, s = cfg.generate, cfg.score
+    return dataclasses.replace(
+        cfg,
+        generate=dataclasses.replace(g, num_gpus_per_actor=g.num_gpus_per_actor if g.num_gpus_per_actor is not None
+                                     else float(g.tensor_parallel_size) if gpu else 0.0),
+        score=dataclasses.replace(s, num_gpus_per_actor=s.num_gpus_per_actor if s.num_gpus_per_actor is not None
+                                  else 1.0 if gpu else 0.0),
+        train=dataclasses.replace(cfg.train, use_gpu=gpu))
+
+
+def requests(cfg: SpinConfig) -> dict[str, Request]:
+    """What each stage asks for; `cfg` must be resolved (see `resolve`)."""
+    g, s, t = cfg.generate, cfg.score, cfg.train
+    return {
+        "generate": Request("generation actors", "generate.num_actors", g.num_actors, g.num_cpus_per_actor,
+                            g.num_gpus_per_actor or 0.0),
+        "score": Request("scoring actors", "score.num_actors", s.num_actors, s.num_cpus_per_actor,
+                         s.num_gpus_per_actor or 0.0),
+        "train": Request("Train workers", "train.num_workers", t.num_workers, t.num_cpus_per_worker,
+                         1.0 if t.use_gpu else 0.0),
+    }
+
+
+def phases(cfg: SpinConfig) -> dict[str, list[str]]:
+    """The stages holding resources at the same time, per phase of an iteration."""
+    warm = ["generate"] if cfg.generate.keep_warm else []
+    return {"pairs": ["generate", "score"], "window": ["score", *warm], "train": ["train", *warm]}
+
+
+def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tuple[str, ...] = PHASES) -> SpinConfig:
+    """Refuse, naming the fields, a config that would start and then hang or break; return it resolved.
+
+    `cluster` is the total resources (default: what the connected cluster has or can autoscale to); `stages` the
+    phases this entry point runs. Nothing here starts an actor.
+    """
+    cfg.validate()  # configs built in code skip SpinConfig.load; the global batch rule is there
+    if cfg.generate.max_tokens >= cfg.data.max_length:
+        raise ConfigError(
+            f"generate.max_tokens = {cfg.generate.max_tokens} leaves no room for the prompt in data.max_length = "
+            f"{cfg.data.max_length} (prompt + answer); lower generate.max_tokens or raise data.max_length")
+    capacity = dict(cluster) if cluster is not None else cluster_capacity()
+    cfg = resolve(cfg, capacity)
+    reqs = requests(cfg)
+    for phase in stages:
+        members = [reqs[name] for name in phases(cfg)[phase]]
+        for r in members:
+            _fits([r], capacity, "")
+        if len(members) > 1:
+            _fits(members, capacity, TOGETHER[phase])
+    return cfg
+
+
+TOGETHER = {"pairs": "generation and scoring stream at the same time",
+            "window": "warm engines (generate.keep_warm = true) keep their resources while the window is rescored",
+            "train": "warm engines (generate.keep_warm = true) keep their resources while training runs"}
+
+
+def _fits(members: list[Request], capacity: Resources, why: str) -> None:
+    for resource in ("GPU", "CPU"):
+        need = sum(r.total()[resource] for r in members)
+        have = capacity.get(resource, 0.0)
+        if need <= have + 1e-9:
+            continue
+        asking = [r for r in members if r.total()[resource]]
+        each = {r.field: f"{getattr(r, resource.lower() + 's'):g} {resource} each for {r.what}" for r in asking}
+        if len(asking) == 1:
+            r = asking[0]
+            needs = f"{r.field} = {r.count} needs {need:g} {resource} ({each[r.field]})"
+        else:
+            needs = (" + ".join(f"{r.field} = {r.count} ({each[r.field]})" for r in asking) +
+                     f" need {need:g} {resource} together")
+        fix = ("set generate.keep_warm=false, or make room for both" if "keep_warm" in why else
+               "lower " + " or ".join(r.field for r in asking) + " (or the per-actor request), or add nodes")
+        raise ConfigError(f"{needs}{' (' + why + ')' if why else ''}, but the cluster has at most {have:g}; {fix}")
+
+
+# ---- `spin-ray plan`: sizing from the model's HF config, the recipe and stated hardware figures, no weights ----
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float
+    """Device memory in GB (1e9 bytes); host RAM per node for CPU."""
+    peak_tflops: float
+    """Dense bf16 tensor-core peak (fp32 FMA peak for CPU)."""
+    bandwidth_tbs: float
+    """Memory bandwidth, TB/s."""
+
+
+# Vendor data-sheet figures (dense, no sparsity). CPU: AVX2, 2 FMA units x 8 fp32 lanes x 2 = 32 FLOP/cycle/core at
+# 3.0 GHz (server boost clock), per core; `cpu_device` scales it by the core count.
+DEVICES = {
+    "H100": Device("H100 SXM 80GB", 80, 989, 3.35),
+    "H200": Device("H200 SXM 141GB", 141, 989, 4.8),
+    "A100-80GB": Device("A100 SXM 80GB", 80, 312, 2.04),
+    "A100": Device("A100 SXM 40GB", 40, 312, 1.555),
+    "A100-40GB": Device("A100 SXM 40GB", 40, 312, 1.555),
+    "L40S": Device("L40S 48GB", 48, 362, 0.864),
+    "A10G": Device("A10G 24GB", 24, 70, 0.6),
+    "L4": Device("L4 24GB", 24, 121, 0.3),
+}
+CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
+CPU_BANDWIDTH_TBS = 0.02
+# Stated efficiencies (share of peak reached) for training, scoring and prefill. CPU: calibrated on this machine's
+# SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see the README's plan section.
+MFU = {"gpu": 0.40, "cpu": 0.60}
+OVERHEAD_GB = 2.0
+"""Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
+
+
+def cpu_device(cores: int | None = None, memory_gb: float | None = None) -> Device:
+    """This machine's CPUs (or `cores`) as a device; memory defaults to this machine's RAM."""
+    cores = cores or os.cpu_count() or 1
+    if memory_gb is None:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return Device(f"CPU ({cores} cores, AVX2 fp32)", memory_gb, cores * CPU_TFLOPS_PER_CORE, CPU_BANDWIDTH_TBS)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    nodes: int
+    gpus_per_node: int
+    device: Device
+    cpus_per_node: int
+
+    @property
+    def total(self) -> dict[str, float]:
+        return {"CPU": float(self.nodes * self.cpus_per_node), "GPU": float(self.nodes * self.gpus_per_node)}
+
+
+def parse_cluster(spec: str, cpus_per_node: int | None = None) -> ClusterSpec:
+    """`NODESxGPUSxTYPE`, e.g. 1x8xH100, 4x8xA100-80GB, 1x0xCPU. A CPU node computes with this machine's cores and
+    offers the logical CPUs a local `spin-ray` cluster starts with (at least 4, cli.init_ray) unless cpus_per_node."""
+    m = re.fullmatch(r"(\d+)x(\d+)x([A-Za-z0-9-]+)", spec.strip())
+    if not m or int(m.group(1)) < 1:
+        raise ConfigError(f"--cluster {spec!r} must look like NODESxGPUSxTYPE, e.g. 1x8xH100, 4x8xA100-80GB or 1x0xCPU")
+    nodes, gpus, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+    if kind.upper() == "CPU":
+        if gpus:
+            raise ConfigError(f"--cluster {spec!r}: a CPU node type has 0 GPUs (NODESx0xCPU)")
+        cores = os.cpu_count() or 1
+        return ClusterSpec(nodes, 0, cpu_device(cpus_per_node or cores), cpus_per_node or max(4, cores))
+    device = next((d for k, d in DEVICES.items() if k.upper() == kind.upper()), None)
+    if device is None or gpus < 1:
+        raise ConfigError(f"--cluster {spec!r}: GPU type must be one of {', '.join(DEVICES)} with >= 1 GPU per node")
+    # 12 vCPUs per GPU is the smallest share among the 8-GPU cloud types (p4de: 96 vCPUs for 8 A100s).
+    return ClusterSpec(nodes, gpus, device, cpus_per_node or 12 * gpus)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The architecture facts of a decoder-only (Llama/Mistral/Qwen-style, gated MLP) model's HF config."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_hf(cls, config: dict, name: str) -> Arch:
+        try:
+            heads = config["num_attention_heads"]
+            return cls(name, config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
+                       config.get("num_key_value_heads") or heads,
+                       config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
+                       bool(config.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ConfigError(f"model config for {name!r} lacks {e.args[0]!r}; spin-ray plan reads decoder-only HF "
+                              "configs (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
+                              "vocab_size)") from None
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        q = self.heads * self.head_dim
+        # q and o projections, k and v, gate/up/down, two RMSNorm weights
+        return 2 * self.hidden * q + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.intermediate + \
+            2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
+
+    def forward_flops_per_token(self, context: int) -> float:
+        """2 FLOPs per weight of every matmul (the LM head too, tied or not) plus causal attention over `context`
+        tokens (QKᵀ and AV, each 2·q_dim per attended token, half the context on average)."""
+        matmul = self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
+        return 2 * matmul + 2 * self.layers * self.heads * self.head_dim * context
+
+
+# Model names the configs use → shipped HF config.json facts (this machine is offline).
+ARCH_FILES = {
+    "alignment-handbook/zephyr-7b-sft-full": "zephyr-7b-sft-full.json",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "SmolLM2-1.7B-Instruct.json",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct.json",
+    "smollm2-135m": "SmolLM2-135M-Instruct.json",
+    "tiny": "tiny-llama.json",
+}
+
+
+def load_arch(model: str, model_config: str | None = None) -> Arch:
+    """Architecture of `model` from `model_config` (a config.json or a folder holding one), a local model folder,
+    or the facts shipped for the preset configs' models."""
+    source = model_config or model
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return Arch.from_hf(json.loads(path.read_text()), source)
+    if model_config is not None:
+        raise ConfigError(f"--model-config {model_config!r}: no config.json there; pass a model's config.json or "
+                          "the folder holding it")
+    if model in ARCH_FILES:
+        return Arch.from_hf(json.loads((ASSETS / ARCH_FILES[model]).read_text()), model)
+    raise ConfigError(f"model = {model!r}: spin-ray plan has no architecture facts for it offline; pass its HF "
+                      f"config.json with --model-config (shipped: {', '.join(sorted(ARCH_FILES))})")
+
+
+GB = 1e9
+
+
+def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
+    """Bytes per training device, by part (worst case: every sequence padded to data.max_length).
+
+    fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
+    fsdp; ddp adds its fp32 gradient buckets. On GPU (train.use_gpu) compute is bf16: fsdp all-gathers a layer in
+    bf16 (two in flight with prefetch); ddp under autocast caches a bf16 copy of every weight for the step.
+    Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
+    q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32 on CPU; with
+    gradient checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits:
+    bf16, their fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32).
+    """
+    t, p = cfg.train, arch.params
+    width = 2 if t.use_gpu else 4  # bytes per activation value: bf16 on GPU, fp32 on CPU
+    shards = t.num_workers if t.strategy == "fsdp" else 1
+    states = 2 if t.optimizer == "adamw" else 1
+    tokens = 2 * t.micro_batch_size * cfg.data.max_length
+    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
+    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.gradient_checkpointing
+            else arch.layers * tokens * per_layer)
+    fsdp = t.strategy == "fsdp"
+    return {
+        "parameters (fp32)": 4 * p / shards,
+        # DDP (more than one worker: Ray Train wraps no single worker) keeps a bucket copy of the gradients
+        "gradients (fp32)": 4 * p / shards + (0 if fsdp or t.num_workers == 1 else 4 * p),
+        f"optimizer ({t.optimizer}, fp32)": 4 * states * p / shards,
+        "weights in use": width * 2 * arch.layer_params if fsdp else 2 * p if t.use_gpu else 0,
+        "activations": acts,
+        "logits": (10 if t.use_gpu else 8) * tokens * arch.vocab,
+        "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
+    }
+
+
+def vllm_memory(arch: Arch, cfg: SpinConfig, device: Device) -> dict[str, float]:
+    """Bytes per vLLM actor's GPU: bf16 weights split over tensor_parallel_size, the KV cache gets the rest of
+    gpu_memory_utilization after 1.5 GB for activations and CUDA graphs."""
+    g = cfg.generate
+    weights = 2 * arch.params / g.tensor_parallel_size
+    budget = g.gpu_memory_utilization * device.memory_gb * GB
+    return {"weights (bf16)": weights, "activations, CUDA graphs": 1.5 * GB,
+            "KV cache": max(0.0, budget - weights - 1.5 * GB)}
+
+
+def kv_bytes_per_token(arch: Arch) -> int:
+    return 2 * arch.layers * arch.kv_dim * 2  # K and V, bf16
+
+
+def score_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
+    """Bytes per scoring actor: fp32 weights (the trainer's parameters), no gradients, one layer's activations and
+    the logits of a micro-batch of 2·score.micro_batch_size sequences."""
+    tokens = 2 * cfg.score.micro_batch_size * cfg.data.max_length
+    return {"weights (fp32)": 4 * arch.params,
+            "activations": tokens * (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate),
+            "logits": 10 * tokens * arch.vocab, "runtime overhead": OVERHEAD_GB * GB}
+
+
+def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, checkpointing: bool) -> float:
+    """Forward + backward (2x forward) + the recompute forward under gradient checkpointing, at the stated MFU."""
+    passes = 4 if checkpointing else 3
+    flops = passes * arch.forward_flops_per_token(context) * tokens
+    return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
+
+
+def _mfu(device: Device) -> float:
+    return MFU["cpu" if device.name.startswith("CPU") else "gpu"]
+
+
+# Prompt counts of the preset configs' data sets (rows of the split they use).
+DATASET_ROWS = {"UCLA-AGI/SPIN_iter0": 49_792, "HuggingFaceH4/ultrachat_200k": 207_865}
+VLLM_MAX_SEQS = 256
+"""vLLM's default max_num_seqs: sequences decoded together per engine."""
+
+
+@dataclass
+class Plan:
+    lines: list[str]
+    problems: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def prompt_count(cfg: SpinConfig) -> int | None:
+    if cfg.data.max_rows is not None:
+        return cfg.data.max_rows
+    if cfg.data.path == "bundled":
+        import pyarrow.parquet as pq
+
+        split = pq.read_table(Path(__file__).parent / "assets" / "tasks.parquet", columns=["split"]).column("split")
+        return sum(1 for s in split.to_pylist() if cfg.data.split is None or s == cfg.data.split)
+    return DATASET_ROWS.get(cfg.data.path)
+
+
+def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int | None = None,
+              prompt_tokens: int | None = None) -> Plan:
+    """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`."""
+    problems: list[str] = []
+    try:
+        cfg = preflight(cfg, cluster.total)
+    except ConfigError as e:
+        problems.append(str(e))
+        cfg = resolve(cfg, cluster.total)
+    dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
+    prompts = prompts or prompt_count(cfg)
+    if prompts is None:
+        raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
+                          "data.max_rows or pass --prompts N")
+    p_tok = prompt_tokens or cfg.data.max_prompt_length // 2
+    g, s, t = cfg.generate, cfg.score, cfg.train
+    reqs = requests(cfg)
+    out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
+           f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
+           f"cluster {cluster.nodes} node(s) x {cluster.gpus_per_node} x {dev.name}, {cluster.cpus_per_node} CPUs per "
+           f"node: {dev.peak_tflops:g} TFLOP/s peak, {dev.bandwidth_tbs:g} TB/s, {dev.memory_gb:.4g} GB per device",
+           f"data {prompts} prompts per iteration, {p_tok} prompt tokens each (assumed), window {cfg.loop.window}",
+           "", "stages (resources per actor/worker):"]
+    for name, r in reqs.items():
+        where = f"{r.gpus:g} GPU + {r.cpus:g} CPU" if r.gpus else f"{r.cpus:g} CPU"
+        out.append(f"  {name:<9} {r.count} x {r.what} [{r.field}], {where} each")
+    out.append("at the same time:")
+    for phase, members in phases(cfg).items():
+        need = {k: sum(reqs[m].total()[k] for m in members) for k in ("GPU", "CPU")}
+        out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
+                   f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
+
+    on_gpu = cluster.gpus_per_node > 0 and t.use_gpu
+    capacity = dev.memory_gb * GB
+    train_mem = train_memory(arch, cfg)
+    if not on_gpu:
+        capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
+    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({t.strategy}, {t.num_workers} "
+                f"worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, gradient "
+                f"checkpointing {'on' if t.gradient_checkpointing else 'off'}):"]
+    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
+    total = sum(train_mem.values())
+    out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
+    if total > capacity:
+        problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
+                        "use train.strategy=fsdp with more train.num_workers, train.gradient_checkpointing=true, a "
+                        "smaller train.micro_batch_size or data.max_length, or larger devices")
+    context = p_tok + g.max_tokens
+    if reqs["generate"].gpus:
+        v = vllm_memory(arch, cfg, dev)
+        seqs = int(v["KV cache"] // (kv_bytes_per_token(arch) * context))
+        out += ["", f"memory per vLLM actor ({g.tensor_parallel_size} GPU, gpu_memory_utilization "
+                    f"{g.gpu_memory_utilization}):"]
+        out += [f"  {k:<26} {gb(val):>10}" for k, val in v.items()]
+        out.append(f"  KV cache holds {seqs} sequences of {context} tokens ({kv_bytes_per_token(arch)} B/token)")
+        if g.tensor_parallel_size > cluster.gpus_per_node:
+            problems.append(f"generate.tensor_parallel_size = {g.tensor_parallel_size} exceeds the "
+                            f"{cluster.gpus_per_node} GPUs of a node; one engine runs on one node")
+        if seqs < 1:
+            problems.append(f"a vLLM engine's bf16 weights ({gb(v['weights (bf16)'])}) leave no KV cache for one "
+                            f"{context}-token sequence in {g.gpu_memory_utilization} x {dev.memory_gb:g} GB: raise "
+                            "generate.tensor_parallel_size or generate.gpu_memory_utilization")
+    else:
+        seqs = g.batch_size
+    if reqs["score"].gpus:
+        sm = score_memory(arch, cfg)
+        out += ["", f"memory per scoring actor (micro-batch {s.micro_batch_size} pairs):"]
+        out += [f"  {k:<26} {gb(val):>10}" for k, val in sm.items()]
+        out.append(f"  {'total':<26} {gb(sum(sm.values())):>10} of {gb(dev.memory_gb * GB * reqs['score'].gpus)}")
+        if sum(sm.values()) > dev.memory_gb * GB * reqs["score"].gpus:
+            problems.append(f"a scoring actor needs {gb(sum(sm.values()))} but has "
+                            f"{gb(dev.memory_gb * GB * reqs['score'].gpus)}: lower score.micro_batch_size or use "
+                            "larger devices")
+
+    def unit_tflops(r: Request) -> float:
+        return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
+
+    cpu_mfu = MFU["cpu"]
+    gen_dev_mfu = MFU["gpu"] if reqs["generate"].gpus else cpu_mfu
+    per_actor = math.ceil(prompts / g.num_actors)
+    gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
+    concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if reqs["generate"].gpus else g.batch_size))
+    bandwidth = (dev.bandwidth_tbs if reqs["generate"].gpus else CPU_BANDWIDTH_TBS) * 1e12 * max(1, g.tensor_parallel_size
+                                                                                                  if reqs["generate"].gpus else 1)
+    step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
+    gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
+    gen_s = max(gen_compute, gen_memory)
+    score_mfu = MFU["gpu"] if reqs["score"].gpus else cpu_mfu
+    score_s = (arch.forward_flops_per_token(context) * 2 * context * prompts
+               / (s.num_actors * unit_tflops(reqs["score"]) * score_mfu))
+    window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
+    train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
+                                                       name="CPU")
+    train_s = train_seconds(arch, window_pairs * 2 * cfg.data.max_length * t.epochs, cfg.data.max_length,
+                            t.num_workers, train_dev, t.gradient_checkpointing)
+    rescore_s = score_s * (min(cfg.loop.window, cfg.loop.iterations) - 1)
+    iteration_s = max(gen_s, score_s) + rescore_s + train_s
+    out += ["", "time per iteration (at the full window):",
+            f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
+            f"max(compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} sequences/step)",
+            f"  score     {_dur(score_s):>9}  2 x {prompts} sequences of {context} tokens on {s.num_actors} actor(s) "
+            "(streams with generate)",
+            f"  window    {_dur(rescore_s):>9}  rescoring {window_pairs - prompts} earlier pairs",
+            f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {t.epochs} epochs, 2 x {cfg.data.max_length} "
+            f"tokens per pair, {t.num_workers} worker(s)",
+            f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations {_dur(iteration_s * cfg.loop.iterations)}",
+            "", "assumptions: " + "; ".join([
+                f"MFU {MFU['gpu']:.0%} on GPU, {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU (training, scoring, prefill)",
+                "decode reads all weights and half the KV per step (bandwidth-bound)",
+                "every answer runs to generate.max_tokens and every training sequence is padded to data.max_length "
+                "(upper bounds)", f"prompts of {p_tok} tokens (--prompt-tokens)",
+                "start-up, weight loading, checkpoints and Ray overheads excluded"])]
+    out.append("")
+    out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
+    return Plan(out, problems)
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,175 @@
+"""spin_ray.plan: what each stage asks for, the pre-flight refusals, and `spin-ray plan`'s memory arithmetic.
+
+No Ray: every check takes the cluster's resources as a dict. Expected numbers are derived by hand in the comments.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.plan import (GB, Arch, load_arch, make_plan, parse_cluster, phases, preflight, requests, resolve,
+                           train_memory)
+
+CPU4 = {"CPU": 4.0}
+
+
+def cfg(*overrides: str) -> SpinConfig:
+    return SpinConfig.load(None, ["model=tiny", "data.max_length=64", "data.max_prompt_length=32",
+                                  "generate.max_tokens=16", *overrides])
+
+
+def test_parameter_counts_match_the_models():
+    # tiny: embed + untied head 2 x 512 x 64 = 65536; per layer q,o 2 x 64 x 64 + k,v 2 x 64 x 64 + MLP 3 x 64 x 128
+    # + norms 2 x 64 = 41088, x 2 layers = 82176; final norm 64 → 147776 (what LlamaForCausalLM reports).
+    assert load_arch("tiny").params == 147776
+    # Mistral-7B: 2 x 32000 x 4096 + 32 x (2 x 4096² + 2 x 4096 x 1024 + 3 x 4096 x 14336 + 8192) + 4096.
+    assert load_arch("alignment-handbook/zephyr-7b-sft-full").params == 7_241_732_096
+    assert load_arch("smollm2-135m").params == 134_515_008  # tied: one 49152 x 576 matrix
+
+
+def test_train_memory_by_hand():
+    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
+            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true")
+    m = train_memory(load_arch("tiny"), c)
+    p = 147776
+    assert m["parameters (fp32)"] == 4 * p / 2 == 295552
+    assert m["gradients (fp32)"] == 295552  # fsdp: sharded, no DDP buckets
+    assert m["optimizer (rmsprop, fp32)"] == 295552  # one state
+    assert m["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered
+    # 2 sequences x 16 tokens = 32 tokens; per token per layer 16·64 + 4·64 + 8·128 = 2304 B; 2 layers, no checkpointing
+    assert m["activations"] == 2 * 32 * 2304 == 147456
+    assert m["logits"] == 10 * 32 * 512 == 163840
+    assert m["runtime overhead"] == 2 * GB
+
+    ddp = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, strategy="ddp", optimizer="adamw", gradient_checkpointing=True)))
+    assert ddp["parameters (fp32)"] == 4 * p
+    assert ddp["gradients (fp32)"] == 8 * p  # gradients + DDP's bucket copy
+    assert ddp["optimizer (adamw, fp32)"] == 8 * p
+    assert ddp["weights in use"] == 2 * p  # autocast's bf16 copy of every weight
+    # checkpointing: each layer's bf16 input (2 x 32 x 64 x 2 B) + one layer recomputed (32 x 2304 B)
+    assert ddp["activations"] == 2 * 32 * 64 * 2 + 32 * 2304
+
+    # CPU, one worker: fp32 activations (twice the bytes) and logits (8 B: no bf16 copy), no DDP wrapper, no autocast
+    cpu = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, strategy="ddp", num_workers=1, use_gpu=False)))
+    assert cpu["gradients (fp32)"] == 4 * p and cpu["weights in use"] == 0 and cpu["runtime overhead"] == 0
+    assert cpu["activations"] == 2 * 32 * 4608 and cpu["logits"] == 8 * 32 * 512
+
+
+def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        "train.num_workers=1", "generate.num_actors=1", "score.num_actors=1", "train.global_batch_size=64"])
+    plan = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
+    assert not plan.fits
+    # 7.24 B fp32 parameters alone are 29 GB: training and the fp32 scorer exceed 24 GB; and both pools need a GPU
+    assert any(p.startswith("training needs") and "24.0 GB" in p for p in plan.problems), plan.problems
+    assert any("scoring actor" in p for p in plan.problems)
+    assert any("generate.num_actors" in p and "score.num_actors" in p for p in plan.problems)
+
+
+def test_paper_recipe_fits_four_h100_nodes():
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml")
+    plan = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
+    assert plan.fits, plan.problems
+    text = "\n".join(plan.lines)
+    assert "pairs   generate + score" in text and "16 GPU" in text  # 8 + 8 GPUs stream together
+
+
+def test_parse_cluster():
+    spec = parse_cluster("4x8xA100-80GB")
+    assert spec.total == {"CPU": 4 * 96.0, "GPU": 32.0} and spec.device.memory_gb == 80
+    assert parse_cluster("1x0xCPU", cpus_per_node=2).total == {"CPU": 2.0, "GPU": 0.0}
+    for bad in ["8xH100", "1x8xV99", "1x2xCPU", "0x8xH100"]:
+        with pytest.raises(ConfigError, match="--cluster"):
+            parse_cluster(bad)
+
+
+def test_resources_decide_the_gpu_requests():
+    gpu_cluster = {"CPU": 32.0, "GPU": 8.0}
+    r = requests(resolve(cfg("generate.tensor_parallel_size=2"), gpu_cluster))  # auto on a GPU cluster
+    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (2.0, 1.0, 1.0)
+    r = requests(resolve(cfg(), CPU4))  # auto, no GPUs anywhere
+    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (0.0, 0.0, 0.0)
+    # gpu: asked for even while the cluster has none (an autoscaler adds GPU nodes for the demand)
+    r = requests(resolve(cfg("resources=gpu"), CPU4))
+    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (1.0, 1.0, 1.0)
+    r = requests(resolve(cfg("resources=cpu", "generate.num_gpus_per_actor=0.5"), gpu_cluster))
+    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (0.5, 0.0, 0.0)  # explicit values win
+    with pytest.raises(ConfigError, match="resources"):
+        cfg("resources=cpu", "train.use_gpu=true")
+
+
+def test_preflight_refuses_max_tokens_that_leave_no_prompt():
+    with pytest.raises(ConfigError, match=r"generate.max_tokens = 64 .*data.max_length = 64"):
+        preflight(cfg("generate.max_tokens=64"), CPU4)
+    preflight(cfg("generate.max_tokens=63"), CPU4)
+
+
+def test_preflight_refuses_pools_that_only_fit_one_at_a_time():
+    c = cfg("resources=gpu", "generate.num_actors=2", "score.num_actors=2", "train.num_workers=2",
+            "train.global_batch_size=16")
+    with pytest.raises(ConfigError) as e:
+        preflight(c, {"CPU": 16.0, "GPU": 3.0})
+    msg = str(e.value)
+    assert "generate.num_actors = 2" in msg and "score.num_actors = 2" in msg and "4 GPU together" in msg
+    assert "same time" in msg and "at most 3" in msg
+    preflight(c, {"CPU": 16.0, "GPU": 4.0})
+    # CPUs count the same way: 3 + 2 actors of 1 CPU on 4 CPUs
+    with pytest.raises(ConfigError, match="5 CPU together"):
+        preflight(cfg("generate.num_actors=3", "score.num_actors=2"), CPU4)
+
+
+def test_preflight_refuses_warm_engines_holding_what_training_needs():
+    c = cfg("resources=gpu", "generate.keep_warm=true", "train.num_workers=2", "train.global_batch_size=16")
+    assert phases(resolve(c, {"GPU": 2.0}))["train"] == ["train", "generate"]
+    with pytest.raises(ConfigError, match=r"generate.keep_warm = true.*training runs.*at most 2"):
+        preflight(c, {"CPU": 16.0, "GPU": 2.0})
+    preflight(dataclasses.replace(c, generate=dataclasses.replace(c.generate, keep_warm=False)),
+              {"CPU": 16.0, "GPU": 2.0})
+
+
+def test_preflight_refuses_a_global_batch_the_workers_cannot_divide():
+    c = cfg()
+    broken = dataclasses.replace(c, train=dataclasses.replace(c.train, num_workers=3, micro_batch_size=8,
+                                                              global_batch_size=64))  # built in code: no load()
+    with pytest.raises(ConfigError, match=r"train.global_batch_size .*8 x 3"):
+        preflight(broken, {"CPU": 16.0})
+
+
+def test_preflight_checks_only_the_phases_asked_for():
+    c = cfg("train.num_workers=8", "train.global_batch_size=64")
+    preflight(c, CPU4, stages=("pairs",))  # `spin-ray generate` does not need the Train workers
+    with pytest.raises(ConfigError, match="train.num_workers = 8"):
+        preflight(c, CPU4, stages=("train",))
+
+
+def test_arch_from_a_local_config_json(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, '
+                                          '"num_attention_heads": 2, "vocab_size": 10, "tie_word_embeddings": true}')
+    a = load_arch("some/unknown-model", str(tmp_path))
+    # embed 10 x 8 = 80; layer 2·8·8 + 2·8·8 + 3·8·16 + 2·8 = 656; final norm 8 → 744
+    assert (a.kv_heads, a.head_dim, a.params) == (2, 4, 744)
+    with pytest.raises(ConfigError, match="--model-config"):
+        load_arch("some/unknown-model")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    return subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_plan_cli_exit_codes():
+    ok = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "4x8xH100")
+    assert ok.returncode == 0, ok.stderr
+    assert "memory per training GPU" in ok.stdout and "time per iteration" in ok.stdout and "assumptions:" in ok.stdout
+    tight = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x1xA10G",
+                    "--set", "train.num_workers=1", "--set", "generate.num_actors=1", "--set", "score.num_actors=1")
+    assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
+    bad = run_cli("--cluster", "1x8xV99")
+    assert bad.returncode == 2 and "--cluster" in bad.stderr
