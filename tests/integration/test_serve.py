@@ -1,0 +1,279 @@
+"""`spin-ray serve` over real HTTP: the real CLI in a subprocess (its own local Ray cluster, Ray Serve, two in-process
+vLLM CPU engines) answering the `openai` client on loopback; Ctrl-C (SIGINT) takes it down.
+
+The run's storage is a hand-built layout (manifest.json naming the base model, iter_0/model + its completion marker)
+of two tiny models with different random weights, so `base` and `iter_0` really are two models.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key-123"
+MAX_TOKENS = 16
+MAX_BODY = 4096
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory, tiny_model):
+    from spin_ray.models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("served_run")
+    theta1 = build_tiny_model(root / "iter_0" / "model", seed=1)
+    (root / "iter_0" / "model" / "_SUCCESS.json").write_text("{}")
+    # As the loop writes it: `model` is θ_0 (the run's config), a finished stage's `model` is θ_{t+1}.
+    (root / "manifest.json").write_text(json.dumps(
+        {"model": tiny_model, "stages": {"iter_0": {"status": "done", "model": theta1}}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(storage, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, never a test cluster of this session
+    cmd = [sys.executable, "-m", "spin_ray.cli", "serve", str(storage), "--port", str(port), "--api-key", KEY,
+           "--max-tokens", str(MAX_TOKENS), "--max-body-bytes", str(MAX_BODY),
+           "--max-prompt-tokens", "64"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, f"spin-ray serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+        try:
+            status, body = _http("GET", f"{url}/models", key=KEY)
+            # The ingress answers once it is up; the engines are ready when a generation goes through.
+            if status == 200 and _http("POST", f"{url}/completions", {"model": "iter_0", "prompt": "hi",
+                                                                       "max_tokens": 1}, key=KEY)[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(2)
+    else:
+        pytest.fail(f"spin-ray serve did not come up in 300 s:\n{log.read_text()[-4000:]}")
+    yield {"url": url, "port": port, "proc": proc, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _http(method: str, url: str, body=None, *, key: str | None = None, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_lists_both_iterates(client):
+    assert sorted(m.id for m in client.models.list().data) == ["base", "iter_0"]
+
+
+def test_each_iterate_answers_with_its_own_weights(client):
+    messages = [{"role": "user", "content": "Reverse the letters: hello"}]
+    answers = {}
+    for name in ("base", "iter_0"):
+        r = client.chat.completions.create(model=name, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        assert r.model == name and r.object == "chat.completion"
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert 1 <= r.usage.completion_tokens <= MAX_TOKENS and r.usage.prompt_tokens > 0
+        answers[name] = r.choices[0].message.content
+    # Two different random models: identical greedy answers would mean `model` routed both to one engine.
+    assert answers["base"] != answers["iter_0"]
+
+
+def test_chat_streaming_equals_the_whole_answer(client):
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+    whole = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    stream = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices]) > 2  # role chunk + several deltas, not one blob
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_plain_and_streamed(client):
+    whole = client.completions.create(model="base", prompt="the quick brown", max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="base", prompt="the quick brown", max_tokens=8, temperature=0, stream=True))
+    assert streamed == whole.choices[0].text
+
+
+def test_missing_or_wrong_api_key_is_401(server):
+    from openai import AuthenticationError, OpenAI
+
+    for key in (None, "wrong"):
+        status, body = _http("GET", f"{server['url']}/models", key=key)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=server["url"], api_key="wrong", max_retries=0).chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_limits_and_bad_requests_are_4xx_json(client, server):
+    from openai import BadRequestError, NotFoundError
+
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="base", messages=msg, max_tokens=MAX_TOKENS + 1)
+    with pytest.raises(BadRequestError, match="more than this server's limit of 64"):  # prompt tokens
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello " * 100}])
+    with pytest.raises(NotFoundError, match="not served here"):
+        client.chat.completions.create(model="iter_7", messages=msg)
+    url = f"{server['url']}/chat/completions"
+    oversize = {"model": "base", "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
+    cases = [(oversize, None, 413), (None, b"{not json", 400), (None, b"[1, 2]", 400),
+             ({"model": "base", "messages": msg, "temperature": "hot"}, None, 400),
+             ({"model": "base", "messages": msg, "n": 2}, None, 400),
+             ({"model": "base", "messages": msg, "max_tokens": 0}, None, 400),
+             ({"model": "base", "messages": msg, "tools": []}, None, 400),  # unknown field
+             ({"model": "base", "messages": []}, None, 400)]
+    for body, raw, status in cases:
+        got, answer = _http("POST", url, body, key=KEY, raw=raw)
+        assert got == status, (body, raw, answer)
+        assert set(answer["error"]) >= {"message", "type"} and "Traceback" not in answer["error"]["message"]
+
+
+def test_killed_replica_is_restarted_and_later_requests_succeed(client, server):
+    import concurrent.futures
+
+    import psutil
+
+    def replicas(name: str) -> list[psutil.Process]:
+        procs = psutil.Process(server["proc"].pid).children(recursive=True)
+        return [p for p in procs if f"ServeReplica:spin-ray-serve:model-{name}" in " ".join(p.cmdline())]
+
+    def ask(name: str) -> str:
+        return client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=MAX_TOKENS).choices[0].finish_reason
+
+    (victim,) = replicas("iter_0")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        load = [pool.submit(ask, ("iter_0", "base")[i % 2]) for i in range(16)]
+        victim.kill()  # SIGKILL, mid-load
+        for f in load:
+            f.exception()  # requests on the killed replica may fail; none may hang
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if ask("iter_0") in ("stop", "length"):
+                break
+        except Exception:
+            time.sleep(2)
+    else:
+        pytest.fail(f"iter_0 never answered again after its replica was killed:\n{server['log'].read_text()[-4000:]}")
+    (new,) = replicas("iter_0")
+    assert new.pid != victim.pid
+    assert ask("base") in ("stop", "length")
+
+
+def test_ctrl_c_stops_the_server_and_frees_the_port(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, server["log"].read_text()[-4000:]
+    assert '"stopped": true' in server["log"].read_text()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server["port"]), timeout=5).close()
+
+
+def test_beyond_loopback_without_a_key_is_refused(storage):
+    out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "serve", str(storage), "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--api-key" in out.stderr
+
+
+def test_unknown_iteration_is_refused(storage):
+    out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "serve", str(storage), "--iterations", "base,3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "iterations [0]" in out.stderr
+
+
+def test_replica_resources_share_the_cluster_or_refuse():
+    from spin_ray.config import ConfigError
+    from spin_ray.serve import ServeConfig, replica_resources
+
+    cfg = ServeConfig("run", models={"base": "a", "iter_0": "b"})
+    # 2 CPUs − 0.1 for the ingress, shared by 2 engines: 0.95 each (rounded down to 0.01); GPUs: 1 each if any.
+    assert replica_resources(cfg, {"CPU": 2.0}) == (0.95, 0)
+    assert replica_resources(cfg, {"CPU": 8.0, "GPU": 2.0}) == (1.0, 1)
+    cfg.num_cpus, cfg.replicas = 1.0, 2  # 2 models x 2 replicas x 1 CPU + 2 x 0.1 = 4.2 > 4
+    with pytest.raises(ConfigError, match="need 4.2 CPUs"):
+        replica_resources(cfg, {"CPU": 4.0})
+
+
+def test_resolve_names_base_and_finished_iterations(storage, tiny_model):
+    from spin_ray.serve import ServeConfig, resolve
+
+    assert resolve(ServeConfig(str(storage))) == {"base": tiny_model, "iter_0": str(storage / "iter_0" / "model")}
+    assert resolve(ServeConfig(str(storage), iterations=["0"])) == {"iter_0": str(storage / "iter_0" / "model")}
+    assert resolve(ServeConfig(tiny_model)) == {"tiny": tiny_model}
+
+
+def test_engine_refuses_one_request_alone_and_frees_an_abandoned_one(tiny_model):
+    """AsyncEngine in this process (real in-process vLLM): a request vLLM refuses fails on its own, the engine keeps
+    answering, and a stream its consumer drops is aborted inside the engine."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from spin_ray.serve import AsyncEngine
+
+    async def main():
+        engine = AsyncEngine(tiny_model, dtype="auto", max_model_len=128, on_gpu=False)
+        try:
+            too_long = [5 + i % 100 for i in range(200)]  # 200 prompt tokens > the 128-token context
+            with pytest.raises(RuntimeError, match="refused or failed"):
+                async for _ in engine.generate(too_long, SamplingParams(max_tokens=4)):
+                    pass
+            outs = [o async for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0))]
+            assert outs[-1].finished and 1 <= len(outs[-1].outputs[0].token_ids) <= 4
+            steps, step = [0], engine.engine.step  # the real step, counted
+            engine.engine.step = lambda: steps.__setitem__(0, steps[0] + 1) or step()
+            dropped = engine.generate([5, 6, 7], SamplingParams(max_tokens=120, ignore_eos=True,
+                                                                output_kind=RequestOutputKind.DELTA))
+            await dropped.__anext__()
+            assert engine.engine.has_unfinished_requests()
+            await dropped.aclose()
+            steps[0] = 0
+            for _ in range(200):
+                if not engine.engine.has_unfinished_requests():
+                    break
+                await asyncio.sleep(0.05)
+            # Aborted at once: at most the step already running finishes, not the 100+ left of its 120 tokens.
+            assert not engine.engine.has_unfinished_requests() and steps[0] <= 2
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
