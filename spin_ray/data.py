@@ -8,6 +8,8 @@ Accepted shapes (detected from the columns):
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -15,13 +17,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from spin_ray.config import ConfigError, DataConfig
+from spin_ray.models import looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ class SFTData:
     n_input: int
     bad: Counter = field(default_factory=Counter)
     """Skipped rows by reason (only with on_bad_rows="skip")."""
+    duplicates: int = 0
+    """Rows dropped for repeating an earlier row's prompt and answer (data.duplicates="drop")."""
 
     def to_arrow(self) -> pa.Table:
         return pa.Table.from_pylist(self.rows, schema=PROMPT_SCHEMA)
@@ -48,6 +53,7 @@ class SFTData:
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PROMPT_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.list_(MESSAGE)), ("real", pa.string())])
+SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def prompt_id(prompt: list[dict[str, str]], real: str) -> str:
@@ -56,73 +62,155 @@ def prompt_id(prompt: list[dict[str, str]], real: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_sft(cfg: DataConfig) -> SFTData:
-    """Read `cfg.path`, keep `cfg.split`, normalise; bad rows raise or are skipped and counted."""
-    table = read_table(cfg.path, cfg.split)
-    return normalize(table.to_pylist(), on_bad_rows=cfg.on_bad_rows, max_rows=cfg.max_rows, source=cfg.path)
+# The CLI reads the data before Ray starts (to refuse bad input early); the stage's own load_sft of the same config
+# and unchanged files takes that result instead of reading again. Each entry is dropped when taken.
+_kept: dict[tuple, SFTData] = {}
 
 
-def read_table(path: str, split: str | None = "train") -> pa.Table:
-    """A pyarrow table from a local file/folder, a save_to_disk folder, an s3:// or gs:// URI, or a hub name."""
+def load_sft(cfg: DataConfig, *, keep: bool = False) -> SFTData:
+    """Read `cfg.path`, keep `cfg.split`, normalise: bad rows raise or are skipped and counted (data.on_bad_rows),
+    repeated pairs are dropped and counted or raise (data.duplicates). `keep`: hold the result for the next call
+    with the same config while the local files are unchanged."""
+    key = (dataclasses.astuple(cfg), _signature(cfg.path))
+    if key in _kept:
+        return _kept.pop(key)
+    for stale in [k for k in _kept if k[0] == key[0]]:  # kept before its files changed
+        del _kept[stale]
+    records, where = read_records(cfg.path, cfg.split)
+    data = normalize(records, on_bad_rows=cfg.on_bad_rows, duplicates=cfg.duplicates, max_rows=cfg.max_rows,
+                     source=cfg.path, where=where)
+    if keep and key[1] is not None:
+        _kept[key] = data
+    return data
+
+
+def _signature(path: str) -> tuple | None:
+    """Names, sizes and mtimes of the local files under `path` (None for URIs and hub names: not kept)."""
+    local = BUNDLED if path == "bundled" else Path(path)
+    if "://" in path or not local.exists():
+        return None
+    files = sorted(local.rglob("*")) if local.is_dir() else [local]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
+def read_records(path: str, split: str | None = "train") -> tuple[list[Any], list[str]]:
+    """The rows of a local file/folder, a save_to_disk folder, an s3:// or gs:// URI, or a hub name, as Python
+    objects (so that a row of the wrong type is a bad row, not an Arrow error), each with where it came from."""
     if path == "bundled":
         path = str(BUNDLED)
     if "://" in path:
         fs, root = pafs.FileSystem.from_uri(path)
-        table = pads.dataset(root, filesystem=fs, format="parquet").to_table()
+        parts = [(path, _arrow(lambda: pads.dataset(root, filesystem=fs, format="parquet").to_table(), path), None)]
     elif os.path.exists(path):
-        table = _read_local(Path(path), split)
-    elif _looks_like_hub_name(path):
-        table = _read_hub(path, split)
+        parts = _read_local(Path(path), split)
+    elif looks_like_hub_id(path):
+        parts = [(path, _read_hub(path, split), None)]
     else:
-        raise ConfigError(f"data.path {path!r} not found: give a parquet/jsonl file or folder, a datasets "
-                          "save_to_disk folder, an s3:// or gs:// URI, a hub name, or 'bundled'")
-    if split is not None and "split" in table.column_names:
-        present = sorted(set(table.column("split").to_pylist()))
+        raise ConfigError(f"data.path {path!r} not found (relative to {os.getcwd()}): give a parquet/jsonl file or "
+                          "folder, a datasets save_to_disk folder, an s3:// or gs:// URI, a hub name (org/name), or "
+                          "'bundled'")
+    _one_shape(parts)
+    records, where = [], []
+    for source, rows, lines in parts:
+        records.extend(rows)
+        labels = [f"line {n}" for n in lines] if lines is not None else [f"row {i}" for i in range(len(rows))]
+        where.extend(f"{source!r} {label}" for label in labels)
+    if split is not None and any(isinstance(r, dict) and "split" in r for r in records):
+        present = {r.get("split") for r in records if isinstance(r, dict)}
         if split not in present:
-            raise ConfigError(f"data.split {split!r} not in {path!r}, which has splits {present}; set data.split")
-        table = table.filter(pads.field("split") == split)
-    return table
+            raise _no_split(split, sorted(str(s) for s in present if s is not None), path)
+        keep = [i for i, r in enumerate(records) if isinstance(r, dict) and r.get("split") == split]
+        records, where = [records[i] for i in keep], [where[i] for i in keep]
+    return records, where
 
 
-def _read_local(path: Path, split: str | None) -> pa.Table:
+def _one_shape(parts: list[tuple[str, list[Any], list[int] | None]]) -> None:
+    """Files of one folder must share a shape: mixing them is almost always two datasets put together by mistake."""
+    shapes: dict[str, str] = {}
+    for source, rows, _ in parts:
+        first = next((r for r in rows if isinstance(r, dict)), None)
+        if first is not None:
+            shapes.setdefault(_detect_shape(first.keys(), source), source)
+    if len(shapes) > 1:
+        (a, fa), (b, fb) = list(shapes.items())[:2]
+        raise ConfigError(f"data files of different shapes under data.path: {fa!r} is {_SHAPE_NAMES[a]}, {fb!r} is "
+                          f"{_SHAPE_NAMES[b]}. Keep one shape per folder (convert one of them, or point data.path at "
+                          "one file)")
+
+
+def _arrow(read: Callable[[], pa.Table], source: str) -> list[dict[str, Any]]:
+    try:
+        return read().to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"data file {source!r} is not a readable parquet file ({type(e).__name__}: {first}); "
+                          "re-export it, or move it out of data.path") from None
+
+
+def _read_local(path: Path, split: str | None) -> list[tuple[str, list[Any], list[int] | None]]:
+    """(file, its records, the jsonl line number of each record or None) per data file under `path`."""
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         import datasets  # only for save_to_disk folders: it is slow to import
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[_pick_split(list(ds), split, str(path))]
-        return ds.data.table
+        return [(str(path), ds.to_list(), None)]
+    if path.is_file() and path.suffix not in SUFFIXES:
+        raise ConfigError(f"data file {str(path)!r} is not .parquet, .jsonl or .json; convert it to one of those")
     # Like pyarrow datasets, skip _-/.-prefixed files (markers such as _SUCCESS.json, hidden temp files).
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(("_", "."))) \
         if path.is_dir() else [path]
-    tables = [_read_file(p) for p in files if p.suffix in (".parquet", ".jsonl", ".json")]
-    if not tables:
+    parts = [(str(p), *_read_file(p)) for p in files if p.suffix in SUFFIXES]
+    if not parts:
         raise ConfigError(f"data.path {str(path)!r} holds no .parquet, .jsonl or .json files")
-    return pa.concat_tables(tables, promote_options="default")
+    return parts
 
 
-def _read_file(path: Path) -> pa.Table:
+def _read_file(path: Path) -> tuple[list[Any], list[int] | None]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path)
-    with open(path) as f:
-        text = f.read()
+        return _arrow(lambda: pq.read_table(path), str(path)), None
+    raw = path.read_bytes()
     try:
-        records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
-                                                                      if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"data file {str(path)!r} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {e}")
-    if not isinstance(records, list):
-        raise ConfigError(f"data file {str(path)!r} must hold a JSON list of records")
-    return pa.Table.from_pylist(records)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"data file {str(path)!r} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as "
+                          "UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)") from None
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"data file {str(path)!r} is not valid JSON: {e}; fix it there") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"data file {str(path)!r} must hold a JSON list of records")
+        return records, None
+    records, lines = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"data file {str(path)!r} is not valid JSONL: line {n}: {e}; fix that line (one JSON "
+                              "object per line)") from None
+        lines.append(n)
+    return records, lines
 
 
-def _read_hub(name: str, split: str | None) -> pa.Table:
+def _read_hub(name: str, split: str | None) -> list[dict[str, Any]]:
     import datasets
 
-    ds = datasets.load_dataset(name)
-    return ds[_pick_split(list(ds), split, name)].data.table
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-name errors all mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"data.path {name!r} is not a local file or folder (nothing at {os.path.abspath(name)}) "
+                          f"and loading it as a hub dataset failed ({type(e).__name__}: {first}); fix the path, or "
+                          "the dataset name, network or HF token") from None
+    return ds[_pick_split(list(ds), split, name)].to_list()
 
 
 def _pick_split(available: list[str], split: str | None, source: str) -> str:
@@ -130,42 +218,60 @@ def _pick_split(available: list[str], split: str | None, source: str) -> str:
         return split
     if split is None and len(available) == 1:
         return available[0]
-    raise ConfigError(f"data.split {split!r} not in {source!r}, which has splits {available}; set data.split")
+    raise _no_split(split, available, source)
 
 
-def _looks_like_hub_name(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/")) and " " not in path
+def _no_split(split: str | None, available: list[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(str(split), available, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"data.split {split!r} not in {source!r}, which has splits {available}; set data.split{hint}")
 
 
-def normalize(records: Iterable[dict[str, Any]], *, on_bad_rows: str = "error", max_rows: int | None = None,
-              source: str = "data") -> SFTData:
-    """Normalise records of one shape; the shape is picked from the first record's keys."""
+def normalize(records: Iterable[Any], *, on_bad_rows: str = "error", duplicates: str = "drop",
+              max_rows: int | None = None, source: str = "data", where: list[str] | None = None) -> SFTData:
+    """Normalise records of one shape; the shape is picked from the first record's keys. `where[i]` names record i
+    in errors (default: its row number in `source`)."""
     records = list(records)
     if not records:
         raise ConfigError(f"{source!r} has no rows (after the split filter); check data.path and data.split")
-    shape = _detect_shape(records[0].keys(), source)
-    rows, bad, seen = [], Counter(), {}
+    first = next((r for r in records if isinstance(r, dict)), None)
+    if first is None:
+        raise ConfigError(f"{source!r} holds no records (JSON objects / table rows); check data.path")
+    shape = _detect_shape(first.keys(), source)
+    rows, bad, seen, dropped = [], Counter(), {}, 0
     for i, record in enumerate(records):
+        at = where[i] if where is not None else f"{source!r} row {i}"
         try:
             prompt, real = _split_pair(record, shape)
-            pid = prompt_id(prompt, real)
-            if pid in seen:
-                raise ValueError(f"duplicate (same prompt and answer as row {seen[pid]})")
         except ValueError as e:
             if on_bad_rows == "error":
-                raise BadRowError(f"{source!r} row {i}: {e}. Fix the row, or set data.on_bad_rows=skip to drop "
-                                  "such rows (they are counted)") from None
-            bad[str(e).split(" (")[0]] += 1  # count by kind, without row numbers
+                raise BadRowError(f"{at}: {e}. Fix the row, or set data.on_bad_rows=skip to drop such rows (they are "
+                                  "counted)") from None
+            bad[str(e).split(" (")[0]] += 1  # count by kind, without the values
             continue
-        seen[pid] = i
+        pid = prompt_id(prompt, real)
+        if pid in seen:
+            if duplicates == "error":
+                raise BadRowError(f"{at} repeats {seen[pid]} (same prompt and answer). Remove the repeat, or set "
+                                  "data.duplicates=drop to keep the first of each (the count is reported)")
+            dropped += 1
+            continue
+        seen[pid] = at
         rows.append({"prompt_id": pid, "prompt": prompt, "real": real})
         if max_rows is not None and len(rows) >= max_rows:
             break
+    if dropped:
+        log.warning("dropped %d duplicate rows of %d in %r (same prompt and answer as an earlier row; "
+                    "data.duplicates=error stops at them instead)", dropped, len(records), source)
     if bad:
         log.warning("skipped %d bad rows of %d in %r: %s", sum(bad.values()), len(records), source, dict(bad))
     if not rows:
         raise ConfigError(f"every row of {source!r} is bad ({dict(bad)}); nothing to train on")
-    return SFTData(rows=rows, n_input=len(records), bad=bad)
+    return SFTData(rows=rows, n_input=len(records), bad=bad, duplicates=dropped)
+
+
+_SHAPE_NAMES = {"messages": "chat (`messages`)", "trl": "TRL (`prompt` + `completion`)",
+                "spin": "uclaml/SPIN (`real` + `generated`)"}
 
 
 def _detect_shape(columns: Iterable[str], source: str) -> str:
@@ -177,15 +283,23 @@ def _detect_shape(columns: Iterable[str], source: str) -> str:
                       "`prompt` + `completion` (TRL), or `real` (uclaml/SPIN message lists)")
 
 
-def _split_pair(record: dict[str, Any], shape: str) -> tuple[list[dict[str, str]], str]:
+def _split_pair(record: Any, shape: str) -> tuple[list[dict[str, str]], str]:
+    if not isinstance(record, dict):
+        raise ValueError(f"not a record but {_kind(record)}")
+    missing = [c for c in SHAPES[shape] if c not in record]
+    if missing:
+        raise ValueError(f"no `{missing[0]}` (the first row is {_SHAPE_NAMES[shape]})")
     if shape == "messages":
         messages = _messages(record["messages"], "messages")
     elif shape == "spin":
         messages = _messages(record["real"], "real")
     else:
-        prompt = record["prompt"]
+        # Either may be a string or a message list (conversational TRL), row by row.
+        prompt, completion = record["prompt"], record["completion"]
+        for column, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, (str, list, tuple)):
+                raise ValueError(f"`{column}` is {_kind(value)}; it must be a string or a list of messages")
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        completion = record["completion"]
         completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
         messages = _messages(prompt, "prompt") + _messages(completion, "completion")
     if messages[-1]["role"] != "assistant":
@@ -206,8 +320,19 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
         if m["role"] not in ROLES:
             raise ValueError(f"unknown role {m['role']!r} in `{column}`")
         if not isinstance(m["content"], str):
-            raise ValueError(f"non-string content in `{column}`")
+            raise ValueError(f"non-string content in `{column}`: {_kind(m['content'])}")
         if not m["content"].strip():
             raise ValueError(f"empty content in `{column}`")
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in the user's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
