@@ -123,7 +123,7 @@ if __name__ == "__main__":
     from spin_ray.data import PROMPT_SCHEMA, load_sft
     from spin_ray.loop import make_pairs
     from spin_ray.models import resolve_model
-    from spin_ray.template import prompt_ids
+    from spin_ray.template import prompt_ids, truncate_prompt
 
     load_start = loadavg()
     print(f"load average at start: {load_start}")
@@ -139,11 +139,8 @@ if __name__ == "__main__":
     table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
     tok = AutoTokenizer.from_pretrained(model)
     ids, seeds = [], []
-    for r in rows:  # Generator's rendering and truncation
-        p = prompt_ids(tok, r["prompt"])
-        if len(p) + args.max_tokens > max_model_len:
-            p = p[-min(args.max_prompt_length, max_model_len - args.max_tokens):]
-        ids.append(p)
+    for r in rows:  # Generator's rendering and the one truncation rule
+        ids.append(truncate_prompt(prompt_ids(tok, r["prompt"]), args.max_prompt_length))
         seeds.append(gen.sample_seed(args.seed, r["prompt_id"], 0))
     print(f"{len(rows)} prompts, mean {sum(map(len, ids)) / len(ids):.1f} prompt tokens, max_tokens {args.max_tokens}, "
           f"model {model}")

@@ -2,7 +2,7 @@
 
 Pairs: synthesized from the bundled prompts (real/generated answers filled to --response-tokens tokens, so sequences
 have a realistic length rather than the tasks' 2-token answers), with reference log-probs precomputed by
-spin_ray.score.score_pairs (timed: it is the work the trainer no longer does per step); or an existing pairs folder
+spin_ray.score.score_encoded (timed: it is the work the trainer no longer does per step); or an existing pairs folder
 (--pairs, e.g. from `spin-ray generate`).
 
 Plain loop: one spawned process, written here from spin_ray's building blocks (template.encode_pair / collate /
@@ -164,7 +164,8 @@ if __name__ == "__main__":
     from spin_ray.config import DataConfig, SpinConfig
     from spin_ray.data import load_sft
     from spin_ray.models import resolve_model
-    from spin_ray.score import score_pairs
+    from spin_ray.score import IDS, score_encoded
+    from spin_ray.template import encode_pair
 
     load_start = loadavg()
     print(f"load average at start: {load_start}")
@@ -190,10 +191,12 @@ if __name__ == "__main__":
                 for i in range(args.pairs_count)]
         ref_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         t0 = time.perf_counter()
-        real, gen = score_pairs(ref_model, tok, [r["prompt"] for r in rows], [r["real"] for r in rows],
-                                [r["generated"] for r in rows], max_length=args.max_length,
-                                max_prompt_length=args.max_prompt_length, micro_batch_size=8)
+        encoded = [encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
+                               max_prompt_length=args.max_prompt_length) for r in rows]
+        real, gen = score_encoded(ref_model, encoded, pad_id=tok.pad_token_id, micro_batch_size=8)
         score_s = time.perf_counter() - t0
+        for r, e in zip(rows, encoded):
+            r.update({key: e[key] for key in IDS})
         del ref_model
         gc.collect()
         for r, a, b in zip(rows, real, gen):
@@ -206,7 +209,6 @@ if __name__ == "__main__":
     table = records.read_pairs_table([pairs_dir], columns=["prompt_id", "prompt", "real", "generated",
                                                            "ref_logp_real", "ref_logp_generated"])
     rows = table.to_pylist()
-    from spin_ray.template import encode_pair
     lens = [len(e["prompt_ids"]) + (len(e["real_ids"]) + len(e["generated_ids"])) / 2 for e in
             (encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
                          max_prompt_length=args.max_prompt_length) for r in rows)]

@@ -1,7 +1,8 @@
 """Where records live and how they are written: atomically, so a crash never leaves half a stage behind.
 
 Layout under `storage` (a local path or an s3:// / gs:// URI):
-    iter_<t>/pairs/*.parquet + _SUCCESS.json      one iteration's SPIN pairs
+    iter_<t>/pairs/*.parquet + _SUCCESS.json      one iteration's SPIN pairs, with their token ids
+    iter_<t>/window/iter_<s>/                     iteration s's pairs rescored under θ_t (score.rescore_window)
     iter_<t>/model/                               θ_{t+1} in HF format
     iter_<t>/train_metrics.jsonl                  one line per optimizer step
 """
@@ -20,8 +21,8 @@ import pyarrow.fs as pafs
 from spin_ray.config import ConfigError
 
 MARKER = "_SUCCESS.json"
-PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "ref_logp_real", "ref_logp_generated", "iteration",
-                 "finish_reason", "generated_tokens")
+PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids",
+                 "ref_logp_real", "ref_logp_generated", "iteration", "finish_reason", "generated_tokens")
 
 
 def absolute(storage: str) -> str:
@@ -109,7 +110,8 @@ def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Ta
     tables = []
     for uri in uris:
         if not is_complete(uri):
-            raise ConfigError(f"no finished pairs at {uri}: run `spin-ray generate` for that iteration first")
+            raise ConfigError(f"no finished pairs at {uri}: `spin-ray generate --set iteration=<t>` writes "
+                              "iter_<t>/pairs; run it for that iteration, with the same storage, first")
         fs, path = filesystem(uri)
         table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
         missing = [c for c in (columns or PAIRS_COLUMNS) if c not in table.column_names]

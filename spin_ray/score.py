@@ -1,45 +1,49 @@
 """Stage 2: θ_t's summed log-probs of the real and the generated answer, precomputed once per iteration.
 
 The reference is frozen for the whole iteration, so scoring it here (not at every training step, as uclaml/SPIN did)
-lets the trainer hold one model and skip one forward per step.
+lets the trainer hold one model and skip one forward per step. The scorer also tokenises and truncates each pair once
+(template.py's rule) and keeps the token ids with the pairs: the trainer reads them and never tokenises again.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+import logging
 
 import pyarrow as pa
 import torch
 
-from spin_ray.config import ScoreConfig
-from spin_ray.generate import num_gpus_per_actor, resolve_dtype
+from spin_ray import records
+from spin_ray.config import ConfigError, ScoreConfig, SpinConfig
+from spin_ray.generate import resolve_dtype
+from spin_ray.plan import actor_gpus
 from spin_ray.template import collate, encode_pair, sequence_logps
 
+log = logging.getLogger(__name__)
+
 NEEDS = ("prompt_id", "prompt", "real", "generated")
-ADDS = ("ref_logp_real", "ref_logp_generated")
+IDS = ("prompt_ids", "real_ids", "generated_ids")
+LOGPS = ("ref_logp_real", "ref_logp_generated")
+ADDS = (*IDS, *LOGPS)
 
 
-def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    """Mixed precision as the trainer runs it: fp32 weights, matmuls in `dtype` (a no-op for float32)."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
+def cast_parameters(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """Parameters in `dtype`, buffers (rotary frequencies) left in fp32: the compute copy that the trainer's FSDP2
+    MixedPrecisionPolicy(param_dtype) all-gathers, so log π_t here equals the trainer's log πθ at step 0."""
+    for p in model.parameters():
+        p.data = p.data.to(getattr(torch, dtype))
+    return model
 
 
-def score_pairs(model: torch.nn.Module, tokenizer: Any, prompts: list, reals: list[str], generateds: list[str], *,
-                max_length: int, max_prompt_length: int, micro_batch_size: int, device: str = "cpu",
-                dtype: str = "float32") -> tuple[list[float], list[float]]:
-    """log π(real|x) and log π(generated|x) per pair, micro-batched in order of length to limit padding."""
-    encoded = [encode_pair(tokenizer, p, r, g, max_length=max_length, max_prompt_length=max_prompt_length)
-               for p, r, g in zip(prompts, reals, generateds)]
+def score_encoded(model: torch.nn.Module, encoded: list[dict[str, list[int]]], *, pad_id: int, micro_batch_size: int,
+                  device: str = "cpu") -> tuple[list[float], list[float]]:
+    """log π(real|x) and log π(generated|x) per encoded pair, micro-batched in order of length to limit padding."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["prompt_ids"]) + max(
         len(encoded[i]["real_ids"]), len(encoded[i]["generated_ids"])))
     real, gen = [0.0] * len(encoded), [0.0] * len(encoded)
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad():
         for start in range(0, len(order), micro_batch_size):
             idx = order[start:start + micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
             logps = sequence_logps(model, batch).double().cpu().tolist()
             for j, i in enumerate(idx):
                 real[i], gen[i] = logps[j], logps[len(idx) + j]
@@ -47,7 +51,8 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, prompts: list, reals: li
 
 
 class Scorer:
-    """Ray Data stage: adds `ref_logp_real` and `ref_logp_generated` to batches of generated pairs."""
+    """Ray Data stage: adds the token ids (unless the batch has them: rescoring) and `ref_logp_real`,
+    `ref_logp_generated` to batches of generated pairs."""
 
     def __init__(self, model: str, cfg: ScoreConfig, *, max_length: int, max_prompt_length: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,26 +61,33 @@ class Scorer:
 
         model = local_model(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = resolve_dtype(cfg.dtype, self.device == "cuda")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(self.device).eval()
-        self.kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                           micro_batch_size=cfg.micro_batch_size, device=self.device, dtype=self.dtype)
+        weights = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        self.model = cast_parameters(weights, resolve_dtype(cfg.dtype, self.device == "cuda")).to(self.device).eval()
+        self.lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+        self.micro_batch_size = cfg.micro_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         missing = [c for c in NEEDS if c not in batch.column_names]
         if missing:
             raise ValueError(f"score stage: input lacks column(s) {missing}; it needs {list(NEEDS)}")
-        real, gen = score_pairs(self.model, self.tokenizer, batch.column("prompt").to_pylist(),
-                                batch.column("real").to_pylist(), batch.column("generated").to_pylist(),
-                                **self.kwargs)
+        if set(IDS) <= set(batch.column_names):
+            encoded = batch.select(list(IDS)).to_pylist()
+        else:
+            encoded = [encode_pair(self.tokenizer, p, r, g, **self.lengths) for p, r, g in zip(
+                batch.column("prompt").to_pylist(), batch.column("real").to_pylist(),
+                batch.column("generated").to_pylist())]
+            for key in IDS:
+                batch = batch.append_column(key, pa.array([e[key] for e in encoded], pa.list_(pa.int32())))
+        real, gen = score_encoded(self.model, encoded, pad_id=self.tokenizer.pad_token_id,
+                                  micro_batch_size=self.micro_batch_size, device=self.device)
         return (batch.append_column("ref_logp_real", pa.array(real, pa.float64()))
                 .append_column("ref_logp_generated", pa.array(gen, pa.float64())))
 
 
 def score(ds: "ray.data.Dataset", model: str, cfg: ScoreConfig, *, max_length: int,
           max_prompt_length: int) -> "ray.data.Dataset":
-    """Lazily add θ_t's reference log-probs to a Dataset of generated pairs."""
+    """Lazily add θ_t's reference log-probs (and the pairs' token ids) to a Dataset of generated pairs."""
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(
@@ -85,5 +97,44 @@ def score(ds: "ray.data.Dataset", model: str, cfg: ScoreConfig, *, max_length: i
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor,
-        num_gpus=num_gpus_per_actor(cfg.num_gpus_per_actor, 1),
+        num_gpus=actor_gpus(cfg.num_gpus_per_actor, 1),
     )
+
+
+def window_iterations(cfg: SpinConfig) -> range:
+    """The earlier iterations whose pairs iteration t also trains on (loop.window)."""
+    return range(max(0, cfg.iteration - cfg.loop.window + 1), cfg.iteration)
+
+
+def rescore_window(cfg: SpinConfig, model: str) -> list[str]:
+    """Earlier iterations' pairs in this iteration's window, their reference log-probs recomputed under θ_t (`model`)
+    into `iter_<t>/window/iter_<s>`; finished ones are kept.
+
+    uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
+    (spin.md §2); the older y' stay as θ_{t-1} sampled them, with the token ids they were scored with.
+    """
+    import ray.data
+
+    here = records.iter_dir(cfg.storage, cfg.iteration)
+    out = []
+    for s in window_iterations(cfg):
+        dest = records.join(here, f"window/iter_{s}")
+        out.append(dest)
+        if records.is_complete(dest):
+            continue
+        source_uri = records.join(records.iter_dir(cfg.storage, s), "pairs")
+        if not records.is_complete(source_uri):
+            raise ConfigError(
+                f"iteration {cfg.iteration} trains on its own pairs and those of the loop.window = {cfg.loop.window} "
+                f"- 1 iterations before it, but iteration {s}'s pairs at {source_uri} are not finished: run "
+                f"`spin-ray generate --set iteration={s} --set model=<θ_{s}>` with the same storage first, or lower "
+                f"loop.window")
+        source = records.read_pairs_table([source_uri])
+        log.info("iteration %d: rescoring iteration %d's %d pairs under θ_%d", cfg.iteration, s, source.num_rows,
+                 cfg.iteration)
+        step = cfg.score.batch_size
+        ds = ray.data.from_arrow([source.drop_columns(list(LOGPS)).slice(i, step)
+                                  for i in range(0, source.num_rows, step)])
+        ds = score(ds, model, cfg.score, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+        records.write_pairs(ds, dest, expected_ids=set(source.column("prompt_id").to_pylist()))
+    return out

@@ -21,14 +21,40 @@ def test_prompt_is_the_chat_template_with_the_assistant_header(tok):
     assert response_ids(tok, "cba")[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def test_truncation_keeps_the_prompt_end_then_cuts_responses(tok):
+def test_truncation_keeps_the_prompt_end_then_cuts_both_responses(tok):
     long_prompt = [{"role": "user", "content": "Reverse the letters: " + "abc " * 60}]
     full = prompt_ids(tok, long_prompt)
-    enc = encode_pair(tok, long_prompt, "cba " * 40, "x", max_length=64, max_prompt_length=24)
+    real, generated = response_ids(tok, "cba " * 40), response_ids(tok, "bca " * 50)
+    assert len(full) > 24 and len(real) > 40 and len(generated) > len(real)  # both answers longer than 64 − 24
+    enc = encode_pair(tok, long_prompt, "cba " * 40, "bca " * 50, max_length=64, max_prompt_length=24)
     assert enc["prompt_ids"] == full[-24:]
-    assert len(enc["prompt_ids"]) + len(enc["real_ids"]) == 64 and len(enc["generated_ids"]) <= 40
+    assert enc["real_ids"] == real[:40] and enc["generated_ids"] == generated[:40]
+    # A long prompt is cut even when its answers are short: the rule must not depend on an answer the generator has
+    # not sampled yet (it feeds the same prompt ids, see the next test).
+    short_answers = encode_pair(tok, long_prompt, "cba", "abc", max_length=4096, max_prompt_length=24)
+    assert short_answers["prompt_ids"] == full[-24:] and short_answers["real_ids"] == response_ids(tok, "cba")
     short = encode_pair(tok, PROMPT, "cba", "abc", max_length=64, max_prompt_length=24)
     assert short["prompt_ids"] == prompt_ids(tok, PROMPT) and short["real_ids"] == response_ids(tok, "cba")
+
+
+def test_generator_samples_on_the_prompt_ids_the_scorer_uses(tok, tiny_model):
+    import pyarrow as pa
+
+    from spin_ray.config import GenerateConfig
+    from spin_ray.generate import Answer, Generator
+
+    class Recorder:  # stands in for the engine (our own class, not vLLM): records the prompt ids it is fed
+        def generate(self, prompts, seeds):
+            self.prompts = prompts
+            return [Answer("x", "stop", 2) for _ in prompts]
+
+    long_prompt = [{"role": "user", "content": "Reverse the letters: " + "abc " * 60}]
+    gen = Generator(tiny_model, GenerateConfig(backend="transformers", max_tokens=50), iteration=0, seed=0,
+                    max_length=64, max_prompt_length=24)
+    gen.engine = Recorder()
+    gen(pa.table({"prompt_id": ["a", "b"], "prompt": [long_prompt, PROMPT]}))
+    for fed, prompt in zip(gen.engine.prompts, [long_prompt, PROMPT]):
+        assert fed == encode_pair(tok, prompt, "anything", "x", max_length=64, max_prompt_length=24)["prompt_ids"]
 
 
 def test_collate_masks_prompt_and_padding(tok):
@@ -57,3 +83,23 @@ def test_logps_sum_response_tokens_only(tok, tiny_model):
                          if j > 0 and batch["attention_mask"][i, j])
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
         assert abs(got[i].item() - everything) > 1.0  # the prompt's own tokens are not counted
+
+
+def test_packed_pairs_give_the_padded_log_probs(tok, tiny_model):
+    from spin_ray.template import pack_pairs, packed_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    pairs = [encode_pair(tok, PROMPT, "cba", "a much longer wrong answer than the real one", max_length=128,
+                         max_prompt_length=64),
+             encode_pair(tok, [{"role": "user", "content": "Hi"}], "Hello there, how are you today?", "Hey",
+                         max_length=128, max_prompt_length=64)]
+    packed = pack_pairs(pairs, tok.pad_token_id)
+    widths = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]
+    assert packed["input_ids"].shape == (2, max(widths)) and int((packed["segment"] > 0).sum()) == sum(widths)
+    with torch.no_grad():
+        real, generated = packed_logps(model, packed)
+        padded = sequence_logps(model, collate(pairs, tok.pad_token_id))
+    assert torch.isfinite(real).all() and torch.isfinite(generated).all()
+    # Each sequence sees only itself, from position 0: the same log-probs as in a padded batch of separate rows.
+    assert real.tolist() == pytest.approx(padded[:2].tolist(), abs=1e-4)
+    assert generated.tolist() == pytest.approx(padded[2:].tolist(), abs=1e-4)

@@ -1,0 +1,192 @@
+"""Padding-free batching: real tokens/s and padding share of the trainer's micro-batches, before and after, same run.
+
+before          the old rule: each worker's pairs in random order, micro_batch_size pairs per forward, padded to the
+                longest of the 2B sequences (template.collate)
+grouped         length grouping (spin_ray.train.worker_shares + even_micro_batches) at the same micro_batch_size, still
+                2B padded sequences: what grouping alone buys
+packed          spin_ray.train today: each pair packed in one row (template.pack_pairs: both sequences side by side,
+                own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
+                train.micro_batch_tokens
+
+One process, no Ray: the same model, optimizer step, seeded global batches and sequences for every variant, run one
+after another; only how a step's pairs are cut into forwards differs (the loss is the same mean either way). Real
+tokens/s = attention-mask tokens of steps 2..N / their wall time; padding share = 1 − real / processed tokens (the
+`padding_share` of train_metrics.jsonl); "max tok/fwd" = the largest padded forward (2B × width), a proxy for peak
+activation memory.
+
+Data (token ids, as the scorer stores them; the content does not matter for speed):
+  bundled       the bundled tasks' prompts and answers (tokenised by the tiny model's ChatML tokenizer), y' = another
+                row's answer: short, fairly uniform lengths
+  long-tailed   prompt and answer lengths drawn from log-normal distributions (median prompt 60, answers 90 tokens,
+                σ = 1), capped by data.max_length's rule: what chat data with free-length answers looks like
+
+Model: a random Llama with SmolLM2-135M's widths (576 hidden, 9/3 heads, 1536 MLP, 49152 vocab) and --layers layers
+(random weights: only speed is measured), float32 on CPU.
+
+    python benchmarks/padding.py                 # 8 layers, global batch 64, micro 8, 4 steps per variant
+    python benchmarks/padding.py --layers 30     # the full SmolLM2-135M depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import pyarrow as pa
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bundled_pairs(max_length: int, max_prompt_length: int) -> list[dict[str, list[int]]]:
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from spin_ray.config import DataConfig
+    from spin_ray.data import load_sft
+    from spin_ray.models import build_tiny_model
+    from spin_ray.template import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_model(tempfile.mkdtemp(prefix="spin-bench-pad-") + "/tiny"))
+    rows = load_sft(DataConfig(path="bundled", split=None)).rows
+    return [encode_pair(tok, r["prompt"], r["real"], rows[(i * 7) % len(rows)]["real"], max_length=max_length,
+                        max_prompt_length=max_prompt_length) for i, r in enumerate(rows)]
+
+
+def long_tailed_pairs(n: int, vocab: int, max_length: int, max_prompt_length: int,
+                      seed: int) -> list[dict[str, list[int]]]:
+    from spin_ray.template import truncate_prompt
+
+    rng = random.Random(seed)
+
+    def draw(median: float) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(max(1, int(rng.lognormvariate(math.log(median), 1.0))))]
+
+    out = []
+    for _ in range(n):
+        p = truncate_prompt(draw(60), max_prompt_length)
+        room = max_length - len(p)
+        out.append({"prompt_ids": p, "real_ids": draw(90)[:room], "generated_ids": draw(90)[:room]})
+    return out
+
+
+def run_variant(model, pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], pad_id: int,
+                packed: bool) -> dict:
+    """Forward/backward of every micro-batch of every step, then an AdamW step; real and padded token counts."""
+    import torch
+
+    from spin_ray.loss import spin_loss
+    from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    stamps, real_per_step, processed_per_step, widest = [], [], [], 0
+    for step in plan:
+        n = sum(map(len, step))
+        tokens = processed = 0
+        for idx in step:
+            if packed:
+                batch = pack_pairs([pairs[i] for i in idx], pad_id)
+                real, generated = packed_logps(model, batch)
+                present = batch["segment"] > 0
+            else:
+                batch = collate([pairs[i] for i in idx], pad_id)
+                logps = sequence_logps(model, batch)
+                real, generated = logps[:len(idx)], logps[len(idx):]
+                present = batch["attention_mask"] > 0
+            loss, _ = spin_loss(real, generated, real.detach(), generated.detach(), 0.1)
+            (loss * len(idx) / n).backward()
+            tokens += int(present.sum())
+            processed += present.numel()
+            widest = max(widest, present.numel())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+        real_per_step.append(tokens)
+        processed_per_step.append(processed)
+    seconds = stamps[-1] - stamps[0]
+    return {"real_tok_s": sum(real_per_step[1:]) / seconds,
+            "padding_share": 1 - sum(real_per_step) / sum(processed_per_step),
+            "max_tokens_per_forward": widest, "forwards_per_step": sum(map(len, plan)) / len(plan),
+            "seconds": seconds}
+
+
+def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, micro: int, budget: int,
+          seed: int) -> dict[str, tuple[list[list[list[int]]], bool]]:
+    """Each variant's micro-batches for the same seeded global batches (one worker), and whether it packs."""
+    import torch
+
+    from spin_ray.train import PairArrays, even_micro_batches, worker_shares
+
+    padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
+    packed = PairArrays(pa.Table.from_pylist([{**p, "ref_logp_real": 0.0, "ref_logp_generated": 0.0}
+                                              for p in pairs])).lengths  # the trainer's own lengths
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [order[k * global_batch:(k + 1) * global_batch] for k in range(steps)]
+    grouped = [even_micro_batches(worker_shares(b, padded, 1), padded, max_pairs=micro, max_tokens=None)[0]
+               for b in batches]
+    budgeted = [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget)[0]
+                for b in batches]
+    return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], False),
+            "grouped": (grouped, False), "packed": (budgeted, True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=49152, help="vocabulary (the logits dominate a small model's cost)")
+    ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="train.micro_batch_tokens for the packed variant (default 2 x micro-batch x max_length: the "
+                         "old rule's largest forward, so peak activation memory does not grow)")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is not timed)")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-prompt-length", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "padding.json"))
+    args = ap.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).float().train()
+    budget = args.tokens or 2 * args.micro_batch * args.max_length
+    n = args.steps * args.global_batch
+    data = {
+        "bundled": bundled_pairs(args.max_length, args.max_prompt_length),
+        "long-tailed": long_tailed_pairs(n, config.vocab_size, args.max_length, args.max_prompt_length, args.seed),
+    }
+    results = {"config": {**vars(args), "budget": budget, "torch_threads": torch.get_num_threads()}, "runs": {}}
+    print(f"random Llama, {args.layers} layers, SmolLM2-135M widths; global batch {args.global_batch}, micro "
+          f"{args.micro_batch} pairs, budget {budget} tokens, {args.steps} steps (steps 2..N timed)\n")
+    print(f"{'data':<12} {'variant':<13} {'real tok/s':>10} {'padding':>8} {'fwd/step':>8} {'max tok/fwd':>11} "
+          f"{'vs before':>9}")
+    for name, pairs in data.items():
+        while len(pairs) < n:  # the bundled set is small: cycle it (same lengths, as many steps as the other)
+            pairs = pairs + pairs
+        runs = {}
+        for variant, (plan, packed) in plans(pairs, steps=args.steps, global_batch=args.global_batch,
+                                             micro=args.micro_batch, budget=budget, seed=args.seed).items():
+            runs[variant] = r = run_variant(model, pairs, plan, pad_id=0, packed=packed)
+            ratio = r["real_tok_s"] / runs["before"]["real_tok_s"]
+            print(f"{name:<12} {variant:<13} {r['real_tok_s']:>10.0f} {r['padding_share']:>8.1%} "
+                  f"{r['forwards_per_step']:>8.1f} {r['max_tokens_per_forward']:>11} {ratio:>8.2f}x", flush=True)
+        results["runs"][name] = runs
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""How the trainer forms its batches (length-grouped, token budget, even across workers) and which β/lr it uses."""
+
+import pyarrow as pa
+import pytest
+
+from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.train import PairArrays, even_micro_batches, micro_batches, worker_shares
+
+
+def test_micro_batches_group_by_length_under_a_pair_cap():
+    lengths = [50, 10, 40, 12, 11, 45]
+    assert micro_batches(range(6), lengths, max_pairs=2, max_tokens=None) == [[1, 4], [3, 2], [5, 0]]
+
+
+def test_token_budget_counts_padding_of_the_packed_rows():
+    lengths = [10, 10, 10, 30, 100]
+    # Lengths are packed rows (both sequences): 3 x 10 = 30 <= 100; adding the 30 costs 4 x 30 = 120 > 100; then
+    # 2 x 100 > 100, so the 100 goes alone.
+    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=100) == [[0, 1, 2], [3], [4]]
+
+
+def test_workers_get_equal_shares_and_the_same_number_of_micro_batches():
+    lengths = [5, 100, 6, 7, 8, 9, 101, 102]
+    shares = worker_shares(range(8), lengths, 2)
+    assert shares == [[0, 3, 5, 6], [2, 4, 1, 7]] and sorted(sum(shares, [])) == list(range(8))
+    plans = even_micro_batches([[0, 2, 3, 4], [1, 5, 6, 7]], lengths, max_pairs=None, max_tokens=150)
+    # Worker 0 fits in one forward (4 x 8 = 32); worker 1 needs four ([5] then 1, 6, 7 alone: 2 x 100 > 150),
+    # so worker 0's forward is split into four as well.
+    assert plans == [[[0], [2], [3], [4]], [[5], [1], [6], [7]]]
+
+
+def test_pair_arrays_hold_ids_and_lengths():
+    table = pa.table({"prompt_ids": [[1, 2, 3], [4]], "real_ids": [[5], [6, 7, 8, 9]], "generated_ids": [[1, 1], [2]],
+                      "ref_logp_real": [-1.0, -2.0], "ref_logp_generated": [-3.0, -4.0]})
+    pairs = PairArrays(table)
+    assert len(pairs) == 2 and pairs.lengths == [2 * 3 + 1 + 2, 2 * 1 + 4 + 1]  # packed rows: prompt twice
+    assert pairs.pair(1) == {"prompt_ids": [4], "real_ids": [6, 7, 8, 9], "generated_ids": [2]}
+    sliced = PairArrays(table.slice(1))  # a slice's offsets do not start at 0
+    assert sliced.lengths == [7] and sliced.pair(0) == pairs.pair(1) and sliced.ref["ref_logp_real"].tolist() == [-2.0]
+
+
+def test_iteration_beta_and_lr_resolve_in_one_place():
+    cfg = SpinConfig.load(None, ["train.beta_per_iteration=[0.1, 0.1, 0.1, 5.0]",
+                                 "train.lr_per_iteration=[5e-7, 5e-7, 1e-7]", "iteration=3"])
+    t3 = cfg.for_iteration(cfg.iteration)
+    assert (t3.train.beta, t3.train.lr) == (5.0, 1e-7)  # past the lr list's end: its last value
+    assert t3.for_iteration(3) == t3 and cfg.train.beta == 0.1  # idempotent, the input left alone
+    assert cfg.for_iteration(0).train.beta == 0.1 and SpinConfig().for_iteration(2).train.beta == 0.1
+
+
+def test_batching_fields_are_validated():
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens = 100: must be null or >= 2 x data.max_length"):
+        SpinConfig.load(None, ["train.micro_batch_tokens=100"])
+    with pytest.raises(ConfigError, match="train.hsdp_shard_size = 3"):
+        SpinConfig.load(None, ["train.strategy=fsdp", "train.num_workers=4", "train.micro_batch_size=4",
+                               "train.hsdp_shard_size=3"])
+
+
+def test_sharded_optimizer_state_round_trips_through_weights_only_load(tmp_path):
+    """FSDP2 optimizer state (DTensors) is saved as plain tensors and loaded with weights_only=True, back as
+    DTensors laid out like the parameters (a 1-rank gloo group: real fully_shard, no Ray)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from spin_ray.train import _load_state, _plain_tensors
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(5, 4)).sum().backward()
+        optimizer.step()
+        saved = optimizer.state_dict()
+        assert isinstance(saved["state"][0]["exp_avg"], DTensor)
+        torch.save({"optimizer": _plain_tensors(saved), "step": 1}, tmp_path / "state.pt")
+        fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+        assert _load_state(str(tmp_path / "state.pt"), fresh, list(model.parameters()))["step"] == 1
+        for i, s in saved["state"].items():
+            got = fresh.state_dict()["state"][i]
+            assert isinstance(got["exp_avg_sq"], DTensor) and torch.equal(got["exp_avg_sq"].full_tensor(),
+                                                                           s["exp_avg_sq"].full_tensor())
+            assert torch.equal(got["step"], s["step"])
+    finally:
+        dist.destroy_process_group()
