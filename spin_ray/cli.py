@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from spin_ray.config import ConfigError, SpinConfig
 
@@ -25,6 +27,121 @@ log = logging.getLogger("spin_ray")
 # Ray Train V2's report() waits for the controller's poll; the 2 s default dominates small steps.
 ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                 "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# The terminal, kept when quiet mode points fd 1 and 2 (and sys.stdout/stderr) at the log file; None: not quiet.
+_console: IO[str] | None = None
+_console_err: IO[str] | None = None
+
+
+def say(*lines: str) -> None:
+    """Print progress and results to the terminal."""
+    for line in lines:
+        print(line, file=_console or sys.stdout, flush=True)
+
+
+def complain(text: str) -> None:
+    """Print an error paragraph to the terminal's stderr."""
+    print(text, file=_console_err or sys.stderr, flush=True)
+
+
+class _ConsoleFilter(logging.Filter):
+    """spin_ray's own progress lines only: Ray, vLLM and transformers go to the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("spin_ray") and record.levelno >= logging.INFO
+
+
+def log_file_for(storage: str, command: str) -> Path:
+    """`<storage>/logs/<command>-<time>.log`; object-store runs log under ~/.cache/spin_ray/logs."""
+    from spin_ray.models import cache_root
+
+    root = Path(storage).expanduser() if "://" not in storage else cache_root() / "logs" / storage.split("://", 1)[1]
+    return root.resolve() / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def quiet_output(log_path: Path) -> None:
+    """Send everything written to stdout/stderr (Ray, vLLM and C++ logs included) to `log_path`; keep the terminal
+    for spin_ray's progress lines, the results and errors."""
+    global _console, _console_err
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal_out, terminal_err = os.dup(1), os.dup(2)
+    sink = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    os.close(sink)
+    _console = os.fdopen(terminal_out, "w", buffering=1)
+    _console_err = os.fdopen(terminal_err, "w", buffering=1)
+    # Ray prints the workers' output to sys.stdout/sys.stderr: both go to the file.
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stdout, force=True)
+    terminal = logging.StreamHandler(_console)
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    terminal.addFilter(_ConsoleFilter())
+    logging.getLogger().addHandler(terminal)
+    # Progress bars of every Ray Data execution would fill the log; the stage lines say the same.
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+class TrainProgress:
+    """Prints training steps as the workers write them (`iter_<t>/train_metrics.jsonl`), so training is not minutes
+    of silence."""
+
+    def __init__(self, storage: str, every_s: float = 5.0):
+        self.storage, self.every_s = storage, every_s
+        self.seen: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "TrainProgress":
+        from spin_ray import records
+
+        for t in range(1000):  # steps from an earlier, resumed run are not news
+            uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
+            if not records.exists(records.iter_dir(self.storage, t)):
+                break
+            self.seen[uri] = len(self._lines(uri))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._poll()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._poll()
+
+    def _lines(self, uri: str) -> list[str]:
+        from spin_ray import records
+
+        if not records.exists(uri):
+            return []
+        fs, path = records.filesystem(uri)
+        with fs.open_input_stream(path) as f:
+            return [line for line in f.read().decode().splitlines() if line.strip()]
+
+    def _poll(self) -> None:
+        from spin_ray import records
+
+        for t in range(1000):
+            if not records.exists(records.iter_dir(self.storage, t)):
+                break
+            uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
+            lines = self._lines(uri)
+            for line in lines[self.seen.get(uri, 0):]:
+                m = json.loads(line)
+                log.info("iteration %d: train step %d/%s loss %.4f reward acc %.3f margin %.3f (%.0f tokens/s)", t,
+                         m["step"], m.get("total_steps", "?"), m["loss"], m["rewards/accuracies"],
+                         m["rewards/margins"], m.get("tokens_per_s", 0))
+            self.seen[uri] = len(lines)
 
 
 def init_ray(cfg: SpinConfig) -> None:
@@ -63,33 +180,80 @@ def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def iteration_row(r: "IterationResult") -> str:
-    m, sec = r.metrics, r.seconds
-    return (f"{r.iteration:>4} {r.pairs.rows:>6} {m.get('loss', float('nan')):>7.4f} {m.get('rewards/accuracies', 0):>6.3f} "
-            f"{m.get('rewards/margins', 0):>8.3f} {sec.get('handoff', 0):>7.1f} {sec.get('generate', 0):>6.1f} "
-            f"{sec.get('score', 0):>7.1f} {sec.get('pairs', 0):>7.1f} {sec.get('window', 0):>6.1f} "
-            f"{sec.get('train', 0):>7.1f}  {r.model}")
+    m, sec, ev = r.metrics, r.seconds, r.evaluation or {}
+    return (f"{r.iteration:>4} {r.pairs.rows:>6} {m.get('beta', float('nan')):>5.2g} {m.get('loss', float('nan')):>7.4f} "
+            f"{m.get('rewards/accuracies', 0):>6.3f} {_num(ev.get('task_score')):>6} {_num(ev.get('nll_per_token')):>6} "
+            f"{_num(ev.get('reward_accuracy')):>6} {sec.get('handoff', 0):>7.1f} {sec.get('pairs', 0):>7.1f} "
+            f"{sec.get('window', 0):>6.1f} {sec.get('train', 0):>7.1f} {sec.get('eval', 0):>6.1f}  {r.model}")
 
 
-# Seconds: handoff = engine start or in-place reload (warm engines); generate/score = actor busy time (they stream
-# together, so they overlap inside `pairs` wall time); window = rescoring earlier pairs under θ_t; train = fit wall.
-TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'loss':>7} {'acc':>6} {'margin':>8} {'handoff':>7} {'gen s':>6} "
-                f"{'score s':>7} {'pairs s':>7} {'window':>6} {'train s':>7}  model")
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+# Per iteration t: loss and acc of the last training step (training pairs); task, nll and h-acc of θ_{t+1} on the
+# held-out prompts (h-acc: its reward accuracy against θ_t's answers, 0.5 at the fixed point). Seconds: handoff =
+# engine start or in-place reload; pairs = generate + score wall; window = rescoring earlier pairs under θ_t;
+# train = fit wall; eval = held-out evaluation of θ_t (if not stored yet) and θ_{t+1}.
+TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'beta':>5} {'loss':>7} {'acc':>6} {'task':>6} {'nll':>6} {'h-acc':>6} "
+                f"{'handoff':>7} {'pairs s':>7} {'window':>6} {'train s':>7} {'eval s':>6}  model")
 
 
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.evaluate import read_eval, summary
     from spin_ray.loop import run
+    from spin_ray.report import write_report
 
     init_ray(cfg)
-    print(TABLE_HEADER, flush=True)
-    results = run(cfg, force=args.force, on_iteration=lambda r: print(iteration_row(r), flush=True))
+    with TrainProgress(cfg.storage):
+        results = run(cfg, force=args.force, on_iteration=lambda r: say(TABLE_HEADER, iteration_row(r)))
+    base = read_eval(cfg.storage, 0)
+    if base is not None:
+        say(f"θ_0 (before SPIN): {summary(base)}")
+    for r in results:
+        if r.evaluation:
+            say(f"θ_{r.iteration + 1} (after iteration {r.iteration}): {summary(r.evaluation)}")
+    report = write_report(cfg.storage)
+    say(f"report: {report}")
     return {"storage": cfg.storage, "iterations": len(results), "model": results[-1].model if results else cfg.model,
-            "seconds": [r.seconds for r in results]}
+            "report": report, "seconds": [r.seconds for r in results]}
+
+
+def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.plan import load_arch, make_plan, parse_cluster
+
+    plan = make_plan(cfg, parse_cluster(args.cluster, args.cpus_per_node), load_arch(cfg.model, args.model_config),
+                     prompts=args.prompts, prompt_tokens=args.prompt_tokens)
+    print("\n".join(plan.lines), flush=True)
+    return {"fits": plan.fits, "problems": plan.problems}
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.report import print_table, write_report
+
+    path = write_report(args.storage)
+    say(*print_table(args.storage))
+    return {"report": path}
 
 
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.models import build_tiny_model
 
     return {"model": build_tiny_model(args.out, seed=args.seed)}
+
+
+def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.serve import ServeConfig, resolve, serve_until_stopped
+
+    iterations = [i.strip() for i in args.iterations.split(",") if i.strip()] if args.iterations else None
+    cfg = ServeConfig(target=args.target, iterations=iterations, host=args.host, port=args.port, api_key=args.api_key,
+                      replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                      max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                      max_tokens=args.max_tokens, max_model_len=args.max_model_len, dtype=args.dtype)
+    cfg.validate()
+    cfg.models = resolve(cfg)  # refuse bad targets before Ray starts
+    init_ray(SpinConfig())
+    return serve_until_stopped(cfg)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,8 +267,40 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set train.beta=1.0 (repeatable; wins over the file)")
         c.add_argument("--debug", action="store_true", help="show tracebacks")
+        c.add_argument("--verbose", action="store_true",
+                       help="show Ray's, vLLM's and the workers' logs here too (always in <storage>/logs/)")
         if name == "run":
             c.add_argument("--force", action="store_true", help="continue a run whose config or data changed")
+    text = "size a run on a cluster without loading weights: stages, devices, memory and time; exit 1 if it cannot fit"
+    c = sub.add_parser("plan", help=text, description=text)
+    c.add_argument("--config", help="YAML config; see jobs/configs/")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--cluster", required=True, metavar="NODESxGPUSxTYPE", help="e.g. 1x8xH100, 4x8xA100-80GB, 1x0xCPU")
+    c.add_argument("--model-config", help="the model's HF config.json (or its folder) when `model` is not shipped")
+    c.add_argument("--prompts", type=int, help="prompts per iteration (default: data.max_rows or the known size)")
+    c.add_argument("--prompt-tokens", type=int, help="mean prompt tokens (default: data.max_prompt_length / 2)")
+    c.add_argument("--cpus-per-node", type=int, help="CPUs per node (default: 12 per GPU; CPU nodes: this machine's)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    text = "serve a run's models (base, iter_0, ...) or one model folder over an OpenAI-compatible HTTP API"
+    c = sub.add_parser("serve", help=text, description=text)
+    c.add_argument("target", help="a run's storage (serves `base` and each iter_<t>/model as iter_<t>) or a model folder")
+    c.add_argument("--iterations", metavar="LIST", help="which of a run's models, e.g. base,0,2 (default: all)")
+    c.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; others need --api-key)")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
+    c.add_argument("--replicas", type=int, default=1, help="engine replicas per model (default 1)")
+    c.add_argument("--num-cpus", type=float, help="CPUs per engine replica (default 1, or a share of fewer CPUs)")
+    c.add_argument("--num-gpus", type=float, help="GPUs per engine replica (default: 1 if the cluster has GPUs)")
+    c.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    c.add_argument("--max-prompt-tokens", type=int, default=2048, help="largest prompt (default 2048 tokens)")
+    c.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    c.add_argument("--max-model-len", type=int, help="engine context length (default: the model's)")
+    c.add_argument("--dtype", default="auto", help="engine dtype (default: float32 on CPU, bfloat16 on GPU)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    text = "a run's held-out evaluation per model, training curves and plots: <storage>/report.md + PNGs"
+    c = sub.add_parser("report", help=text, description=text)
+    c.add_argument("storage", help="a run's storage (local path or s3:// / gs:// URI)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
     t = sub.add_parser("tiny-model", help="build a tiny random Llama + tokenizer with a chat template, offline")
     t.add_argument("out")
     t.add_argument("--seed", type=int, default=0)
@@ -112,7 +308,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": _generate, "train": _train, "run": _run}
+COMMANDS = {"generate": _generate, "train": _train, "run": _run, "plan": _plan}
+# Commands that start Ray: their Ray/vLLM/worker logs go to a file unless --verbose.
+QUIET = ("generate", "train", "run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,20 +318,40 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_path = None
     try:
         if args.command == "tiny-model":
             out = _tiny_model(args)
+        elif args.command == "report":
+            out = _report(args)
+        elif args.command == "serve":
+            out = _serve(args)
         else:
             # No --config: the embedded CPU default (small real model, bundled data), so `spin-ray run` just works.
             cfg = SpinConfig.load(args.config or EMBEDDED, args.overrides)
+            if args.command in QUIET:
+                from spin_ray.loop import check_inputs
+
+                check_inputs(cfg, args.command)  # bad storage, data or model: one paragraph before Ray starts
+            if args.command in QUIET and not args.verbose:
+                log_path = log_file_for(cfg.storage, args.command)
+                quiet_output(log_path)
+                say(f"spin-ray {args.command}: full log in {log_path} (--verbose shows it here)")
             out = COMMANDS[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         if args.debug:
             raise
-        print(f"spin-ray {args.command}: error: {e}", file=sys.stderr)
+        complain(f"spin-ray {args.command}: error: {e}")
         return 2
-    print(json.dumps(out, indent=2, default=str))
-    return 0
+    except Exception as e:
+        if args.debug or log_path is None:
+            raise
+        log.exception("spin-ray %s failed", args.command)
+        complain(f"spin-ray {args.command}: failed: {type(e).__name__}: {e}\nThe traceback and the workers' logs are "
+                 f"in {log_path}; rerun the same command to resume (finished stages are kept).")
+        return 1
+    say(json.dumps(out, indent=2, default=str))
+    return 1 if out.get("fits") is False else 0  # `plan`: the cluster cannot hold the run
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ and validated once with `validate()`, whose errors name the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,12 +33,16 @@ class DataConfig:
     """Rows whose `split` column (or `datasets` split) equals this; None keeps every row."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """`error` stops at the first bad row, naming it; `skip` drops bad rows and counts them."""
+    duplicates: Literal["drop", "error"] = "drop"
+    """Rows repeating an earlier row's prompt and answer: `drop` keeps the first and reports the count (uclaml/SPIN's
+    SPIN_iter0 data holds every row twice, uclaml/SPIN#10); `error` stops at the first, naming it."""
     max_rows: int | None = None
     """Keep only the first N prompts (after bad rows are removed); None keeps all."""
     max_length: int = 1024
     """Tokens in prompt + response; longer pairs are truncated (uclaml/SPIN: 1024)."""
     max_prompt_length: int = 512
-    """Prompt tokens kept (from the left end) when a pair is too long (uclaml/SPIN: 512)."""
+    """Prompt tokens kept (the last ones: the question is at the end) for generation, scoring and training alike;
+    the answers are then cut to max_length minus the prompt (template.py; uclaml/SPIN: 512)."""
 
 
 @dataclass
@@ -75,7 +82,8 @@ class ScoreConfig:
     """Pairs per map_batches call; sorted by length inside it, then scored micro_batch_size at a time."""
     micro_batch_size: int = 8
     dtype: str = "auto"
-    """auto = bfloat16 on GPU, float32 on CPU; use the trainer's dtype so log π_t matches at step 0."""
+    """auto = bfloat16 on GPU, float32 on CPU; parameters are cast to it (buffers stay fp32), as the trainer's
+    FSDP2 mixed precision computes: use train.dtype's value so that log π_t matches at step 0."""
 
 
 @dataclass
@@ -87,7 +95,11 @@ class TrainConfig:
     global_batch_size: int = 64
     """Pairs per optimizer step, reached by gradient accumulation whatever the worker count (paper: 64)."""
     micro_batch_size: int = 8
-    """Pairs per worker forward (each pair is two sequences)."""
+    """Pairs per worker forward (each pair is two sequences), grouped by length; see micro_batch_tokens."""
+    micro_batch_tokens: int | None = None
+    """Token budget per worker forward instead of micro_batch_size: length-grouped pairs (each packed in one row,
+    its two sequences side by side) are added while pairs x longest row (padding included) fits; short pairs then go
+    many to a forward. None = off."""
     lr: float = 5e-7
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
@@ -96,14 +108,24 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every worker holds the whole model; fsdp: FSDP2 (fully_shard per decoder layer), weights loaded by rank 0
+    and broadcast."""
+    hsdp_shard_size: int | None = None
+    """fsdp across nodes: shard within groups of this many workers (a node's GPUs) and replicate across groups
+    (HSDP); None shards across all workers."""
     gradient_checkpointing: bool = False
     dtype: str = "auto"
-    """Autocast dtype: auto = bfloat16 on GPU, float32 on CPU."""
+    """Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Below float32, parameters stay fp32 and are computed in
+    this dtype with fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; ddp then runs as replicate-only FSDP2).
+    Set score.dtype to the same value so that step 0's loss is ln 2."""
     checkpoint_every: int = 100
     """Optimizer steps between resumable checkpoints (and at the end)."""
     report_every: int = 10
     """Optimizer steps between ray.train.report calls (each blocks up to the controller's poll interval)."""
     num_to_keep: int = 2
+    max_failures: int = 0
+    """Worker-group restarts (from the last checkpoint) after a worker or node dies mid-training; -1: no limit. Each
+    step's pair rows are in train_metrics.jsonl, so a restart's effect on pair use is counted, never silent."""
     beta_per_iteration: list[float] | None = None
     """β for iteration t = beta_per_iteration[t] (paper: [0.1, 0.1, 0.1, 5.0]); None uses `beta` throughout."""
     lr_per_iteration: list[float] | None = None
@@ -117,10 +139,21 @@ class LoopConfig:
     window: int = 2
     """Iterations of pairs each training sees: 2 = this iteration's plus the previous one's (paper §5.1)."""
     early_stop_epsilon: float | None = None
-    """Stop when θ_t's held-out reward accuracy is within ε of 0.5 (the paper's fixed point); None never stops early."""
-    eval_split: str = "test"
-    """Held-out rows (`data.split`-style) for the early-stop check."""
-    eval_rows: int = 200
+    """Stop when θ_t's held-out reward accuracy against θ_{t−1} is within ε of 0.5 (the paper's fixed point, read from
+    the evaluation); None never stops early."""
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate θ_0 and every θ_{t+1} on held-out prompts that are never trained on."""
+    split: str = "test"
+    """Held-out rows of `data.path` (`data.split`-style); must differ from data.split."""
+    rows: int = 200
+    """Held-out prompts evaluated (the first N)."""
+    scorer: str = "auto"
+    """Task score of the model's greedy answers: `auto` (the bundled tasks' exact match when data.path is bundled,
+    else none), `none` (open-ended chat), or `module:function` called as f(prompt, reference, answer) -> float."""
 
 
 @dataclass
@@ -141,11 +174,18 @@ class SpinConfig:
     """Set when a local `storage` path is a shared mount (NFS, EFS) seen by every node; else multi-node runs refuse it."""
     iteration: int = 0
     seed: int = 42
+    trust_remote_code: bool = False
+    """Allow a model whose config.json asks for its own Python code (`auto_map`); that code runs on every node."""
+    resources: Literal["auto", "cpu", "gpu"] = "auto"
+    """What the actors and Train workers ask Ray for (spin_ray/plan.py): `gpu` asks for GPUs even while the cluster
+    has none yet, so an autoscaler that starts from zero GPU nodes sees the demand; `cpu` never asks for GPUs; `auto`
+    is `gpu` when train.use_gpu is set or the cluster has GPUs (or reports GPU node types it can add), else `cpu`."""
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     @classmethod
@@ -155,8 +195,7 @@ class SpinConfig:
         if path is not None:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file {path!r} not found; pass an existing YAML file to --config")
-            with open(path) as f:
-                tree = yaml.safe_load(f) or {}
+            tree = _read_yaml(path)
             if not isinstance(tree, dict):
                 raise ConfigError(f"config file {path!r} must hold a YAML mapping of keys to values")
         for item in overrides:
@@ -169,7 +208,11 @@ class SpinConfig:
                 node = node.setdefault(p, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote a "
+                                  f"string, e.g. --set '{key.strip()}=\"...\"', or write a list as [a, b]") from None
         cfg = _build(cls, tree, "")
         cfg.validate()
         return cfg
@@ -190,7 +233,10 @@ class SpinConfig:
         """Range checks that types alone cannot express; raises ConfigError naming the field."""
         checks = [
             ("iteration", self.iteration >= 0, "must be >= 0"),
+            ("resources", not (self.resources == "cpu" and self.train.use_gpu),
+             "is 'cpu' but train.use_gpu is true; set resources=gpu (or auto), or train.use_gpu=false"),
             ("data.max_rows", self.data.max_rows is None or self.data.max_rows > 0, "must be > 0 or null"),
+            ("data.max_length", self.data.max_length >= 2, "must be >= 2 (tokens of prompt + answer)"),
             ("data.max_prompt_length", 0 < self.data.max_prompt_length < self.data.max_length,
              "must be > 0 and below data.max_length"),
             ("generate.num_actors", self.generate.num_actors >= 1, "must be >= 1"),
@@ -200,6 +246,16 @@ class SpinConfig:
             ("generate.temperature", self.generate.temperature >= 0, "must be >= 0 (0 = greedy)"),
             ("generate.top_p", 0 < self.generate.top_p <= 1, "must be in (0, 1]"),
             ("generate.gpu_memory_utilization", 0 < self.generate.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+            ("generate.num_cpus_per_actor", self.generate.num_cpus_per_actor > 0, "must be > 0"),
+            ("generate.num_gpus_per_actor", (self.generate.num_gpus_per_actor or 0) >= 0, "must be >= 0 or null"),
+            ("generate.max_model_len", self.generate.max_model_len is None
+             or self.generate.max_model_len >= self.data.max_length,
+             f"must be null or >= data.max_length ({self.data.max_length}), which every pair may reach"),
+            ("generate.dtype", self.generate.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+            ("score.num_cpus_per_actor", self.score.num_cpus_per_actor > 0, "must be > 0"),
+            ("score.num_gpus_per_actor", (self.score.num_gpus_per_actor or 0) >= 0, "must be >= 0 or null"),
+            ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1 or null"),
+            ("train.weight_decay", self.train.weight_decay >= 0, "must be >= 0"),
             ("score.num_actors", self.score.num_actors >= 1, "must be >= 1"),
             ("score.batch_size", self.score.batch_size >= 1, "must be >= 1"),
             ("score.micro_batch_size", self.score.micro_batch_size >= 1, "must be >= 1"),
@@ -207,6 +263,15 @@ class SpinConfig:
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.num_cpus_per_worker", self.train.num_cpus_per_worker > 0, "must be > 0"),
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, "must be >= 1"),
+            ("train.micro_batch_tokens",
+             self.train.micro_batch_tokens is None or self.train.micro_batch_tokens >= 2 * self.data.max_length,
+             f"must be null or >= 2 x data.max_length ({2 * self.data.max_length}) so that any pair fits"),
+            ("train.hsdp_shard_size", self.train.hsdp_shard_size is None or (
+                self.train.strategy == "fsdp" and self.train.hsdp_shard_size >= 1
+                and self.train.num_workers % self.train.hsdp_shard_size == 0),
+             f"must be null, or with train.strategy = fsdp a divisor of train.num_workers ({self.train.num_workers})"),
+            ("train.dtype", self.train.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+            ("score.dtype", self.score.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("train.global_batch_size",
              self.train.global_batch_size % (self.train.micro_batch_size * self.train.num_workers) == 0,
              f"({self.train.global_batch_size}) must be a multiple of train.micro_batch_size x train.num_workers "
@@ -216,6 +281,7 @@ class SpinConfig:
             ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
             ("train.max_grad_norm", self.train.max_grad_norm > 0, "must be > 0"),
             ("train.checkpoint_every", self.train.checkpoint_every >= 1, "must be >= 1"),
+            ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1: no limit)"),
             ("train.report_every", self.train.report_every >= 1, "must be >= 1"),
             ("train.num_to_keep", self.train.num_to_keep >= 1, "must be >= 1"),
             ("train.beta_per_iteration", all(b > 0 for b in self.train.beta_per_iteration or []),
@@ -224,13 +290,65 @@ class SpinConfig:
              "must hold only values > 0"),
             ("loop.iterations", self.loop.iterations >= 1, "must be >= 1"),
             ("loop.window", self.loop.window >= 1, "must be >= 1"),
-            ("loop.eval_rows", self.loop.eval_rows >= 1, "must be >= 1"),
-            ("loop.early_stop_epsilon", self.loop.early_stop_epsilon is None or 0 < self.loop.early_stop_epsilon < 0.5,
-             "must be in (0, 0.5) or null"),
+            ("eval.rows", self.eval.rows >= 1, "must be >= 1"),
+            ("loop.early_stop_epsilon", self.loop.early_stop_epsilon is None or self.eval.enabled,
+             "needs eval.enabled=true (the held-out evaluation gives the stopping signal)"),
+            ("data.split", not self.eval.enabled or self.data.split is not None,
+             "is null (every row), so the held-out eval.split rows would be trained on; name the training split, "
+             "or set eval.enabled=false"),
+            ("eval.split", not self.eval.enabled or self.eval.split != self.data.split,
+             f"must differ from data.split ({self.data.split!r}): held-out prompts are never trained on"),
+            ("eval.scorer", self.eval.scorer in ("auto", "none") or re.fullmatch(r"[\w.]+:\w+", self.eval.scorer),
+             "must be auto, none or module:function (e.g. my_pkg.grading:score)"),
+            ("loop.early_stop_epsilon", self.loop.early_stop_epsilon is None or 0 < self.loop.early_stop_epsilon <= 0.5,
+             "must be in (0, 0.5] or null"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ConfigError(f"{name} = {_get(self, name)!r}: {why}")
+                value = _get(self, name)
+                hint = _did_you_mean(value, DTYPES) if name.endswith(".dtype") else ""
+                raise ConfigError(f"{name} = {value!r}: {why}{hint}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(path)!r} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); save it "
+                          "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}; fix that line (indent "
+                          "nested keys under their section, `key: value` with a space after the colon)") from None
+    sections = [("", tree)]
+    while sections:
+        prefix, node = sections.pop()
+        for key, value in node.items() if isinstance(node, dict) else ():
+            if not isinstance(key, str):
+                raise ConfigError(f"config file {str(path)!r}: key {key!r} in {prefix.rstrip('.') or 'the top level'} "
+                                  f"is not text (YAML read it as {type(key).__name__}); keys are names such as "
+                                  "train.beta: fix the key, or quote it")
+            sections.append((f"{prefix}{key}.", value))
+    return tree
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several lines with a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
+def _did_you_mean(value: Any, valid: typing.Iterable[Any]) -> str:
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -242,9 +360,17 @@ def _get(obj: Any, dotted: str) -> Any:
 def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in tree:
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} in {prefix.rstrip('.') or 'the top level'} is not text: YAML "
+                              f"read it as {type(key).__name__}. Keys are names such as {prefix}{sorted(names)[0]}; "
+                              "fix the key, or quote it")
     unknown = sorted(set(tree) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {prefix + close[0]}? " if close else ""
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; {hint}valid keys here: "
+                          f"{', '.join(sorted(names))}")
     kwargs = {}
     for name, value in tree.items():
         hint, dotted = hints[name], prefix + name
@@ -272,7 +398,8 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{dotted} = {value!r}: must be one of {', '.join(map(repr, args))}")
+            raise ConfigError(f"{dotted} = {value!r}: must be one of {', '.join(map(repr, args))}"
+                              f"{_did_you_mean(value, args)}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -282,9 +409,12 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "5e-7" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # .inf/.nan pass every range check (nan compares false both ways) and break training steps later.
+        raise ConfigError(f"{dotted} = {value!r}: must be a finite number")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{dotted} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
     return value

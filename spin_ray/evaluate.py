@@ -1,42 +1,242 @@
-"""Held-out discrimination: can θ_t still tell the human answers from its own? (The paper's stopping signal.)"""
+"""Stage 5: is θ_{t+1} better than θ_t? Held-out prompts, never trained on, for θ_0 and every iterate.
+
+For θ_k (k = 0 before any training) on the first `eval.rows` prompts of `eval.split`:
+- task score of θ_k's greedy answers, where answers can be checked (the bundled tasks, or `eval.scorer`);
+- NLL per token of the human answers;
+- answer length and the share that hit `generate.max_tokens`;
+- the discriminator view (the paper's fixed point, Theorem 5.2): θ_k's implicit reward β[log π_k − log π_{k−1}] ranks
+  the human answer above θ_{k−1}'s own sampled answer on `reward_accuracy` of the prompts; it falls toward 0.5 as
+  θ_{k−1} approaches the data.
+θ_k's sampled answers and log-probs are kept in `eval_samples.parquet`, so θ_{k+1}'s discriminator view needs only
+θ_{k+1}'s forward. The engines are the loop's warm ones where it has them (greedy and sampled answers come from the
+same engines, switched in place), so an evaluation costs two generation passes and one scoring pass over the held-out
+prompts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import io
 import logging
+import math
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from spin_ray import records
-from spin_ray.config import SpinConfig
+from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.data import load_sft
-from spin_ray.generate import generate
-from spin_ray.score import score
 
 log = logging.getLogger(__name__)
 
+RESULT = "eval.json"
+SAMPLES = "eval_samples.parquet"
+TaskScorer = Callable[[list[dict[str, str]], str, str], float]
 
-def heldout_accuracy(cfg: SpinConfig, model: str, previous: str) -> float:
-    """Share of held-out prompts where θ_t's implicit reward r = log π_t − log π_{t−1} ranks the human answer above
-    an answer θ_t samples itself. At the fixed point p_θt = p_data (Theorem 5.2) this is 0.5.
 
-    Cached in `<storage>/iter_<t>/heldout.json`.
+def eval_dir(storage: str, k: int) -> str:
+    """Where θ_k's evaluation lives: beside its model (`iter_<k−1>/`), or `base/` for θ_0."""
+    return records.join(records.absolute(storage), "base") if k == 0 else records.iter_dir(storage, k - 1)
+
+
+def read_eval(storage: str, k: int) -> dict[str, Any] | None:
+    uri = records.join(eval_dir(storage, k), RESULT)
+    return records.read_json(uri) if records.exists(uri) else None
+
+
+def task_scorer(cfg: SpinConfig) -> TaskScorer | None:
+    """`eval.scorer` as a function of (prompt messages, reference answer, model answer) -> score in [0, 1]."""
+    name = cfg.eval.scorer
+    if name == "none" or (name == "auto" and cfg.data.path != "bundled"):
+        return None
+    if name == "auto":
+        from spin_ray.assets.make_tasks import check_answer
+
+        return lambda prompt, reference, answer: float(check_answer(prompt[-1]["content"], answer))
+    module, _, function = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"eval.scorer = {name!r}: cannot load it ({e}); give an importable module:function that "
+                          "takes (prompt, reference, answer) and returns a number") from e
+    return fn
+
+
+def _kind(prompt: list[dict[str, str]]) -> str | None:
+    from spin_ray.assets.make_tasks import task_kind
+
+    try:
+        return task_kind(prompt[-1]["content"])
+    except ValueError:
+        return None
+
+
+def heldout_prompts(cfg: SpinConfig) -> pa.Table:
+    table = load_sft(dataclasses.replace(cfg.data, split=cfg.eval.split, max_rows=cfg.eval.rows)).to_arrow()
+    if table.num_rows == 0:
+        raise ConfigError(f"eval.split = {cfg.eval.split!r}: {cfg.data.path} has no rows in that split; name a held-out "
+                          "split that exists, or set eval.enabled=false")
+    return table
+
+
+def _answers(engines: list, table: pa.Table, gen_cfg: Any) -> pa.Table:
+    """Every row answered by the engines (round-robin chunks), with `gen_cfg`'s sampling."""
+    import ray
+
+    ray.get([e.set_sampling.remote(gen_cfg) for e in engines])
+    size = math.ceil(table.num_rows / len(engines))
+    return pa.concat_tables(ray.get([e.__call__.remote(table.slice(i, size))
+                                     for e, i in zip(engines, range(0, table.num_rows, size))]))
+
+
+def _logps(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
+    """θ's summed log-probs of `real` and `generated` per row, on one scoring actor."""
+    import ray
+
+    from spin_ray.plan import actor_gpus
+    from spin_ray.score import Scorer
+
+    actor = ray.remote(num_cpus=cfg.score.num_cpus_per_actor,
+                       num_gpus=actor_gpus(cfg.score.num_gpus_per_actor, 1))(Scorer)
+    scorer = actor.remote(model, cfg.score, max_length=cfg.data.max_length,
+                          max_prompt_length=cfg.data.max_prompt_length)
+    try:
+        return ray.get(scorer.__call__.remote(table))
+    finally:
+        ray.kill(scorer)
+
+
+def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[str, Any]:
+    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`.
+
+    `pool` is a warm EnginePool already holding θ_k; without one, engines are started for this evaluation and
+    stopped after it. θ_{k−1}'s evaluation, if stored, gives the discriminator view. A stored result is returned as is.
     """
-    import ray.data
+    from spin_ray.generate import EnginePool
 
-    cache = records.join(records.iter_dir(cfg.storage, cfg.iteration), "heldout.json")
-    if records.exists(cache):
-        return records.read_json(cache)["accuracy"]
-    prompts = load_sft(dataclasses.replace(cfg.data, split=cfg.loop.eval_split, max_rows=cfg.loop.eval_rows)).to_arrow()
-    lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    ds = ray.data.from_arrow(prompts)
-    ds = generate(ds, model, cfg.generate, iteration=cfg.iteration, seed=cfg.seed + 1, **lengths)
-    ds = score(ds, model, cfg.score, **lengths).rename_columns(
-        {"ref_logp_real": "logp_real", "ref_logp_generated": "logp_generated"})
-    rows = score(ds, previous, cfg.score, **lengths).select_columns(
-        ["logp_real", "logp_generated", "ref_logp_real", "ref_logp_generated"]).take_all()
-    margins = [(r["logp_real"] - r["ref_logp_real"]) - (r["logp_generated"] - r["ref_logp_generated"]) for r in rows]
-    # A tie (θ_t = θ_{t−1} on that pair) is a coin flip: it counts half, so an unchanged model scores exactly 0.5.
-    accuracy = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
-    records.write_json_atomic(cache, {"accuracy": accuracy, "rows": len(margins), "model": model, "previous": previous})
-    log.info("iteration %d: held-out reward accuracy of θ_%d is %.3f on %d prompts", cfg.iteration, cfg.iteration,
-             accuracy, len(margins))
-    return accuracy
+    from spin_ray.plan import resolve
+
+    here = eval_dir(cfg.storage, k)
+    cached = read_eval(cfg.storage, k)
+    if cached is not None:
+        return cached
+    cfg = resolve(cfg)  # GPU requests made explicit, as for the other stages
+    prompts = heldout_prompts(cfg)
+    start = time.perf_counter()
+    own = pool is None
+    if own:
+        pool = EnginePool(model, cfg.generate, iteration=k, seed=cfg.seed, max_length=cfg.data.max_length,
+                          max_prompt_length=cfg.data.max_prompt_length)
+    try:
+        greedy = _answers(pool.engines, prompts, dataclasses.replace(cfg.generate, temperature=0.0))
+        sampled = _answers(pool.engines, prompts, cfg.generate)
+    finally:
+        if own:
+            pool.shutdown()
+        else:
+            _restore(pool, cfg)
+    t_generate = time.perf_counter() - start
+
+    previous = _previous_samples(cfg, k)
+    base = sampled.select(["prompt_id", "prompt", "real", "generated"])
+    to_score = base if previous is None else pa.concat_tables(
+        [base, previous.select(["prompt_id", "prompt", "real", "generated"])])
+    scored = _logps(cfg, model, to_score)
+    own_rows = scored.slice(0, base.num_rows)
+    t_score = time.perf_counter() - start - t_generate
+
+    result = _metrics(cfg, model, k, prompts, greedy, own_rows, None if previous is None
+                      else (previous, scored.slice(base.num_rows)))
+    result["seconds"] = {"generate": t_generate, "score": t_score}
+    samples = pa.table({
+        "prompt_id": prompts.column("prompt_id"), "prompt": prompts.column("prompt"), "real": prompts.column("real"),
+        "greedy": greedy.column("generated"), "greedy_finish_reason": greedy.column("finish_reason"),
+        "generated": sampled.column("generated"),
+        "logp_real": own_rows.column("ref_logp_real"), "logp_generated": own_rows.column("ref_logp_generated"),
+    })
+    _write_parquet(records.join(here, SAMPLES), samples)
+    records.write_json_atomic(records.join(here, RESULT), result)
+    log.info("θ_%d: %s", k, summary(result))
+    return result
+
+
+def _restore(pool: Any, cfg: SpinConfig) -> None:
+    """Give warm engines back their pair-sampling settings."""
+    import ray
+
+    ray.get([e.set_sampling.remote(cfg.generate) for e in pool.engines])
+
+
+def _previous_samples(cfg: SpinConfig, k: int) -> pa.Table | None:
+    """θ_{k−1}'s stored held-out samples, matched to this evaluation's prompts (None for θ_0 or if absent)."""
+    if k == 0:
+        return None
+    uri = records.join(eval_dir(cfg.storage, k - 1), SAMPLES)
+    if not records.exists(uri):
+        return None
+    fs, path = records.filesystem(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def _metrics(cfg: SpinConfig, model: str, k: int, prompts: pa.Table, greedy: pa.Table, own: pa.Table,
+             versus: tuple[pa.Table, pa.Table] | None) -> dict[str, Any]:
+    prompt_list, reals = prompts.column("prompt").to_pylist(), prompts.column("real").to_pylist()
+    answers = greedy.column("generated").to_pylist()
+    result: dict[str, Any] = {"theta": k, "model": model, "rows": prompts.num_rows, "split": cfg.eval.split}
+
+    scorer = task_scorer(cfg)
+    result["task_score"] = result["task_score_by_kind"] = None
+    if scorer is not None:
+        scores = [float(scorer(p, r, a)) for p, r, a in zip(prompt_list, reals, answers)]
+        result["task_score"] = sum(scores) / len(scores)
+        by_kind = defaultdict(list)
+        for p, s in zip(prompt_list, scores):
+            kind = _kind(p)
+            if kind:
+                by_kind[kind].append(s)
+        result["task_score_by_kind"] = {kind: sum(v) / len(v) for kind, v in sorted(by_kind.items())} or None
+
+    logp_real = own.column("ref_logp_real").to_pylist()
+    # Per token of the human answers as scored: template, EOS and truncation included (the scorer's token ids).
+    tokens = sum(len(ids) for ids in own.column("real_ids").to_pylist())
+    result["nll_per_token"] = -sum(logp_real) / tokens
+    result["answer_tokens"] = sum(greedy.column("generated_tokens").to_pylist()) / greedy.num_rows
+    result["truncated_share"] = greedy.column("finish_reason").to_pylist().count("length") / greedy.num_rows
+
+    result["reward_accuracy"] = result["reward_margin"] = None
+    if versus is not None:
+        previous, now = versus
+        before = {pid: (lr, lg) for pid, lr, lg in zip(previous.column("prompt_id").to_pylist(),
+                                                        previous.column("logp_real").to_pylist(),
+                                                        previous.column("logp_generated").to_pylist())}
+        margins = [(lr - before[pid][0]) - (lg - before[pid][1]) for pid, lr, lg in zip(
+            now.column("prompt_id").to_pylist(), now.column("ref_logp_real").to_pylist(),
+            now.column("ref_logp_generated").to_pylist())]
+        beta = cfg.for_iteration(k - 1).train.beta
+        # A tie (θ_k = θ_{k−1} on that pair) is a coin flip: it counts half, so an unchanged model scores 0.5.
+        result["reward_accuracy"] = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+        result["reward_margin"] = beta * sum(margins) / len(margins)
+        result["beta"] = beta
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line: task score, NLL, discriminator view, answer length."""
+    parts = []
+    if result.get("task_score") is not None:
+        parts.append(f"task score {result['task_score']:.3f}")
+    parts.append(f"NLL/token {result['nll_per_token']:.3f}")
+    if result.get("reward_accuracy") is not None:
+        parts.append(f"reward acc {result['reward_accuracy']:.3f} margin {result['reward_margin']:.3f}")
+    parts.append(f"answer {result['answer_tokens']:.1f} tok ({result['truncated_share']:.0%} hit max_tokens)")
+    return ", ".join(parts) + f" on {result['rows']} held-out prompts"
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    records.write_bytes_atomic(uri, buf.getvalue())

@@ -16,7 +16,8 @@ from typing import Any
 import pyarrow as pa
 
 from spin_ray.config import GenerateConfig
-from spin_ray.template import prompt_ids
+from spin_ray.plan import actor_gpus
+from spin_ray.template import prompt_ids, truncate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,6 @@ class Generator:
             self.engine = VllmEngine(model, cfg, on_gpu=on_gpu, max_model_len=self.max_model_len)
         else:
             self.engine = TransformersEngine(model, cfg, on_gpu=on_gpu, tokenizer=self.tokenizer)
-        self.max_tokens = cfg.max_tokens
         self.claimed = False
 
     def reload(self, model: str, iteration: int) -> None:
@@ -154,6 +154,10 @@ class Generator:
 
         self.engine.reload(local_model(model))
         self.iteration = iteration
+
+    def set_sampling(self, cfg: GenerateConfig) -> None:
+        """Switch sampling settings (greedy answers for evaluation, sampled ones for pairs) without a restart."""
+        self.engine.cfg = cfg
 
     def claim(self) -> bool:
         """Hand this engine to one forwarding stage actor per Ray Data execution (see EnginePool)."""
@@ -166,25 +170,15 @@ class Generator:
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts, seeds = [], []
         for pid, messages in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
-            ids = prompt_ids(self.tokenizer, messages)
-            if len(ids) + self.max_tokens > self.max_model_len:  # the trainer keeps the prompt's end, so do we
-                ids = ids[-min(self.max_prompt_length, self.max_model_len - self.max_tokens):]
-            prompts.append(ids)
+            # The scorer's and trainer's prompt (template.py's one rule); an answer running past max_model_len is
+            # capped by the engine and cut to max_length − len(prompt) by the scorer, still a prefix of a sample.
+            prompts.append(truncate_prompt(prompt_ids(self.tokenizer, messages), self.max_prompt_length))
             seeds.append(sample_seed(self.seed, pid, self.iteration))
         answers = self.engine.generate(prompts, seeds)
         return (batch.append_column("generated", pa.array([a.text for a in answers], pa.string()))
                 .append_column("finish_reason", pa.array([a.finish_reason for a in answers], pa.string()))
                 .append_column("generated_tokens", pa.array([a.num_tokens for a in answers], pa.int32()))
                 .append_column("iteration", pa.array([self.iteration] * len(answers), pa.int32())))
-
-
-def num_gpus_per_actor(requested: float | None, default_on_gpu: float) -> float:
-    """GPUs for one actor: as configured, else `default_on_gpu` when the cluster has GPUs, else 0."""
-    if requested is not None:
-        return requested
-    import ray
-
-    return default_on_gpu if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
 class EnginePool:
@@ -198,7 +192,7 @@ class EnginePool:
         import ray
 
         actor = ray.remote(num_cpus=cfg.num_cpus_per_actor,
-                           num_gpus=num_gpus_per_actor(cfg.num_gpus_per_actor, cfg.tensor_parallel_size))(Generator)
+                           num_gpus=actor_gpus(cfg.num_gpus_per_actor, cfg.tensor_parallel_size))(Generator)
         self.engines = [actor.remote(model, cfg, **generator_kwargs) for _ in range(cfg.num_actors)]
         ray.get([e.release.remote() for e in self.engines])  # up and loaded: start-up is timed where it happens
         self.model = model
@@ -255,5 +249,5 @@ def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iterati
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor,
-        num_gpus=num_gpus_per_actor(cfg.num_gpus_per_actor, cfg.tensor_parallel_size),
+        num_gpus=actor_gpus(cfg.num_gpus_per_actor, cfg.tensor_parallel_size),
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Union
 
 import pyarrow as pa
@@ -13,9 +17,10 @@ import pyarrow as pa
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.data import PROMPT_SCHEMA, load_sft, normalize
-from spin_ray.generate import EnginePool, generate, num_gpus_per_actor
-from spin_ray.models import resolve_model
-from spin_ray.score import score
+from spin_ray.generate import EnginePool, generate
+from spin_ray.models import check_model, resolve_model
+from spin_ray.plan import preflight
+from spin_ray.score import rescore_window, score
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +38,6 @@ class PairsResult:
         import ray.data
 
         return ray.data.read_parquet(self.path, file_extensions=["parquet"])
-
-
-def require_resources(what: str, field_name: str, count: int, per_unit: dict[str, float]) -> None:
-    """Fail before any actor starts when the cluster can never fit `count` units (Ray would wait forever)."""
-    import ray
-
-    total = ray.cluster_resources()
-    for resource, amount in per_unit.items():
-        if amount and count * amount > total.get(resource, 0) + 1e-9:
-            raise ConfigError(
-                f"{field_name} = {count} needs {count * amount:g} {resource} for {what}, but the cluster has "
-                f"{total.get(resource, 0):g}; lower {field_name} or the per-unit request, or add nodes")
 
 
 STAGES = {"Generator": "generate", "PooledGenerator": "generate", "Scorer": "score"}
@@ -99,6 +92,7 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     `prompts` default to `cfg.data` (see `as_prompts`); `model` (θ_t) defaults to `cfg.model`; a warm engine `pool`
     must already hold θ_t. A finished pairs folder is kept as it is.
     """
+    cfg = preflight(cfg, stages=("pairs",))
     dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
     if records.is_complete(dest):
         rows = records.read_json(records.join(dest, records.MARKER))["rows"]
@@ -108,10 +102,6 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     model = model_path(model, cfg)
     prompts, bad = as_prompts(prompts, cfg)
     g, s = cfg.generate, cfg.score
-    require_resources("generation actors", "generate.num_actors", g.num_actors,
-                      {"CPU": g.num_cpus_per_actor, "GPU": num_gpus_per_actor(g.num_gpus_per_actor, g.tensor_parallel_size)})
-    require_resources("scoring actors", "score.num_actors", s.num_actors,
-                      {"CPU": s.num_cpus_per_actor, "GPU": num_gpus_per_actor(s.num_gpus_per_actor, 1)})
 
     import ray.data
 
@@ -129,32 +119,6 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=bad)
 
 
-def rescore_window(cfg: SpinConfig, model: str) -> list[str]:
-    """Earlier iterations' pairs in this iteration's window, their reference log-probs recomputed under θ_t.
-
-    uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
-    (spin.md §2); the older y' stay as θ_{t-1} sampled them.
-    """
-    import ray.data
-
-    here = records.iter_dir(cfg.storage, cfg.iteration)
-    out = []
-    for s in range(max(0, cfg.iteration - cfg.loop.window + 1), cfg.iteration):
-        dest = records.join(here, f"window/iter_{s}")
-        out.append(dest)
-        if records.is_complete(dest):
-            continue
-        source = records.read_pairs_table([records.join(records.iter_dir(cfg.storage, s), "pairs")])
-        log.info("iteration %d: rescoring iteration %d's %d pairs under θ_%d", cfg.iteration, s, source.num_rows,
-                 cfg.iteration)
-        step = cfg.score.batch_size
-        ds = ray.data.from_arrow([source.drop_columns(["ref_logp_real", "ref_logp_generated"]).slice(i, step)
-                                  for i in range(0, source.num_rows, step)])
-        ds = score(ds, model, cfg.score, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-        records.write_pairs(ds, dest, expected_ids=set(source.column("prompt_id").to_pylist()))
-    return out
-
-
 @dataclass
 class IterationResult:
     iteration: int
@@ -164,6 +128,10 @@ class IterationResult:
     metrics: dict[str, Any]
     """The last optimizer step's metrics (train_metrics.jsonl has every step)."""
     seconds: dict[str, float]
+    evaluation: dict[str, Any] | None = None
+    """θ_{t+1} on the held-out prompts (evaluate.py; `iter_<t>/eval.json`), None with eval.enabled=false."""
+    evaluation_before: dict[str, Any] | None = None
+    """θ_t on the same prompts, for comparison."""
 
     @property
     def checkpoint(self) -> "ray.train.Checkpoint":
@@ -175,19 +143,33 @@ class IterationResult:
 
 def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
                   pool: EnginePool | None = None) -> IterationResult:
-    """Iteration `cfg.iteration`: θ_t (`model`, default cfg.model) → pairs → θ_{t+1}. Finished stages are kept."""
+    """Iteration `cfg.iteration`: θ_t (`model`, default cfg.model) → pairs → θ_{t+1} → held-out evaluation of both.
+
+    Finished stages are kept. A warm `pool` holding θ_t is left holding θ_{t+1}.
+    """
+    from spin_ray.evaluate import evaluate
     from spin_ray.train import train
 
+    cfg = preflight(cfg)
+    t = cfg.iteration
     model = model_path(model, cfg)
     t0 = time.perf_counter()
-    pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
+    before = evaluate(cfg, model, t, pool=pool) if cfg.eval.enabled else None
     t1 = time.perf_counter()
-    rescore_window(cfg, model)
+    pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
     t2 = time.perf_counter()
-    trained = train(cfg, model=model)
+    rescore_window(cfg, model)
     t3 = time.perf_counter()
-    seconds = {"pairs": t1 - t0, "window": t2 - t1, "train": t3 - t2, **pairs.seconds}
-    return IterationResult(cfg.iteration, trained.model, pairs, trained.metrics, seconds)
+    trained = train(cfg, model=model)
+    t4 = time.perf_counter()
+    after = None
+    if cfg.eval.enabled:
+        if pool is not None:
+            pool.reload(trained.model, t + 1)
+        after = evaluate(cfg, trained.model, t + 1, pool=pool)
+    seconds = {"pairs": t2 - t1, "window": t3 - t2, "train": t4 - t3, "eval": time.perf_counter() - t4 + t1 - t0,
+               **pairs.seconds}
+    return IterationResult(t, trained.model, pairs, trained.metrics, seconds, after, before)
 
 
 def check_storage(cfg: SpinConfig) -> None:
@@ -202,6 +184,38 @@ def check_storage(cfg: SpinConfig) -> None:
             "with storage_shared=true")
 
 
+def check_storage_writable(storage: str) -> None:
+    """A local `storage` must be a folder this process can write: its first write comes after generation and
+    scoring, too late to find out. Creates the folder if missing and writes and removes one probe file in it;
+    nothing already there is touched."""
+    if "://" in storage:
+        return
+    path = Path(storage).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"storage = {storage!r}: {existing} is a file, not a folder; set storage to a new or "
+                          "existing folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"storage = {storage!r} is not writable ({e.strerror}: {e.filename}); choose a folder "
+                          "you can write, or fix its permissions") from None
+
+
+def check_inputs(cfg: SpinConfig, command: str) -> None:
+    """What the user supplies for `command` (generate, train, run), refused in one paragraph before Ray starts:
+    storage, the data (held for the stage's own read, so it is read once) and θ_0's folder."""
+    if command in ("generate", "run"):
+        load_sft(cfg.data, keep=True)
+    if command == "run" and cfg.eval.enabled:
+        load_sft(dataclasses.replace(cfg.data, split=cfg.eval.split, max_rows=cfg.eval.rows), keep=True)
+    check_model(resolve_model(cfg.model), cfg.trust_remote_code)
+    check_storage_writable(cfg.storage)  # last: it creates the folder
+
+
 def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
         on_iteration: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
     """The self-play loop: iterations 0..T−1, each starting from the last one's θ, resuming finished work.
@@ -211,6 +225,8 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     """
     from spin_ray.manifest import Manifest, fingerprint
 
+    # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
+    resolved = preflight(cfg)
     check_storage(cfg)
     prompts, _ = as_prompts(prompts, cfg)
     manifest = Manifest(cfg.storage)
@@ -218,7 +234,7 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     model, previous, results, pool = model_path(None, cfg), None, [], None
     try:
         for t in range(cfg.loop.iterations):
-            result, pool = _iteration(cfg.for_iteration(t), prompts, model, previous, pool, manifest)
+            result, pool = _iteration(resolved.for_iteration(t), prompts, model, previous, pool, manifest)
             if result is None:
                 break
             results.append(result)
@@ -231,21 +247,27 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     return results
 
 
+def at_fixed_point(reward_accuracy: float | None, epsilon: float | None) -> bool:
+    """θ_t's held-out reward accuracy against θ_{t−1} is within ε of 0.5: θ_t can no longer tell the human answers from
+    θ_{t−1}'s, the paper's stopping point (p_θ = p_data)."""
+    return epsilon is not None and reward_accuracy is not None and abs(reward_accuracy - 0.5) <= epsilon
+
+
 def _iteration(c: SpinConfig, prompts: pa.Table, model: str, previous: str | None, pool: EnginePool | None,
                manifest: "Manifest") -> tuple[IterationResult | None, EnginePool | None]:
     """One step of `run`: the early-stop check, warm engines brought to θ_t, the iteration, its manifest entries."""
-    from spin_ray.evaluate import heldout_accuracy
+    from spin_ray.evaluate import read_eval
 
     t = c.iteration
-    if c.loop.early_stop_epsilon is not None and previous is not None:
-        accuracy = heldout_accuracy(c, model, previous)
-        if abs(accuracy - 0.5) < c.loop.early_stop_epsilon:
-            log.info("stopping before iteration %d: held-out reward accuracy %.3f is within %g of 0.5", t,
+    if previous is not None:
+        accuracy = (read_eval(c.storage, t) or {}).get("reward_accuracy")
+        if at_fixed_point(accuracy, c.loop.early_stop_epsilon):
+            log.info("stopping before iteration %d: θ_%d's held-out reward accuracy %.3f is within %g of 0.5", t, t,
                      accuracy, c.loop.early_stop_epsilon)
             manifest.stage(f"iter_{t}", "stopped", heldout_accuracy=accuracy)
             return None, pool
     handoff = 0.0
-    if c.generate.keep_warm and not records.is_complete(records.join(records.iter_dir(c.storage, t), "pairs")):
+    if c.generate.keep_warm and not records.is_complete(records.join(records.iter_dir(c.storage, t), "model")):
         start = time.perf_counter()
         if pool is None:
             pool = EnginePool(model, c.generate, iteration=t, seed=c.seed, max_length=c.data.max_length,
@@ -256,5 +278,6 @@ def _iteration(c: SpinConfig, prompts: pa.Table, model: str, previous: str | Non
     manifest.stage(f"iter_{t}", "running", model=model)
     result = run_iteration(c, prompts, model=model, pool=pool)
     result.seconds["handoff"] = handoff
-    manifest.stage(f"iter_{t}", "done", model=result.model, seconds=result.seconds, metrics=result.metrics)
+    manifest.stage(f"iter_{t}", "done", model=result.model, seconds=result.seconds, metrics=result.metrics,
+                   evaluation=result.evaluation)
     return result, pool

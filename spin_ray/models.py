@@ -151,6 +151,83 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return _build_once(out_dir, lambda tmp: _build_tiny(tmp, seed))
 
 
+TASKS_SFT_DIRNAME = "tasks-sft-v1"  # bump the suffix when the recipe below changes: the cache is keyed by it
+TASKS_SFT_STEPS = 200
+
+
+def _char_tokenizer() -> "PreTrainedTokenizerFast":
+    """Byte-level BPE with no merges: one token per character, so reversing, sorting and counting letters is
+    learnable by a small model (merges would hide the letters inside multi-letter tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator([], trainers.BpeTrainer(vocab_size=len(alphabet) + len(TINY_SPECIAL_TOKENS),
+                                                    special_tokens=TINY_SPECIAL_TOKENS, initial_alphabet=alphabet,
+                                                    show_progress=False))
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens=["</s>", "<|im_start|>"],
+                                   padding_side="left", model_max_length=256, chat_template=CHATML_TEMPLATE)
+
+
+def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
+    """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
+    answers (about two epochs), loss on the answer tokens only. Deliberately short of convergence: a weak SFT model
+    with room to improve, as SPIN's θ_0 (small-scale.md)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from spin_ray.config import DataConfig
+    from spin_ray.data import load_sft
+    from spin_ray.template import IGNORE, prompt_ids, response_ids
+
+    tokenizer = _char_tokenizer()
+    eos = tokenizer.eos_token_id
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=256,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=True)
+    rows = load_sft(DataConfig(path="bundled", split="train")).rows
+    examples = [(prompt_ids(tokenizer, r["prompt"]), response_ids(tokenizer, r["real"])) for r in rows]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+        warmup = max(1, steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup))))
+        order = torch.randperm(len(examples) * (steps * 32 // len(examples) + 1)) % len(examples)
+        for step in range(steps):
+            batch = [examples[i] for i in order[step * 32:(step + 1) * 32].tolist()]
+            width = max(len(p) + len(a) for p, a in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            labels = torch.full((len(batch), width), IGNORE)
+            for i, (p, a) in enumerate(batch):
+                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+                labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+            logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
+            loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_tasks_sft_model(out_dir: str | os.PathLike, seed: int = 0, steps: int = TASKS_SFT_STEPS) -> str:
+    """Build (once) the weak SFT model of the bundled tasks: the embedded default's θ_0."""
+    return _build_once(out_dir, lambda tmp: _build_tasks_sft(tmp, seed, steps))
+
+
 def _smollm2_package_dir() -> Path:
     # Find the folder without importing: the package's __init__ needs the `llm` CLI and llama_cpp.
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -211,21 +288,30 @@ def smollm2_path(cache_dir: str | None = None) -> str:
 
 
 def local_model(uri: str, cache_dir: str | None = None) -> str:
-    """A local folder for `uri`: an object-store model (s3://, gs://) is copied once per node into the cache."""
+    """A local folder for `uri`: an object-store model (s3://, gs://) is copied once per node into the cache.
+
+    The cache is keyed by the URI and every file's name, size and modification time, so a model re-trained (or
+    re-uploaded) at the same URI is copied again instead of being served stale.
+    """
     if "://" not in uri:
         return uri
     import pyarrow.fs as pafs
 
-    out = cache_root(cache_dir) / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return _build_once(out, lambda tmp: pafs.copy_files(uri, str(tmp)))
+    fs, root = pafs.FileSystem.from_uri(uri)
+    listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted((f.path[len(root):], f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
+    key = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
+    return _build_once(cache_root(cache_dir) / "remote" / key, lambda tmp: pafs.copy_files(uri, str(tmp)))
 
 
 def resolve_model(spec: str, cache_dir: str | None = None) -> str:
-    """Model folder (or hub id) for ``spec``: "tiny", "smollm2-135m", a local HF folder, or "org/name"."""
+    """Model folder (or hub id) for ``spec``: "tiny", "tasks-sft", "smollm2-135m", a local HF folder, or "org/name"."""
     if spec == "tiny":
         return build_tiny_model(cache_root(cache_dir) / TINY_DIRNAME)
     if spec == "smollm2-135m":
         return smollm2_path(cache_dir)
+    if spec == "tasks-sft":
+        return build_tasks_sft_model(cache_root(cache_dir) / TASKS_SFT_DIRNAME)
     if "://" in spec:  # object store: each actor copies it locally (local_model)
         return spec
     path = Path(spec).expanduser()
@@ -234,9 +320,63 @@ def resolve_model(spec: str, cache_dir: str | None = None) -> str:
             raise ConfigError(f"model {str(path)!r} must be an HF model folder with config.json (or a checkpoint of one)")
         # Absolute, so Ray workers with another working directory find it too.
         return str(path.resolve())
-    if _HUB_ID.fullmatch(spec):
+    if looks_like_hub_id(spec):
         return spec
     raise FileNotFoundError(
-        f"model {spec!r} not found: {path} does not exist. Build one with `spin-ray tiny-model OUT`, "
+        f"model {spec!r} not found: {path.absolute()} does not exist. Build one with `spin-ray tiny-model OUT`, "
         'or use "tiny" or "smollm2-135m".'
     )
+
+
+# Suffixes of data, weight and config files: `runs/model.safetensors` is a mistyped path, never a hub id.
+_LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow", ".yaml", ".safetensors", ".bin", ".pt", ".gguf")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`org/name` that is not a missing local path: a file suffix, or a local folder named like the `org` part
+    (`data/train` where ./data exists), means the user meant a path and would otherwise get a network error later."""
+    return (_HUB_ID.fullmatch(spec) is not None and Path(spec).suffix not in _LOCAL_SUFFIXES
+            and not Path(spec.split("/")[0]).exists())
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model(path: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before any actor loads it, a local model folder that would fail or be unsafe later: weights only in
+    pickle files, custom code that trust_remote_code has not allowed, no chat template or no pad token (every prompt
+    is rendered with the template; scoring and training pad batches). Reads JSON files only, no weights."""
+    import json
+
+    folder = Path(path)
+    if "://" in path or not folder.is_dir():
+        return  # a hub id or object store URI: checked where it is downloaded
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if not any(f.suffix == ".safetensors" for f in files):
+        pickles = sorted(f.name for f in files if f.suffix in PICKLE_WEIGHTS)
+        found = f"only pickle weights ({', '.join(pickles)}), which can run code when loaded" if pickles else \
+            "no *.safetensors weights"
+        raise ConfigError(f"model {path!r} holds {found}; models load from safetensors only. Convert a trusted copy "
+                          "with `AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DST)` (writes "
+                          "model.safetensors) and set model=DST")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ConfigError(f"model {path!r} asks for its own Python code (config.json auto_map: "
+                          f"{sorted(config['auto_map'])}), which would run on every node; set trust_remote_code=true "
+                          "only if you trust it, or use a model that transformers supports natively")
+    tok_path = folder / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text()) if tok_path.is_file() else {}
+    if not tok and not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"model {path!r} has no tokenizer (tokenizer_config.json / tokenizer.json); save the "
+                          "tokenizer into the folder with `tokenizer.save_pretrained(FOLDER)`")
+    if not (tok.get("chat_template") or (folder / "chat_template.jinja").is_file()
+            or (folder / "chat_template.json").is_file() or (folder / "additional_chat_templates").is_dir()):
+        raise ConfigError(f"model {path!r} has no chat template (none in tokenizer_config.json, no "
+                          "chat_template.jinja): SPIN renders every prompt with it. Use a chat/instruct (SFT) model, "
+                          "or set `tokenizer.chat_template = ...` and `tokenizer.save_pretrained(FOLDER)`")
+    special = folder / "special_tokens_map.json"
+    pad = tok.get("pad_token") or (json.loads(special.read_text()).get("pad_token") if special.is_file() else None)
+    if not pad:
+        raise ConfigError(f"model {path!r} has no pad token (tokenizer_config.json pad_token): scoring and training "
+                          "pad batches with it. Set `tokenizer.pad_token = ...` (a token other than EOS, so padding "
+                          "is never mistaken for the end of an answer) and `tokenizer.save_pretrained(FOLDER)`")

@@ -43,7 +43,7 @@ def cluster_capacity() -> dict[str, float]:
     """What the connected cluster has or can autoscale to, per resource: the live total, raised to the autoscaler's
     node types at their max_workers where the cluster reports them (KubeRay). Ray's cluster launcher (cluster.yaml)
     runs an autoscaler that does not report them: there CPU and GPU count as unbounded, so a cluster that starts
-    with no GPU node is not refused, and `resources: auto` means GPU."""
+    with no GPU node is not refused (GPU configs set train.use_gpu or resources: gpu to ask for GPUs there)."""
     import ray
     from ray._private.state import state  # Ray Train's worker group reads the same autoscaler config
 
@@ -72,12 +72,15 @@ def _autoscaler_running() -> bool:
 
 
 def uses_gpu(cfg: SpinConfig, cluster: Resources | None = None) -> bool:
-    """`resources`: gpu/cpu as stated; auto = GPU when train.use_gpu is set or the cluster has or can get GPUs."""
+    """`resources`: gpu/cpu as stated; auto = GPU when train.use_gpu is set or the cluster has GPUs or reports GPU
+    nodes it can add."""
     if cfg.resources != "auto":
         return cfg.resources == "gpu"
     if cfg.train.use_gpu:
         return True
-    return (cluster if cluster is not None else cluster_capacity()).get("GPU", 0) > 0
+    # Unbounded means "unknown" (a launcher's autoscaler that reports no node types): it keeps preflight from
+    # refusing, but is no reason to ask for GPUs that may never come; GPU configs say train.use_gpu or resources: gpu.
+    return 0 < (cluster if cluster is not None else cluster_capacity()).get("GPU", 0) < math.inf
 
 
 def actor_gpus(requested: float | None, on_gpu: float) -> float:
@@ -297,6 +300,7 @@ ARCH_FILES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct.json",
     "smollm2-135m": "SmolLM2-135M-Instruct.json",
     "tiny": "tiny-llama.json",
+    "tasks-sft": "tasks-sft.json",
 }
 
 

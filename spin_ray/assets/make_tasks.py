@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 TASKS_PATH = Path(__file__).with_name("tasks.parquet")
 SYSTEM_PROMPT = "You are a precise assistant."
-N_TRAIN = 320
-N_TEST = 80
+N_TRAIN = 3000
+N_TEST = 200
 SYSTEM_FRACTION = 0.2
 
 # One regex per task; check_answer and the generator share them so the prompt wording cannot drift.
@@ -37,12 +37,23 @@ _SOLVERS: list[tuple[re.Pattern[str], Callable[..., str]]] = [
 ]
 
 
+KINDS = ("reverse", "sort", "add", "count")
+
+
 def solve(user_prompt: str) -> str:
     """The correct answer to a bundled task prompt."""
     for pattern, solver in _SOLVERS:
         m = pattern.fullmatch(user_prompt.strip())
         if m:
             return solver(*m.groups())
+    raise ValueError(f"not a bundled task prompt: {user_prompt!r}")
+
+
+def task_kind(user_prompt: str) -> str:
+    """reverse, sort, add or count."""
+    for (pattern, _), kind in zip(_SOLVERS, KINDS):
+        if pattern.fullmatch(user_prompt.strip()):
+            return kind
     raise ValueError(f"not a bundled task prompt: {user_prompt!r}")
 
 

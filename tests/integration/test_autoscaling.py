@@ -71,7 +71,10 @@ base = ["model=tiny", "data.max_length=64", "data.max_prompt_length=32", "genera
         "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5"]
 assert requests(preflight(SpinConfig.load(None, base + ["resources=cpu"])))["generate"].gpus == 0
 cfg = preflight(SpinConfig.load(None, base + ["resources=gpu"]), stages=("pairs",))
-assert requests(preflight(SpinConfig.load(None, base)))["score"].gpus == 1  # auto: the cluster can get GPUs
+assert requests(cfg)["score"].gpus == 1
+# auto: GPUs when the config trains on them (an unknown autoscaler capacity alone is no reason to wait for GPUs).
+assert requests(preflight(SpinConfig.load(None, base + ["train.use_gpu=true"])))["score"].gpus == 1
+assert requests(preflight(SpinConfig.load(None, base)))["score"].gpus == 0
 
 
 @ray.remote

@@ -60,7 +60,7 @@ def test_ray_job_submit_runs_the_loop(head, tiny_model, tmp_path, monkeypatch):
     sets = [f"model={tiny_model}", f"storage={tmp_path}", "loop.iterations=1", "data.max_rows=8",
             "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8",
             "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5", "train.global_batch_size=8",
-            "train.micro_batch_size=4"]
+            "train.micro_batch_size=4", "eval.rows=8"]
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
            "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", "benchmarks/results"]}),

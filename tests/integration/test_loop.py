@@ -13,7 +13,7 @@ import pytest
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.evaluate import heldout_accuracy
+from spin_ray.evaluate import read_eval
 from spin_ray.loop import run, run_iteration
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 TINY = ["data.max_rows=16", "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8",
         "generate.batch_size=8", "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5",
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.optimizer=adamw", "train.beta=1.0",
-        "train.lr=1e-3", "train.epochs=1", "train.report_every=1", "loop.iterations=2", "loop.window=2"]
+        "train.lr=1e-3", "train.epochs=1", "train.report_every=1", "loop.iterations=2", "loop.window=2", "eval.rows=8"]
 
 
 def cfg_for(model, storage, *extra):
@@ -53,7 +53,24 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
         assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines(tmp_path, t))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {k: v["status"] for k, v in manifest["stages"].items()} == {"iter_0": "done", "iter_1": "done"}
-    assert set(results[1].seconds) >= {"pairs", "window", "train", "generate", "score", "handoff"}
+    assert set(results[1].seconds) >= {"pairs", "window", "train", "generate", "score", "handoff", "eval"}
+    # θ_0, θ_1 and θ_2 are evaluated on the same held-out prompts; each iterate against the one before it.
+    evals = [read_eval(str(tmp_path), k) for k in range(3)]
+    assert [e["theta"] for e in evals] == [0, 1, 2] and all(e["rows"] == 8 for e in evals)
+    assert evals[0]["reward_accuracy"] is None and all(0 <= e["reward_accuracy"] <= 1 for e in evals[1:])
+    assert [r.evaluation for r in results] == evals[1:] and results[0].evaluation_before == evals[0]
+    assert all(e["task_score"] is not None and math.isfinite(e["nll_per_token"]) for e in evals)
+    # The report: one row per model, and plots with content.
+    from spin_ray.report import write_report
+
+    report = write_report(str(tmp_path))
+    text = open(report).read()
+    assert "| θ_0 (start) |" in text and "| θ_1 (iter_0) |" in text and "| θ_2 (iter_1) |" in text
+    for k in (1, 2):
+        assert f"{evals[k]['reward_accuracy']:.3f}" in text
+    assert all(os.path.getsize(tmp_path / f) > 5000 for f in ("report_training.png", "report_eval.png"))
+    cli = subprocess.run(spin_ray_cli("report", str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and "| θ_2 (iter_1) |" in cli.stdout and report in cli.stdout, cli.stderr[-2000:]
     assert all(v >= 0 for v in results[1].seconds.values()) and results[1].seconds["generate"] > 0
 
     # The same command again redoes nothing; another config is refused unless forced.
@@ -89,17 +106,18 @@ def test_library_api_inside_a_running_ray_program(tiny_model, ray_cluster, tmp_p
     assert result.metrics["step"] == 1
 
 
-def test_early_stop_at_the_fixed_point(tiny_model, ray_cluster, tmp_path):
-    cfg = cfg_for(tiny_model, tmp_path, "loop.eval_rows=8")
-    # An unchanged model cannot tell the data from its own answers any better: accuracy is exactly 0.5.
-    assert heldout_accuracy(cfg, tiny_model, tiny_model) == 0.5
-    # A learning rate too small to move fp32 weights leaves θ_1 = θ_0, so the loop stops before iteration 1.
-    results = run(cfg_for(tiny_model, tmp_path / "run", "train.lr=1e-30", "loop.early_stop_epsilon=0.01",
-                          "loop.eval_rows=8"))
-    assert len(results) == 1
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["stages"]["iter_1"] == {**manifest["stages"]["iter_1"], "status": "stopped",
-                                           "heldout_accuracy": 0.5}
+def test_early_stop_reads_the_measured_fixed_point(tiny_model, ray_cluster, tmp_path):
+    # One real iteration: θ_1 really differs from θ_0, so its held-out reward accuracy is a measurement, not 0.5.
+    first = run(cfg_for(tiny_model, tmp_path, "loop.iterations=1"))
+    accuracy = read_eval(str(tmp_path), 1)["reward_accuracy"]
+    assert first[0].evaluation["reward_accuracy"] == accuracy
+    distance = abs(accuracy - 0.5)
+    # Stops before iteration 1 exactly when that measurement is within ε of 0.5.
+    stopped = run(cfg_for(tiny_model, tmp_path, f"loop.early_stop_epsilon={max(distance, 1e-3)}"), force=True)
+    assert len(stopped) == 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stages"]["iter_1"]["status"] == "stopped"
+    assert manifest["stages"]["iter_1"]["heldout_accuracy"] == accuracy
 
 
 def spin_ray_cli(*args):
@@ -146,6 +164,12 @@ def test_resume_after_kills_inside_and_between_stages(tiny_model, ray_cluster, t
     assert [json.loads(line)["step"] for line in (tmp_path / "iter_1" / "train_metrics.jsonl").read_text()
             .splitlines()] == list(range(1, 121))
     assert "iter  pairs" in done.stdout and os.path.join(str(tmp_path), "iter_1", "model") in done.stdout
+    # The terminal gets progress, the table and the report; Ray's, vLLM's and the workers' logs go to the file.
+    assert "full log in" in done.stdout and "train step" in done.stdout and "report:" in done.stdout
+    for noise in ("(pid=", "Failed to query", "INFO worker.py", "vllm", "Traceback"):
+        assert noise not in done.stdout + done.stderr, noise
+    log_file = done.stdout.split("full log in ")[1].split()[0]
+    assert "(pid=" in open(log_file).read() or "vllm" in open(log_file).read().lower()
 
 
 def test_cli_user_errors_are_one_paragraph(tmp_path):

@@ -50,3 +50,69 @@ def test_per_iteration_beta_and_lr():
     assert [cfg.for_iteration(t).train.beta for t in range(4)] == [0.1, 0.1, 0.1, 5.0]
     assert [cfg.for_iteration(t).train.lr for t in range(3)] == [5e-7, 1e-7, 1e-7]
     assert cfg.for_iteration(3).iteration == 3 and cfg.train.beta == 0.1
+
+
+def test_fixed_point_decision():
+    from spin_ray.loop import at_fixed_point
+
+    assert at_fixed_point(0.52, 0.05) and at_fixed_point(0.45, 0.05) and at_fixed_point(1.0, 0.5)
+    assert not at_fixed_point(0.56, 0.05) and not at_fixed_point(0.3, 0.05)
+    assert not at_fixed_point(0.5, None) and not at_fixed_point(None, 0.1)  # no ε, or θ_t not evaluated: go on
+
+
+# --- input that real users have (issue 10 §1) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train:\n  beta: 1\n lr: 2\n", r"c.yaml' is not valid YAML: .* at line 3, column 2"),
+    ("train: {beta: 1\n", r"c.yaml' is not valid YAML"),
+    ("1: x\n", r"c.yaml': key 1 in the top level is not text \(YAML read it as int\)"),
+    ("train:\n  true: 1\n", r"c.yaml': key True in train is not text \(YAML read it as bool\)"),
+])
+def test_yaml_file_errors_are_one_line(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        SpinConfig.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_non_utf8_yaml_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"model: tiny\nstorage: runs/caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml' line 2 is not UTF-8 \(byte 0xe9\)"):
+        SpinConfig.load(path)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr=[1", r"override 'train.lr=\[1': the value is not valid YAML"),
+    ("train.betta=1", r"unknown config key 'train.betta'; did you mean train.beta\?"),
+    ("stroage=x", r"unknown config key 'stroage'; did you mean storage\?"),
+    ("train.optimizer=adamw2", r"must be one of 'rmsprop', 'adamw' \(did you mean 'adamw'\?\)"),
+    ("generate.dtype=bfloat61", r"generate.dtype = 'bfloat61': must be one of .*did you mean 'bfloat16'"),
+    ("train.lr=inf", r"train.lr = inf: must be a finite number"),
+    ("train.lr=.nan", r"train.lr = nan: must be a finite number"),
+    ("train.beta=-.inf", r"train.beta = -inf: must be a finite number"),
+    ("generate.num_cpus_per_actor=-1", r"generate.num_cpus_per_actor = -1.0: must be > 0"),
+    ("score.num_cpus_per_actor=0", r"score.num_cpus_per_actor = 0.0: must be > 0"),
+    ("generate.num_gpus_per_actor=-1", r"generate.num_gpus_per_actor = -1.0"),
+    ("ray.num_cpus=-2", r"ray.num_cpus = -2"),
+    ("data.max_length=-5", r"data.max_length = -5: must be >= 2"),
+    ("generate.max_model_len=16", r"generate.max_model_len = 16: must be null or >= data.max_length \(1024\)"),
+    ("train.weight_decay=-0.1", r"train.weight_decay = -0.1"),
+    ("eval.split=train", r"eval.split = 'train': must differ from data.split"),
+    ("data.duplicates=keep", r"data.duplicates = 'keep': must be one of 'drop', 'error'"),
+])
+def test_values_that_would_break_later_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        SpinConfig.load(None, [override])
+
+
+def test_non_text_key_in_an_override():
+    with pytest.raises(ConfigError, match=r"config key 1 in train is not text: YAML read it as int"):
+        SpinConfig.load(None, ["train={1: 2}"])
+
+
+def test_input_safety_defaults():
+    cfg = SpinConfig.load()
+    assert cfg.trust_remote_code is False and cfg.data.duplicates == "drop"

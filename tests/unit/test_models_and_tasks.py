@@ -30,8 +30,8 @@ def tiny(cache_dir: Path) -> Path:
 def test_tasks_parquet_shape() -> None:
     table = pq.read_table(TASKS_PATH)
     assert table.column_names == ["messages", "split"]
-    assert table.num_rows == 400
-    assert Counter(table.column("split").to_pylist()) == {"train": 320, "test": 80}
+    assert table.num_rows == 3200
+    assert Counter(table.column("split").to_pylist()) == {"train": 3000, "test": 200}
     assert TASKS_PATH.stat().st_size < 100_000
 
 
@@ -45,7 +45,7 @@ def test_tasks_roles_and_mix() -> None:
         n_system += roles[0] == "system"
         kinds[(row["split"], row["messages"][-2]["content"].split(":")[0])] += 1
     assert 0.1 < n_system / len(rows) < 0.3
-    assert sorted(kinds.values()) == [20] * 4 + [80] * 4  # each of the 4 kinds evenly in each split
+    assert sorted(kinds.values()) == [50] * 4 + [750] * 4  # each of the 4 kinds evenly in each split
     prompts = {s: {r["messages"][-2]["content"] for r in rows if r["split"] == s} for s in ("train", "test")}
     assert not prompts["train"] & prompts["test"]
 

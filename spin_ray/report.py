@@ -1,0 +1,150 @@
+"""`spin-ray report STORAGE`: did each iteration help, and which model to keep? A table and plots from a run's records.
+
+Reads only what the stages wrote (manifest.json, base/eval.json, iter_<t>/eval.json, iter_<t>/train_metrics.jsonl),
+so it works on a finished, stopped or still-running run, and on object storage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from spin_ray import records
+from spin_ray.evaluate import RESULT, eval_dir
+
+COLUMNS = ("model", "task score", "NLL/token", "reward acc", "reward margin", "answer tokens", "hit max_tokens",
+           "pairs s", "train s", "eval s")
+
+
+def _iterations(storage: str) -> list[int]:
+    ts = []
+    while records.exists(records.iter_dir(storage, len(ts))):
+        ts.append(len(ts))
+    return ts
+
+
+def _lines(uri: str) -> list[dict[str, Any]]:
+    if not records.exists(uri):
+        return []
+    fs, path = records.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
+def collect(storage: str) -> dict[str, Any]:
+    """Per model θ_0, θ_1, …: its evaluation and the seconds of the iteration that made it; per iteration: its steps."""
+    manifest_uri = records.join(records.absolute(storage), "manifest.json")
+    stages = records.read_json(manifest_uri).get("stages", {}) if records.exists(manifest_uri) else {}
+    models, steps = [], {}
+    for k in range(len(_iterations(storage)) + 1):
+        uri = records.join(eval_dir(storage, k), RESULT)
+        evaluation = records.read_json(uri) if records.exists(uri) else None
+        seconds = stages.get(f"iter_{k - 1}", {}).get("seconds", {}) if k else {}
+        if evaluation is None and not (k and records.is_complete(records.join(records.iter_dir(storage, k - 1), "model"))):
+            continue
+        models.append({"theta": k, "evaluation": evaluation, "seconds": seconds})
+    for t in _iterations(storage):
+        steps[t] = _lines(records.join(records.iter_dir(storage, t), "train_metrics.jsonl"))
+    return {"models": models, "steps": steps}
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def table(data: dict[str, Any]) -> list[str]:
+    """Markdown rows, one per model."""
+    rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for m in data["models"]:
+        e, sec = m["evaluation"] or {}, m["seconds"]
+        name = "θ_0 (start)" if m["theta"] == 0 else f"θ_{m['theta']} (iter_{m['theta'] - 1})"
+        rows.append("| " + " | ".join([
+            name, _fmt(e.get("task_score")), _fmt(e.get("nll_per_token")), _fmt(e.get("reward_accuracy")),
+            _fmt(e.get("reward_margin")), _fmt(e.get("answer_tokens"), ".1f"), _fmt(e.get("truncated_share"), ".0%"),
+            _fmt(sec.get("pairs"), ".1f"), _fmt(sec.get("train"), ".1f"), _fmt(sec.get("eval"), ".1f"),
+        ]) + " |")
+    return rows
+
+
+def _by_kind(data: dict[str, Any]) -> list[str]:
+    kinds = sorted({k for m in data["models"] for k in ((m["evaluation"] or {}).get("task_score_by_kind") or {})})
+    if not kinds:
+        return []
+    rows = ["| model | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for m in data["models"]:
+        by = (m["evaluation"] or {}).get("task_score_by_kind") or {}
+        rows.append(f"| θ_{m['theta']} | " + " | ".join(_fmt(by.get(k)) for k in kinds) + " |")
+    return rows
+
+
+def _plot(data: dict[str, Any]) -> tuple[bytes, bytes]:
+    """PNG bytes: training loss and reward margin over steps coloured by iteration; evaluation by model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    offset = 0
+    for t, steps in sorted(data["steps"].items()):
+        x = [offset + s["step"] for s in steps]
+        axes[0].plot(x, [s["loss"] for s in steps], marker=".", label=f"iteration {t}")
+        axes[1].plot(x, [s["rewards/margins"] for s in steps], marker=".", label=f"iteration {t}")
+        offset += max((s["step"] for s in steps), default=0)
+    for ax, title in zip(axes, ("SPIN loss (training pairs)", "reward margin (training pairs)")):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step (all iterations)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    training = _png(fig, plt)
+
+    models = [m for m in data["models"] if m["evaluation"]]
+    panels = [("task_score", "held-out task score"), ("nll_per_token", "held-out NLL/token of human answers"),
+              ("reward_accuracy", "held-out reward accuracy vs previous θ")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        points = [(m["theta"], m["evaluation"][key]) for m in models if m["evaluation"].get(key) is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        if key == "reward_accuracy":
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)  # the fixed point
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("θ_k (k = iterations of SPIN)")
+        ax.set_xticks([m["theta"] for m in models])
+    fig.tight_layout()
+    return training, _png(fig, plt)
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(storage: str) -> str:
+    """Write `<storage>/report.md`, `report_training.png` and `report_eval.png`; return the report's path."""
+    data = collect(storage)
+    root = records.absolute(storage)
+    if not data["models"]:
+        raise FileNotFoundError(f"no evaluation or trained model under {root}: is it a spin-ray run's storage?")
+    training, evaluation = _plot(data)
+    records.write_bytes_atomic(records.join(root, "report_training.png"), training)
+    records.write_bytes_atomic(records.join(root, "report_eval.png"), evaluation)
+    split = next((m["evaluation"] for m in data["models"] if m["evaluation"]), {})
+    lines = [f"# SPIN run report: {root}", "",
+             f"Held-out evaluation on {split.get('rows', '?')} prompts of split {split.get('split', '?')!r} "
+             "(never trained on). Task score: the model's greedy answers checked by the task's scorer. Reward acc: "
+             "how often θ_k's implicit reward ranks the human answer above θ_{k−1}'s sampled answer (0.5 = the "
+             "paper's fixed point). Seconds: the iteration that made the model.", "", *table(data), ""]
+    kinds = _by_kind(data)
+    if kinds:
+        lines += ["Task score by kind:", "", *kinds, ""]
+    lines += ["![training](report_training.png)", "", "![evaluation](report_eval.png)", ""]
+    uri = records.join(root, "report.md")
+    records.write_bytes_atomic(uri, "\n".join(lines).encode())
+    return uri
+
+
+def print_table(storage: str) -> list[str]:
+    return table(collect(storage))
