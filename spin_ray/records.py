@@ -106,7 +106,8 @@ def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_ids: set[str]) ->
 
 
 def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
-    """Complete pairs folders as one table; a missing column or an unfinished folder is an error naming it."""
+    """Complete pairs folders as one table, each in prompt-id order; a missing column or an unfinished folder is an
+    error naming it."""
     tables = []
     for uri in uris:
         if not is_complete(uri):
@@ -117,5 +118,7 @@ def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Ta
         missing = [c for c in (columns or PAIRS_COLUMNS) if c not in table.column_names]
         if missing:
             raise ConfigError(f"pairs at {uri} lack column(s) {missing}; regenerate them with `spin-ray generate`")
-        tables.append(table.select(columns or list(PAIRS_COLUMNS)))
+        # In prompt-id order, not in the order the pipeline happened to write the rows: training's seeded batches
+        # and the window's scoring batches are then the same in every run (a resumed run trains the same model).
+        tables.append(table.sort_by("prompt_id").select(columns or list(PAIRS_COLUMNS)))
     return pa.concat_tables(tables)
