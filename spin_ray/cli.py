@@ -6,6 +6,7 @@ This is the only place that calls ray.init or exits the process.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -350,11 +351,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or log_path is None:
             raise
         log.exception("spin-ray %s failed", args.command)
-        complain(f"spin-ray {args.command}: failed: {type(e).__name__}: {e}\nThe traceback and the workers' logs are "
-                 f"in {log_path}; rerun the same command to resume (finished stages are kept).")
+        if _disk_full(e):
+            complain(f"spin-ray {args.command}: failed: no space left on the device that holds {cfg.storage} (or "
+                     "Ray's temp folder). Free space there, or point `storage` elsewhere, and rerun the same command: "
+                     f"finished stages are kept. Details in {log_path}.")
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            complain(f"spin-ray {args.command}: failed: {type(e).__name__}: {first}\nThe traceback and the workers' "
+                     f"logs are in {log_path}; rerun the same command to resume (finished stages are kept).")
         return 1
+    finally:
+        _back_to_terminal()
     say(json.dumps(out, indent=2, default=str))
     return 1 if out.get("fits") is False else 0  # `plan`: the cluster cannot hold the run
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain, or in the text of a worker's error (Ray re-raises it as another type)."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _back_to_terminal() -> None:
+    """Point sys.stdout/stderr at the terminal again: a log file on a full disk must not turn the exit into an
+    error of its own when Python flushes it at shutdown."""
+    if _console is None:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    sys.stdout, sys.stderr = _console, _console_err
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ class TransformersEngine:
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stop), None)
             tokens = row if end is None else row[:end]
-            answers.append(Answer(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                  "length" if end is None else "stop", len(tokens) + (end is not None)))
+            # An answer cut inside a multi-byte character decodes to U+FFFD here; vLLM holds those bytes back.
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd").strip()
+            answers.append(Answer(text, "length" if end is None else "stop", len(tokens) + (end is not None)))
         return answers
 
     def reload(self, model: str) -> None:
