@@ -352,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.exception("spin-ray %s failed", args.command)
         if _disk_full(e):
-            complain(f"spin-ray {args.command}: failed: no space left on the device that holds {cfg.storage} (or "
-                     "Ray's temp folder). Free space there, or point `storage` elsewhere, and rerun the same command: "
-                     f"finished stages are kept. Details in {log_path}.")
+            complain(f"spin-ray {args.command}: failed: No space left on device while writing under {cfg.storage} "
+                     "(or Ray's temp folder). Free space there, or point `storage` elsewhere, and rerun the same "
+                     f"command: finished stages are kept. Details in {log_path}.")
         else:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             complain(f"spin-ray {args.command}: failed: {type(e).__name__}: {first}\nThe traceback and the workers' "

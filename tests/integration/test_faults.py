@@ -255,8 +255,9 @@ def test_disk_full_while_training_is_a_clear_error_and_the_rerun_completes(tiny_
     try:
         cmd = spin_ray_run(tiny_model, disk, "data.max_rows=16", "loop.iterations=1")
         full = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert full.returncode != 0
+        assert full.returncode == 1  # not the 120 of a Python that cannot flush its log file at exit
         assert "No space left on device" in full.stderr and "rerun the same command" in full.stderr, full.stderr
+        assert "Traceback" not in full.stderr, full.stderr
         pairs = disk / "iter_0" / "pairs"
         assert records.is_complete(str(pairs)) and not records.is_complete(str(disk / "iter_0" / "model"))
         kept = {f: os.path.getmtime(pairs / f) for f in os.listdir(pairs)}
