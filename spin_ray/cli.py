@@ -107,7 +107,7 @@ class TrainProgress:
             uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
             if not records.exists(records.iter_dir(self.storage, t)):
                 break
-            self.seen[uri] = len(self._lines(uri))
+            self.seen[uri] = len(records.read_lines(uri))
         self.thread.start()
         return self
 
@@ -120,15 +120,6 @@ class TrainProgress:
         while not self.stop.wait(self.every_s):
             self._poll()
 
-    def _lines(self, uri: str) -> list[str]:
-        from spin_ray import records
-
-        if not records.exists(uri):
-            return []
-        fs, path = records.filesystem(uri)
-        with fs.open_input_stream(path) as f:
-            return [line for line in f.read().decode().splitlines() if line.strip()]
-
     def _poll(self) -> None:
         from spin_ray import records
 
@@ -136,7 +127,7 @@ class TrainProgress:
             if not records.exists(records.iter_dir(self.storage, t)):
                 break
             uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
-            lines = self._lines(uri)
+            lines = records.read_lines(uri)
             for line in lines[self.seen.get(uri, 0):]:
                 m = json.loads(line)
                 log.info("iteration %d: train step %d/%s loss %.4f reward acc %.3f margin %.3f (%.0f tokens/s)", t,

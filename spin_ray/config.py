@@ -313,15 +313,19 @@ class SpinConfig:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _read_yaml(path: str | os.PathLike) -> Any:
-    with open(path, "rb") as f:
-        raw = f.read()
+def decode_utf8(raw: bytes, what: str) -> str:
+    """`raw` as text, or a ConfigError naming `what`, the line and the byte that is not UTF-8, and the fix."""
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"config file {str(path)!r} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); save it "
-                          "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+        raise ConfigError(f"{what} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8 "
+                          "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`)") from None
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), f"config file {str(path)!r}")
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as e:

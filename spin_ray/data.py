@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from spin_ray.config import ConfigError, DataConfig
+from spin_ray.config import ConfigError, DataConfig, decode_utf8
 from spin_ray.models import looks_like_hub_id
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,7 @@ def _read_file(path: Path) -> tuple[list[Any], list[int] | None]:
         import pyarrow.parquet as pq
 
         return _arrow(lambda: pq.read_table(path), str(path)), None
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"data file {str(path)!r} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as "
-                          "UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)") from None
+    text = decode_utf8(path.read_bytes(), f"data file {str(path)!r}")
     if path.suffix == ".json":
         try:
             records = json.loads(text)

@@ -60,6 +60,15 @@ def read_json(uri: str) -> Any:
         return json.loads(f.read())
 
 
+def read_lines(uri: str) -> list[str]:
+    """The non-empty lines of a text file (train_metrics.jsonl); none if it does not exist yet."""
+    if not exists(uri):
+        return []
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return [line for line in f.read().decode().splitlines() if line.strip()]
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write to a temp name beside `uri`, then rename (object stores put whole objects: no rename needed)."""
     fs, path = filesystem(uri)

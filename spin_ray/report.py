@@ -24,14 +24,6 @@ def _iterations(storage: str) -> list[int]:
     return ts
 
 
-def _lines(uri: str) -> list[dict[str, Any]]:
-    if not records.exists(uri):
-        return []
-    fs, path = records.filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-
-
 def collect(storage: str) -> dict[str, Any]:
     """Per model θ_0, θ_1, …: its evaluation and the seconds of the iteration that made it; per iteration: its steps."""
     manifest_uri = records.join(records.absolute(storage), "manifest.json")
@@ -45,7 +37,8 @@ def collect(storage: str) -> dict[str, Any]:
             continue
         models.append({"theta": k, "evaluation": evaluation, "seconds": seconds})
     for t in _iterations(storage):
-        steps[t] = _lines(records.join(records.iter_dir(storage, t), "train_metrics.jsonl"))
+        steps[t] = [json.loads(line) for line in
+                    records.read_lines(records.join(records.iter_dir(storage, t), "train_metrics.jsonl"))]
     return {"models": models, "steps": steps}
 
 

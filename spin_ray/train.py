@@ -278,7 +278,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         start = state["step"]
     # From the file, not from the driver's start: after a worker failure inside this fit, the group restarts from
     # the checkpoint with the lines written since (rank 0 writes them at every checkpoint).
-    lines = _read_lines(c["metrics_uri"])[:start]
+    lines = records.read_lines(c["metrics_uri"])[:start]
 
     pairs = _load_pairs()
     budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens)
@@ -389,7 +389,7 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     )
     result = trainer.fit()
     seconds = time.perf_counter() - t0
-    lines = _read_lines(metrics_uri)
+    lines = records.read_lines(metrics_uri)
     final = {k: v for k, v in json.loads(lines[-1]).items() if k != "pairs"}
     # Every pair should be used `epochs` times whatever restarts happened; plan_steps may drop a remainder that does
     # not divide among the workers. Either way the count is in the final metrics, never silent.
@@ -417,14 +417,6 @@ def _quiet_dataset(table: "pa.Table") -> "ray.data.Dataset":
         return ray.data.from_arrow(table)
     finally:
         ctx.enable_progress_bars = old
-
-
-def _read_lines(uri: str) -> list[str]:
-    if not records.exists(uri):
-        return []
-    fs, path = records.filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return [line for line in f.read().decode().splitlines() if line.strip()]
 
 
 def _publish_model(ckpt: str, out: str, metrics: dict[str, Any]) -> None:

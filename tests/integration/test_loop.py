@@ -56,7 +56,8 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
         assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines(tmp_path, t))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {k: v["status"] for k, v in manifest["stages"].items()} == {"iter_0": "done", "iter_1": "done"}
-    assert set(results[1].seconds) >= {"pairs", "window", "train", "generate", "score", "handoff", "eval"}
+    # Every stage reports its seconds (their values are benchmarks' business, not this test's).
+    assert {"pairs", "window", "train", "generate", "score", "handoff", "eval"} <= results[1].seconds.keys()
     # θ_0, θ_1 and θ_2 are evaluated on the same held-out prompts; each iterate against the one before it.
     evals = [read_eval(str(tmp_path), k) for k in range(3)]
     assert [e["theta"] for e in evals] == [0, 1, 2] and all(e["rows"] == 8 for e in evals)
