@@ -244,7 +244,8 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg = ServeConfig(target=args.target, iterations=iterations, host=args.host, port=args.port, api_key=args.api_key,
                       replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                       max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                      max_tokens=args.max_tokens, max_model_len=args.max_model_len, dtype=args.dtype)
+                      max_tokens=args.max_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code)
     cfg.validate()
     cfg.models = resolve(cfg)  # refuse bad targets before Ray starts
     init_ray(SpinConfig())
@@ -291,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     c.add_argument("--max-model-len", type=int, help="engine context length (default: the model's)")
     c.add_argument("--dtype", default="auto", help="engine dtype (default: float32 on CPU, bfloat16 on GPU)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model's own Python code (config.json auto_map) run; off by default")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     text = "a run's held-out evaluation per model, training curves and plots: <storage>/report.md + PNGs"
     c = sub.add_parser("report", help=text, description=text)

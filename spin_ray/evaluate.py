@@ -103,7 +103,7 @@ def _logps(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
     actor = ray.remote(num_cpus=cfg.score.num_cpus_per_actor,
                        num_gpus=actor_gpus(cfg.score.num_gpus_per_actor, 1))(Scorer)
     scorer = actor.remote(model, cfg.score, max_length=cfg.data.max_length,
-                          max_prompt_length=cfg.data.max_prompt_length)
+                          max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code)
     try:
         return ray.get(scorer.__call__.remote(table))
     finally:
@@ -130,7 +130,9 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[s
     own = pool is None
     if own:
         pool = EnginePool(model, cfg.generate, iteration=k, seed=cfg.seed, max_length=cfg.data.max_length,
-                          max_prompt_length=cfg.data.max_prompt_length)
+                          max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code)
+    else:
+        pool.ready()  # replaces an engine that died since its last use
     try:
         greedy = _answers(pool.engines, prompts, dataclasses.replace(cfg.generate, temperature=0.0))
         sampled = _answers(pool.engines, prompts, cfg.generate)

@@ -51,11 +51,13 @@ class Answer:
 class VllmEngine:
     """vLLM's offline `LLM`, fed token ids so it sees exactly the prompt the scorer and trainer see."""
 
-    def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, max_model_len: int):
+    def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, max_model_len: int,
+                 trust_remote_code: bool = False):
         from vllm import LLM
 
         self.cfg = cfg
         self.llm = LLM(model=model, dtype=resolve_dtype(cfg.dtype, on_gpu), max_model_len=max_model_len,
+                       load_format="safetensors", trust_remote_code=trust_remote_code,
                        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        # tp > 1 inside one actor: worker processes on the actor's GPUs, no placement groups to leak
                        distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
@@ -83,14 +85,16 @@ class VllmEngine:
 class TransformersEngine:
     """transformers `generate`, for machines where vLLM cannot be installed (macOS, aarch64 laptops)."""
 
-    def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, tokenizer: Any):
+    def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, tokenizer: Any,
+                 trust_remote_code: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        self.cfg, self.tokenizer = cfg, tokenizer
+        from spin_ray.models import load_model
+
+        self.cfg, self.tokenizer, self.trust_remote_code = cfg, tokenizer, trust_remote_code
         self.device = "cuda" if on_gpu else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=getattr(torch, resolve_dtype(cfg.dtype, on_gpu))).to(self.device).eval()
+        self.model = load_model(model, dtype=getattr(torch, resolve_dtype(cfg.dtype, on_gpu)),
+                                trust_remote_code=trust_remote_code).to(self.device).eval()
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         import torch
@@ -118,9 +122,9 @@ class TransformersEngine:
         return answers
 
     def reload(self, model: str) -> None:
-        from transformers import AutoModelForCausalLM
+        from spin_ray.models import load_model
 
-        state = AutoModelForCausalLM.from_pretrained(model, dtype=self.model.dtype).state_dict()
+        state = load_model(model, dtype=self.model.dtype, trust_remote_code=self.trust_remote_code).state_dict()
         self.model.load_state_dict(state)
 
 
@@ -132,21 +136,22 @@ class Generator:
     """Ray Data stage: adds the ADDS columns to batches of normalised prompts."""
 
     def __init__(self, model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
-                 max_prompt_length: int):
+                 max_prompt_length: int, trust_remote_code: bool = False):
         import torch
-        from transformers import AutoTokenizer
 
-        from spin_ray.models import local_model
+        from spin_ray.models import load_tokenizer, local_model
 
         on_gpu = torch.cuda.is_available()
         model = local_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.iteration, self.seed, self.max_prompt_length = iteration, seed, max_prompt_length
         self.max_model_len = cfg.max_model_len or max_length
         if resolve_backend(cfg.backend) == "vllm":
-            self.engine = VllmEngine(model, cfg, on_gpu=on_gpu, max_model_len=self.max_model_len)
+            self.engine = VllmEngine(model, cfg, on_gpu=on_gpu, max_model_len=self.max_model_len,
+                                     trust_remote_code=trust_remote_code)
         else:
-            self.engine = TransformersEngine(model, cfg, on_gpu=on_gpu, tokenizer=self.tokenizer)
+            self.engine = TransformersEngine(model, cfg, on_gpu=on_gpu, tokenizer=self.tokenizer,
+                                             trust_remote_code=trust_remote_code)
         self.claimed = False
 
     def reload(self, model: str, iteration: int) -> None:
@@ -187,22 +192,42 @@ class EnginePool:
     (vLLM `reload_weights`: ~0.015 s on CPU, env.md) instead of starting new ones (~10 s on CPU, minutes for 7B).
 
     Only for engines that do not share devices with training: they keep their resources between iterations.
+    Ray cannot restart these engines itself (a restarted actor would come back holding θ_0), so an engine that dies
+    is replaced here by a new one loaded with the pool's current model: at the pool's next use (`ready`), or in the
+    middle of a batch by the stage actor that lost it (PooledGenerator).
     """
 
     def __init__(self, model: str, cfg: GenerateConfig, **generator_kwargs: Any):
+        self.model, self.cfg, self.kwargs = model, cfg, generator_kwargs
+        self.engines = [self.spawn() for _ in range(cfg.num_actors)]
+        self.ready()  # up and loaded: start-up is timed where it happens
+
+    def spawn(self) -> Any:
+        """A new engine holding the pool's current model and iteration."""
         import ray
 
-        actor = ray.remote(num_cpus=cfg.num_cpus_per_actor,
-                           num_gpus=actor_gpus(cfg.num_gpus_per_actor, cfg.tensor_parallel_size))(Generator)
-        self.engines = [actor.remote(model, cfg, **generator_kwargs) for _ in range(cfg.num_actors)]
-        ray.get([e.release.remote() for e in self.engines])  # up and loaded: start-up is timed where it happens
-        self.model = model
+        actor = ray.remote(num_cpus=self.cfg.num_cpus_per_actor,
+                           num_gpus=actor_gpus(self.cfg.num_gpus_per_actor, self.cfg.tensor_parallel_size))(Generator)
+        return actor.remote(self.model, self.cfg, **self.kwargs)
+
+    def ready(self) -> None:
+        """Every engine alive, loaded and unclaimed; a dead one (node lost, OOM-killed) is replaced."""
+        import ray
+
+        for i, engine in enumerate(self.engines):
+            try:
+                ray.get(engine.release.remote())
+            except ray.exceptions.RayActorError:
+                log.warning("a warm generation engine died; starting a new one with %s", self.model)
+                self.engines[i] = self.spawn()
+                ray.get(self.engines[i].release.remote())
 
     def reload(self, model: str, iteration: int) -> None:
         import ray
 
+        self.model, self.kwargs["iteration"] = model, iteration
+        self.ready()
         ray.get([e.reload.remote(model, iteration) for e in self.engines])
-        self.model = model
 
     def shutdown(self) -> None:
         import ray
@@ -214,21 +239,30 @@ class EnginePool:
 class PooledGenerator:
     """Ray Data stage in front of an EnginePool: each of these actors owns one engine for the execution."""
 
-    def __init__(self, engines: list):
+    def __init__(self, pool: EnginePool):
         import ray
 
-        self.engine = next((e for e in engines if ray.get(e.claim.remote())), None)
+        self.pool = pool
+        self.engine = next((e for e in pool.engines if ray.get(e.claim.remote())), None)
         if self.engine is None:
             raise RuntimeError("more forwarding actors than engines in the pool")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
-        return ray.get(self.engine.__call__.remote(batch))
+        try:
+            return ray.get(self.engine.__call__.remote(batch))
+        except ray.exceptions.RayActorError:
+            # The engine died inside this batch: redo it on a new engine (answers are seeded per prompt, so they are
+            # the same). This actor owns the new one until the execution ends; the pool replaces its own at next use.
+            log.warning("a warm generation engine died mid-batch; redoing the batch on a new engine")
+            self.engine = self.pool.spawn()
+            return ray.get(self.engine.__call__.remote(batch))
 
 
 def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
-             max_prompt_length: int, pool: EnginePool | None = None) -> "ray.data.Dataset":
+             max_prompt_length: int, pool: EnginePool | None = None,
+             trust_remote_code: bool = False) -> "ray.data.Dataset":
     """Lazily add the opponent's answers to a Dataset of normalised prompts (prompt_id, prompt, real).
 
     With a warm `pool` (already holding `model`), batches go to its engines instead of new actors.
@@ -236,16 +270,14 @@ def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iterati
     from ray.data import ActorPoolStrategy
 
     if pool is not None:
-        import ray
-
-        ray.get([e.release.remote() for e in pool.engines])
-        return ds.map_batches(PooledGenerator, fn_constructor_kwargs={"engines": pool.engines}, batch_format="pyarrow",
+        pool.ready()
+        return ds.map_batches(PooledGenerator, fn_constructor_kwargs={"pool": pool}, batch_format="pyarrow",
                               batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=len(pool.engines)),
                               num_cpus=0)
     return ds.map_batches(
         Generator,
         fn_constructor_kwargs=dict(model=model, cfg=cfg, iteration=iteration, seed=seed, max_length=max_length,
-                                   max_prompt_length=max_prompt_length),
+                                   max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.num_actors),

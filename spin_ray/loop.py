@@ -110,8 +110,9 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     # One block per generation batch, so every actor in the pool has work queued.
     ds = ray.data.from_arrow([prompts.slice(i, g.batch_size) for i in range(0, prompts.num_rows, g.batch_size)])
     lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths)
-    ds = score(ds, model, s, **lengths)
+    trust = dict(trust_remote_code=cfg.trust_remote_code)
+    ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths, **trust)
+    ds = score(ds, model, s, **lengths, **trust)
     stats = records.write_pairs(ds, dest, expected_ids=set(prompts.column("prompt_id").to_pylist()))
     seconds = {"generate+score": time.perf_counter() - start, **_busy_seconds(ds.stats())}
     log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest,
@@ -271,7 +272,7 @@ def _iteration(c: SpinConfig, prompts: pa.Table, model: str, previous: str | Non
         start = time.perf_counter()
         if pool is None:
             pool = EnginePool(model, c.generate, iteration=t, seed=c.seed, max_length=c.data.max_length,
-                              max_prompt_length=c.data.max_prompt_length)
+                              max_prompt_length=c.data.max_prompt_length, trust_remote_code=c.trust_remote_code)
         elif pool.model != model:
             pool.reload(model, t)
         handoff = time.perf_counter() - start

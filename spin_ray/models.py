@@ -355,6 +355,30 @@ def looks_like_hub_id(spec: str) -> bool:
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def load_model(path: str, *, dtype: "torch.dtype", trust_remote_code: bool = False) -> "PreTrainedModel":
+    """Every stage loads θ through here: safetensors only (a pickle checkpoint can run code when read), and a
+    model's own Python code only when the user set trust_remote_code."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+    """θ's tokenizer. Each stage loads it before the weights, so a local folder is checked here first (check_model):
+    a library caller that skipped the CLI's checks gets the fix at the stage's start, not an engine's traceback."""
+    from transformers import AutoTokenizer
+
+    check_model(path, trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_config(path: str, *, trust_remote_code: bool = False) -> "PretrainedConfig":
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def check_model(path: str, trust_remote_code: bool = False) -> None:
     """Refuse, before any actor loads it, a local model folder that would fail or be unsafe later: weights only in
     pickle files, custom code that trust_remote_code has not allowed, no chat template or no pad token (every prompt

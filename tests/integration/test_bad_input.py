@@ -212,3 +212,16 @@ def test_storage_that_is_not_writable(tiny_model, tmp_path):
     # /proc takes no new folders, even for root (a chmod'ed folder would not stop root).
     msg = refused(tmp_path, f"model={tiny_model}", storage=Path("/proc/spin-ray-test/run"))
     assert "storage = '/proc/spin-ray-test/run' is not writable" in msg
+
+
+@pytest.mark.parametrize("breakage, needle", [
+    ("pickle weights", "holds only pickle weights (pytorch_model.bin)"),
+    ("remote code", "set trust_remote_code=true only if you trust it"),
+])
+def test_serve_refuses_an_unsafe_model_folder(tiny_model, tmp_path, breakage, needle):
+    model = broken_copy(tiny_model, tmp_path, breakage)
+    out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "serve", str(model)], cwd=tmp_path, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": "local"}, capture_output=True, text=True)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith("spin-ray serve: error: ") and needle in err, err[-3000:]

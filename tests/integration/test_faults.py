@@ -132,6 +132,50 @@ def test_engine_killed_mid_batch_is_restarted_and_the_batch_redone(tiny_model, r
     assert restarted["NumRestarts"] >= 1 and restarted["Pid"] != killed["pid"], restarted
 
 
+def test_warm_engine_killed_mid_batch_is_replaced_and_the_batch_redone(tiny_model, ray_cluster, tmp_path):
+    from spin_ray.data import load_sft
+    from spin_ray.generate import EnginePool
+    from spin_ray.loop import make_pairs
+
+    cfg = cfg_for(tiny_model, tmp_path / "killed", "data.max_rows=48", "data.max_length=256", "generate.max_tokens=160",
+                  "generate.batch_size=24", "generate.num_actors=1", "generate.keep_warm=true")
+    kwargs = dict(iteration=0, seed=cfg.seed, max_length=cfg.data.max_length,
+                  max_prompt_length=cfg.data.max_prompt_length)
+    pool = EnginePool(tiny_model, cfg.generate, **kwargs)
+    try:
+        first = {a["ActorID"] for a in actors("Generator") if a["State"] == "ALIVE"}
+        thread, out = in_thread(lambda: make_pairs(cfg, model=tiny_model, pool=pool))
+        killed = {}
+
+        def kill_inside_a_batch():
+            pid = next(a["Pid"] for a in actors("Generator") if a["ActorID"] == pool.engines[0]._actor_id.hex())
+            before = cpu_seconds(pid)
+            time.sleep(0.3)
+            if cpu_seconds(pid) - before < 0.1:
+                return False
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+            return True
+
+        assert wait_for(kill_inside_a_batch, timeout=300), "the warm engine never ran a batch"
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "make_pairs hung after the warm engine died"
+        assert "error" not in out, out.get("error")
+        ids = pq.read_table(out["result"].path, columns=["prompt_id"]).column(0).to_pylist()
+        assert len(ids) == len(set(ids)) and set(ids) == set(load_sft(cfg.data).to_arrow().column("prompt_id")
+                                                              .to_pylist())
+        # Same answers as an uninterrupted run: each prompt's sample is seeded, whichever engine redid the batch.
+        clean = make_pairs(cfg_for(tiny_model, tmp_path / "clean", "data.max_rows=48", "data.max_length=256",
+                                   "generate.max_tokens=160", "generate.batch_size=24", "generate.num_actors=1"))
+        assert row_hashes(out["result"].path) == row_hashes(clean.path)
+        # The pool's own dead engine is replaced at its next use, and the new one takes the next model.
+        pool.ready()
+        assert pool.engines[0]._actor_id.hex() not in first
+        pool.reload(tiny_model, 1)
+    finally:
+        pool.shutdown()
+
+
 def spin_ray_run(model, storage, *extra):
     sets = [f"model={model}", f"storage={storage}", *TINY, *extra]
     return [sys.executable, "-m", "spin_ray.cli", "run", *sum((["--set", s] for s in sets), [])]

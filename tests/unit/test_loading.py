@@ -1,0 +1,99 @@
+"""Every stage loads θ through spin_ray.models.load_* (issue 10 §3): safetensors only, a model's own Python code only
+with trust_remote_code. Real transformers on a tiny model folder; the vLLM side is checked in
+tests/integration/test_generate.py."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import spin_ray
+from spin_ray.config import ConfigError
+from spin_ray.models import build_tiny_model, load_config, load_model, load_tokenizer
+
+# Imported by transformers only when remote code is allowed: it leaves a file behind to prove it ran.
+CUSTOM_CODE = '''
+import os
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path(os.environ["SPIN_RAY_TEST_SENTINEL"]).write_text("ran")
+
+
+class MineConfig(LlamaConfig):
+    model_type = "mine"
+
+
+class MyModel(LlamaForCausalLM):
+    config_class = MineConfig
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(build_tiny_model(tmp_path_factory.mktemp("cache") / "tiny-llama", seed=0))
+
+
+def test_pickle_only_weights_are_not_loaded(tiny: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    state = load_model(str(model), dtype=torch.float32).state_dict()
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_model(str(model), dtype=torch.float32)
+
+
+def test_remote_code_runs_only_when_trusted(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    (model / "modeling_mine.py").write_text(CUSTOM_CODE)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mine", auto_map={"AutoConfig": "modeling_mine.MineConfig",
+                                               "AutoModelForCausalLM": "modeling_mine.MyModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    sentinel = tmp_path / "ran"
+    monkeypatch.setenv("SPIN_RAY_TEST_SENTINEL", str(sentinel))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_config(str(model))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(model), dtype=torch.float32)
+    assert not sentinel.exists()
+
+    loaded = load_model(str(model), dtype=torch.float32, trust_remote_code=True)
+    assert sentinel.read_text() == "ran" and type(loaded).__name__ == "MyModel"
+    assert load_tokenizer(str(model), trust_remote_code=True).pad_token is not None
+
+
+def test_no_stage_loads_weights_around_the_loaders() -> None:
+    """A stage that called from_pretrained itself would skip both rules (only models.py may), and each vLLM engine
+    must be told both."""
+    root = Path(spin_ray.__file__).parent
+    offenders, engines = [], 0
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "from_pretrained" and path.name != "models.py":
+                offenders.append(f"{path.name}:{node.lineno} from_pretrained")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("LLM", "EngineArgs"):
+                engines += 1
+                keywords = {k.arg: k.value for k in node.keywords}
+                if getattr(keywords.get("load_format"), "value", None) != "safetensors" or \
+                        "trust_remote_code" not in keywords:
+                    offenders.append(f"{path.name}:{node.lineno} {node.func.id} without load_format/trust_remote_code")
+    assert offenders == [] and engines == 2  # generate.VllmEngine and serve.AsyncEngine
+
+
+def test_a_stage_names_the_fix_before_loading(tiny: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"holds only pickle weights \(pytorch_model.bin\).*save_pretrained"):
+        load_tokenizer(str(model))
