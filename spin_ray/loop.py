@@ -59,13 +59,17 @@ Model = Union[str, "ray.train.Checkpoint", None]
 
 
 def model_path(model: Model, cfg: SpinConfig) -> str:
-    """A local folder, URI or hub id for θ_t, from a path, a Ray Train Checkpoint or `cfg.model`."""
+    """A local folder, URI or hub id for θ_t, from a path, a Ray Train Checkpoint or `cfg.model`; a local folder is
+    checked (check_model) here, in the driver, before any stage starts."""
     if model is None or isinstance(model, str):
-        return resolve_model(model or cfg.model)
-    import pyarrow.fs as pafs
+        path = resolve_model(model or cfg.model)
+    else:
+        import pyarrow.fs as pafs
 
-    local = isinstance(model.filesystem, pafs.LocalFileSystem)
-    return resolve_model(model.path if local else f"{model.filesystem.type_name}://{model.path}")
+        local = isinstance(model.filesystem, pafs.LocalFileSystem)
+        path = resolve_model(model.path if local else f"{model.filesystem.type_name}://{model.path}")
+    check_model(path, cfg.trust_remote_code)
+    return path
 
 
 def as_prompts(prompts: Prompts, cfg: SpinConfig) -> tuple[pa.Table, dict[str, int]]:
@@ -229,6 +233,7 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
     resolved = preflight(cfg)
     check_storage(cfg)
+    check_storage_writable(cfg.storage)  # library callers skip the CLI's check_inputs
     prompts, _ = as_prompts(prompts, cfg)
     manifest = Manifest(cfg.storage)
     manifest.check(cfg, fingerprint(prompts.column("prompt_id").to_pylist()), force=force)

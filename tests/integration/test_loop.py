@@ -110,6 +110,23 @@ def test_library_api_inside_a_running_ray_program(tiny_model, ray_cluster, tmp_p
     assert result.metrics["step"] == 1
 
 
+def test_library_callers_get_the_cli_checks_before_any_actor(tiny_model, ray_cluster, tmp_path):
+    # Storage that is a file, and a model folder whose weights are pickle only: the Python API refuses both in one
+    # paragraph before a stage starts, as the CLI does, and writes nothing.
+    import shutil
+
+    storage = tmp_path / "runs"
+    storage.write_text("keep")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run(cfg_for(tiny_model, storage))
+    assert storage.read_text() == "keep"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="holds only pickle weights"):
+        run_iteration(cfg_for(str(model), tmp_path / "store", "eval.enabled=false"))
+
+
 def test_early_stop_reads_the_measured_fixed_point(tiny_model, ray_cluster, tmp_path):
     # One real iteration: θ_1 really differs from θ_0, so its held-out reward accuracy is a measurement, not 0.5.
     first = run(cfg_for(tiny_model, tmp_path, "loop.iterations=1"))
