@@ -329,30 +329,34 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     """Bytes per training device, by part (worst case: every sequence padded to data.max_length).
 
     fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
-    fsdp; ddp adds its fp32 gradient buckets. On GPU (train.use_gpu) compute is bf16: fsdp all-gathers a layer in
-    bf16 (two in flight with prefetch); ddp under autocast caches a bf16 copy of every weight for the step.
+    fsdp. In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
+    MixedPrecisionPolicy (ddp as a replicate-only mesh, train.py): a layer is gathered in bf16 when it is used (two in
+    flight with prefetch) and gradients are reduced in fp32 in place, with no bucket copy. Only fp32 DDP with more than
+    one worker (Ray Train wraps no single worker) keeps DDP's fp32 gradient buckets.
     Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
-    q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32 on CPU; with
-    gradient checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits:
-    bf16, their fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32).
+    q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
+    checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
+    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32).
     """
     t, p = cfg.train, arch.params
-    width = 2 if t.use_gpu else 4  # bytes per activation value: bf16 on GPU, fp32 on CPU
-    shards = t.num_workers if t.strategy == "fsdp" else 1
+    dtype = ("bfloat16" if t.use_gpu else "float32") if t.dtype == "auto" else t.dtype
+    reduced = dtype != "float32"
+    width = 2 if reduced else 4  # bytes per activation value
+    fsdp = t.strategy == "fsdp"
+    shards = t.num_workers if fsdp else 1
     states = 2 if t.optimizer == "adamw" else 1
     tokens = 2 * t.micro_batch_size * cfg.data.max_length
     per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
     acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.gradient_checkpointing
             else arch.layers * tokens * per_layer)
-    fsdp = t.strategy == "fsdp"
+    ddp_buckets = not fsdp and not reduced and t.num_workers > 1
     return {
         "parameters (fp32)": 4 * p / shards,
-        # DDP (more than one worker: Ray Train wraps no single worker) keeps a bucket copy of the gradients
-        "gradients (fp32)": 4 * p / shards + (0 if fsdp or t.num_workers == 1 else 4 * p),
+        "gradients (fp32)": 4 * p / shards + (4 * p if ddp_buckets else 0),
         f"optimizer ({t.optimizer}, fp32)": 4 * states * p / shards,
-        "weights in use": width * 2 * arch.layer_params if fsdp else 2 * p if t.use_gpu else 0,
+        "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
         "activations": acts,
-        "logits": (10 if t.use_gpu else 8) * tokens * arch.vocab,
+        "logits": (10 if reduced else 8) * tokens * arch.vocab,
         "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
     }
 

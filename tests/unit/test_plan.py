@@ -48,9 +48,9 @@ def test_train_memory_by_hand():
     ddp = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
         c.train, strategy="ddp", optimizer="adamw", gradient_checkpointing=True)))
     assert ddp["parameters (fp32)"] == 4 * p
-    assert ddp["gradients (fp32)"] == 8 * p  # gradients + DDP's bucket copy
+    assert ddp["gradients (fp32)"] == 4 * p  # bf16 ddp is FSDP2 on a replicate-only mesh: no bucket copy
     assert ddp["optimizer (adamw, fp32)"] == 8 * p
-    assert ddp["weights in use"] == 2 * p  # autocast's bf16 copy of every weight
+    assert ddp["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered, not a bf16 copy of every weight
     # checkpointing: each layer's bf16 input (2 x 32 x 64 x 2 B) + one layer recomputed (32 x 2304 B)
     assert ddp["activations"] == 2 * 32 * 64 * 2 + 32 * 2304
 
@@ -59,6 +59,14 @@ def test_train_memory_by_hand():
         c.train, strategy="ddp", num_workers=1, use_gpu=False)))
     assert cpu["gradients (fp32)"] == 4 * p and cpu["weights in use"] == 0 and cpu["runtime overhead"] == 0
     assert cpu["activations"] == 2 * 32 * 4608 and cpu["logits"] == 8 * 32 * 512
+    # fp32 DDP with two workers: DDP's fp32 gradient buckets beside the gradients
+    cpu2 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, strategy="ddp", use_gpu=False)))
+    assert cpu2["gradients (fp32)"] == 8 * p and cpu2["weights in use"] == 0
+    # bf16 on CPU (train.dtype) is computed like bf16 on GPU
+    bf16 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, use_gpu=False, dtype="bfloat16")))
+    assert bf16["weights in use"] == 2 * 2 * 41088 and bf16["logits"] == 10 * 32 * 512
 
 
 def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
