@@ -34,6 +34,9 @@ class Request:
     count: int
     cpus: float
     gpus: float
+    cpus_field: str
+    gpus_field: str
+    """The config keys that set one unit's CPUs and GPUs (named when one unit fits no node)."""
 
     def total(self) -> dict[str, float]:
         return {"CPU": self.count * self.cpus, "GPU": self.count * self.gpus}
@@ -110,11 +113,12 @@ def requests(cfg: SpinConfig) -> dict[str, Request]:
     g, s, t = cfg.generate, cfg.score, cfg.train
     return {
         "generate": Request("generation actors", "generate.num_actors", g.num_actors, g.num_cpus_per_actor,
-                            g.num_gpus_per_actor or 0.0),
+                            g.num_gpus_per_actor or 0.0, "generate.num_cpus_per_actor",
+                            "generate.num_gpus_per_actor (default: generate.tensor_parallel_size)"),
         "score": Request("scoring actors", "score.num_actors", s.num_actors, s.num_cpus_per_actor,
-                         s.num_gpus_per_actor or 0.0),
+                         s.num_gpus_per_actor or 0.0, "score.num_cpus_per_actor", "score.num_gpus_per_actor"),
         "train": Request("Train workers", "train.num_workers", t.num_workers, t.num_cpus_per_worker,
-                         1.0 if t.use_gpu else 0.0),
+                         1.0 if t.use_gpu else 0.0, "train.num_cpus_per_worker", "train.use_gpu (1 GPU per worker)"),
     }
 
 
@@ -124,20 +128,29 @@ def phases(cfg: SpinConfig) -> dict[str, list[str]]:
     return {"pairs": ["generate", "score"], "window": ["score", *warm], "train": ["train", *warm]}
 
 
-def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tuple[str, ...] = PHASES) -> SpinConfig:
+def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tuple[str, ...] = PHASES,
+              nodes: list[Resources] | None = None) -> SpinConfig:
     """Refuse, naming the fields, a config that would start and then hang or break; return it resolved.
 
     `cluster` is the total resources (default: what the connected cluster has or can autoscale to); `stages` the
-    phases this entry point runs. Nothing here starts an actor.
+    phases this entry point runs; `nodes` each node's resources (default: the connected cluster's, when no
+    autoscaler can add nodes of other sizes), as one actor or worker must fit on one node. Nothing here starts an
+    actor.
     """
     cfg.validate()  # configs built in code skip SpinConfig.load; the global batch rule is there
     if cfg.generate.max_tokens >= cfg.data.max_length:
         raise ConfigError(
             f"generate.max_tokens = {cfg.generate.max_tokens} leaves no room for the prompt in data.max_length = "
             f"{cfg.data.max_length} (prompt + answer); lower generate.max_tokens or raise data.max_length")
-    capacity = dict(cluster) if cluster is not None else cluster_capacity()
+    if cluster is None:
+        capacity, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
+    else:
+        capacity = dict(cluster)
     cfg = resolve(cfg, capacity)
     reqs = requests(cfg)
+    for r in {name: reqs[name] for phase in stages for name in phases(cfg)[phase]}.values():
+        if nodes:
+            _fits_a_node(r, nodes)
     for phase in stages:
         members = [reqs[name] for name in phases(cfg)[phase]]
         for r in members:
@@ -150,6 +163,32 @@ def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tupl
 TOGETHER = {"pairs": "generation and scoring stream at the same time",
             "window": "warm engines (generate.keep_warm = true) keep their resources while the window is rescored",
             "train": "warm engines (generate.keep_warm = true) keep their resources while training runs"}
+
+
+def fixed_nodes() -> list[dict[str, float]] | None:
+    """Each live node's resources, or None where an autoscaler may add nodes whose sizes are not known here."""
+    import ray
+    from ray._private.state import state
+
+    try:
+        reachable = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no cluster config stored: a plain `ray start` or ray.init, or the cluster launcher
+        reachable = {}
+    if reachable or _autoscaler_running():
+        return None
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+
+
+def _fits_a_node(r: Request, nodes: list[Resources]) -> None:
+    """One actor or worker gets all its resources from one node: Ray would wait for such a node forever."""
+    if any(n.get("CPU", 0.0) >= r.cpus - 1e-9 and n.get("GPU", 0.0) >= r.gpus - 1e-9 for n in nodes):
+        return
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)))
+    asks = " and ".join(f"{v:g} {k} ({f})" for k, v, f in (("GPU", r.gpus, r.gpus_field),
+                                                            ("CPU", r.cpus, r.cpus_field)) if v)
+    raise ConfigError(f"each of the {r.what} ({r.field}) needs {asks} on one node, but no node of the cluster has "
+                      f"that (the largest: {largest.get('GPU', 0.0):g} GPU, {largest.get('CPU', 0.0):g} CPU); lower "
+                      "the per-unit request, or add a larger node type")
 
 
 def _fits(members: list[Request], capacity: Resources, why: str) -> None:
@@ -223,6 +262,10 @@ class ClusterSpec:
     @property
     def total(self) -> dict[str, float]:
         return {"CPU": float(self.nodes * self.cpus_per_node), "GPU": float(self.nodes * self.gpus_per_node)}
+
+    @property
+    def node(self) -> dict[str, float]:
+        return {"CPU": float(self.cpus_per_node), "GPU": float(self.gpus_per_node)}
 
 
 def parse_cluster(spec: str, cpus_per_node: int | None = None) -> ClusterSpec:
@@ -427,7 +470,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`."""
     problems: list[str] = []
     try:
-        cfg = preflight(cfg, cluster.total)
+        cfg = preflight(cfg, cluster.total, nodes=[cluster.node] * cluster.nodes)
     except ConfigError as e:
         problems.append(str(e))
         cfg = resolve(cfg, cluster.total)

@@ -37,6 +37,12 @@ try:
     raise SystemExit("3 CPUs of streaming actors were accepted on 2")
 except ConfigError as e:
     assert "3 CPU together" in str(e) and "at most 2" in str(e), e
+# 2 CPUs in all, but one node has 1: a Train worker of 2 CPUs would wait forever
+try:
+    preflight(SpinConfig.load(None, small + ["train.num_cpus_per_worker=2"]), stages=("train",))
+    raise SystemExit("a 2-CPU Train worker was accepted on two 1-CPU nodes")
+except ConfigError as e:
+    assert "needs 2 CPU (train.num_cpus_per_worker) on one node" in str(e) and "largest: 0 GPU, 1 CPU" in str(e), e
 ray.shutdown()
 cluster.shutdown()
 print("OK")

@@ -132,6 +132,26 @@ def test_preflight_refuses_pools_that_only_fit_one_at_a_time():
         preflight(cfg("generate.num_actors=3", "score.num_actors=2"), CPU4)
 
 
+def test_preflight_refuses_a_unit_that_fits_no_single_node():
+    # Three 4-GPU nodes have 12 GPUs in all, but a tensor-parallel-8 engine needs 8 on one node; Ray would wait forever.
+    c = cfg("resources=gpu", "generate.tensor_parallel_size=8", "score.num_actors=1", "train.num_workers=1",
+            "train.global_batch_size=8")
+    nodes = [{"CPU": 48.0, "GPU": 4.0}] * 3
+    preflight(c, {"CPU": 144.0, "GPU": 12.0}, stages=("pairs",))  # totals alone let it through
+    with pytest.raises(ConfigError) as e:
+        preflight(c, {"CPU": 144.0, "GPU": 12.0}, stages=("pairs",), nodes=nodes)
+    msg = str(e.value)
+    assert "generation actors (generate.num_actors) needs 8 GPU" in msg and "tensor_parallel_size" in msg
+    assert "largest: 4 GPU, 48 CPU" in msg
+    preflight(c, {"CPU": 144.0, "GPU": 12.0}, stages=("pairs",), nodes=[{"CPU": 96.0, "GPU": 8.0}, nodes[0]])
+    # CPUs per Train worker likewise, and `spin-ray plan` checks its stated node size the same way
+    with pytest.raises(ConfigError, match=r"Train workers .*needs 12 CPU \(train.num_cpus_per_worker\)"):
+        preflight(cfg("train.num_cpus_per_worker=12"), {"CPU": 16.0}, nodes=[{"CPU": 8.0}] * 2)
+    plan = make_plan(cfg("resources=gpu", "generate.tensor_parallel_size=8", "train.num_workers=1",
+                         "train.global_batch_size=8"), parse_cluster("3x4xH100"), load_arch("tiny"), prompts=64)
+    assert any("needs 8 GPU" in p for p in plan.problems)
+
+
 def test_preflight_refuses_warm_engines_holding_what_training_needs():
     c = cfg("resources=gpu", "generate.keep_warm=true", "train.num_workers=2", "train.global_batch_size=16")
     assert phases(resolve(c, {"GPU": 2.0}))["train"] == ["train", "generate"]
