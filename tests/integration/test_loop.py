@@ -98,7 +98,7 @@ def test_library_api_inside_a_running_ray_program(tiny_model, ray_cluster, tmp_p
     rows[5]["messages"][0]["content"] += "!"
     rows[6]["messages"][0]["content"] += "!"
     rows[7]["messages"][0]["content"] += "!"
-    cfg = cfg_for(tiny_model, tmp_path, "loop.iterations=1")
+    cfg = cfg_for(tiny_model, tmp_path, "loop.iterations=1", "eval.enabled=false")  # evaluation: its own tests
     checkpoint = ray.train.Checkpoint.from_directory(tiny_model)
     result = run_iteration(cfg, ray.data.from_items(rows), model=checkpoint)
     assert ray.is_initialized()
