@@ -118,8 +118,15 @@ class TrainConfig:
     """Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Below float32, parameters stay fp32 and are computed in
     this dtype with fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; ddp then runs as replicate-only FSDP2).
     Set score.dtype to the same value so that step 0's loss is ln 2."""
-    checkpoint_every: int = 100
-    """Optimizer steps between resumable checkpoints (and at the end)."""
+    checkpoint_every: int | None = 100
+    """Optimizer steps between resumable checkpoints; None = no step cadence. A checkpoint is the model and optimizer
+    state as torch.distributed.checkpoint shards written by every worker (a 7B AdamW state is ~84 GB: no one rank
+    gathers it), uploaded to storage in the background while training goes on."""
+    checkpoint_every_minutes: float | None = 30.0
+    """Also checkpoint once this many minutes have passed since the last one (rank 0's clock decides for all), so a
+    long run loses at most this much work whatever its step time; None = off."""
+    checkpoint_every_epoch: bool = False
+    """Also checkpoint at the end of every epoch."""
     report_every: int = 10
     """Optimizer steps between ray.train.report calls (each blocks up to the controller's poll interval)."""
     num_to_keep: int = 2
@@ -280,7 +287,10 @@ class SpinConfig:
             ("train.beta", self.train.beta > 0, "must be > 0 (it is the λ of the paper)"),
             ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
             ("train.max_grad_norm", self.train.max_grad_norm > 0, "must be > 0"),
-            ("train.checkpoint_every", self.train.checkpoint_every >= 1, "must be >= 1"),
+            ("train.checkpoint_every", self.train.checkpoint_every is None or self.train.checkpoint_every >= 1,
+             "must be >= 1 or null"),
+            ("train.checkpoint_every_minutes", self.train.checkpoint_every_minutes is None
+             or self.train.checkpoint_every_minutes > 0, "must be > 0 or null"),
             ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1: no limit)"),
             ("train.report_every", self.train.report_every >= 1, "must be >= 1"),
             ("train.num_to_keep", self.train.num_to_keep >= 1, "must be >= 1"),

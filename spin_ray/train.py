@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COLUMNS = [*IDS, *LOGPS]
-STATE = "train_state_rank{}.pt"
+STATE = "state"
+"""The torch.distributed.checkpoint folder inside each Ray Train checkpoint."""
+# Padding share a token-budget micro-batch may reach (issue 7's target: ≤ 10% of processed tokens): a forward costs
+# about its padded tokens, so a few more, narrower forwards cost less than the padding they avoid.
+MAX_PADDING = 0.1
 
 
 @dataclass
@@ -77,19 +81,22 @@ def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int
 
     `lengths[i]` is pair i's packed row (both sequences side by side, template.pack_pairs); a micro-batch of B pairs
     is B rows padded to the longest, so it costs B·max(length) tokens, which `max_tokens` bounds; `max_pairs` bounds B.
+    Under a token budget a micro-batch also ends before its padding would pass MAX_PADDING of its tokens: a large
+    budget would otherwise take a whole long-tailed share in one forward, padded to its longest row.
     """
     out: list[list[int]] = []
     current: list[int] = []
-    width = 0
+    width = real = 0
     for i in sorted(rows, key=lambda i: lengths[i]):
         wider = max(width, lengths[i])
-        full = (max_pairs is not None and len(current) >= max_pairs) or (
-            max_tokens is not None and (len(current) + 1) * wider > max_tokens)
+        cost = (len(current) + 1) * wider
+        full = (max_pairs is not None and len(current) >= max_pairs) or (max_tokens is not None and (
+            cost > max_tokens or cost - real - lengths[i] > MAX_PADDING * cost))
         if current and full:
             out.append(current)
-            current, wider = [], lengths[i]
+            current, wider, real = [], lengths[i], 0
         current.append(i)
-        width = wider
+        width, real = wider, real + lengths[i]
     return out + ([current] if current else [])
 
 
@@ -107,33 +114,71 @@ def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_p
     return plans
 
 
-class PairArrays:
-    """The token ids and reference log-probs a worker trains on, as flat numpy arrays (no Python row dicts)."""
+def packed_lengths(table: "pa.Table") -> np.ndarray:
+    """Each pair's packed row length (prompt twice, both answers: template.pack_pairs), from the list offsets alone."""
+    import pyarrow.compute as pc
 
-    def __init__(self, table: "pa.Table"):
+    size = {key: pc.list_value_length(table.column(key)).to_numpy() for key in IDS}
+    return 2 * size["prompt_ids"] + size["real_ids"] + size["generated_ids"]
+
+
+def epoch_plan(lengths: Sequence[int], steps: Sequence[int], seed: int, epoch: int,
+               world: int) -> tuple[list[int], list[list[list[int]]]]:
+    """One epoch's seeded order of the rows and, per optimizer step, each worker's share of its global batch."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    bounds = np.cumsum([0, *steps]).tolist()
+    return order, [worker_shares(order[a:b], lengths, world) for a, b in zip(bounds, bounds[1:])]
+
+
+class PairArrays:
+    """The token ids and reference log-probs of some rows of the pairs table, as flat numpy arrays (no Python row
+    dicts), addressed by their row number in the whole table."""
+
+    def __init__(self, table: "pa.Table", rows: Sequence[int] | None = None):
+        # Sorted: `table` row k is whole-table row rows[k]; None: `table` is the whole table.
+        self.rows = np.arange(table.num_rows) if rows is None else np.asarray(rows)
+        self.lengths = packed_lengths(table).tolist()  # of the rows held, in their order
         self.ids = {}
         for key in IDS:
             column = table.column(key).combine_chunks()
             self.ids[key] = (column.values.to_numpy(), column.offsets.to_numpy())
         self.ref = {key: table.column(key).to_numpy() for key in LOGPS}
-        size = {key: np.diff(offsets) for key, (_, offsets) in self.ids.items()}
-        self.lengths = (2 * size["prompt_ids"] + size["real_ids"] + size["generated_ids"]).tolist()  # packed rows
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.rows)
 
-    def pair(self, i: int) -> dict[str, list[int]]:
+    def local(self, rows: Sequence[int]) -> np.ndarray:
+        return np.searchsorted(self.rows, rows)
+
+    def pair(self, row: int) -> dict[str, list[int]]:
+        i = int(self.local([row])[0])
         return {key: values[offsets[i]:offsets[i + 1]].tolist() for key, (values, offsets) in self.ids.items()}
 
 
-def _load_pairs() -> PairArrays:
-    import pyarrow as pa
-    import ray.train
+def _take_rows(table: "pa.Table", rows: list[int]) -> "pa.Table":
+    return table.take(rows)
 
-    # Every worker reads the (token ids only) pairs table and takes its share of each global batch from one seeded
-    # order: resume is exact and N workers see the same batches as one.
-    shard = ray.train.get_dataset_shard("train")
-    return PairArrays(pa.concat_tables(list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))))
+
+def _load_share(table_ref: Any, rows: list[int]) -> PairArrays:
+    """This worker's rows of the pairs table in the object store, cut out by a task placed where the table is (Ray
+    prefers the node holding a task's large arguments), so only those rows travel to the worker. num_cpus=0: the
+    Train workers may hold every CPU."""
+    import ray
+
+    rows = sorted(rows)
+    return PairArrays(ray.get(ray.remote(num_cpus=0)(_take_rows).remote(table_ref, rows)), rows)
+
+
+def checkpoint_due(tc: TrainConfig, step: int, steps_per_epoch: int, total: int, minutes: float) -> bool:
+    """Whether the resumable state is saved after optimizer step `step` (from 0), `minutes` after the last save: every
+    train.checkpoint_every steps, train.checkpoint_every_minutes, at the end of each epoch with
+    train.checkpoint_every_epoch; never after the last step (the exported model is the result, and a 7B AdamW state
+    is ~84 GB to write for nothing)."""
+    if step + 1 == total:
+        return False
+    return ((tc.checkpoint_every is not None and (step + 1) % tc.checkpoint_every == 0)
+            or (tc.checkpoint_every_minutes is not None and minutes >= tc.checkpoint_every_minutes)
+            or (tc.checkpoint_every_epoch and (step + 1) % steps_per_epoch == 0))
 
 
 def _mesh(tc: TrainConfig, world: int, device: torch.device) -> "DeviceMesh":
@@ -148,19 +193,23 @@ def _mesh(tc: TrainConfig, world: int, device: torch.device) -> "DeviceMesh":
 
 
 def _build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: int,
-                   device: torch.device) -> torch.nn.Module:
+                   device: torch.device, load_weights: bool, trust_remote_code: bool = False) -> torch.nn.Module:
     """FSDP2 as torchtitan builds it: the model on the meta device, sharded per decoder layer, materialised empty
-    on `device`, then filled from rank 0's copy of the weights by broadcast (no worker but rank 0 reads them).
+    on `device`, then filled from rank 0's copy of the weights by broadcast (no worker but rank 0 reads them), or,
+    with `load_weights` off, left for a checkpoint's shards (`_load_state`).
 
     Parameters stay fp32 (the optimizer's master copy); in bf16 each layer is all-gathered and computed in bf16 and
     gradients are reduced in fp32 (MixedPrecisionPolicy), instead of autocast keeping a bf16 copy of every layer.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from spin_ray.models import load_config, load_model
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
+                                                 dtype=torch.float32, trust_remote_code=trust_remote_code)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -174,8 +223,10 @@ def _build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: i
     for module in model.modules():  # non-persistent buffers (rotary frequencies) are in no state dict
         if "RotaryEmbedding" in type(module).__name__:
             model._init_weights(module)
-    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict() if rank == 0 else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if load_weights:
+        full = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code).state_dict() \
+            if rank == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
@@ -190,54 +241,154 @@ def _grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
     return nullcontext()
 
 
-def _save(model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-          sharded: bool, rank: int, out: str) -> None:
-    """HF model + tokenizer (rank 0) and the optimizer state (rank 0, or every rank's shard under FSDP2)."""
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, rank: int,
+          out: str) -> None:
+    """The resumable state as torch.distributed.checkpoint shards: every rank writes its own file (its FSDP2 shards;
+    under DDP, DCP spreads the replicated tensors over the ranks), rank 0 the `.metadata` index. Nothing is gathered."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        hf_model = model
-    else:
-        hf_model = getattr(model, "module", model)
-        state = None
-    if rank == 0:
-        hf_model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-    if rank == 0 or sharded:
-        torch.save({"optimizer": _plain_tensors(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                    "step": step, "rng": torch.get_rng_state()}, os.path.join(out, STATE.format(rank)))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict(), "step": step,
+              f"rng_rank{rank}": torch.get_rng_state()}, checkpoint_id=os.path.join(out, STATE))
 
 
-def _plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer state with each DTensor (an FSDP2 shard) as its local tensor: the file then holds only plain
-    tensors and numbers, which `torch.load(weights_only=True)` reads without unpickling code from storage."""
-    return {**state, "state": {i: {k: v.to_local() if hasattr(v, "to_local") else v for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+def _load_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                rank: int) -> int:
+    """Read a `_save`d state into the model, optimizer, scheduler and RNG, each rank only its shards; returns the
+    step. DCP's own reader unpickles `.metadata` with pickle.load and every non-tensor entry with
+    torch.load(weights_only=False): a shared bucket must not be a way to run code on the workers, so both go through
+    allowlists here (`_safe_reader`, `_safe_planner`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to fill (optimizer state initialised)
+    state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict(), "step": 0,
+             f"rng_rank{rank}": torch.get_rng_state()}
+    dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state[f"rng_rank{rank}"])
+    return int(state["step"])
 
 
-def _load_state(path: str, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, Any]:
-    """Read a `_save`d state (weights_only: a shared bucket must not be a way to run code on the workers) and give
-    the optimizer its shards back as DTensors laid out like their parameters."""
-    from torch.distributed.tensor import DTensor
+def _safe_reader(path: str) -> Any:
+    """A DCP FileSystemReader whose `.metadata` (DCP's index: dataclasses of sizes, dtypes and file offsets) is
+    unpickled with only those classes allowed."""
+    import pickle
 
-    state = torch.load(path, weights_only=True)
-    for i, s in state["optimizer"]["state"].items():
-        p = params[i]
-        if isinstance(p, DTensor):
-            s.update({k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                      for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
-    optimizer.load_state_dict(state["optimizer"])
-    return state
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    allowed = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if ((module, name) in allowed or module == "torch.distributed.checkpoint.metadata"
+                    or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{path}/.metadata refers to {module}.{name}, which a checkpoint index "
+                                         "never holds: refusing to load it")
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = Unpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"{path}/.metadata is not a torch.distributed.checkpoint index")
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_planner() -> Any:
+    """DCP's DefaultLoadPlanner, reading the non-tensor entries (step, scheduler, optimizer hyper-parameters) with
+    torch.load(weights_only=True) instead of weights_only=False."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            fqn = read_item.dest_index.fqn
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafePlanner()
+
+
+def model_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
+    """θ_t's own dtype (config.json's `dtype`, formerly `torch_dtype`), in which θ_{t+1} is exported; fp32 if unset."""
+    from spin_ray.models import load_config
+
+    config = load_config(source, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def final_metrics(lines: list[str], n_rows: int, epochs: int) -> dict[str, Any]:
+    """The last step's metrics and how many pairs were not used `epochs` times. Every pair should be, whatever restarts
+    happened; plan_steps may drop a remainder that does not divide among the workers. Either way it is counted."""
+    final = {k: v for k, v in json.loads(lines[-1]).items() if k != "pairs"}
+    uses = np.bincount([i for line in lines for i in json.loads(line).get("pairs", [])], minlength=n_rows)
+    final["pairs_not_used_epochs_times"] = int((uses != epochs).sum())
+    return final
+
+
+def _export(model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype, rank: int, out: str,
+            marker: dict[str, Any]) -> None:
+    """θ_{t+1} as an HF folder in θ_t's dtype, written by rank 0 straight to `out`: each parameter is gathered whole
+    one at a time (every rank takes part under FSDP2) and only rank 0 keeps it, on the CPU and already cast, so no
+    rank ever holds an fp32 copy of the whole model. A local `out` appears by rename; on a URI the marker is last."""
+    import pyarrow.fs as pafs
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = {}
+    for name, tensor in get_model_state_dict(model).items():
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        if rank == 0:
+            state[name] = full.detach().to("cpu", dtype)
+    if rank != 0:
+        return
+    hf_model = getattr(model, "module", model)
+    fs, path = records.filesystem(out)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = f"{path}.tmp" if local else tmp
+        if local and os.path.exists(work):
+            shutil.rmtree(work)
+        hf_model.save_pretrained(work, state_dict=state, safe_serialization=True)
+        hf_model.config.dtype = dtype  # save_pretrained wrote the fp32 master parameters' dtype
+        hf_model.config.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        if local:
+            with open(os.path.join(work, records.MARKER), "w") as f:
+                json.dump(marker, f)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(work, path)
+            return
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+        pafs.copy_files(tmp, path, destination_filesystem=fs)
+        with fs.open_output_stream(f"{path}/{records.MARKER}") as f:
+            f.write(json.dumps(marker).encode())
 
 
 def train_loop_per_worker(c: dict[str, Any]) -> None:
     """One Ray Train worker: SPIN updates over seeded global batches, with resumable checkpoints."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spin_ray.models import local_model
+    from spin_ray.models import load_model, load_tokenizer, local_model
 
     cfg: SpinConfig = c["cfg"]
     tc = cfg.train
@@ -251,13 +402,13 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     checkpoint = ray.train.get_checkpoint()
-    ckpt_dir = checkpoint.to_directory() if checkpoint else None
-    source = ckpt_dir or local_model(c["model"])
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    source = local_model(c["model"])
+    trust = dict(trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(source, **trust)
     if sharded:
-        model = _build_sharded(source, tc, dtype, rank, world, device)
+        model = _build_sharded(source, tc, dtype, rank, world, device, load_weights=checkpoint is None, **trust)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = load_model(source, dtype=torch.float32, **trust)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -271,33 +422,35 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     warmup = math.ceil(tc.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     start = 0
-    if ckpt_dir:
-        state = _load_state(os.path.join(ckpt_dir, STATE.format(rank if sharded else 0)), optimizer, params)
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:  # local storage: the folder itself; a URI: one download per node
+            start = _load_state(os.path.join(ckpt_dir, STATE), model, optimizer, scheduler, rank)
     # From the file, not from the driver's start: after a worker failure inside this fit, the group restarts from
     # the checkpoint with the lines written since (rank 0 writes them at every checkpoint).
     lines = records.read_lines(c["metrics_uri"])[:start]
 
-    pairs = _load_pairs()
+    lengths = c["lengths"]
     budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens)
     order = None
+    last_checkpoint = time.monotonic()
     for step in range(start, total):
         epoch, k = divmod(step, len(steps))
         if order is None or k == 0:
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            # Every worker derives the epoch's seeded plan from the row lengths alone, then fetches only the rows of
+            # its own shares: N workers see the same global batches as one, and a resumed epoch the same batches.
+            order, plan = epoch_plan(lengths, steps, cfg.seed, epoch, world)
+            pairs = _load_share(c["pairs"], sorted({i for shares in plan for i in shares[rank]}))
         begin = sum(steps[:k])
-        shares = worker_shares(order[begin:begin + steps[k]], pairs.lengths, world)
-        micro = even_micro_batches(shares, pairs.lengths, **budget)[rank]
+        micro = even_micro_batches(plan[k], lengths, **budget)[rank]
         mine = sum(len(idx) for idx in micro)
         t0 = time.perf_counter()
         sums, tokens, padded = torch.zeros(8, dtype=torch.float64), 0, 0
         for i, idx in enumerate(micro):
             batch = {key: v.to(device) for key, v in pack_pairs([pairs.pair(j) for j in idx],
                                                                 tokenizer.pad_token_id).items()}
-            ref_real = torch.tensor(pairs.ref["ref_logp_real"][idx], device=device)
-            ref_gen = torch.tensor(pairs.ref["ref_logp_generated"][idx], device=device)
+            here = pairs.local(idx)
+            ref_real = torch.tensor(pairs.ref["ref_logp_real"][here], device=device)
+            ref_gen = torch.tensor(pairs.ref["ref_logp_generated"][here], device=device)
             with _grad_sync(model, i == len(micro) - 1):
                 real, generated = packed_logps(model, batch)
                 loss, m = spin_loss(real, generated, ref_real, ref_gen, tc.beta, tc.loss_type)
@@ -311,10 +464,14 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        done = step + 1 == total
+        # Rank 0's clock decides for all, through the metrics' all-reduce: every rank must checkpoint (a collective)
+        # after the same step.
+        save = rank == 0 and checkpoint_due(tc, step, len(steps), total, (time.monotonic() - last_checkpoint) / 60)
         if world > 1:
-            totals = torch.tensor([*sums.tolist(), tokens, padded], dtype=torch.float64, device=device)
+            totals = torch.tensor([*sums.tolist(), tokens, padded, save], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(totals)
-            sums, tokens, padded = totals[:-2].cpu(), int(totals[-2]), int(totals[-1])
+            sums, tokens, padded, save = totals[:-3].cpu(), int(totals[-3]), int(totals[-2]), bool(totals[-1])
         names = ["loss", *m.keys()]
         metrics = {n: float(v) for n, v in zip(names, (sums[:-1] / sums[-1]).tolist())}
         # `pairs`: the rows of the training table this step used, so that each pair's use is countable after restarts.
@@ -323,16 +480,20 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                        padding_share=1 - tokens / padded, tokens_per_s=tokens / (time.perf_counter() - t0),
                        beta=tc.beta, iteration=cfg.iteration, time=time.time())
         lines.append(json.dumps(metrics))
-        done = step + 1 == total
-        if rank == 0 and ((step + 1) % tc.report_every == 0 or (step + 1) % tc.checkpoint_every == 0 or done):
+        if rank == 0 and ((step + 1) % tc.report_every == 0 or save or done):
             records.write_bytes_atomic(c["metrics_uri"], ("\n".join(lines) + "\n").encode())
-        if (step + 1) % tc.checkpoint_every == 0 or done:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save(model, tokenizer, optimizer, scheduler, step + 1, sharded, rank, tmp)
-                has_files = rank == 0 or sharded
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
-        elif (step + 1) % tc.report_every == 0:
+        if save:
+            tmp = tempfile.mkdtemp(prefix="spin_ckpt_")
+            _save(model, optimizer, scheduler, step + 1, rank, tmp)
+            # ASYNC: Ray uploads the shards on a thread of its own (then deletes `tmp`) while training goes on.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            last_checkpoint = time.monotonic()
+        elif (step + 1) % tc.report_every == 0 or done:
             ray.train.report(metrics)
+    # Also when a restarted group finds every step done (killed while exporting): the export is redone.
+    _export(model, tokenizer, model_dtype(source, **trust), rank, c["out"],
+            final_metrics(lines, len(lengths), tc.epochs))
 
 
 def pairs_uris(cfg: SpinConfig, model: str) -> list[str]:
@@ -353,11 +514,11 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     β and the peak lr are iteration t's (`train.beta_per_iteration` / `lr_per_iteration`, see
     SpinConfig.for_iteration), whichever entry point calls this.
     """
-    import ray.data
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from spin_ray.models import resolve_model
+    from spin_ray.models import check_model, resolve_model
 
     # Refused before any actor starts (plan.py decides what each stage asks for); the window is rescored here.
     cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("window", "train"))
@@ -365,8 +526,10 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     out = records.join(here, "model")
     if records.is_complete(out):
         log.info("iteration %d: trained model already at %s; skipping training", cfg.iteration, out)
+        _drop_resumable_state(here)  # left if the driver died between the export and its cleanup
         return TrainResult(out, records.read_json(records.join(out, records.MARKER)), skipped=True)
     model = resolve_model(model or cfg.model)
+    check_model(model, cfg.trust_remote_code)
     table = records.read_pairs_table(pairs or pairs_uris(cfg, model), columns=COLUMNS)
     tc = cfg.train
     if not plan_steps(table.num_rows, tc.global_batch_size, tc.num_workers):
@@ -374,67 +537,36 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     metrics_uri = records.join(here, "train_metrics.jsonl")
 
     t0 = time.perf_counter()
+    # The workers get the row lengths (to plan the batches) and the table in the object store, from which each
+    # fetches only the rows it trains on (_load_share).
+    config = {"cfg": cfg, "model": model, "n_rows": table.num_rows, "metrics_uri": metrics_uri, "out": out,
+              "lengths": packed_lengths(table).tolist(), "pairs": ray.put(table)}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "model": model, "n_rows": table.num_rows, "metrics_uri": metrics_uri},
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.num_cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        datasets={"train": _quiet_dataset(table)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
             name="train", storage_path=records.join(here, "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
     )
-    result = trainer.fit()
+    trainer.fit()
     seconds = time.perf_counter() - t0
-    lines = records.read_lines(metrics_uri)
-    final = {k: v for k, v in json.loads(lines[-1]).items() if k != "pairs"}
-    # Every pair should be used `epochs` times whatever restarts happened; plan_steps may drop a remainder that does
-    # not divide among the workers. Either way the count is in the final metrics, never silent.
-    uses = np.bincount([i for line in lines for i in json.loads(line).get("pairs", [])], minlength=table.num_rows)
-    final["pairs_not_used_epochs_times"] = int((uses != tc.epochs).sum())
+    # Rank 0 exported θ_{t+1} to `out` with its marker (the final metrics); the resumable state is only disk now.
+    final = records.read_json(records.join(out, records.MARKER))
     if final["pairs_not_used_epochs_times"]:
         log.warning("iteration %d: %d of %d pairs were not used train.epochs = %d times", cfg.iteration,
                     final["pairs_not_used_epochs_times"], table.num_rows, tc.epochs)
-    with result.checkpoint.as_directory() as ckpt:
-        _publish_model(ckpt, out, final)
-    # The published model is what later stages read; the resumable state (optimizer included) is only disk now.
-    fs, path = records.filesystem(records.join(here, "ray_train"))
-    fs.delete_dir(path)
+    _drop_resumable_state(here)
     log.info("iteration %d: θ_%d saved to %s (%.1f s)", cfg.iteration, cfg.iteration + 1, out, seconds)
     return TrainResult(out, final, skipped=False, seconds=seconds)
 
 
-def _quiet_dataset(table: "pa.Table") -> "ray.data.Dataset":
-    """The pairs as a Dataset without progress bars: each worker reads it whole, and its bar never closes."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    old, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        return ray.data.from_arrow(table)
-    finally:
-        ctx.enable_progress_bars = old
-
-
-def _publish_model(ckpt: str, out: str, metrics: dict[str, Any]) -> None:
-    """Copy the HF files (not the optimizer state) to `out`, marker last."""
+def _drop_resumable_state(here: str) -> None:
     import pyarrow.fs as pafs
 
-    fs, path = records.filesystem(out)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    work = f"{path}.tmp" if local else path
-    if fs.get_file_info(work).type != pafs.FileType.NotFound:
-        fs.delete_dir(work)
-    fs.create_dir(work, recursive=True)
-    for name in os.listdir(ckpt):
-        if not name.startswith("train_state_rank"):
-            pafs.copy_files(os.path.join(ckpt, name), f"{work}/{name}", destination_filesystem=fs)
-    with fs.open_output_stream(f"{work}/{records.MARKER}") as f:
-        f.write(json.dumps(metrics).encode())
-    if local:
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        fs.move(work, path)
+    fs, path = records.filesystem(records.join(here, "ray_train"))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)

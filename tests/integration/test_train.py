@@ -76,12 +76,18 @@ def test_two_workers_and_fsdp_take_the_same_steps_as_one(tiny_model, pairs, tmp_
     # FSDP2 (fully_shard, meta init + rank-0 broadcast) with activation checkpointing is the 7B path; gloo on CPU.
     fsdp = train(cfg_for(tiny_model, tmp_path / "fsdp", *steps, "train.num_workers=2", "train.strategy=fsdp",
                          "train.gradient_checkpointing=true"), pairs=[pairs])
+    # HSDP for multi-node: a 2 x 2 mesh (shard within pairs of workers, replicate across the pairs), 1 micro-batch each.
+    hsdp = train(cfg_for(tiny_model, tmp_path / "hsdp", *steps, "train.num_workers=4", "train.strategy=fsdp",
+                         "train.hsdp_shard_size=2"), pairs=[pairs])
     a = metrics(tmp_path / "one")
     wa = AutoModelForCausalLM.from_pretrained(one.model).state_dict()
     w0 = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-5  # training moved the weights
     assert all(m["grad_norm"] > 0 for m in a) and all(0 <= m["padding_share"] < 0.5 for m in a)
-    for run in (two, fsdp):
+    for run in (two, fsdp, hsdp):
+        # Exported by rank 0 in θ_0's dtype, without the resumable state (DCP shards stay in ray_train, then go).
+        assert sorted(os.listdir(run.model)) == sorted(os.listdir(one.model))
+        assert not os.path.exists(os.path.join(os.path.dirname(run.model), "ray_train"))
         b = metrics(os.path.dirname(os.path.dirname(run.model)))
         assert len(a) == len(b) == 4
         for x, y in zip(a, b):  # tolerance: fp32 sums in another order (all-reduce vs local accumulation)
@@ -196,3 +202,106 @@ def test_generate_then_train_compose_at_iteration_1(tiny_model, pairs, tmp_path)
     assert len(lines) == 8  # (32 + 32 pairs) / 8 per step
     assert {m["beta"] for m in lines} == {2.5} and max(m["lr"] for m in lines) == pytest.approx(2e-4)
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # θ_1 is the reference of both iterations' pairs
+
+
+def test_checkpoint_cadence():
+    from spin_ray.config import TrainConfig
+    from spin_ray.train import checkpoint_due
+
+    # 10 steps in all, 4 per epoch; never after the last step (step index 9), whose result is the exported model.
+    steps = TrainConfig(checkpoint_every=3, checkpoint_every_minutes=None)
+    assert [s for s in range(10) if checkpoint_due(steps, s, 4, 10, 0.0)] == [2, 5, 8]
+    epochs = TrainConfig(checkpoint_every=None, checkpoint_every_minutes=None, checkpoint_every_epoch=True)
+    assert [s for s in range(10) if checkpoint_due(epochs, s, 4, 10, 0.0)] == [3, 7]
+    minutes = TrainConfig(checkpoint_every=None, checkpoint_every_minutes=30.0)
+    assert not checkpoint_due(minutes, 0, 4, 10, 29.9) and checkpoint_due(minutes, 0, 4, 10, 30.0)
+    assert not checkpoint_due(minutes, 9, 4, 10, 60.0)
+
+
+def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_model, tmp_path):
+    """The DCP state (model, optimizer, scheduler, RNG) round-trips bit for bit; DCP's own reader would unpickle the
+    `.metadata` index with pickle.load and non-tensor entries with torch.load(weights_only=False)."""
+    import io
+    import pickle
+
+    from spin_ray.models import load_model
+    from spin_ray.train import STATE, _load_state, _safe_planner, _save
+
+    def make():
+        model = load_model(tiny_model, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
+
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(model, optimizer, scheduler):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+    a = make()
+    for _ in range(2):
+        step(*a)
+    _save(*a, step=2, rank=0, out=str(tmp_path))
+    b = make()
+    assert _load_state(str(tmp_path / STATE), *b, rank=0) == 2
+    assert b[2].state_dict() == a[2].state_dict()
+    step(*a)
+    step(*b)
+    assert all(torch.equal(x, y) for x, y in zip(a[0].parameters(), b[0].parameters()))
+
+    witness = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {witness}",))
+
+    (tmp_path / STATE / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(BaseException, match="CheckpointException"):  # DCP wraps the refusal in its own exception
+        _load_state(str(tmp_path / STATE), *b, rank=0)
+    buffer = io.BytesIO()
+    torch.save(Payload(), buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        _safe_planner().load_bytes(None, buffer)
+    assert not witness.exists()
+
+
+def test_workers_fetch_only_their_rows(pairs, ray_cluster):
+    import ray
+
+    from spin_ray.train import COLUMNS, _load_share, epoch_plan, packed_lengths, plan_steps
+
+    table = pq.read_table(pairs, columns=COLUMNS)
+    lengths = packed_lengths(table).tolist()
+    steps = plan_steps(table.num_rows, 8, 2)
+    order, plan = epoch_plan(lengths, steps, 42, 0, 2)
+    mine = [sorted(i for shares in plan for i in shares[rank]) for rank in range(2)]
+    # Each step's global batch is split between the two workers; together they hold each row once.
+    assert [sorted(a + b) for a, b in plan] == [sorted(order[8 * k:8 * k + 8]) for k in range(len(steps))]
+    assert sorted(mine[0] + mine[1]) == list(range(table.num_rows)) and len(mine[0]) == table.num_rows // 2
+    share = _load_share(ray.put(table), mine[1])
+    assert len(share) == len(mine[1]) and len(share.ids["real_ids"][0]) < len(table.column("real_ids").combine_chunks().values)
+    row = mine[1][3]
+    assert share.pair(row)["real_ids"] == table.column("real_ids")[row].as_py()
+    assert share.ref["ref_logp_real"][share.local([row])][0] == table.column("ref_logp_real")[row].as_py()
+
+
+def test_model_is_exported_in_its_own_dtype(tiny_model, pairs, tmp_path):
+    """A bf16 θ_t gives a bf16 θ_{t+1} (trained on fp32 master weights), with the epoch checkpoint cadence on."""
+    from safetensors import safe_open
+
+    from spin_ray.models import load_model
+
+    bf16 = tmp_path / "bf16_model"
+    load_model(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in os.listdir(tiny_model):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            os.link(os.path.join(tiny_model, name), bf16 / name)
+    result = train(cfg_for(str(bf16), tmp_path, "train.epochs=2", "train.checkpoint_every=null",
+                           "train.checkpoint_every_epoch=true"), pairs=[pairs])
+    assert json.loads((tmp_path / "iter_0" / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(os.path.join(result.model, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 9))

@@ -32,6 +32,9 @@ def test_yaml_then_overrides(tmp_path):
     ("generate.max_tokens=many", "generate.max_tokens"),
     ("train.use_gpu=3", "train.use_gpu"),
     ("train.betta=1", "train.betta"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.checkpoint_every_minutes=0", "train.checkpoint_every_minutes"),
+    ("train.checkpoint_every_epoch=3", "train.checkpoint_every_epoch"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

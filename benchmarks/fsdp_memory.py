@@ -1,0 +1,156 @@
+"""Per-worker memory of FSDP2 vs DDP training on CPU (gloo): what issue 7 §3 asks of sharding.
+
+Each run starts `--workers` processes (torch.multiprocessing, gloo), builds the model the way spin_ray's Train workers
+do (`strategy=fsdp`: spin_ray.train._build_sharded, meta-device init, fully_shard per decoder layer, rank-0 broadcast;
+`strategy=ddp`: the whole fp32 model in every worker, wrapped in DistributedDataParallel as ray.train.torch's
+prepare_model does), takes one optimizer step on random tokens, and then counts, per rank, the bytes of the tensors it
+holds: parameters (an FSDP2 parameter's local shard), gradients, optimizer state (the local shards of AdamW's or
+RMSprop's buffers). Peak RSS (getrusage) and RSS growth from just before the model is built are reported beside them;
+they include the activations, DDP's gradient buckets and the allocator's slack, so they are looser than the tensor
+count. Every configuration runs `--repeats` times, each in fresh processes; the JSON keeps every run.
+
+The model is a Llama with random weights built here from `--hidden/--layers/--vocab` (nothing is downloaded), or any
+local HF folder given as `--model`.
+
+    python benchmarks/fsdp_memory.py                   # Llama 512 x 8 layers, vocab 32000 (~57M params), AdamW
+    python benchmarks/fsdp_memory.py --optimizer rmsprop --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import write_json  # noqa: E402
+
+
+def local_bytes(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def worker(rank: int, world: int, port: int, strategy: str, model_path: str, optimizer_name: str,
+           out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from spin_ray.config import TrainConfig
+    from spin_ray.models import load_model
+    from spin_ray.train import _build_sharded
+
+    before = psutil.Process().memory_info().rss
+    device = torch.device("cpu")
+    if strategy == "fsdp":
+        model = _build_sharded(model_path, TrainConfig(strategy="fsdp", num_workers=world), "float32", rank, world,
+                               device, load_weights=True)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(load_model(model_path, dtype=torch.float32))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW(params, lr=1e-4) if optimizer_name == "adamw"
+                 else torch.optim.RMSprop(params, lr=1e-4))
+    vocab = (model.module if hasattr(model, "module") else model).config.vocab_size
+    tokens = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(rank))
+    t0 = time.perf_counter()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    step_s = time.perf_counter() - t0
+    held = {
+        "params": sum(local_bytes(p) for p in params),
+        "grads": sum(local_bytes(p.grad) for p in params),
+        "optimizer": sum(local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+    }
+    held["total"] = sum(held.values())
+    result = {"rank": rank, "bytes": held, "rss_growth_bytes": psutil.Process().memory_info().rss - before,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "step_s": step_s,
+              "full_params": sum(p.numel() for p in params) if strategy == "ddp" else
+              sum(p.shape.numel() for p in params)}
+    with open(os.path.join(out_dir, f"{strategy}_{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(strategy: str, world: int, model_path: str, optimizer: str) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(worker, args=(world, port, strategy, model_path, optimizer, out), nprocs=world, join=True)
+        return [json.load(open(os.path.join(out, f"{strategy}_{r}.json"))) for r in range(world)]
+
+
+def build_model(path: str, hidden: int, layers: int, vocab: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a local HF model folder (default: a random Llama built from the sizes below)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--optimizer", choices=["adamw", "rmsprop"], default="adamw")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "fsdp_memory.json"))
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_model(os.path.join(tmp, "model"), args.hidden, args.layers, args.vocab)
+        runs = {"ddp": [], "fsdp": []}
+        for rep in range(args.repeats):
+            for strategy in runs:  # interleaved, so that others' load on the machine hits both alike
+                ranks = run(strategy, args.workers, model, args.optimizer)
+                runs[strategy].append(ranks)
+                print(f"repeat {rep + 1} {strategy}: " + ", ".join(
+                    f"rank {r['rank']} {r['bytes']['total'] / 2**20:.1f} MiB held, peak RSS "
+                    f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" for r in ranks), flush=True)
+
+    def per_rank_max(strategy: str, key: str) -> list[float]:
+        """Each repeat's largest rank (the one that has to fit)."""
+        get = {"held": lambda r: r["bytes"]["total"], "rss_growth": lambda r: r["rss_growth_bytes"],
+               "peak_rss": lambda r: r["peak_rss_bytes"]}[key]
+        return [max(get(r) for r in ranks) for ranks in runs[strategy]]
+
+    summary = {}
+    for key in ("held", "rss_growth", "peak_rss"):
+        ddp, fsdp = per_rank_max("ddp", key), per_rank_max("fsdp", key)
+        ratios = [f / d for f, d in zip(fsdp, ddp)]
+        summary[key] = {"ddp_mib": [round(v / 2**20, 1) for v in ddp], "fsdp_mib": [round(v / 2**20, 1) for v in fsdp],
+                        "ratio_fsdp_over_ddp": [round(r, 3) for r in ratios],
+                        "ratio_median": round(statistics.median(ratios), 3)}
+    parts = {k: round(runs["fsdp"][0][0]["bytes"][k] / runs["ddp"][0][0]["bytes"][k], 3)
+             for k in ("params", "grads", "optimizer")}
+    summary["held_ratio_by_part_rank0"] = parts
+    summary["target"] = "held ratio <= 0.6 (issue 7 §3)"
+    summary["meets_target"] = max(summary["held"]["ratio_fsdp_over_ddp"]) <= 0.6
+    print(json.dumps(summary, indent=1))
+    write_json(args.out, {"model": args.model or {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
+                          "params": runs["ddp"][0][0]["full_params"], "workers": args.workers,
+                          "optimizer": args.optimizer, "repeats": args.repeats, "summary": summary, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
