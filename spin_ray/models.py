@@ -12,8 +12,10 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spin_ray.config import ConfigError
 
@@ -178,36 +180,65 @@ def _char_tokenizer() -> "PreTrainedTokenizerFast":
                                    padding_side="left", model_max_length=256, chat_template=CHATML_TEMPLATE)
 
 
-def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
-    """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
-    answers, loss on the answer tokens only. Deliberately short of convergence: a weak SFT model
-    with room to improve, as SPIN's θ_0 (small-scale.md)."""
+def _tasks_llama_config(tokenizer: "PreTrainedTokenizerFast") -> "LlamaConfig":
+    """The tasks-sft architecture: 0.9M parameters, 4 layers, head_dim 32 (vLLM's CPU kernels need >= 32)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+
+
+@dataclass
+class SFTResult:
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    losses: list[float]
+    """Training loss of every optimizer step."""
+
+    def save(self, out: str | os.PathLike) -> None:
+        """An HF folder that transformers, vLLM and every spin_ray stage load."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        self.model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                        pad_token_id=tok.pad_token_id)
+        self.model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+
+def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_size: int = 32,
+        warmup: int | None = None, decay: bool = True, seed: int = 0,
+        start: str | os.PathLike | None = None) -> SFTResult:
+    """Supervised fine-tuning on normalised rows (prompt messages, `real` answer; data.load_sft): `steps` AdamW
+    steps of `batch_size` answers drawn from a seeded shuffle of the rows, loss on the answer tokens (EOS included)
+    only, gradients clipped to norm 1. The lr warms up linearly over `warmup` steps (default a tenth of them), then
+    decays linearly to 0 at the last step (`decay`) or stays at `lr`.
+
+    `start` (an HF folder) is the model to continue from; None starts from a freshly initialised tasks-sft
+    architecture with the one-token-per-character tokenizer. The same arguments give the same model."""
     import torch
     import torch.nn.functional as F
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
     from spin_ray.template import IGNORE, prompt_ids, response_ids
 
-    tokenizer = _char_tokenizer()
-    eos = tokenizer.eos_token_id
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=256,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=True)
-    rows = load_sft(DataConfig(path="bundled", split="train")).rows
+    tokenizer = _char_tokenizer() if start is None else AutoTokenizer.from_pretrained(start)
     examples = [(prompt_ids(tokenizer, r["prompt"]), response_ids(tokenizer, r["real"])) for r in rows]
-    with torch.random.fork_rng(devices=[]):
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    losses = []
+    with torch.random.fork_rng(devices=[]):  # seeding here must not reset the caller's global torch RNG
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-        warmup = max(1, steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup))))
-        order = torch.randperm(len(examples) * (steps * 32 // len(examples) + 1)) % len(examples)
+        model = (LlamaForCausalLM(_tasks_llama_config(tokenizer)) if start is None
+                 else AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, use_safetensors=True))
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else (
+            max(0.0, (steps - s) / max(1, steps - warmup)) if decay else 1.0))
+        order = torch.randperm(len(examples) * (steps * batch_size // len(examples) + 1)) % len(examples)
         for step in range(steps):
-            batch = [examples[i] for i in order[step * 32:(step + 1) * 32].tolist()]
+            batch = [examples[i] for i in order[step * batch_size:(step + 1) * batch_size].tolist()]
             width = max(len(p) + len(a) for p, a in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id)
             labels = torch.full((len(batch), width), IGNORE)
@@ -221,10 +252,19 @@ def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+            losses.append(float(loss.detach()))
+    model.eval()
+    return SFTResult(model, tokenizer, losses)
+
+
+def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
+    """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
+    answers at peak lr 2e-3. Deliberately short of convergence: a weak SFT model with room to improve, as SPIN's θ_0
+    (small-scale.md)."""
+    from spin_ray.config import DataConfig
+    from spin_ray.data import load_sft
+
+    sft(load_sft(DataConfig(path="bundled", split="train")).rows, steps=steps, seed=seed).save(out)
 
 
 def build_tasks_sft_model(out_dir: str | os.PathLike, seed: int = 0, steps: int = TASKS_SFT_STEPS) -> str:
