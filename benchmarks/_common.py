@@ -116,3 +116,23 @@ def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
     print(f"\nresults written to {path}")
+
+
+def start_ray(**kwargs) -> None:
+    """A Ray cluster of our own (address="local", its own temp dir, so that another session's
+    ray.init(address="auto") cannot join it and skew the figures), retried: on a loaded machine the raylet can miss
+    Ray's fixed 30 s start-up wait."""
+    import tempfile
+
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(address="local", include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"),
+                     **kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception for the start-up timeout
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
+            print(f"ray.init timed out (load average {loadavg()}); retrying", flush=True)

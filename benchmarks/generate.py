@@ -22,9 +22,15 @@ actors of 1 CPU (GenerateConfig.num_cpus_per_actor=1, the default) and 1 actor o
 The direct baseline for (a) is import vllm + LLM(...) + the single generate call; for (b) the generate call alone.
 
 Peak RSS: a psutil thread samples, every 0.25 s, the direct process and every process whose command line names the
-actor class (Ray titles actor processes `ray::MapWorker(MapBatches(<class>))`). The direct process runs at niceness 15
-like Ray's workers, so other users' load on a shared machine hits both sides alike; "others' CPU" says how much of the
-cores processes outside the benchmark took during each run.
+actor class (Ray titles actor processes `ray::MapWorker(MapBatches(<class>))`). The direct process and Ray's workers
+both run at niceness 0 (RAY_worker_niceness=0: at Ray's default 15 they starved behind other users' jobs), so other
+users' load on a shared machine hits both sides alike; "others' CPU" says how much of the cores processes outside the
+benchmark took during each run.
+
+Warm pool (--pool): the embedded default's path (GenerateConfig.keep_warm): spin_ray.generate.EnginePool starts the
+engines once (timed), `reload` swaps weights in (timed), then two generations run on the same warm engines through
+PooledGenerator stages; steady as above, and a whole materialize() (Ray Data included, no engine start) against the
+direct engine's generate call.
 
 For context, the full `spin_ray.loop.make_pairs` (generate + score + parquet write) on the same prompts is timed too.
 
@@ -36,7 +42,8 @@ import os
 
 # Before ray/vllm are imported; the spawned direct processes read them too.
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  RAY_worker_niceness="0")
 
 
 def direct_run(model: str, prompts: list[list[int]], seeds: list[int], max_tokens: int, max_model_len: int,
@@ -74,7 +81,7 @@ def direct_run(model: str, prompts: list[list[int]], seeds: list[int], max_token
 
 
 def _direct_entry(conn, nice: int, *args) -> None:
-    os.nice(nice)  # Ray runs its workers at niceness 15: on a shared machine others' load then hits both sides alike
+    os.nice(nice)  # the Ray workers' niceness (RAY_worker_niceness): others' load then hits both sides alike
     conn.send(direct_run(*args))
 
 
@@ -92,7 +99,8 @@ if __name__ == "__main__":
     import pyarrow.dataset as pads
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import RssSampler, cmdline_containing, loadavg, machine, pid_in, print_table, write_json
+    from _common import (RssSampler, cmdline_containing, loadavg, machine, pid_in, print_table, start_ray,
+                         write_json)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
@@ -103,10 +111,12 @@ if __name__ == "__main__":
     ap.add_argument("--max-prompt-length", type=int, default=512)
     ap.add_argument("--actors", default="1,2,1x2",
                     help="pipeline variants: N (N actors of 1 CPU) or NxC (N actors of C CPUs), comma-separated")
+    ap.add_argument("--pool", default="1",
+                    help="warm-engine variants (EnginePool, keep_warm): engine counts, comma-separated; '' for none")
     ap.add_argument("--direct-threads", default="1,default",
                     help="direct baselines: OMP_NUM_THREADS for each (an int, or 'default' to leave it unset)")
-    ap.add_argument("--baseline-nice", type=int, default=15,
-                    help="niceness of the direct process (Ray starts its workers at 15, RAY_worker_niceness)")
+    ap.add_argument("--baseline-nice", type=int, default=0,
+                    help="niceness of the direct process (= RAY_worker_niceness, set to 0 for the Ray workers here)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip-pairs", action="store_true", help="skip the make_pairs context run")
     ap.add_argument("--verbose", action="store_true", help="show the actors' logs")
@@ -184,9 +194,9 @@ if __name__ == "__main__":
     class TimedGenerator(gen.Generator):
         """spin_ray's Generator, plus per-batch wall-clock stamps (benchmark only)."""
 
-        def __init__(self, **kw):
+        def __init__(self, *args, **kw):
             t0 = time.time()
-            super().__init__(**kw)
+            super().__init__(*args, **kw)
             self._init = (t0, time.time())
 
         def __call__(self, batch: pa.Table) -> pa.Table:
@@ -215,10 +225,7 @@ if __name__ == "__main__":
         while map_workers() and time.time() < deadline:
             time.sleep(0.5)
 
-    # A cluster of our own (address="local") in its own temp dir: another session's ray.init(address="auto") (as
-    # spin_ray's CLI does) finds clusters through /tmp/ray and would otherwise join this one and skew the figures.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
+    start_ray(num_cpus=4, log_to_driver=args.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
     lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     blocks = [table.slice(i, args.batch_size) for i in range(0, table.num_rows, args.batch_size)]
@@ -266,6 +273,50 @@ if __name__ == "__main__":
         pipeline.append(r)
         print(f"{r['name']}: e2e {r['e2e_s']:.1f} s, steady {r['steady_tok_s']:.1f} tok/s")
         del ds, out
+
+    # The warm-engine path (GenerateConfig.keep_warm, the embedded default): engines started once (EnginePool), a
+    # weight reload between iterations, and each iteration's batches forwarded to them by PooledGenerator stages.
+    warm = []
+    for spec in filter(None, args.pool.split(",")):
+        n_engines = int(spec)
+        cfg = dataclasses.replace(gcfg, num_actors=n_engines, num_cpus_per_actor=1, keep_warm=True)
+        wait_actors_gone()
+        with RssSampler(cmdline_containing("TimedGenerator")) as rss:
+            original, gen.Generator = gen.Generator, TimedGenerator
+            try:  # EnginePool looks Generator up when it makes its actor class
+                t0 = time.time()
+                pool = gen.EnginePool(model, cfg, iteration=0, seed=args.seed, **lengths)
+                start_s = time.time() - t0
+            finally:
+                gen.Generator = original
+            t0 = time.time()
+            pool.reload(model, 0)  # what each later iteration pays instead of a new engine
+            reload_s = time.time() - t0
+            e2e, steady = [], []
+            for _ in range(2):  # two iterations' worth of generation on the same warm engines
+                ds = gen.generate(ray.data.from_arrow(blocks), model, cfg, iteration=0, seed=args.seed, pool=pool,
+                                  **lengths)
+                t0 = time.time()
+                out = pa.concat_tables(ray.get(ds.materialize().to_arrow_refs()))
+                t_end = time.time()
+                tokens = sum(out.column("generated_tokens").to_pylist())
+                t_first, t_last = min(out.column("_t0").to_pylist()), max(out.column("_t1").to_pylist())
+                e2e.append(tokens / (t_end - t0))
+                steady.append(tokens / (t_last - t_first))
+            pool.shutdown()
+        texts = dict(zip(out.column("prompt_id").to_pylist(), out.column("generated").to_pylist()))
+        r = {"name": f"warm pool, {n_engines} engine(s) x 1 CPU", "engines": n_engines, "tokens": tokens,
+             "pool_start_s": start_s, "reload_s": reload_s, "e2e_tok_s": max(e2e), "steady_tok_s": max(steady),
+             "e2e_tok_s_runs": e2e, "steady_tok_s_runs": steady, "torch_threads": out.column("_threads")[0].as_py(),
+             "same_answer_as_direct": sum(texts[k] == v for k, v in direct_texts.items()) / len(direct_texts),
+             "peak_rss_mib": max((v["max_rss_mib"] for v in rss.peaks.values()), default=None),
+             "others_cpu_share": rss.other_cpu_share}
+        r["ratios"] = {f"direct_omp_{k}": {"steady": r["steady_tok_s"] / d["tok_s"],
+                                           "e2e_warm": r["e2e_tok_s"] / d["tok_s"]} for k, d in direct.items()}
+        warm.append(r)
+        print(f"{r['name']}: start {start_s:.1f} s, reload {reload_s:.3f} s, warm e2e {r['e2e_tok_s']:.1f} tok/s, "
+              f"steady {r['steady_tok_s']:.1f} tok/s", flush=True)
+        del ds, out, pool
 
     pairs = None
     if not args.skip_pairs:
@@ -341,6 +392,6 @@ if __name__ == "__main__":
     write_json(args.out, {
         "benchmark": "generate", "args": vars(args), "model_path": model, "machine": machine(),
         "load_avg": {"start": load_start, "end": load_end},
-        "direct": direct, "pipeline": pipeline, "make_pairs": pairs,
+        "direct": direct, "pipeline": pipeline, "warm_pool": warm, "make_pairs": pairs,
         "method": "steady = tokens / (last batch end - first batch start), stamped inside the actor; e2e = "
                   "materialize() wall incl. actor + engine start; direct e2e = import vllm + LLM() + 1 generate call"})

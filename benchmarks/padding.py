@@ -6,7 +6,9 @@ grouped         length grouping (spin_ray.train.worker_shares + even_micro_batch
                 2B padded sequences: what grouping alone buys
 packed          spin_ray.train today: each pair packed in one row (template.pack_pairs: both sequences side by side,
                 own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
-                train.micro_batch_tokens
+                train.micro_batch_tokens with at most spin_ray.train.MAX_PADDING of a forward's tokens padding
+packed-nocap    the same without the padding cap (MAX_PADDING = 1, the rule before it): a large budget takes a whole
+                share in one forward, padded to its longest row
 
 One process, no Ray: the same model, optimizer step, seeded global batches and sequences for every variant, run one
 after another; only how a step's pairs are cut into forwards differs (the loss is the same mean either way). Real
@@ -120,19 +122,44 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     """Each variant's micro-batches for the same seeded global batches (one worker), and whether it packs."""
     import torch
 
-    from spin_ray.train import PairArrays, even_micro_batches, worker_shares
+    import importlib
+
+    from spin_ray.train import even_micro_batches, packed_lengths, worker_shares
+
+    train = importlib.import_module("spin_ray.train")  # the module: spin_ray.train is also the package's function
 
     padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
-    packed = PairArrays(pa.Table.from_pylist([{**p, "ref_logp_real": 0.0, "ref_logp_generated": 0.0}
-                                              for p in pairs])).lengths  # the trainer's own lengths
+    packed = packed_lengths(pa.Table.from_pylist(pairs)).tolist()  # the trainer's own lengths
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     batches = [order[k * global_batch:(k + 1) * global_batch] for k in range(steps)]
     grouped = [even_micro_batches(worker_shares(b, padded, 1), padded, max_pairs=micro, max_tokens=None)[0]
                for b in batches]
-    budgeted = [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget)[0]
+
+    def budgeted() -> list[list[list[int]]]:
+        return [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget)[0]
                 for b in batches]
+
+    cap, train.MAX_PADDING = train.MAX_PADDING, 1.0
+    try:
+        uncapped = budgeted()
+    finally:
+        train.MAX_PADDING = cap
     return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], False),
-            "grouped": (grouped, False), "packed": (budgeted, True)}
+            "grouped": (grouped, False), "packed-nocap": (uncapped, True), "packed": (budgeted(), True)}
+
+
+def planned_padding(pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], packed: bool) -> float:
+    """Padding share of a plan from the lengths alone (no forward: exact, and free of the machine's load)."""
+    real = processed = 0
+    for idx in (idx for step in plan for idx in step):
+        if packed:
+            rows = [2 * len(pairs[i]["prompt_ids"]) + len(pairs[i]["real_ids"]) + len(pairs[i]["generated_ids"])
+                    for i in idx]
+        else:
+            rows = [len(pairs[i]["prompt_ids"]) + len(pairs[i][key]) for key in ("real_ids", "generated_ids")
+                    for i in idx]
+        real, processed = real + sum(rows), processed + len(rows) * max(rows)
+    return 1 - real / processed
 
 
 def main() -> None:
@@ -148,40 +175,59 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-prompt-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plan-only", action="store_true",
+                    help="padding shares from the plans alone (exact, seconds): no model, no timed steps")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "padding.json"))
     args = ap.parse_args()
 
+    import sys
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import RssSampler
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).float().train()
+    model = None if args.plan_only else LlamaForCausalLM(config).float().train()
     budget = args.tokens or 2 * args.micro_batch * args.max_length
     n = args.steps * args.global_batch
     data = {
         "bundled": bundled_pairs(args.max_length, args.max_prompt_length),
-        "long-tailed": long_tailed_pairs(n, config.vocab_size, args.max_length, args.max_prompt_length, args.seed),
+        "long-tailed": long_tailed_pairs(n, args.vocab, args.max_length, args.max_prompt_length, args.seed),
     }
     results = {"config": {**vars(args), "budget": budget, "torch_threads": torch.get_num_threads()}, "runs": {}}
     print(f"random Llama, {args.layers} layers, SmolLM2-135M widths; global batch {args.global_batch}, micro "
           f"{args.micro_batch} pairs, budget {budget} tokens, {args.steps} steps (steps 2..N timed)\n")
     print(f"{'data':<12} {'variant':<13} {'real tok/s':>10} {'padding':>8} {'fwd/step':>8} {'max tok/fwd':>11} "
           f"{'vs before':>9}")
-    for name, pairs in data.items():
-        while len(pairs) < n:  # the bundled set is small: cycle it (same lengths, as many steps as the other)
-            pairs = pairs + pairs
-        runs = {}
-        for variant, (plan, packed) in plans(pairs, steps=args.steps, global_batch=args.global_batch,
-                                             micro=args.micro_batch, budget=budget, seed=args.seed).items():
-            runs[variant] = r = run_variant(model, pairs, plan, pad_id=0, packed=packed)
-            ratio = r["real_tok_s"] / runs["before"]["real_tok_s"]
-            print(f"{name:<12} {variant:<13} {r['real_tok_s']:>10.0f} {r['padding_share']:>8.1%} "
-                  f"{r['forwards_per_step']:>8.1f} {r['max_tokens_per_forward']:>11} {ratio:>8.2f}x", flush=True)
-        results["runs"][name] = runs
+    with RssSampler(lambda p: None) as sampler:  # others' CPU only: this one process is the benchmark
+        for name, pairs in data.items():
+            while len(pairs) < n:  # the bundled set is small: cycle it (same lengths, as many steps as the other)
+                pairs = pairs + pairs
+            runs = {}
+            for variant, (plan, packed) in plans(pairs, steps=args.steps, global_batch=args.global_batch,
+                                                 micro=args.micro_batch, budget=budget, seed=args.seed).items():
+                if args.plan_only:
+                    continue
+                runs[variant] = r = run_variant(model, pairs, plan, pad_id=0, packed=packed)
+                ratio = r["real_tok_s"] / runs["before"]["real_tok_s"]
+                print(f"{name:<12} {variant:<13} {r['real_tok_s']:>10.0f} {r['padding_share']:>8.1%} "
+                      f"{r['forwards_per_step']:>8.1f} {r['max_tokens_per_forward']:>11} {ratio:>8.2f}x", flush=True)
+            if runs:
+                results["runs"][name] = runs
+            # The padding share at other budgets, planned only: how the cap holds where a large budget hurt.
+            results.setdefault("planned_padding", {})[name] = {
+                str(tokens): {variant: planned_padding(pairs, plan, packed) for variant, (plan, packed) in plans(
+                    pairs, steps=args.steps, global_batch=args.global_batch, micro=args.micro_batch, budget=tokens,
+                    seed=args.seed).items()}
+                for tokens in sorted({budget, 2 * args.max_length, 4 * budget})}
+    results["others_cpu_share"] = sampler.other_cpu_share
+    print(f"others' CPU during the run: {sampler.other_cpu_share:.0%}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -20,8 +20,9 @@ Throughput, both sides alike: tokens (attention-mask sum of the 2B sequences) of
 end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same stamps in the plain
 loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final save included) is
 reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
-Runs are sequential, never two at once. The plain process runs at niceness 15 like Ray's workers, so that other users'
-load on a shared machine hits both sides alike; "others' CPU" says how much of the cores other processes took per run.
+Runs are sequential, never two at once. The plain process and Ray's workers both run at niceness 0
+(RAY_worker_niceness=0; Ray's default of 15 starved them behind other users' jobs on the shared machine), so that other
+users' load hits both sides alike; "others' CPU" says how much of the cores other processes took per run.
 
     python benchmarks/train.py                          # SmolLM2-135M, 48 pairs, micro 4, global 8, 1 epoch
     python benchmarks/train.py --model tiny --pairs-count 128
@@ -31,7 +32,8 @@ import os
 
 # Before ray/vllm are imported; the spawned plain-loop processes read them too.
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  RAY_worker_niceness="0")
 
 
 def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: int, epochs: int, lr: float,
@@ -103,7 +105,7 @@ def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: i
 
 
 def _plain_entry(conn, nice: int, args, kwargs) -> None:
-    os.nice(nice)  # Ray runs its workers at niceness 15: on a shared machine others' load then hits both sides alike
+    os.nice(nice)  # the Ray workers' niceness (RAY_worker_niceness): others' load then hits both sides alike
     conn.send(plain_loop(*args, **kwargs))
 
 
@@ -132,7 +134,7 @@ if __name__ == "__main__":
     import pyarrow.parquet as pq
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import RssSampler, loadavg, machine, pid_in, print_table, write_json
+    from _common import RssSampler, loadavg, machine, pid_in, print_table, start_ray, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
@@ -150,8 +152,8 @@ if __name__ == "__main__":
     ap.add_argument("--plain-threads", default="1,default",
                     help="plain-loop OMP_NUM_THREADS settings (an int, or 'default' to leave it unset)")
     ap.add_argument("--ref-threads", default="1", help="thread settings at which the ref-model variant also runs")
-    ap.add_argument("--baseline-nice", type=int, default=15,
-                    help="niceness of the plain-loop process (Ray starts its workers at 15, RAY_worker_niceness)")
+    ap.add_argument("--baseline-nice", type=int, default=0,
+                    help="niceness of the plain-loop process (= RAY_worker_niceness, set to 0 for the Ray workers)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--verbose", action="store_true", help="show the workers' logs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json"))
@@ -265,10 +267,7 @@ if __name__ == "__main__":
         cmd = " ".join(p.cmdline())
         return cmd.split()[0] if "RayTrainWorker" in cmd else None
 
-    # A cluster of our own (address="local") in its own temp dir: another session's ray.init(address="auto") (as
-    # spin_ray's CLI does) finds clusters through /tmp/ray and would otherwise join this one and skew the figures.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=args.verbose,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-bench-"))
+    start_ray(num_cpus=4, log_to_driver=args.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     @ray.remote
@@ -296,7 +295,9 @@ if __name__ == "__main__":
                                      f"train.num_workers={n}", f"train.num_cpus_per_worker={c}",
                                      f"train.micro_batch_size={args.micro_batch}",
                                      f"train.global_batch_size={args.global_batch}", f"train.epochs={args.epochs}",
-                                     f"train.lr={args.lr}", "train.optimizer=adamw"])
+                                     f"train.lr={args.lr}", "train.optimizer=adamw",
+                                     # preflight wants room for a prompt beside the (unused) answer length
+                                     f"generate.max_tokens={args.max_length // 2}"])
         load0 = loadavg()
         with RssSampler(train_workers) as rss:
             t0, unix0 = time.perf_counter(), time.time()

@@ -1,0 +1,95 @@
+"""One full SPIN iteration of the embedded default, split by stage, and how each stage's time grows with the prompts.
+
+`spin_ray.loop.run` with spin_ray/assets/cpu_default.yaml (model tasks-sft, warm engines, 2-CPU Train worker) and
+loop.iterations=2, loop.window=2, so that iteration 1 has every stage: handoff (θ_1 reloaded into the warm engines),
+evaluation of θ_1 and θ_2, generate + score + write of its pairs, rescoring iteration 0's pairs under θ_1, training.
+Iteration 0's handoff is the engines' start instead of a reload, and it has no rescoring. Per stage, from
+IterationResult.seconds: `handoff`, `eval` (before + after), `pairs` (generate and score stream together: their wall
+is split by the busy seconds Ray Data reports per stage), `rescore` (`window`), `train`.
+
+Growth: data.max_rows = N, 2N, 4N prompts (--prompts N); seconds per prompt for pairs, rescore and train at each size,
+and the ratio of 4N's to N's (flat = 1.0; a fixed start-up cost makes it fall below 1). Evaluation uses a fixed
+--eval-rows and is left out of the growth ratio. Peak RSS per actor and Train worker (psutil, every 0.25 s) and
+others' CPU for each run. One Ray cluster of our own for every run (its own temp dir); a fresh storage per run.
+
+    python benchmarks/iteration.py --prompts 64 --repeats 3
+"""
+
+import os
+
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  RAY_worker_niceness="0")
+
+STAGES = ("handoff", "eval", "generate", "score", "rescore", "train")
+
+
+def split(seconds: dict) -> dict:
+    """IterationResult.seconds as the stages of one iteration; generate/score share the pairs wall by busy time."""
+    pairs = seconds["pairs"]
+    busy_g, busy_s = seconds.get("generate", 0.0), seconds.get("score", 0.0)
+    share_g = busy_g / (busy_g + busy_s) if busy_g + busy_s else 0.5
+    out = {"handoff": seconds.get("handoff", 0.0), "eval": seconds["eval"], "generate": pairs * share_g,
+           "score": pairs * (1 - share_g), "rescore": seconds["window"], "train": seconds["train"]}
+    out["total"] = sum(out.values())
+    out["busy_generate"], out["busy_score"] = busy_g, busy_s
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import logging
+    import sys
+    import tempfile
+    import time
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import RssSampler, cmdline_containing, loadavg, machine, start_ray, write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=64, help="N: runs with N, 2N and 4N prompts")
+    ap.add_argument("--scales", default="1,2,4")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eval-rows", type=int, default=64)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "iteration.json"))
+    args = ap.parse_args()
+
+    import ray
+
+    from spin_ray.config import SpinConfig
+    from spin_ray.loop import run
+
+    logging.basicConfig(level=logging.WARNING)
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "spin_ray", "assets", "cpu_default.yaml")
+    start_ray(num_cpus=4, log_to_driver=False,
+              runtime_env={"env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",
+                                                                  "VLLM_CPU_KVCACHE_SPACE",
+                                                                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                                  "TOKENIZERS_PARALLELISM")}})
+    runs = []
+    for rep in range(args.repeats):
+        for scale in map(int, args.scales.split(",")):
+            n = args.prompts * scale
+            storage = tempfile.mkdtemp(prefix="spin-bench-iter-")
+            cfg = SpinConfig.load(default, [f"storage={storage}", f"data.max_rows={n}", "loop.iterations=2",
+                                            "loop.window=2", f"eval.rows={args.eval_rows}"])
+            labels = cmdline_containing("Generator", "Scorer", "RayTrainWorker", "MapWorker", "Evaluat")
+            with RssSampler(labels) as rss:
+                t0 = time.perf_counter()
+                results = run(cfg)
+                wall = time.perf_counter() - t0
+            peaks: dict[str, float] = {}
+            for v in rss.peaks.values():  # per kind of process: the largest one
+                kind = v["label"].split()[0]
+                peaks[kind] = max(peaks.get(kind, 0.0), v["max_rss_mib"])
+            r = {"repeat": rep, "prompts": n, "wall_s": wall, "others_cpu_share": rss.other_cpu_share,
+                 "iterations": [split(x.seconds) for x in results], "peak_rss_mib": peaks,
+                 "rows": [x.pairs.rows for x in results]}
+            runs.append(r)
+            it = r["iterations"][-1]
+            print(f"rep {rep} prompts {n}: wall {wall:.1f} s; iteration 1: "
+                  + ", ".join(f"{k} {it[k]:.1f}" for k in (*STAGES, "total")), flush=True)
+    ray.shutdown()
+    write_json(args.out, {"benchmark": "iteration", "args": vars(args), "machine": machine(),
+                          "load_avg_end": loadavg(), "runs": runs})
