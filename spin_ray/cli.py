@@ -338,11 +338,13 @@ def main(argv: list[str] | None = None) -> int:
             out = COMMANDS[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         if args.debug:
+            _back_to_terminal()  # the traceback Python prints next belongs on the terminal
             raise
         complain(f"spin-ray {args.command}: error: {e}")
         return 2
     except Exception as e:
         if args.debug or log_path is None:
+            _back_to_terminal()
             raise
         log.exception("spin-ray %s failed", args.command)
         if _disk_full(e):
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"logs are in {log_path}; rerun the same command to resume (finished stages are kept).")
         return 1
     finally:
-        _back_to_terminal()
+        _logs_only()
     say(json.dumps(out, indent=2, default=str))
     return 1 if out.get("fits") is False else 0  # `plan`: the cluster cannot hold the run
 
@@ -370,16 +372,42 @@ def _disk_full(e: BaseException | None) -> bool:
 
 
 def _back_to_terminal() -> None:
-    """Point sys.stdout/stderr at the terminal again: a log file on a full disk must not turn the exit into an
-    error of its own when Python flushes it at shutdown."""
+    """Point sys.stdout/stderr at the terminal again."""
     if _console is None:
         return
-    for stream in (sys.stdout, sys.stderr):
+    _logs_only()
+    sys.stdout, sys.stderr = _console, _console_err
+
+
+class _LogSink:
+    """A stream into the log file that drops what a full disk refuses instead of raising."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
         try:
-            stream.flush()
+            return self.stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
         except OSError:
             pass
-    sys.stdout, sys.stderr = _console, _console_err
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _logs_only() -> None:
+    """After the command: what Ray's log monitor still prints of the workers' output (it lags the error the driver
+    saw) keeps going to the log file, never after the result on the terminal; and a log file on a full disk must
+    not turn the exit into an error of its own when Python flushes it at shutdown."""
+    if _console is None or isinstance(sys.stdout, _LogSink):
+        return
+    sys.stdout, sys.stderr = _LogSink(sys.stdout), _LogSink(sys.stderr)
 
 
 if __name__ == "__main__":
