@@ -69,9 +69,10 @@ class Sizes:
 
 FULL = Sizes(sft_rows=2600, weak_steps=100, plateau_steps=300, sft_lr=2e-3, spin_prompts=512, eval_rows=200,
              iterations=3, epochs=2)
-# A smoke test of every code path: one seed, regime (b) only (the same code as (a)), two iterations.
+# A smoke test of every code path, sized for CI: one seed, regime (b) only (the same code as (a)), one iteration
+# (the loop's own tests cover iterations after the first).
 QUICK = Sizes(sft_rows=2600, weak_steps=20, plateau_steps=20, sft_lr=2e-3, spin_prompts=64, eval_rows=40,
-              iterations=2, epochs=1)
+              iterations=1, epochs=1)
 
 
 def spin_config(sizes: Sizes, model: str, storage: Path, seed: int) -> "SpinConfig":
