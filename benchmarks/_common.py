@@ -85,6 +85,25 @@ def pid_in(pids: set[int], label: str) -> Callable[[psutil.Process], str | None]
     return lambda p: label if p.pid in pids else None
 
 
+def synthetic_pairs(tok, n: int, response_tokens: int) -> list[dict]:
+    """`n` pairs over the bundled prompts (cycled, unique ids) whose answers are other rows' prompt text cut to a
+    fixed token count: realistic lengths, any content will do for speed."""
+    from spin_ray.config import DataConfig
+    from spin_ray.data import load_sft
+
+    base = load_sft(DataConfig(path="bundled")).rows
+    filler = [t for r in base for m in r["prompt"]
+              for t in tok(" " + m["content"], add_special_tokens=False)["input_ids"]]
+
+    def answer(i: int) -> str:
+        start = (i * 7919) % (len(filler) - response_tokens)
+        return tok.decode(filler[start:start + response_tokens])
+
+    return [{"prompt_id": f"{base[i % len(base)]['prompt_id']}-{i // len(base)}",
+             "prompt": base[i % len(base)]["prompt"], "real": answer(2 * i), "generated": answer(2 * i + 1)}
+            for i in range(n)]
+
+
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(), "gpu": False}

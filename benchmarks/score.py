@@ -70,7 +70,7 @@ if __name__ == "__main__":
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import (RssSampler, cmdline_containing, loadavg, machine, pid_in, print_table, start_ray,
-                         write_json)
+                         synthetic_pairs, write_json)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tasks-sft", help='"tasks-sft", "tiny", "smollm2-135m" or an HF folder')
@@ -92,23 +92,12 @@ if __name__ == "__main__":
     from transformers import AutoTokenizer
 
     import spin_ray.score as sc
-    from spin_ray.config import DataConfig, ScoreConfig
-    from spin_ray.data import load_sft
+    from spin_ray.config import ScoreConfig
     from spin_ray.models import resolve_model
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
-    base = load_sft(DataConfig(path="bundled")).rows
-    filler = [t for r in base for m in r["prompt"]
-              for t in tok(" " + m["content"], add_special_tokens=False)["input_ids"]]
-
-    def answer(i: int) -> str:
-        start = (i * 7919) % (len(filler) - args.response_tokens)
-        return tok.decode(filler[start:start + args.response_tokens])
-
-    rows = [{"prompt_id": f"{base[i % len(base)]['prompt_id']}-{i // len(base)}",
-             "prompt": base[i % len(base)]["prompt"], "real": answer(2 * i), "generated": answer(2 * i + 1)}
-            for i in range(args.pairs)]
+    rows = synthetic_pairs(tok, args.pairs, args.response_tokens)
     lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
 
     mp = multiprocessing.get_context("spawn")

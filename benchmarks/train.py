@@ -134,7 +134,7 @@ if __name__ == "__main__":
     import pyarrow.parquet as pq
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import RssSampler, loadavg, machine, pid_in, print_table, start_ray, write_json
+    from _common import RssSampler, loadavg, machine, pid_in, print_table, start_ray, synthetic_pairs, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
@@ -163,8 +163,7 @@ if __name__ == "__main__":
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spin_ray import records
-    from spin_ray.config import DataConfig, SpinConfig
-    from spin_ray.data import load_sft
+    from spin_ray.config import SpinConfig
     from spin_ray.models import resolve_model
     from spin_ray.score import IDS, score_encoded
     from spin_ray.template import encode_pair
@@ -178,19 +177,8 @@ if __name__ == "__main__":
     if args.pairs:
         pairs_dir = records.absolute(args.pairs)
     else:
-        # Answers padded with other rows' prompt text to a fixed token count: realistic lengths, any content will do.
-        base = load_sft(DataConfig(path="bundled")).rows
-        filler = [t for r in base for m in r["prompt"]
-                  for t in tok(" " + m["content"], add_special_tokens=False)["input_ids"]]
-
-        def answer(i: int) -> str:
-            start = (i * 7919) % (len(filler) - args.response_tokens)
-            return tok.decode(filler[start:start + args.response_tokens])
-
-        rows = [{"prompt_id": f"{base[i % len(base)]['prompt_id']}-{i // len(base)}",
-                 "prompt": base[i % len(base)]["prompt"], "real": answer(2 * i), "generated": answer(2 * i + 1),
-                 "iteration": 0, "finish_reason": "length", "generated_tokens": args.response_tokens}
-                for i in range(args.pairs_count)]
+        rows = [{**r, "iteration": 0, "finish_reason": "length", "generated_tokens": args.response_tokens}
+                for r in synthetic_pairs(tok, args.pairs_count, args.response_tokens)]
         ref_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         t0 = time.perf_counter()
         encoded = [encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
