@@ -237,9 +237,11 @@ DEVICES = {
 }
 CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
 CPU_BANDWIDTH_TBS = 0.02
-# Stated efficiencies (share of peak reached) for training, scoring and prefill. CPU: calibrated on this machine's
+# Efficiencies (share of peak reached). GPU training and scoring: measured on one H200 (benchmarks/gpu.py,
+# SmolLM2-1.7B architecture, bf16, long-tailed chat lengths: the FSDP2 trainer 14.5%, the scorer 7.6%; results in
+# benchmarks/results/gpu). GPU prefill in vLLM: stated, not measured here. CPU: calibrated on this machine's
 # SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see the README's plan section.
-MFU = {"gpu": 0.40, "cpu": 0.60}
+MFU = {"gpu_train": 0.15, "gpu_score": 0.08, "gpu_prefill": 0.40, "cpu": 0.60}
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
@@ -376,6 +378,9 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     MixedPrecisionPolicy (ddp as a replicate-only mesh, train.py): a layer is gathered in bf16 when it is used (two in
     flight with prefetch) and gradients are reduced in fp32 in place, with no bucket copy. Only fp32 DDP with more than
     one worker (Ray Train wraps no single worker) keeps DDP's fp32 gradient buckets.
+    The optimizer step's foreach kernels hold one more fp32 buffer the size of the (local) parameters (AdamW's and
+    RMSprop's sqrt of the second moment): a 7B AdamW step on one H200 peaked at 144.9 GB, 5 x 29 GB
+    (benchmarks/results/gpu). Activations and logits are freed by then, so the sum is an upper bound.
     Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
     q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
     checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
@@ -397,6 +402,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
         "parameters (fp32)": 4 * p / shards,
         "gradients (fp32)": 4 * p / shards + (4 * p if ddp_buckets else 0),
         f"optimizer ({t.optimizer}, fp32)": 4 * states * p / shards,
+        "optimizer step (foreach)": 4 * p / shards,
         "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
         "activations": acts,
         "logits": (10 if reduced else 8) * tokens * arch.vocab,
@@ -435,7 +441,7 @@ def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device:
 
 
 def _mfu(device: Device) -> float:
-    return MFU["cpu" if device.name.startswith("CPU") else "gpu"]
+    return MFU["cpu" if device.name.startswith("CPU") else "gpu_train"]
 
 
 # Prompt counts of the preset configs' data sets (rows of the split they use).
@@ -543,7 +549,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
 
     cpu_mfu = MFU["cpu"]
-    gen_dev_mfu = MFU["gpu"] if reqs["generate"].gpus else cpu_mfu
+    gen_dev_mfu = MFU["gpu_prefill"] if reqs["generate"].gpus else cpu_mfu
     per_actor = math.ceil(prompts / g.num_actors)
     gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
     concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if reqs["generate"].gpus else g.batch_size))
@@ -552,7 +558,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
     gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
     gen_s = max(gen_compute, gen_memory)
-    score_mfu = MFU["gpu"] if reqs["score"].gpus else cpu_mfu
+    score_mfu = MFU["gpu_score"] if reqs["score"].gpus else cpu_mfu
     score_s = (arch.forward_flops_per_token(context) * 2 * context * prompts
                / (s.num_actors * unit_tflops(reqs["score"]) * score_mfu))
     window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
@@ -572,7 +578,9 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
             f"tokens per pair, {t.num_workers} worker(s)",
             f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations {_dur(iteration_s * cfg.loop.iterations)}",
             "", "assumptions: " + "; ".join([
-                f"MFU {MFU['gpu']:.0%} on GPU, {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU (training, scoring, prefill)",
+                f"MFU on GPU {MFU['gpu_train']:.0%} training and {MFU['gpu_score']:.0%} scoring (measured, one H200, "
+                f"1.7B model), {MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on "
+                "CPU",
                 "decode reads all weights and half the KV per step (bandwidth-bound)",
                 "every answer runs to generate.max_tokens and every training sequence is padded to data.max_length "
                 "(upper bounds)", f"prompts of {p_tok} tokens (--prompt-tokens)",

@@ -39,6 +39,7 @@ def test_train_memory_by_hand():
     assert m["parameters (fp32)"] == 4 * p / 2 == 295552
     assert m["gradients (fp32)"] == 295552  # fsdp: sharded, no DDP buckets
     assert m["optimizer (rmsprop, fp32)"] == 295552  # one state
+    assert m["optimizer step (foreach)"] == 295552  # the step's sqrt of the second moment, per local shard
     assert m["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered
     # 2 sequences x 16 tokens = 32 tokens; per token per layer 16·64 + 4·64 + 8·128 = 2304 B; 2 layers, no checkpointing
     assert m["activations"] == 2 * 32 * 2304 == 147456
@@ -67,6 +68,15 @@ def test_train_memory_by_hand():
     bf16 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
         c.train, use_gpu=False, dtype="bfloat16")))
     assert bf16["weights in use"] == 2 * 2 * 41088 and bf16["logits"] == 10 * 32 * 512
+
+
+def test_seven_b_adamw_on_one_h200_does_not_fit_as_measured():
+    """Measured (benchmarks/results/gpu): zephyr-7b, AdamW, one H200 (139.8 GiB) ran out of memory in the optimizer
+    step at 144.9 GB. Without the step's foreach buffer the plan said 131 GB, fits."""
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        "train.num_workers=1", "generate.num_actors=1", "score.num_actors=1", "train.optimizer=adamw"])
+    plan = make_plan(c, parse_cluster("1x1xH200"), load_arch(c.model))
+    assert any("training" in p and "GB" in p for p in plan.problems), plan.problems
 
 
 def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():

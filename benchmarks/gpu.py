@@ -1,0 +1,332 @@
+"""The GPU path on one GPU: the trainer's FSDP2 bf16 step, the scorer, padding before/after, against `spin-ray plan`.
+
+Run where a GPU is lent (benchmarks/README: the device tool); nothing here needs Ray or vLLM, so it runs on a bare
+CUDA machine with torch + transformers. On CPU it runs as a smoke test of itself (gloo, `--layers 2`).
+
+Model: a standard architecture with random weights (only speed and memory are measured), by default SmolLM2-1.7B's
+shipped config (the gpu_mid preset's model), saved as safetensors and loaded through spin_ray.models like any θ_t.
+Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts and answers, data.max_length's rule).
+
+1. scorer   spin_ray.score.cast_parameters + score_encoded (θ_t in bf16, as score.dtype=bfloat16): tokens/s
+2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the scorer and trainer compute alike)
+3. train    spin_ray.train._build_sharded (meta init, FSDP2, MixedPrecisionPolicy bf16/fp32, weights broadcast from
+            rank 0) with the trainer's micro-batching; variants of how a step's pairs are cut into forwards:
+              before   random micro_batch_size pairs per forward, 2B sequences padded to the longest (the old rule)
+              packed   spin_ray.train today (pairs packed in rows, length-grouped, micro_batch_size rows)
+              budget   the same under train.micro_batch_tokens = 2 × micro_batch_size × max_length
+            each run --repeats times, interleaved; real tokens/s, MFU (model FLOPs of real tokens, plan's formula,
+            over the device's dense bf16 peak), peak allocated memory
+4. plan     spin_ray.plan.train_memory and train_seconds for the same config, next to the measurements
+
+    python benchmarks/gpu.py --out DIR                  # on a GPU
+    python benchmarks/gpu.py --layers 2 --steps 2 --repeats 1 --pairs-per-step 8 --out /tmp/g   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(arch_file: str, layers: int | None, device: torch.device) -> tuple[str, dict]:
+    """A random-weights model of the shipped architecture, saved as bf16 safetensors (no tokenizer: none is used)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    facts = json.load(open(arch_file))
+    facts = {k: v for k, v in facts.items() if not k.startswith("_")}
+    if layers:
+        facts["num_hidden_layers"] = layers
+    config = AutoConfig.for_model(**facts)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out = tempfile.mkdtemp(prefix="spin-gpu-bench-")
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out, facts
+
+
+def gpu_gb() -> str:
+    return f"{torch.cuda.memory_allocated() / 1e9:.1f} GB allocated" if torch.cuda.is_available() else "cpu"
+
+
+TRACE = os.environ.get("SPIN_GPU_TRACE") == "1"
+
+
+def trace(what: str) -> None:
+    if TRACE and torch.cuda.is_available():
+        print(f"  [{what}] {gpu_gb()}, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", flush=True)
+
+
+def run_steps(model, pairs, plan, device, packed: bool, ref=None) -> dict:
+    """The trainer's inner loop (train_loop_per_worker) over `plan`'s steps; step 1 is warm-up, 2..N are timed."""
+    from spin_ray.loss import spin_loss
+    from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    stamps, real, first_loss, seq_lens = [], [], None, []
+    for step in plan:
+        n = sum(map(len, step))
+        tokens = 0
+        for j, idx in enumerate(step):
+            model.set_requires_gradient_sync(j == len(step) - 1)
+            if packed:
+                batch = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], 0).items()}
+                lp_real, lp_gen = packed_logps(model, batch)
+                tokens += int((batch["segment"] > 0).sum())
+            else:
+                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], 0).items()}
+                logps = sequence_logps(model, batch)
+                lp_real, lp_gen = logps[:len(idx)], logps[len(idx):]
+                tokens += int(batch["attention_mask"].sum())
+            if ref is not None:
+                r_real = torch.tensor([ref[0][i] for i in idx], device=device)
+                r_gen = torch.tensor([ref[1][i] for i in idx], device=device)
+            else:
+                r_real, r_gen = lp_real.detach(), lp_gen.detach()
+            loss, _ = spin_loss(lp_real, lp_gen, r_real, r_gen, 0.1)
+            trace(f"forward {j}")
+            (loss * len(idx) / n).backward()
+            trace(f"backward {j}")
+            if first_loss is None:
+                first_loss = loss.item()
+            seq_lens += [len(pairs[i]["prompt_ids"]) + len(pairs[i][k]) for i in idx for k in ("real_ids",
+                                                                                             "generated_ids")]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trace("clip")
+        optimizer.step()
+        trace("optimizer step")
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        stamps.append(time.perf_counter())
+        real.append(tokens)
+    seconds = stamps[-1] - stamps[0]
+    out = {"real_tok_s": sum(real[1:]) / seconds if seconds else None, "timed_tokens": sum(real[1:]),
+           "timed_seconds": seconds, "first_loss": first_loss,
+           "mean_seq_len": statistics.mean(seq_lens), "forwards_per_step": sum(map(len, plan)) / len(plan)}
+    if device.type == "cuda":
+        out.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
+                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9)
+    return out
+
+
+def sdpa_probe(model, pairs: list, idx: list[int], device: torch.device) -> dict:
+    """One packed micro-batch's forward + backward under each SDPA backend (the 4D block mask rules out flash):
+    which one the default picks, by time and peak memory."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from spin_ray.template import pack_pairs, packed_logps
+
+    batch = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], 0).items()}
+    out = {}
+    for name, backend in (("default", None), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        try:
+            times = []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(3):
+                sync(device)
+                t0 = time.perf_counter()
+                with sdpa_kernel([backend]) if backend else nullcontext():
+                    real, gen = packed_logps(model, batch)
+                    (real.sum() + gen.sum()).backward()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+            out[name] = {"seconds": statistics.median(times), "peak_allocated_gb":
+                         torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+        except RuntimeError as e:
+            out[name] = f"unavailable: {str(e)[:300]}"
+            model.zero_grad(set_to_none=True)
+    return out
+
+
+def score(source: str, pairs: list, dtype: str, device: torch.device, results: dict) -> tuple[list, list]:
+    """θ_t's parameters cast to the trainer's compute dtype (score.dtype), micro-batched by length: tokens/s."""
+    from spin_ray.models import load_model
+    from spin_ray.score import cast_parameters, score_encoded
+
+    ref_model = cast_parameters(load_model(source, dtype=torch.float32), dtype).to(device).eval()
+    score_encoded(ref_model, pairs[:32], pad_id=0, micro_batch_size=16, device=device.type)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    ref = score_encoded(ref_model, pairs, pad_id=0, micro_batch_size=16, device=device.type)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    scored = sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs)
+    results["scorer"] = {"pairs": len(pairs), "tokens": scored, "seconds": seconds, "tok_s": scored / seconds}
+    print(f"scorer: {scored / seconds:.0f} tok/s over {len(pairs)} pairs", flush=True)
+    del ref_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default=os.path.join(os.path.dirname(HERE), "spin_ray", "assets", "arch",
+                                                   "SmolLM2-1.7B-Instruct.json"))
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (CPU smoke test)")
+    ap.add_argument("--pairs-per-step", type=int, default=64, help="global batch (one worker)")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per variant run (the first not timed)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-prompt-length", type=int, default=512)
+    ap.add_argument("--variants", nargs="+", default=["before", "packed", "budget"])
+    ap.add_argument("--no-scorer", action="store_true", help="skip 1-2 (a large model loads faster without them)")
+    ap.add_argument("--sdpa-probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="time each SDPA backend on the widest micro-batch (the math one needs ~2x the memory)")
+    ap.add_argument("--checkpointing", action="store_true", help="train.gradient_checkpointing")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results: dict = {"args": vars(args)}
+
+    def save() -> None:
+        with open(os.path.join(args.out, "gpu.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+    import importlib
+
+    from padding import long_tailed_pairs, plans
+    from spin_ray import plan as planner
+    from spin_ray.config import SpinConfig
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    results["env"] = {"device": name, "torch": torch.__version__,
+                      "transformers": importlib.import_module("transformers").__version__}
+    for pkg in ("vllm", "ray"):
+        try:
+            results["env"][pkg] = importlib.import_module(pkg).__version__
+        except ImportError as e:
+            results["env"][pkg] = f"not importable: {e}"
+    print(json.dumps(results["env"]), flush=True)
+
+    t0 = time.perf_counter()
+    source, facts = build_model(args.arch, args.layers, device)
+    arch = planner.Arch.from_hf(facts, os.path.basename(args.arch))
+    results["model"] = {"arch": os.path.basename(args.arch), "params": arch.params, "layers": arch.layers,
+                        "build_s": time.perf_counter() - t0}
+    print(f"model: {arch.params / 1e9:.2f}B params, {arch.layers} layers ({time.perf_counter() - t0:.0f}s), "
+          f"{gpu_gb()}", flush=True)
+
+    n = args.steps * args.pairs_per_step
+    pairs = long_tailed_pairs(n, arch.vocab, args.max_length, args.max_prompt_length, seed=0)
+
+    # 1. The scorer: θ_t's parameters cast to bf16 (score.dtype = the trainer's), micro-batched by length.
+    dtype = "bfloat16"
+    if not args.no_scorer:
+        ref = score(source, pairs, dtype, device, results)
+        save()
+
+    # 2-3. The trainer's FSDP2 bf16 model, built as train_loop_per_worker builds it.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    train_mod = importlib.import_module("spin_ray.train")
+    cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
+        "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
+        f"train.global_batch_size={args.pairs_per_step}", f"data.max_length={args.max_length}",
+        f"data.max_prompt_length={args.max_prompt_length}", "train.dtype=bfloat16"])
+    t0 = time.perf_counter()
+    model = train_mod._build_sharded(source, cfg.train, dtype, 0, 1, device, load_weights=True)
+    model.train()
+    results["fsdp_build_s"] = time.perf_counter() - t0
+    results["fsdp_built_allocated_gb"] = torch.cuda.memory_allocated() / 1e9 if cuda else None
+    print(f"FSDP2 model built: {gpu_gb()}", flush=True)
+
+    budget = 2 * args.micro_batch * args.max_length
+    variants = plans(pairs, steps=args.steps, global_batch=args.pairs_per_step, micro=args.micro_batch,
+                     budget=budget, seed=0)
+    packed_rows = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]
+    order = [i for step in variants["before"][0] for mb in step for i in mb]
+    steps = [order[k * args.pairs_per_step:(k + 1) * args.pairs_per_step] for k in range(args.steps)]
+    chosen = {
+        "before": variants["before"],
+        "packed": ([train_mod.even_micro_batches(train_mod.worker_shares(s, packed_rows, 1), packed_rows,
+                                                 max_pairs=args.micro_batch, max_tokens=None)[0] for s in steps],
+                   True),
+        "budget": variants["packed"],
+    }
+
+    chosen = {v: chosen[v] for v in args.variants}
+    if not args.no_scorer:
+        # Step 0 of the trainer on the scorer's log-probs: the same computation, so the loss is ln 2.
+        first = run_steps(model, pairs, chosen["packed"][0][:1], device, packed=True, ref=ref)
+        results["ln2_check"] = {"first_loss": first["first_loss"], "minus_ln2": first["first_loss"] - math.log(2)}
+        print(f"step-0 loss − ln 2 = {first['first_loss'] - math.log(2):+.2e}", flush=True)
+        save()
+
+    widest = max((mb for step in chosen["packed"][0] for mb in step), key=lambda mb: max(packed_rows[i] for i in mb))
+    if args.sdpa_probe:
+        results["sdpa"] = sdpa_probe(model, pairs, widest, device)
+        print("sdpa:", json.dumps(results["sdpa"]), flush=True)
+        save()
+    run_steps(model, pairs, chosen["packed"][0], device, packed=True)  # warm-up: allocator and kernels settle
+
+    runs: dict[str, list[dict]] = {v: [] for v in chosen}
+    peak = planner.DEVICES.get(next((k for k in ("H200", "H100", "A100") if k in name), ""), None)
+    for r in range(args.repeats):
+        for variant, (plan, packed) in chosen.items():
+            out = run_steps(model, pairs, plan, device, packed=packed)
+            flops = 3 * arch.forward_flops_per_token(out["mean_seq_len"]) * out["timed_tokens"]
+            out["mfu"] = flops / out["timed_seconds"] / (peak.peak_tflops * 1e12) if peak else None
+            runs[variant].append(out)
+            print(f"repeat {r} {variant:<7} {out['real_tok_s']:>9.0f} real tok/s  MFU "
+                  f"{out['mfu'] or 0:.1%}  peak {out.get('peak_allocated_gb', 0):.1f} GB", flush=True)
+        results["train"] = runs
+        save()
+
+    summary = {}
+    for variant, rs in runs.items():
+        tps = sorted(x["real_tok_s"] for x in rs)
+        summary[variant] = {"real_tok_s_median": statistics.median(tps), "min": tps[0], "max": tps[-1],
+                            "mfu_median": statistics.median(x["mfu"] or 0 for x in rs),
+                            "peak_allocated_gb": max(x.get("peak_allocated_gb", 0) for x in rs),
+                            "vs_before": statistics.median(tps) / statistics.median(
+                                x["real_tok_s"] for x in runs["before"]) if "before" in runs else None}
+    results["summary"] = summary
+
+    # 4. What spin-ray plan says for this config on this device.
+    mem = planner.train_memory(arch, cfg)
+    b = runs["packed" if "packed" in runs else args.variants[0]][-1]
+    results["plan"] = {
+        "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
+        "train_seconds_for_timed_tokens": planner.train_seconds(arch, b["timed_tokens"], int(b["mean_seq_len"]), 1,
+                                                                peak, False) if peak else None,
+        "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu"]}
+    save()
+    print(json.dumps({"summary": summary, "plan": results["plan"]}, indent=1), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
