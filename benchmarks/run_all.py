@@ -345,8 +345,8 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
              f"says how many finished); {total / 60:.1f} min of stage runs (load average when written: {loadavg()}). "
              "Every figure: median of the repeats and "
              "min–max; ratios are formed inside each repeat against the baseline of the same run. \"others' CPU\": "
-             "the share of the cores that processes outside the benchmark used meanwhile (the machine is shared by "
-             "four engineers). Raw JSONs and logs: "
+             "the share of the cores that processes outside the benchmark used meanwhile (the machine may be "
+             "shared). Raw JSONs and logs: "
              f"`benchmarks/results/{name}/`; per-stage method: the docstring of each script.", "",
              "Stage wall times (s, per repeat; 'failed': see its log): " + "; ".join(
                  f"{s} {', '.join('failed' if w is None else f'{w:.0f}' for w in ws) or 'none timed'}"
@@ -397,9 +397,29 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
     for stage, s in summary.items():
         title, method = sections[stage]
         lines += [f"## {title}", "", method, "", *(table(s) if s else ["No repeat finished: see the logs."]), ""]
-    lines += ["## GPU", "", "Not run: no GPU was lent to this task (`device` tool). vLLM output tok/s, training tok/s "
-              "and MFU next to peers.md's anchors and `spin-ray plan` remain open (issue 9 §2, last bullet).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + gpu_section())
+
+
+def gpu_section() -> list[str]:
+    """The figures of benchmarks/gpu.py runs stored in results/gpu/ (it runs where a GPU is, without Ray)."""
+    import glob
+
+    lines = ["## GPU", "", "`benchmarks/gpu.py` on a lent GPU (it needs no Ray or vLLM; run separately): the "
+             "trainer's FSDP2 bf16 step and the scorer, next to `spin-ray plan`. Details: `results/gpu/README.md`. "
+             "peers.md's anchors: FSDP 7B about 55% MFU; vLLM 5–12k output tok/s for 8B on one H100 (vLLM not "
+             "measured on a GPU here).", ""]
+    runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(HERE, "results", "gpu", "*.json")))]
+    runs = [r for r in runs if r.get("summary")]
+    if not runs:
+        return lines + ["No GPU run stored.", ""]
+    lines += ["| device | model | micro-batches | real tok/s median (min–max) | MFU | peak GB | n |",
+              "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for variant, v in r["summary"].items():
+            lines.append(f"| {r['env']['device']} | {r['model']['arch']} ({r['model']['params'] / 1e9:.2f}B) | "
+                         f"{variant} | {v['real_tok_s_median']:.0f} ({v['min']:.0f}–{v['max']:.0f}) | "
+                         f"{v['mfu_median']:.1%} | {v['peak_allocated_gb']:.1f} | {len(r['train'][variant])} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
