@@ -1,7 +1,7 @@
 """The GPU path on one GPU: the trainer's FSDP2 bf16 step, the scorer, padding before/after, against `spin-ray plan`.
 
 Run where a GPU is lent (benchmarks/README: the device tool); nothing here needs Ray or vLLM, so it runs on a bare
-CUDA machine with torch + transformers. On CPU it runs as a smoke test of itself (gloo, `--layers 2`).
+CUDA machine with torch + transformers. On CPU it runs as a smoke test of itself (gloo, the tiny architecture).
 
 Model: a standard architecture with random weights (only speed and memory are measured), by default SmolLM2-1.7B's
 shipped config (the gpu_mid preset's model), saved as safetensors and loaded through spin_ray.models like any θ_t.
@@ -19,7 +19,9 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
 4. plan     spin_ray.plan.train_memory and train_seconds for the same config, next to the measurements
 
     python benchmarks/gpu.py --out DIR                  # on a GPU
-    python benchmarks/gpu.py --layers 2 --steps 2 --repeats 1 --pairs-per-step 8 --out /tmp/g   # CPU smoke test
+    SPIN_GPU_TRACE=1 python benchmarks/gpu.py ...       # also print GPU memory after every forward/backward/step
+    python benchmarks/gpu.py --arch spin_ray/assets/arch/tiny-llama.json --steps 3 --repeats 1 \
+        --pairs-per-step 8 --max-length 256 --max-prompt-length 128 --out /tmp/g      # CPU smoke test (20 s)
 """
 
 from __future__ import annotations
@@ -322,7 +324,7 @@ def main() -> None:
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
         "train_seconds_for_timed_tokens": planner.train_seconds(arch, b["timed_tokens"], int(b["mean_seq_len"]), 1,
                                                                 peak, False) if peak else None,
-        "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu"]}
+        "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu_train"]}
     save()
     print(json.dumps({"summary": summary, "plan": results["plan"]}, indent=1), flush=True)
     torch.distributed.destroy_process_group()
