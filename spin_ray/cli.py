@@ -10,11 +10,13 @@ import errno
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from spin_ray.config import ConfigError, SpinConfig
 
@@ -136,31 +138,175 @@ class TrainProgress:
             self.seen[uri] = len(lines)
 
 
-def init_ray(cfg: SpinConfig) -> None:
-    """Join `ray.address` (or a running cluster), else start a local one; the env reaches every worker."""
+@dataclass(frozen=True)
+class Cluster:
+    """The Ray cluster a command uses: `address` to join, or None for a local cluster of its own."""
+
+    address: str | None
+    named_by: str
+    num_cpus: int | None = None
+
+    def describe(self) -> str:
+        if self.address is None:
+            return (f"a local Ray cluster of its own with {self.num_cpus} CPUs (set RAY_ADDRESS or ray.address, or "
+                    "`ray start` one, to use another)")
+        return f"joining the Ray cluster at {self.address} (named by {self.named_by})"
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether something listens at `host:port` (a GCS); False for what is not such an address."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def choose_cluster(cfg: SpinConfig) -> Cluster:
+    """Join only what the user named: `ray.address`, RAY_ADDRESS (also what `ray job submit` sets), or a live cluster
+    started with `ray start` (Ray's address file, which only `ray start` writes). Never another program's private
+    `ray.init()` cluster, which ends with its owner: otherwise the command starts a local cluster of its own."""
+    from ray._common.utils import get_ray_address_file
+
+    if cfg.ray.address is not None:
+        return Cluster(cfg.ray.address, "ray.address")
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and env != "local":
+        return Cluster(env, "RAY_ADDRESS")
+    address_file = Path(get_ray_address_file(None))
+    if not env and address_file.exists():
+        started = address_file.read_text().strip()
+        if _reachable(started):
+            return Cluster(started, f"`ray start`, {address_file}")
+        log.info("ignoring %s: no Ray cluster answers at %s", address_file, started)
+    # More logical CPUs than cores lets Train workers and actor pools coexist on a laptop (they mostly wait).
+    return Cluster(None, "default", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1))
+
+
+def init_ray(cluster: Cluster) -> None:
+    """Join or start `cluster`; spin_ray's env reaches every worker."""
     import ray
 
-    if ray.is_initialized():
-        return
     env = {k: os.environ[k] for k in ENV_DEFAULTS}
-    if cfg.ray.address is not None:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env})
+    if cluster.address is None:
+        # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner polls; without it
+        # the cleaner cannot see a dead controller (and logs a warning every second). Loopback only.
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env})
         return
-    if os.environ.get("RAY_ADDRESS") != "local":  # RAY_ADDRESS=local: never join a running cluster
-        try:
-            ray.init(address="auto", runtime_env={"env_vars": env})
-            return
-        except ConnectionError:
-            pass
-    # More logical CPUs than cores lets Train workers and actor pools coexist on a laptop (they mostly wait).
-    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    # `ray start` turns on token auth when a token exists (~/.ray/auth_token); a joining driver must send it too.
+    # Sending it to a cluster without auth is harmless.
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray.init(address=cluster.address, runtime_env={"env_vars": env})
+
+
+class ClusterWatch:
+    """Ends the command with one paragraph when its Ray cluster goes away (its owner exited, `ray stop`, the head
+    lost). Ray itself would block on the dead GCS for up to a minute and then end the process with nothing said."""
+
+    def __init__(self, address: str, on_lost: Callable[[str], None], every_s: float = 1.0, misses: int = 3):
+        self.address, self.on_lost, self.every_s, self.misses = address, on_lost, every_s, misses
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="spin-ray-cluster-watch")
+        self.thread.start()
+
+    def gone(self) -> bool:
+        """Whether the cluster's GCS stays unreachable for `misses` checks."""
+        for i in range(self.misses):
+            if _reachable(self.address):
+                return False
+            if i + 1 < self.misses:
+                time.sleep(self.every_s)
+        return True
+
+    def _watch(self) -> None:
+        missed = 0
+        while not self._stop.wait(self.every_s):
+            missed = 0 if _reachable(self.address) else missed + 1
+            if missed >= self.misses:
+                with self._lock:
+                    if not self._stop.is_set():
+                        self.on_lost(self.address)
+                return
+
+    def stop(self) -> None:
+        """No paragraph after this: the command is ending on its own (and may shut its local cluster down)."""
+        with self._lock:
+            self._stop.set()
+
+
+class _LastProgress(logging.Handler):
+    """Remembers spin_ray's last progress line: what the command was doing when its cluster went away."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.line = "starting"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.INFO:  # progress, not warnings or the command's own failure
+            self.line = record.getMessage()
+
+
+class CommandCluster:
+    """The Ray cluster of one CLI command: says which it is (the command's first line), joins or starts it, and
+    ends the command with one paragraph, exit code 1, if it goes away."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.progress = _LastProgress()
+        logging.getLogger("spin_ray").addHandler(self.progress)
+        self.cluster: Cluster | None = None
+        self.watch: ClusterWatch | None = None
+        self.storage: str | None = None
+        self.log_path: Path | None = None
+
+    def start(self, cfg: SpinConfig, storage: str | None, log_path: Path | None) -> None:
+        import ray
+
+        self.cluster, self.storage, self.log_path = choose_cluster(cfg), storage, log_path
+        say(f"spin-ray {self.command}: {self.cluster.describe()}")
+        init_ray(self.cluster)
+        self.watch = ClusterWatch(ray.get_runtime_context().gcs_address, self._lost)
+
+    def lost_text(self) -> str:
+        assert self.cluster is not None and self.watch is not None
+        if self.cluster.address is None:
+            whose = f"This command's own local Ray cluster ({self.watch.address})"
+        else:
+            whose = f"The Ray cluster at {self.watch.address} (named by {self.cluster.named_by})"
+        if self.storage is None:
+            rerun = "Rerun the same command once a cluster is up."
+        else:
+            rerun = (f"Finished stages are kept under {self.storage}; rerun the same command to resume (start the "
+                     "cluster again, or leave RAY_ADDRESS and ray.address unset for a local one).")
+        details = f" Details in {self.log_path}." if self.log_path else ""
+        return (f"spin-ray {self.command}: failed: {whose} went away while: {self.progress.line}. "
+                f"{rerun}{details}")
+
+    def _lost(self, address: str) -> None:
+        complain(self.lost_text())
+        if _console is not None:  # quiet: the log file gets it too
+            print(self.lost_text(), file=sys.stderr, flush=True)
+        os._exit(1)  # from the watch thread: the main thread may be blocked on the dead cluster
+
+    def stop_watching(self) -> bool:
+        """Stop the watch (the command is ending on its own); whether one was running."""
+        if self.watch is None:
+            return False
+        self.watch.stop()
+        return True
+
+    def gone(self) -> bool:
+        return self.watch is not None and self.watch.gone()
 
 
 def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.loop import make_pairs
 
-    init_ray(cfg)
     result = make_pairs(cfg)
     return {"pairs": result.path, "rows": result.rows, "skipped": result.skipped, "bad_rows": result.bad_rows,
             "seconds": result.seconds}
@@ -169,7 +315,6 @@ def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.train import train
 
-    init_ray(cfg)
     result = train(cfg)
     return {"model": result.model, "skipped": result.skipped, "seconds": result.seconds, "metrics": result.metrics}
 
@@ -199,7 +344,6 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.loop import run
     from spin_ray.report import write_report
 
-    init_ray(cfg)
     with TrainProgress(cfg.storage):
         results = run(cfg, force=args.force, on_iteration=lambda r: say(TABLE_HEADER, iteration_row(r)))
     base = read_eval(cfg.storage, 0)
@@ -237,7 +381,7 @@ def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": build_tiny_model(args.out, seed=args.seed)}
 
 
-def _serve(args: argparse.Namespace) -> dict[str, Any]:
+def _serve(args: argparse.Namespace, ray_cluster: CommandCluster) -> dict[str, Any]:
     from spin_ray.serve import ServeConfig, resolve, serve_until_stopped
 
     iterations = [i.strip() for i in args.iterations.split(",") if i.strip()] if args.iterations else None
@@ -248,7 +392,7 @@ def _serve(args: argparse.Namespace) -> dict[str, Any]:
                       trust_remote_code=args.trust_remote_code)
     cfg.validate()
     cfg.models = resolve(cfg)  # refuse bad targets before Ray starts
-    init_ray(SpinConfig())
+    ray_cluster.start(SpinConfig(), None, None)
     return serve_until_stopped(cfg)
 
 
@@ -316,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ray_cluster = CommandCluster(args.command)
     log_path = None
     try:
         if args.command == "tiny-model":
@@ -323,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             out = _report(args)
         elif args.command == "serve":
-            out = _serve(args)
+            out = _serve(args, ray_cluster)
         else:
             # No --config: the embedded CPU default (small real model, bundled data), so `spin-ray run` just works.
             cfg = SpinConfig.load(args.config or EMBEDDED, args.overrides)
@@ -331,18 +476,25 @@ def main(argv: list[str] | None = None) -> int:
                 from spin_ray.loop import check_inputs
 
                 check_inputs(cfg, args.command)  # bad storage, data or model: one paragraph before Ray starts
-            if args.command in QUIET and not args.verbose:
-                log_path = log_file_for(cfg.storage, args.command)
-                quiet_output(log_path)
-                say(f"spin-ray {args.command}: full log in {log_path} (--verbose shows it here)")
+                if not args.verbose:
+                    log_path = log_file_for(cfg.storage, args.command)
+                    quiet_output(log_path)
+                ray_cluster.start(cfg, cfg.storage, log_path)
+                if log_path is not None:
+                    say(f"spin-ray {args.command}: full log in {log_path} (--verbose shows it here)")
             out = COMMANDS[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
+        ray_cluster.stop_watching()
         if args.debug:
             _back_to_terminal()  # the traceback Python prints next belongs on the terminal
             raise
         complain(f"spin-ray {args.command}: error: {e}")
         return 2
     except Exception as e:
+        if ray_cluster.stop_watching() and ray_cluster.gone():  # the error Ray raised is only the symptom
+            complain(ray_cluster.lost_text())
+            log.exception("spin-ray %s failed: the Ray cluster went away", args.command)
+            return 1
         if args.debug or log_path is None:
             _back_to_terminal()
             raise
@@ -357,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"logs are in {log_path}; rerun the same command to resume (finished stages are kept).")
         return 1
     finally:
+        ray_cluster.stop_watching()
         _logs_only()
     say(json.dumps(out, indent=2, default=str))
     return 1 if out.get("fits") is False else 0  # `plan`: the cluster cannot hold the run

@@ -166,7 +166,8 @@ class EvalConfig:
 @dataclass
 class RayConfig:
     address: str | None = None
-    """Ray cluster to join; None joins a running cluster if any, else starts a local one."""
+    """Ray cluster to join. None: RAY_ADDRESS if set (`ray job submit` sets it), else a live cluster started with
+    `ray start` on this machine, else a local cluster of the command's own (never another program's private one)."""
     num_cpus: int | None = None
     """Logical CPUs for a local cluster; more than the cores lets Train workers and actor pools coexist."""
 

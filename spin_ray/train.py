@@ -540,6 +540,8 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     if not plan_steps(table.num_rows, tc.global_batch_size, tc.num_workers):
         raise ConfigError(f"{table.num_rows} pairs give no optimizer step with train.num_workers = {tc.num_workers}")
     metrics_uri = records.join(here, "train_metrics.jsonl")
+    log.info("iteration %d: training θ_%d on %d pairs with %d worker(s)", cfg.iteration, cfg.iteration + 1,
+             table.num_rows, tc.num_workers)
 
     t0 = time.perf_counter()
     # The workers get the row lengths (to plan the batches) and the table in the object store, from which each

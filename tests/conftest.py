@@ -1,7 +1,16 @@
-"""Session fixtures: one tiny offline model and one real local Ray cluster for the whole run (no mocks)."""
+"""Session fixtures: one tiny offline model and one real local Ray cluster for the whole run (no mocks); heads
+started with the real `ray start` for the tests of long-lived clusters."""
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 # Ray Train V2's report() waits for the controller's poll; vLLM runs in-process inside Ray actors.
@@ -24,9 +33,61 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: Train workers and actor pools mostly wait on each other, so they can share.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The dashboard process serves the state API, which Ray Train's placement-group cleaner polls (loopback only).
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     # Subprocesses (the CLI) join this cluster, not whichever cluster started last on the machine.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A cluster started like a user's long-lived one (`ray start --head`, dashboard on loopback), on free ports, with
+    its own RAY_TMPDIR: Ray's address file lands there, so a command run with `env` finds the cluster as it would
+    find a user's. `stop()` kills only this cluster's processes (`ray stop` would stop every cluster here)."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update(RAY_TMPDIR=self.tmp, PATH=f"{Path(sys.executable).parent}:{self.env['PATH']}",
+                        RAY_AUTH_MODE="token")  # as `ray start` does when a token exists (~/.ray/auth_token)
+        self.address = self.dashboard = ""
+        self.port = 0
+
+    def start(self) -> None:
+        port, dashboard = free_port(), free_port()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                        "--include-dashboard=true",
+                        # Every port its own: another cluster on this machine (the test session's) holds the defaults.
+                        *(f"--{name}={free_port()}" for name in [
+                            "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                            "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                            "object-manager-port"]),
+                        "--num-cpus=4", "--disable-usage-stats"], env=self.env, check=True, capture_output=True,
+                       timeout=120)
+        self.port, self.address, self.dashboard = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
+
+    def stop(self) -> None:
+        procs = [p for p in psutil.process_iter(["cmdline"]) if any(self.tmp in a for a in p.info["cmdline"] or [])]
+        for p in procs:
+            p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            p.kill()
+        time.sleep(1)
+
+
+@pytest.fixture
+def ray_head():
+    head = RayHead()
+    yield head
+    head.stop()
+    shutil.rmtree(head.tmp, ignore_errors=True)

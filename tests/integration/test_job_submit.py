@@ -1,17 +1,12 @@
 """`ray job submit` from a "laptop" to a head started on loopback, running jobs/spin.py (the real CLI path)."""
 
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from spin_ray import records
@@ -21,40 +16,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def head():
-    """A second Ray cluster, started like a real head node; stopped by killing only its own processes."""
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    # Ray 2.60 protects the dashboard with a token (~/.ray/auth_token); clients opt in with RAY_AUTH_MODE=token.
-    env["RAY_AUTH_MODE"] = "token"
-    dashboard = free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    # Every port its own: another cluster on this machine (the test session's) holds the defaults.
-                    *(f"--{name}={free_port()}" for name in ["ray-client-server-port", "dashboard-agent-listen-port",
-                                                             "dashboard-agent-grpc-port", "metrics-export-port",
-                                                             "runtime-env-agent-port", "node-manager-port",
-                                                             "object-manager-port"]),
-                    "--num-cpus=4", f"--temp-dir={temp_dir}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
-    yield f"http://127.0.0.1:{dashboard}", env
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in arg for arg in p.info["cmdline"] or []):
-            p.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_ray_job_submit_runs_the_loop(head, tiny_model, tmp_path, monkeypatch):
-    address, env = head
+def test_ray_job_submit_runs_the_loop(ray_head, tiny_model, tmp_path, monkeypatch):
+    ray_head.start()
+    address, env = ray_head.dashboard, ray_head.env
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session cluster's, which the job client would follow
     sets = [f"model={tiny_model}", f"storage={tmp_path}", "loop.iterations=1", "data.max_rows=8",

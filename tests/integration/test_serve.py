@@ -17,6 +17,8 @@ import urllib.request
 
 import pytest
 
+from spin_ray import records
+
 pytestmark = pytest.mark.integration
 
 KEY = "test-key-123"
@@ -47,7 +49,8 @@ def storage(tmp_path_factory, tiny_model):
 def server(storage, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, never a test cluster of this session
+    # No Ray settings: it starts a cluster of its own, never the private cluster of this test session.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "spin_ray.cli", "serve", str(storage), "--port", str(port), "--api-key", KEY,
            "--max-tokens", str(MAX_TOKENS), "--max-body-bytes", str(MAX_BODY),
            "--max-prompt-tokens", "64"]
@@ -198,13 +201,71 @@ def test_killed_replica_is_restarted_and_later_requests_succeed(client, server):
     assert ask("base") in ("stop", "length")
 
 
-def test_ctrl_c_stops_the_server_and_frees_the_port(server):
+def _command(command, tiny_model, storage, rows):
+    sets = [f"model={tiny_model}", f"storage={storage}", f"data.max_rows={rows}", "data.max_length=128",
+            "data.max_prompt_length=64", "generate.max_tokens=8", "generate.batch_size=8",
+            "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5", "train.global_batch_size=8",
+            "train.micro_batch_size=4", "train.epochs=1", "eval.enabled=false", "loop.iterations=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no Ray settings, like the server's
+    return subprocess.Popen([sys.executable, "-m", "spin_ray.cli", command, *sum((["--set", s] for s in sets), [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finished_with_its_pairs(proc, command, storage, rows):
+    import pyarrow.parquet as pq
+
+    from spin_ray.cli import EMBEDDED
+    from spin_ray.config import SpinConfig
+    from spin_ray.data import load_sft
+
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.splitlines()[0].startswith(f"spin-ray {command}: a local Ray cluster of its own"), out[:500]
+    expected = load_sft(SpinConfig.load(EMBEDDED, [f"data.max_rows={rows}"]).data).to_arrow().column("prompt_id")
+    got = pq.read_table(storage / "iter_0" / "pairs", columns=["prompt_id"]).column(0).to_pylist()
+    assert sorted(got) == sorted(expected.to_pylist())
+
+
+def _answers(server) -> bool:
+    body = {"model": "iter_0", "prompt": "hi", "max_tokens": 2}
+    return _http("POST", f"{server['url']}/completions", body, key=KEY)[0] == 200
+
+
+def test_commands_beside_the_server_each_stop_on_their_own(server, tiny_model, tmp_path):
+    # Two more commands on this machine, none with Ray settings: each must use a cluster of its own.
+    first, second = tmp_path / "first", tmp_path / "second"
+    one = _command("run", tiny_model, first, 16)
+    assert _answers(server)
+    # The second starts while the first works; the first ends (its cluster with it) while the second works.
+    assert wait_logged(first, "wrote 16 pairs", one)
+    two = _command("generate", tiny_model, second, 24)
+    _finished_with_its_pairs(one, "run", first, 16)
+    assert records.is_complete(str(first / "iter_0" / "model"))
+    # Its own cluster runs the dashboard's state API, so Ray Train's placement-group cleaner can do its work.
+    assert not [line for f in os.listdir(first / "logs") for line in open(first / "logs" / f)
+                if "Failed to query Ray Train Controller actor state" in line]
+    assert _answers(server)  # the first command's end did not take the server with it
+    assert two.poll() is None, "the second command ended before the first: nothing was shown"
+
+    # Ctrl-C stops the server while the second command works; the second finishes with its pairs.
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0, server["log"].read_text()[-4000:]
     assert '"stopped": true' in server["log"].read_text()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server["port"]), timeout=5).close()
+    _finished_with_its_pairs(two, "generate", second, 24)
+    assert "Connecting to existing Ray cluster" not in server["log"].read_text()
+
+
+def wait_logged(storage, text, proc, timeout=300) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        logs = storage / "logs"
+        if logs.exists() and any(text in (logs / f).read_text(errors="replace") for f in os.listdir(logs)):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_beyond_loopback_without_a_key_is_refused(storage):
