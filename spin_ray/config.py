@@ -103,6 +103,8 @@ class TrainConfig:
     lr: float = 5e-7
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    sft_weight: float = 0.0
+    """Adds this weight x the human answer's NLL per token to the loss (spin_ray/loss.py); 0 = the paper's loss."""
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -286,6 +288,7 @@ class SpinConfig:
              f"({self.train.micro_batch_size} x {self.train.num_workers}); change one of them"),
             ("train.lr", self.train.lr > 0, "must be > 0"),
             ("train.beta", self.train.beta > 0, "must be > 0 (it is the λ of the paper)"),
+            ("train.sft_weight", self.train.sft_weight >= 0, "must be >= 0 (0: the paper's loss)"),
             ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
             ("train.max_grad_norm", self.train.max_grad_norm > 0, "must be > 0"),
             ("train.checkpoint_every", self.train.checkpoint_every is None or self.train.checkpoint_every >= 1,

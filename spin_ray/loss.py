@@ -15,8 +15,8 @@ LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Tensor, ref_real_logps: torch.Tensor,
-              ref_generated_logps: torch.Tensor, beta: float,
-              loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, float]]:
+              ref_generated_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", *, sft_weight: float = 0.0,
+              real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """SPIN loss of a batch of pairs, and its metrics.
 
         margin = (log πθ(y|x) − log π_t(y|x)) − (log πθ(y'|x) − log π_t(y'|x))
@@ -26,14 +26,24 @@ def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Ten
     a log-prob summed over response tokens. Inputs have shape (B,); the loss is the batch mean. At πθ = π_t the
     margin is 0, so the sigmoid loss is ln 2.
 
+    `sft_weight` > 0 adds that weight times the human answer's NLL per token, −log πθ(y|x) / |y| (`real_tokens`:
+    |y| per pair), averaged over pairs like the SPIN term: DPO-style losses also lower the likelihood of y, and this
+    term holds it up (OpenRLHF's nll_loss_coef, TRL's "sft" loss). 0, the default, is the paper's loss.
+
     Metrics: rewards/real = β(log πθ(y) − log π_t(y)), rewards/generated likewise for y', rewards/margins their
-    difference, rewards/accuracies the share of pairs with rewards/real > rewards/generated, logps/* the policy's.
+    difference, rewards/accuracies the share of pairs with rewards/real > rewards/generated, logps/* the policy's,
+    and nll/real_per_token where `real_tokens` is given.
     """
     if loss_type not in LOSSES:
         raise ValueError(f"loss_type {loss_type!r}: must be one of {sorted(LOSSES)}")
+    if sft_weight and real_tokens is None:
+        raise ValueError("sft_weight needs real_tokens (the human answer's token count per pair)")
     real_rewards = beta * (policy_real_logps - ref_real_logps)
     generated_rewards = beta * (policy_generated_logps - ref_generated_logps)
     loss = LOSSES[loss_type](real_rewards - generated_rewards).mean()
+    nll = None if real_tokens is None else (-policy_real_logps / real_tokens).mean()
+    if sft_weight:
+        loss = loss + sft_weight * nll
     with torch.no_grad():
         metrics = {
             "rewards/real": real_rewards.mean().item(),
@@ -43,4 +53,6 @@ def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Ten
             "logps/real": policy_real_logps.mean().item(),
             "logps/generated": policy_generated_logps.mean().item(),
         }
+        if nll is not None:
+            metrics["nll/real_per_token"] = nll.item()
     return loss, metrics

@@ -45,3 +45,26 @@ def test_gradient_at_reference_pushes_real_up_and_generated_down():
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type 'ipo'"):
         spin_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1, loss_type="ipo")
+
+
+def test_sft_term_by_hand():
+    # At the reference the SPIN term is ln 2. NLL per token of y: 2/2 = 1 and 6/3 = 2, mean 1.5; weight 0.5 → +0.75.
+    real = torch.tensor([-2.0, -6.0], requires_grad=True)
+    gen = torch.tensor([-4.0, -1.0], requires_grad=True)
+    loss, m = spin_loss(real, gen, real.detach(), gen.detach(), beta=0.1, sft_weight=0.5,
+                        real_tokens=torch.tensor([2.0, 3.0]))
+    assert loss.item() == pytest.approx(math.log(2) + 0.75, rel=1e-6)
+    assert m["nll/real_per_token"] == pytest.approx(1.5)
+    loss.backward()
+    # SPIN: −β σ(0) / B = −0.025 per pair; SFT: −w / (B |y|) = −0.5 / 4 = −0.125 and −0.5 / 6 = −0.0833...
+    assert real.grad.tolist() == pytest.approx([-0.025 - 0.125, -0.025 - 0.5 / 6])
+    assert gen.grad.tolist() == pytest.approx([0.025, 0.025])
+
+
+def test_sft_weight_zero_is_the_papers_loss_and_needs_no_token_counts():
+    real, gen = torch.tensor([-1.0]), torch.tensor([-4.0])
+    plain, _ = spin_loss(real, gen, real - 2, gen + 2, beta=0.5)
+    counted, m = spin_loss(real, gen, real - 2, gen + 2, beta=0.5, real_tokens=torch.tensor([4.0]))
+    assert counted.item() == plain.item() and m["nll/real_per_token"] == 0.25
+    with pytest.raises(ValueError, match="sft_weight needs real_tokens"):
+        spin_loss(real, gen, real, gen, beta=0.5, sft_weight=0.1)
