@@ -342,6 +342,7 @@ TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'beta':>5} {'loss':>7} {'acc':>6} {'
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.evaluate import read_eval, summary
     from spin_ray.loop import run
+    from spin_ray.manifest import Manifest
     from spin_ray.report import write_report
 
     with TrainProgress(cfg.storage):
@@ -354,7 +355,8 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
             say(f"θ_{r.iteration + 1} (after iteration {r.iteration}): {summary(r.evaluation)}")
     report = write_report(cfg.storage)
     say(f"report: {report}")
-    return {"storage": cfg.storage, "iterations": len(results), "model": results[-1].model if results else cfg.model,
+    selected = Manifest(cfg.storage).state.get("selected", {})
+    return {"storage": cfg.storage, "iterations": len(results), "model": selected.get("model"), "selected": selected,
             "report": report, "seconds": [r.seconds for r in results]}
 
 

@@ -139,6 +139,8 @@ class TrainConfig:
     """β for iteration t = beta_per_iteration[t] (paper: [0.1, 0.1, 0.1, 5.0]); None uses `beta` throughout."""
     lr_per_iteration: list[float] | None = None
     """Peak lr per iteration (paper: [5e-7, 5e-7, 1e-7, 1e-7]); None uses `lr` throughout."""
+    epochs_per_iteration: list[int] | None = None
+    """Epochs for iteration t = epochs_per_iteration[t] (the last entry repeats); None uses `epochs` throughout."""
 
 
 @dataclass
@@ -150,6 +152,9 @@ class LoopConfig:
     early_stop_epsilon: float | None = None
     """Stop when θ_t's held-out reward accuracy against θ_{t−1} is within ε of 0.5 (the paper's fixed point, read from
     the evaluation); None never stops early."""
+    select: Literal["last", "best"] = "last"
+    """Which iterate the run keeps (manifest.json `selected`, the report, `spin-ray serve` as `best`): `last`, or
+    `best` by held-out task score (ties: lower NLL, then the earlier), by held-out NLL where there is no task score."""
 
 
 @dataclass
@@ -231,12 +236,14 @@ class SpinConfig:
         return dataclasses.asdict(self)
 
     def for_iteration(self, t: int) -> SpinConfig:
-        """This config with `iteration` = t and that iteration's β and lr applied."""
+        """This config with `iteration` = t and that iteration's β, lr and epochs applied."""
         train = dataclasses.replace(self.train)
         if self.train.beta_per_iteration:
             train.beta = self.train.beta_per_iteration[min(t, len(self.train.beta_per_iteration) - 1)]
         if self.train.lr_per_iteration:
             train.lr = self.train.lr_per_iteration[min(t, len(self.train.lr_per_iteration) - 1)]
+        if self.train.epochs_per_iteration:
+            train.epochs = self.train.epochs_per_iteration[min(t, len(self.train.epochs_per_iteration) - 1)]
         return dataclasses.replace(self, iteration=t, train=train)
 
     def validate(self) -> None:
@@ -289,6 +296,8 @@ class SpinConfig:
             ("train.lr", self.train.lr > 0, "must be > 0"),
             ("train.beta", self.train.beta > 0, "must be > 0 (it is the λ of the paper)"),
             ("train.sft_weight", self.train.sft_weight >= 0, "must be >= 0 (0: the paper's loss)"),
+            ("loop.select", self.loop.select == "last" or self.eval.enabled,
+             "is best, which needs the held-out evaluation; set eval.enabled=true or loop.select=last"),
             ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
             ("train.max_grad_norm", self.train.max_grad_norm > 0, "must be > 0"),
             ("train.checkpoint_every", self.train.checkpoint_every is None or self.train.checkpoint_every >= 1,
@@ -302,6 +311,8 @@ class SpinConfig:
              "must hold only values > 0"),
             ("train.lr_per_iteration", all(v > 0 for v in self.train.lr_per_iteration or []),
              "must hold only values > 0"),
+            ("train.epochs_per_iteration", all(e >= 1 for e in self.train.epochs_per_iteration or []),
+             "must hold only values >= 1"),
             ("loop.iterations", self.loop.iterations >= 1, "must be >= 1"),
             ("loop.window", self.loop.window >= 1, "must be >= 1"),
             ("eval.rows", self.eval.rows >= 1, "must be >= 1"),

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,6 +46,19 @@ def eval_dir(storage: str, k: int) -> str:
 def read_eval(storage: str, k: int) -> dict[str, Any] | None:
     uri = records.join(eval_dir(storage, k), RESULT)
     return records.read_json(uri) if records.exists(uri) else None
+
+
+def best_iterate(evaluations: Sequence[dict[str, Any] | None]) -> tuple[int, str] | None:
+    """k of the best θ_k among `evaluations` (index k = θ_k's, None where not evaluated) and the measure that chose
+    it: the highest held-out task score (ties: lower NLL, then the earlier θ), or the lowest NLL per token where no
+    model has a task score. None when no model was evaluated."""
+    scored = [(k, e) for k, e in enumerate(evaluations) if e and e.get("task_score") is not None]
+    if scored:
+        return max(scored, key=lambda ke: (ke[1]["task_score"], -ke[1]["nll_per_token"], -ke[0]))[0], "task_score"
+    measured = [(k, e) for k, e in enumerate(evaluations) if e]
+    if measured:
+        return min(measured, key=lambda ke: (ke[1]["nll_per_token"], ke[0]))[0], "nll_per_token"
+    return None
 
 
 def task_scorer(cfg: SpinConfig) -> TaskScorer | None:

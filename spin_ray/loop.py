@@ -250,7 +250,22 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     finally:
         if pool is not None:
             pool.shutdown()
+    _select(cfg, manifest, [model_path(None, cfg), *(r.model for r in results)])
     return results
+
+
+def _select(cfg: SpinConfig, manifest: "Manifest", models: list[str]) -> None:
+    """Record the iterate the run keeps (loop.select) among θ_0 … θ_T (`models`)."""
+    from spin_ray.evaluate import best_iterate, read_eval
+
+    theta, by = len(models) - 1, None
+    evaluations = [read_eval(cfg.storage, k) for k in range(len(models))]
+    if cfg.loop.select == "best":
+        theta, by = best_iterate(evaluations) or (theta, None)
+    value = (evaluations[theta] or {}).get(by) if by else None
+    manifest.select(theta, models[theta], cfg.loop.select, by, value)
+    how = f"the best held-out {by.replace('_', ' ')}, {value:.3f}" if by else f"loop.select = {cfg.loop.select}"
+    log.info("keeping θ_%d (%s): %s", theta, how, models[theta])
 
 
 def at_fixed_point(reward_accuracy: float | None, epsilon: float | None) -> bool:

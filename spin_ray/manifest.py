@@ -15,7 +15,7 @@ from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 
 # Keys that change how fast a run goes, not what it computes.
-NOT_HASHED = ("ray", "loop.iterations", "generate.num_actors", "generate.batch_size", "generate.keep_warm",
+NOT_HASHED = ("ray", "loop.iterations", "loop.select", "generate.num_actors", "generate.batch_size", "generate.keep_warm",
               "score.num_actors", "score.batch_size", "train.report_every", "train.checkpoint_every",
               "train.checkpoint_every_minutes", "train.checkpoint_every_epoch", "train.num_to_keep", "iteration")
 
@@ -57,6 +57,11 @@ class Manifest:
 
     def stage(self, name: str, status: str, **info: Any) -> None:
         self.state["stages"][name] = {"status": status, "time": time.time(), **info}
+        self._write()
+
+    def select(self, theta: int, model: str, rule: str, by: str | None, value: float | None) -> None:
+        """The iterate the run keeps: θ_`theta` at `model`, chosen by `rule` (`by`: the held-out measure, its value)."""
+        self.state["selected"] = {"theta": theta, "model": model, "rule": rule, "by": by, "value": value}
         self._write()
 
     def _write(self) -> None:

@@ -27,7 +27,8 @@ def _iterations(storage: str) -> list[int]:
 def collect(storage: str) -> dict[str, Any]:
     """Per model θ_0, θ_1, …: its evaluation and the seconds of the iteration that made it; per iteration: its steps."""
     manifest_uri = records.join(records.absolute(storage), "manifest.json")
-    stages = records.read_json(manifest_uri).get("stages", {}) if records.exists(manifest_uri) else {}
+    manifest = records.read_json(manifest_uri) if records.exists(manifest_uri) else {}
+    stages = manifest.get("stages", {})
     models, steps = [], {}
     for k in range(len(_iterations(storage)) + 1):
         uri = records.join(eval_dir(storage, k), RESULT)
@@ -39,7 +40,7 @@ def collect(storage: str) -> dict[str, Any]:
     for t in _iterations(storage):
         steps[t] = [json.loads(line) for line in
                     records.read_lines(records.join(records.iter_dir(storage, t), "train_metrics.jsonl"))]
-    return {"models": models, "steps": steps}
+    return {"models": models, "steps": steps, "selected": manifest.get("selected")}
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -49,9 +50,12 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 def table(data: dict[str, Any]) -> list[str]:
     """Markdown rows, one per model."""
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    kept = data.get("selected")
     for m in data["models"]:
         e, sec = m["evaluation"] or {}, m["seconds"]
         name = "θ_0 (start)" if m["theta"] == 0 else f"θ_{m['theta']} (iter_{m['theta'] - 1})"
+        if kept and kept["theta"] == m["theta"]:
+            name += f" **kept** ({kept['rule']})"
         rows.append("| " + " | ".join([
             name, _fmt(e.get("task_score")), _fmt(e.get("nll_per_token")), _fmt(e.get("reward_accuracy")),
             _fmt(e.get("reward_margin")), _fmt(e.get("answer_tokens"), ".1f"), _fmt(e.get("truncated_share"), ".0%"),
@@ -130,6 +134,10 @@ def write_report(storage: str) -> str:
              "(never trained on). Task score: the model's greedy answers checked by the task's scorer. Reward acc: "
              "how often θ_k's implicit reward ranks the human answer above θ_{k−1}'s sampled answer (0.5 = the "
              "paper's fixed point). Seconds: the iteration that made the model.", "", *table(data), ""]
+    if data["selected"]:
+        kept = data["selected"]
+        how = f"the best held-out {kept['by'].replace('_', ' ')}" if kept["by"] else f"loop.select = {kept['rule']}"
+        lines += [f"Kept: θ_{kept['theta']} ({how}), {kept['model']}.", ""]
     kinds = _by_kind(data)
     if kinds:
         lines += ["Task score by kind:", "", *kinds, ""]

@@ -125,16 +125,20 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
     done = sorted(int(p.parent.parent.name.removeprefix("iter_"))
                   for p in target.glob("iter_*/model/" + records.MARKER)
                   if p.parent.parent.name.removeprefix("iter_").isdigit())
-    wanted = cfg.iterations if cfg.iterations is not None else ["base", *map(str, done)]
+    best = (state.get("selected") or {}) if (state.get("selected") or {}).get("rule") == "best" else {}
+    wanted = cfg.iterations if cfg.iterations is not None else ["base", *map(str, done), *(["best"] if best else [])]
     models = {}
     for name in wanted:
         if name == "base":
             models["base"] = _base_model(state, manifest)
+        elif name == "best" and best:  # loop.select = best: the iterate the run kept, beside the others
+            models["best"] = _base_model(state, manifest) if best["theta"] == 0 else str(
+                (target / f"iter_{best['theta'] - 1}" / "model").resolve())
         elif name.isdigit() and int(name) in done:
             models[f"iter_{int(name)}"] = str((target / f"iter_{int(name)}" / "model").resolve())
         else:
             raise ConfigError(f"--iterations names {name!r}, but {target} has finished models for iterations "
-                              f"{done or 'none'} (iter_<t>/model holds θ_(t+1)); use those numbers or `base`")
+                              f"{done or 'none'} (iter_<t>/model holds θ_(t+1)); use those numbers, `base`, or `best` (runs with loop.select = best)")
     for path in models.values():
         check_model(path, cfg.trust_remote_code)
     return models

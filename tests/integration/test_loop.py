@@ -14,7 +14,7 @@ import pytest
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.evaluate import read_eval
-from spin_ray.loop import run, run_iteration
+from spin_ray.loop import model_path, run, run_iteration
 
 pytestmark = pytest.mark.integration
 
@@ -69,18 +69,26 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
 
     report = write_report(str(tmp_path))
     text = open(report).read()
-    assert "| θ_0 (start) |" in text and "| θ_1 (iter_0) |" in text and "| θ_2 (iter_1) |" in text
+    assert "| θ_0 (start) |" in text and "| θ_1 (iter_0) |" in text and "| θ_2 (iter_1) **kept** (last) |" in text
     for k in (1, 2):
         assert f"{evals[k]['reward_accuracy']:.3f}" in text
     assert all(os.path.getsize(tmp_path / f) > 5000 for f in ("report_training.png", "report_eval.png"))
     cli = subprocess.run(spin_ray_cli("report", str(tmp_path)), capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0 and "| θ_2 (iter_1) |" in cli.stdout and report in cli.stdout, cli.stderr[-2000:]
+    assert cli.returncode == 0 and "| θ_2 (iter_1) **kept** (last) |" in cli.stdout and report in cli.stdout, cli.stderr[-2000:]
     assert all(v >= 0 for v in results[1].seconds.values()) and results[1].seconds["generate"] > 0
 
     # The same command again redoes nothing; another config is refused unless forced.
     mtimes = {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in os.listdir(os.path.join(it0, "pairs"))}
-    again = run(cfg_for(tiny_model, tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["selected"] == {"theta": 2, "model": results[1].model, "rule": "last", "by": None, "value": None}
+    # loop.select = best (not part of the config's identity: nothing is redone) keeps the best held-out iterate.
+    again = run(cfg_for(tiny_model, tmp_path, "loop.select=best"))
     assert [r.pairs.skipped for r in again] == [True, True] and [r.model for r in again] == [r.model for r in results]
+    best = max(range(3), key=lambda k: (evals[k]["task_score"], -evals[k]["nll_per_token"], -k))
+    kept = json.loads((tmp_path / "manifest.json").read_text())["selected"]
+    assert (kept["theta"], kept["rule"], kept["by"], kept["value"]) == (best, "best", "task_score",
+                                                                        evals[best]["task_score"])
+    assert kept["model"] == ([model_path(None, cfg_for(tiny_model, tmp_path))] + [r.model for r in results])[best]
     assert {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in mtimes} == mtimes
     with pytest.raises(ConfigError, match="another config_hash.*--force"):
         run(cfg_for(tiny_model, tmp_path, "train.beta=2.0"))

@@ -55,6 +55,15 @@ def test_per_iteration_beta_and_lr():
     assert cfg.for_iteration(3).iteration == 3 and cfg.train.beta == 0.1
 
 
+def test_per_iteration_epochs():
+    cfg = SpinConfig.load(None, ["train.epochs=5", "train.epochs_per_iteration=[3, 1]"])
+    assert [cfg.for_iteration(t).train.epochs for t in range(4)] == [3, 1, 1, 1] and cfg.train.epochs == 5
+    assert SpinConfig.load(None, ["train.epochs=2"]).for_iteration(3).train.epochs == 2
+    for bad in ("[2, 0]", "[1.5]"):
+        with pytest.raises(ConfigError, match="train.epochs_per_iteration"):
+            SpinConfig.load(None, [f"train.epochs_per_iteration={bad}"])
+
+
 def test_fixed_point_decision():
     from spin_ray.loop import at_fixed_point
 
