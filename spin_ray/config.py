@@ -290,9 +290,11 @@ class SpinConfig:
             ("train.dtype", self.train.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("score.dtype", self.score.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("train.global_batch_size",
-             self.train.global_batch_size % (self.train.micro_batch_size * self.train.num_workers) == 0,
-             f"({self.train.global_batch_size}) must be a multiple of train.micro_batch_size x train.num_workers "
-             f"({self.train.micro_batch_size} x {self.train.num_workers}); change one of them"),
+             self.train.global_batch_size >= 1 and self.train.global_batch_size % self.train.num_workers == 0,
+             f"({self.train.global_batch_size}) must be a positive multiple of train.num_workers "
+             f"({self.train.num_workers}): "
+             "every worker trains as many pairs per step (train.micro_batch_size only caps the pairs of one "
+             "forward); change one of them"),
             ("train.lr", self.train.lr > 0, "must be > 0"),
             ("train.beta", self.train.beta > 0, "must be > 0 (it is the λ of the paper)"),
             ("train.sft_weight", self.train.sft_weight >= 0, "must be >= 0 (0: the paper's loss)"),

@@ -122,20 +122,21 @@ def requests(cfg: SpinConfig) -> dict[str, Request]:
     }
 
 
-def phases(cfg: SpinConfig) -> dict[str, list[str]]:
-    """The stages holding resources at the same time, per phase of an iteration."""
-    warm = ["generate"] if cfg.generate.keep_warm else []
+def phases(cfg: SpinConfig, warm_engines: bool = True) -> dict[str, list[str]]:
+    """The stages holding resources at the same time, per phase of an iteration; `warm_engines`: whether warm
+    generation engines (generate.keep_warm) can be up meanwhile (not for a stage command that starts none)."""
+    warm = ["generate"] if cfg.generate.keep_warm and warm_engines else []
     return {"pairs": ["generate", "score"], "window": ["score", *warm], "train": ["train", *warm]}
 
 
 def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tuple[str, ...] = PHASES,
-              nodes: list[Resources] | None = None) -> SpinConfig:
+              nodes: list[Resources] | None = None, warm_engines: bool = True) -> SpinConfig:
     """Refuse, naming the fields, a config that would start and then hang or break; return it resolved.
 
     `cluster` is the total resources (default: what the connected cluster has or can autoscale to); `stages` the
-    phases this entry point runs; `nodes` each node's resources (default: the connected cluster's, when no
-    autoscaler can add nodes of other sizes), as one actor or worker must fit on one node. Nothing here starts an
-    actor.
+    phases this entry point runs, `warm_engines` whether warm engines can be up meanwhile; `nodes` each node's
+    resources (default: the connected cluster's, when no autoscaler can add nodes of other sizes), as one actor or
+    worker must fit on one node. Nothing here starts an actor.
     """
     cfg.validate()  # configs built in code skip SpinConfig.load; the global batch rule is there
     if cfg.generate.max_tokens >= cfg.data.max_length:
@@ -148,11 +149,12 @@ def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tupl
         capacity = dict(cluster)
     cfg = resolve(cfg, capacity)
     reqs = requests(cfg)
-    for r in {name: reqs[name] for phase in stages for name in phases(cfg)[phase]}.values():
+    held = phases(cfg, warm_engines)
+    for r in {name: reqs[name] for phase in stages for name in held[phase]}.values():
         if nodes:
             _fits_a_node(r, nodes)
     for phase in stages:
-        members = [reqs[name] for name in phases(cfg)[phase]]
+        members = [reqs[name] for name in held[phase]]
         for r in members:
             _fits([r], capacity, "")
         if len(members) > 1:

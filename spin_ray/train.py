@@ -526,7 +526,8 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     from spin_ray.models import check_model, resolve_model
 
     # Refused before any actor starts (plan.py decides what each stage asks for); the window is rescored here.
-    cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("window", "train"))
+    # Warm engines are the loop's, which checks them with training (loop.run's preflight); this starts none.
+    cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("window", "train"), warm_engines=False)
     here = records.iter_dir(cfg.storage, cfg.iteration)
     out = records.join(here, "model")
     if records.is_complete(out):

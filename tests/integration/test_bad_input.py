@@ -158,6 +158,25 @@ def test_bad_set_value(tmp_path, override, needle):
     assert needle in refused(tmp_path, override, command="run")
 
 
+def test_a_micro_batch_larger_than_the_global_batch_is_not_refused(tmp_path):
+    # The embedded config's micro-batch is 32 pairs: a global batch of 8 is one micro-batch per step, not an error;
+    # the command gets as far as the data it is given (missing here, so nothing runs).
+    msg = refused(tmp_path, "train.global_batch_size=8", "data.path=missing.jsonl")
+    assert "global_batch_size" not in msg and "data.path 'missing.jsonl' not found" in msg
+
+
+def test_a_train_command_is_not_refused_for_warm_engines_it_never_starts(tiny_model, tmp_path):
+    # The embedded config keeps warm engines (generate.keep_warm) for `run`; `train` starts none, so 2 workers fit
+    # the local cluster, and the command goes on to look for the pairs it trains on.
+    out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "train", "--set", f"model={tiny_model}",
+                          "--set", f"storage={tmp_path / 'store'}", "--set", "train.num_workers=2"],
+                         cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                         capture_output=True, text=True, timeout=300)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "keep_warm" not in err and "no finished pairs for iteration 0" in err, err[-3000:]
+
+
 # --- models ----------------------------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.beta=0", "train.beta"),
     ("train.beta=-1", "train.beta"),
     ("generate.temperature=-0.5", "generate.temperature"),
-    ("train.global_batch_size=10", "train.global_batch_size"),
+    ("train.global_batch_size=0", "train.global_batch_size"),
     ("generate.num_actors=0", "generate.num_actors"),
     ("data.max_prompt_length=2048", "data.max_prompt_length"),
     ("train.loss_type=ipo", "train.loss_type"),

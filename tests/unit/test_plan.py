@@ -175,8 +175,19 @@ def test_preflight_refuses_a_global_batch_the_workers_cannot_divide():
     c = cfg()
     broken = dataclasses.replace(c, train=dataclasses.replace(c.train, num_workers=3, micro_batch_size=8,
                                                               global_batch_size=64))  # built in code: no load()
-    with pytest.raises(ConfigError, match=r"train.global_batch_size .*8 x 3"):
+    with pytest.raises(ConfigError, match=r"train.global_batch_size .*multiple of train.num_workers \(3\)"):
         preflight(broken, {"CPU": 16.0})
+    # micro_batch_size caps a forward's pairs; it need not divide a worker's share (64 / 2 = 32 pairs, 3 forwards).
+    preflight(dataclasses.replace(c, train=dataclasses.replace(c.train, num_workers=2, micro_batch_size=12,
+                                                               global_batch_size=64)), {"CPU": 16.0})
+
+
+def test_a_train_command_does_not_count_warm_engines_it_never_starts():
+    c = cfg("generate.keep_warm=true", "train.num_workers=2", "train.global_batch_size=16",
+            "generate.num_cpus_per_actor=2", "train.num_cpus_per_worker=1")
+    with pytest.raises(ConfigError, match=r"generate.keep_warm = true.*training runs"):
+        preflight(c, {"CPU": 3.0}, stages=("train",))  # the loop: engines stay up while training runs
+    preflight(c, {"CPU": 3.0}, stages=("train",), warm_engines=False)  # `spin-ray train`: no engine
 
 
 def test_preflight_checks_only_the_phases_asked_for():
