@@ -323,6 +323,12 @@ class SpinConfig:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    """A `*.dtype` field's value as a torch dtype name: `auto` is bfloat16 on a GPU and float32 on the CPU (no CPU
+    kernel here gains from bf16, and fp32 keeps generation, scoring and training bit-comparable)."""
+    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+
+
 def decode_utf8(raw: bytes, what: str) -> str:
     """`raw` as text, or a ConfigError naming `what`, the line and the byte that is not UTF-8, and the fix."""
     try:

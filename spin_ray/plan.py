@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.config import ConfigError, SpinConfig, resolve_dtype
 
 Resources = Mapping[str, float]
 PHASES = ("pairs", "window", "train")
@@ -387,7 +387,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32).
     """
     t, p = cfg.train, arch.params
-    dtype = ("bfloat16" if t.use_gpu else "float32") if t.dtype == "auto" else t.dtype
+    dtype = resolve_dtype(t.dtype, t.use_gpu)
     reduced = dtype != "float32"
     width = 2 if reduced else 4  # bytes per activation value
     fsdp = t.strategy == "fsdp"

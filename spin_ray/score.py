@@ -13,8 +13,7 @@ import pyarrow as pa
 import torch
 
 from spin_ray import records
-from spin_ray.config import ConfigError, ScoreConfig, SpinConfig
-from spin_ray.generate import resolve_dtype
+from spin_ray.config import ConfigError, ScoreConfig, SpinConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
 from spin_ray.template import collate, encode_pair, sequence_logps
 
@@ -111,7 +110,7 @@ def rescore_window(cfg: SpinConfig, model: str) -> list[str]:
     into `iter_<t>/window/iter_<s>`; finished ones are kept.
 
     uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
-    (spin.md §2); the older y' stay as θ_{t-1} sampled them, with the token ids they were scored with.
+    (paper §5.1; its configs/config_iter{1,2,3}.yaml use a window of two iterations); the older y' stay as θ_{t-1} sampled them, with the token ids they were scored with.
     """
     import ray.data
 

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from spin_ray import records
-from spin_ray.config import ConfigError, SpinConfig, TrainConfig
-from spin_ray.generate import resolve_dtype
+from spin_ray.config import ConfigError, SpinConfig, TrainConfig, resolve_dtype
 from spin_ray.loss import spin_loss
 from spin_ray.plan import preflight
 from spin_ray.score import IDS, LOGPS, rescore_window
@@ -37,8 +36,8 @@ log = logging.getLogger(__name__)
 COLUMNS = [*IDS, *LOGPS]
 STATE = "state"
 """The torch.distributed.checkpoint folder inside each Ray Train checkpoint."""
-# Padding share a token-budget micro-batch may reach (issue 7's target: ≤ 10% of processed tokens): a forward costs
-# about its padded tokens, so a few more, narrower forwards cost less than the padding they avoid.
+# Padding share a token-budget micro-batch may reach by default: a forward costs about its padded tokens, so a few
+# more, narrower forwards cost less than the padding they avoid.
 MAX_PADDING = 0.1
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.loop import make_pairs
-from spin_ray.train import train
+from spin_ray.train import STATE, train
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,8 @@ def metrics(storage, t=0):
 
 
 def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
-    result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3"), pairs=[pairs])
+    result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3", "train.checkpoint_every=5"),
+                   pairs=[pairs])
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == list(range(1, 13))  # 32 pairs / 8 per step x 3 epochs
     first = lines[0]
@@ -58,7 +59,10 @@ def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
     assert lines[-1]["rewards/accuracies"] > 0.5 and lines[-1]["rewards/margins"] > 0
     assert result.model == os.path.join(tmp_path, "iter_0", "model") and not result.skipped
     model = AutoModelForCausalLM.from_pretrained(result.model)
-    assert not any(f.startswith("train_state") for f in os.listdir(result.model))
+    # Steps 5 and 10 saved the resumable DCP state (a `state` folder in each Ray Train checkpoint); the finished run
+    # keeps none of it, in the exported model or anywhere in the iteration's folder.
+    assert STATE not in os.listdir(result.model)
+    assert not [here for here, dirs, _ in os.walk(tmp_path) if STATE in dirs]
     reference = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.equal(model.lm_head.weight, reference.lm_head.weight)
     # A second call finds the finished model and does nothing.
