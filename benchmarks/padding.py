@@ -7,11 +7,13 @@ grouped         length grouping (spin_ray.train.worker_shares + even_micro_batch
 packed          spin_ray.train today: each pair packed in one row (template.pack_pairs: both sequences side by side,
                 own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
                 train.micro_batch_tokens with at most spin_ray.train.MAX_PADDING of a forward's tokens padding
-packed-nocap    the same without the padding cap (MAX_PADDING = 1, the rule before it): a large budget takes a whole
+packed-nocap    the same without the padding cap (max_padding = 1, the rule before it): a large budget takes a whole
                 share in one forward, padded to its longest row
 
-One process, no Ray: the same model, optimizer step, seeded global batches and sequences for every variant, run one
-after another; only how a step's pairs are cut into forwards differs (the loss is the same mean either way). Real
+One process, no Ray: the same model, seeded global batches and sequences for every variant, run one after another;
+only how a step's pairs are cut into forwards differs (the loss is the same mean either way). The packed variants run
+the trainer's own step (spin_ray.trainer.Trainer.train_step); before and grouped run the old rule's forward on the
+same model and optimizer (`padded_step`). Reference log-probs are 0 (speed does not depend on them). Real
 tokens/s = attention-mask tokens of steps 2..N / their wall time; padding share = 1 − real / processed tokens (the
 `padding_share` of train_metrics.jsonl); "max tok/fwd" = the largest padded forward (2B × width), a proxy for peak
 activation memory.
@@ -77,36 +79,45 @@ def long_tailed_pairs(n: int, vocab: int, max_length: int, max_prompt_length: in
     return out
 
 
-def run_variant(model, pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], pad_id: int,
-                packed: bool) -> dict:
-    """Forward/backward of every micro-batch of every step, then an AdamW step; real and padded token counts."""
+def padded_step(trainer, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[int, int]:
+    """One optimizer step under the old rule (template.collate: the 2B sequences padded to the longest), on the
+    trainer's model and optimizer: the baseline that packing replaced. Returns (real, processed) tokens."""
     import torch
 
     from spin_ray.loss import spin_loss
-    from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
+    from spin_ray.template import collate, sequence_logps
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    n = sum(map(len, micro_batches))
+    tokens = processed = 0
+    for pairs in micro_batches:
+        batch = collate(pairs, trainer.pad_id)
+        logps = sequence_logps(trainer.model, batch)
+        zero = torch.zeros(len(pairs), dtype=torch.float64)
+        loss, _ = spin_loss(logps[:len(pairs)], logps[len(pairs):], zero, zero, trainer.tc.beta)
+        (loss * len(pairs) / n).backward()
+        tokens += int(batch["attention_mask"].sum())
+        processed += batch["attention_mask"].numel()
+    torch.nn.utils.clip_grad_norm_(trainer.params, trainer.tc.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return tokens, processed
+
+
+def run_variant(trainer, pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], packed: bool) -> dict:
+    """Every step of `plan` (micro-batches of pair indices), through Trainer.train_step or the old rule."""
     stamps, real_per_step, processed_per_step, widest = [], [], [], 0
     for step in plan:
-        n = sum(map(len, step))
-        tokens = processed = 0
-        for idx in step:
-            if packed:
-                batch = pack_pairs([pairs[i] for i in idx], pad_id)
-                real, generated = packed_logps(model, batch)
-                present = batch["segment"] > 0
-            else:
-                batch = collate([pairs[i] for i in idx], pad_id)
-                logps = sequence_logps(model, batch)
-                real, generated = logps[:len(idx)], logps[len(idx):]
-                present = batch["attention_mask"] > 0
-            loss, _ = spin_loss(real, generated, real.detach(), generated.detach(), 0.1)
-            (loss * len(idx) / n).backward()
-            tokens += int(present.sum())
-            processed += present.numel()
-            widest = max(widest, present.numel())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [[{**pairs[i], "ref_logp_real": 0.0, "ref_logp_generated": 0.0} for i in idx] for idx in step]
+        if packed:
+            m = trainer.train_step(batches)
+            tokens, processed = m["tokens"], round(m["tokens"] / (1 - m["padding_share"]))
+            rows = [[2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in b]
+                    for b in batches]
+        else:
+            tokens, processed = padded_step(trainer, batches)
+            rows = [[len(p["prompt_ids"]) + len(p[k]) for k in ("real_ids", "generated_ids") for p in b]
+                    for b in batches]
+        widest = max(widest, *(len(r) * max(r) for r in rows))
         stamps.append(time.perf_counter())
         real_per_step.append(tokens)
         processed_per_step.append(processed)
@@ -122,11 +133,7 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     """Each variant's micro-batches for the same seeded global batches (one worker), and whether it packs."""
     import torch
 
-    import importlib
-
     from spin_ray.train import even_micro_batches, packed_lengths, worker_shares
-
-    train = importlib.import_module("spin_ray.train")  # the module: spin_ray.train is also the package's function
 
     padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
     packed = packed_lengths(pa.Table.from_pylist(pairs)).tolist()  # the trainer's own lengths
@@ -135,17 +142,13 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     grouped = [even_micro_batches(worker_shares(b, padded, 1), padded, max_pairs=micro, max_tokens=None)[0]
                for b in batches]
 
-    def budgeted() -> list[list[list[int]]]:
-        return [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget)[0]
+    def budgeted(**cap: float) -> list[list[list[int]]]:
+        return [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget, **cap)[0]
                 for b in batches]
 
-    cap, train.MAX_PADDING = train.MAX_PADDING, 1.0
-    try:
-        uncapped = budgeted()
-    finally:
-        train.MAX_PADDING = cap
     return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], False),
-            "grouped": (grouped, False), "packed-nocap": (uncapped, True), "packed": (budgeted(), True)}
+            "grouped": (grouped, False), "packed-nocap": (budgeted(max_padding=1.0), True),
+            "packed": (budgeted(), True)}
 
 
 def planned_padding(pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], packed: bool) -> float:
@@ -182,6 +185,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import sys
+    import tempfile
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -189,11 +193,20 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import RssSampler
 
+    from spin_ray.config import TrainConfig
+    from spin_ray.trainer import Trainer
+
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True)
-    model = None if args.plan_only else LlamaForCausalLM(config).float().train()
+    trainer = None
+    if not args.plan_only:
+        source = tempfile.mkdtemp(prefix="spin-bench-pad-model-")
+        LlamaForCausalLM(config).save_pretrained(source)
+        trainer = Trainer(source, TrainConfig(optimizer="adamw", lr=1e-6, warmup_ratio=0.0),
+                          total_steps=8 * args.steps, pad_id=0)  # 2 data sets x 4 variants
+        trainer.setup()
     budget = args.tokens or 2 * args.micro_batch * args.max_length
     n = args.steps * args.global_batch
     data = {
@@ -214,7 +227,7 @@ def main() -> None:
                                                  micro=args.micro_batch, budget=budget, seed=args.seed).items():
                 if args.plan_only:
                     continue
-                runs[variant] = r = run_variant(model, pairs, plan, pad_id=0, packed=packed)
+                runs[variant] = r = run_variant(trainer, pairs, plan, packed=packed)
                 ratio = r["real_tok_s"] / runs["before"]["real_tok_s"]
                 print(f"{name:<12} {variant:<13} {r['real_tok_s']:>10.0f} {r['padding_share']:>8.1%} "
                       f"{r['forwards_per_step']:>8.1f} {r['max_tokens_per_forward']:>11} {ratio:>8.2f}x", flush=True)

@@ -72,7 +72,8 @@ class VllmEngine:
                        # Without a prefix cache a prompt's logits on CPU do not depend on what the engine served
                        # before, so a batch redone on a new engine (a killed one) samples the same answers; the shared
                        # chat-template prefix is short there.
-                       **vllm_device_args(on_gpu, max_model_len), **({} if on_gpu else {"enable_prefix_caching": False}))
+                       **vllm_device_args(on_gpu, max_model_len),
+                       **({} if on_gpu else {"enable_prefix_caching": False}))
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         from vllm import SamplingParams

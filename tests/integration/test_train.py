@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.loop import make_pairs
-from spin_ray.train import STATE, train
+from spin_ray.checkpoint import STATE
+from spin_ray.train import train
 
 pytestmark = pytest.mark.integration
 
@@ -230,7 +231,7 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
     import pickle
 
     from spin_ray.models import load_model
-    from spin_ray.train import STATE, _load_state, _safe_planner, _save
+    from spin_ray.checkpoint import _safe_planner, load_state, save_state
 
     def make():
         model = load_model(tiny_model, dtype=torch.float32)
@@ -248,9 +249,9 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
     a = make()
     for _ in range(2):
         step(*a)
-    _save(*a, step=2, rank=0, out=str(tmp_path))
+    save_state(*a, step=2, rank=0, out=str(tmp_path))
     b = make()
-    assert _load_state(str(tmp_path / STATE), *b, rank=0) == 2
+    assert load_state(str(tmp_path / STATE), *b, rank=0) == 2
     assert b[2].state_dict() == a[2].state_dict()
     step(*a)
     step(*b)
@@ -264,7 +265,7 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
 
     (tmp_path / STATE / ".metadata").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(BaseException, match="CheckpointException"):  # DCP wraps the refusal in its own exception
-        _load_state(str(tmp_path / STATE), *b, rank=0)
+        load_state(str(tmp_path / STATE), *b, rank=0)
     buffer = io.BytesIO()
     torch.save(Payload(), buffer)
     buffer.seek(0)

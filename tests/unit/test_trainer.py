@@ -1,0 +1,53 @@
+"""spin_ray.trainer.Trainer in one process (world 1, no Ray): the step that the Ray Train workers and the benchmarks
+call. The multi-worker invariance (1x4 = 2x2 = FSDP2 = HSDP) is tests/integration/test_train.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spin_ray.config import TrainConfig
+from spin_ray.trainer import Trainer
+
+PAIRS = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
+         {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]},
+         {"prompt_ids": [7, 7, 8, 9], "real_ids": [3, 2], "generated_ids": [4, 4, 4, 2]},
+         {"prompt_ids": [6], "real_ids": [9, 9, 9, 9, 2], "generated_ids": [2]}]
+
+
+def make(tiny_model: str, **train: object) -> Trainer:
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_model, TrainConfig(optimizer="adamw", lr=1e-3, beta=1.0, **train), total_steps=4)
+    trainer.setup()
+    return trainer
+
+
+def with_refs(trainer: Trainer, micro_batches: list[list[dict]]) -> list[list[dict]]:
+    """The pairs with reference log-probs from the trainer's own no-grad forward (the policy is the reference)."""
+    out = []
+    for pairs, (real, generated) in zip(micro_batches, trainer.logps(micro_batches)):
+        out.append([{**p, "ref_logp_real": float(r), "ref_logp_generated": float(g)}
+                    for p, r, g in zip(pairs, real, generated)])
+    return out
+
+
+def test_step_zero_is_ln2_against_the_trainers_own_logps(tiny_model):
+    trainer = make(tiny_model)
+    metrics = trainer.train_step(with_refs(trainer, [PAIRS[:2], PAIRS[2:]]))
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["grad_norm"] > 0 and metrics["tokens"] == sum(
+        2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in PAIRS)
+    assert 0 <= metrics["padding_share"] < 1 and metrics["lr"] == pytest.approx(1e-3)
+
+
+def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
+    one, four = make(tiny_model), make(tiny_model)
+    refs = [p for mb in with_refs(one, [PAIRS]) for p in mb]
+    refs = [{**p, "ref_logp_real": p["ref_logp_real"] + 0.5} for p in refs]  # away from the loss's fixed point
+    a = one.train_step([refs])
+    b = four.train_step([[p] for p in refs])
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for x, y in zip(one.model.parameters(), four.model.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)  # an Adam step of lr 1e-3: float noise below 1%
