@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from spin_ray.config import ConfigError, SpinConfig, resolve_dtype
+from spin_ray.template import CHUNK_TOKENS
 
 Resources = Mapping[str, float]
 PHASES = ("pairs", "window", "train")
@@ -384,7 +385,8 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
     q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
     checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
-    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32).
+    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
+    CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
     """
     t, p = cfg.train, arch.params
     dtype = resolve_dtype(t.dtype, t.use_gpu)
@@ -405,7 +407,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
         "optimizer step (foreach)": 4 * p / shards,
         "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
         "activations": acts,
-        "logits": (10 if reduced else 8) * tokens * arch.vocab,
+        "logits": (10 if reduced else 8) * min(tokens, CHUNK_TOKENS) * arch.vocab,
         "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
     }
 
@@ -426,11 +428,11 @@ def kv_bytes_per_token(arch: Arch) -> int:
 
 def score_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     """Bytes per scoring actor: fp32 weights (the trainer's parameters), no gradients, one layer's activations and
-    the logits of a micro-batch of 2·score.micro_batch_size sequences."""
+    the logits of at most CHUNK_TOKENS positions of a micro-batch of 2·score.micro_batch_size sequences."""
     tokens = 2 * cfg.score.micro_batch_size * cfg.data.max_length
     return {"weights (fp32)": 4 * arch.params,
             "activations": tokens * (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate),
-            "logits": 10 * tokens * arch.vocab, "runtime overhead": OVERHEAD_GB * GB}
+            "logits": 10 * min(tokens, CHUNK_TOKENS) * arch.vocab, "runtime overhead": OVERHEAD_GB * GB}
 
 
 def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, checkpointing: bool) -> float:

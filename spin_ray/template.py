@@ -10,8 +10,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
+CHUNK_TOKENS = 1024
+"""Labelled positions per LM-head chunk in `label_logps`: the most fp32 logits held at once (1024 x vocab x 4 bytes,
+128 MB at a 32k vocabulary), instead of every position's."""
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -67,15 +71,53 @@ def collate(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the head's logits gathered at `targets`: (N, H) -> (N,), float32."""
+    return -F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+
+
+def label_logps(model: torch.nn.Module, labels: torch.Tensor, *, chunk_tokens: int = CHUNK_TOKENS,
+                **inputs: torch.Tensor) -> torch.Tensor:
+    """log π(labels[:, t+1] | tokens ≤ t) at every position t whose next label is not IGNORE, 0 elsewhere: shape
+    (B, W − 1), float32. `inputs` go to the model's forward.
+
+    Only the labelled positions go through the LM head, `chunk_tokens` at a time, and each chunk's logits are
+    recomputed in the backward pass (activation checkpointing), so the vocabulary-wide logits of the prompt and padding
+    positions never exist, nor those of more than one chunk. The head's forward is replaced for this one call, so
+    the model's own forward (FSDP2's all-gathers and DDP's hooks included) runs as usual around it.
+    """
+    hf = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    config = hf.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        raise ValueError(f"{type(hf).__name__} transforms its logits after the LM head (softcapping or scaling); "
+                         "spin_ray's log-probs take the head's output as the logits")
+    head = hf.get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"{type(hf).__name__}'s LM head has a bias; spin_ray's log-probs assume none")
+    targets = labels[:, 1:]
+    where = targets != IGNORE
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # in place of head.forward: (B, W, H) -> (B, W - 1)
+        h, t = hidden[:, :-1][where], targets[where]
+        parts = [checkpoint(_chunk_logps, h[i:i + chunk_tokens], head.weight, t[i:i + chunk_tokens],
+                            use_reentrant=False) for i in range(0, len(t), chunk_tokens)]
+        out = torch.zeros(where.shape, dtype=torch.float32, device=hidden.device)
+        return out.masked_scatter(where, torch.cat(parts)) if parts else out
+
+    head.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        return model(**inputs).logits
+    finally:
+        del head.forward
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log π(response | prompt) per sequence, shape (N,), in float32.
 
     Only positions with a label count: prompt and padding are masked, the appended EOS is included.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return (token_logps * (labels != IGNORE)).sum(-1)
+    return label_logps(model, batch["labels"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).sum(-1)
 
 
 def pack_pairs(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,9 +153,7 @@ def pack_pairs(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
 
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(response | prompt) of the real and of the generated sequence of each packed row, float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[:, :-1]
-    labels, segment = batch["labels"][:, 1:], batch["segment"][:, 1:]
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    token_logps = token_logps * (labels != IGNORE)
+    token_logps = label_logps(model, batch["labels"], input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    segment = batch["segment"][:, 1:]
     return (token_logps * (segment == 1)).sum(-1), (token_logps * (segment == 2)).sum(-1)

@@ -49,5 +49,8 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
     a = one.train_step([refs])
     b = four.train_step([[p] for p in refs])
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    for x, y in zip(one.model.parameters(), four.model.parameters()):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)  # an Adam step of lr 1e-3: float noise below 1%
+    # AdamW's first step moves every weight by ±lr whatever its gradient's size, so a gradient within float noise of 0
+    # may move its weight the other way: all but a few weights agree to 1e-6, none by more than 2 lr.
+    far = [(x - y).abs() for x, y in zip(one.model.parameters(), four.model.parameters())]
+    assert max(d.max().item() for d in far) <= 2.01e-3
+    assert sum(int((d > 1e-6).sum()) for d in far) <= 1e-4 * sum(d.numel() for d in far)
