@@ -187,7 +187,9 @@ def main() -> None:
     ap.add_argument("--no-scorer", action="store_true", help="skip 1-2 (a large model loads faster without them)")
     ap.add_argument("--sdpa-probe", action=argparse.BooleanOptionalAction, default=True,
                     help="time each SDPA backend on the widest micro-batch (the math one needs ~2x the memory)")
-    ap.add_argument("--checkpointing", action="store_true", help="train.gradient_checkpointing")
+    ap.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
+                    help="train.activation_checkpointing")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile each decoder layer")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -240,7 +242,8 @@ def main() -> None:
     cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
         "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
         f"train.global_batch_size={args.pairs_per_step}", f"data.max_length={args.max_length}",
-        f"data.max_prompt_length={args.max_prompt_length}", "train.dtype=bfloat16"])
+        f"data.max_prompt_length={args.max_prompt_length}", "train.dtype=bfloat16",
+        f"train.activation_checkpointing={args.activation_checkpointing}", f"train.compile={args.compile}"])
     t0 = time.perf_counter()
     # Every run of every variant is steps of one schedule: lr hardly moves (only speed and memory are measured).
     trainer = Trainer(source, cfg.train, total_steps=100 * args.steps * args.repeats, device=device)
@@ -305,8 +308,9 @@ def main() -> None:
     b = runs["packed" if "packed" in runs else args.variants[0]][-1]
     results["plan"] = {
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
-        "train_seconds_for_timed_tokens": planner.train_seconds(arch, b["timed_tokens"], int(b["mean_seq_len"]), 1,
-                                                                peak, False) if peak else None,
+        "train_seconds_for_timed_tokens": planner.train_seconds(
+            arch, b["timed_tokens"], int(b["mean_seq_len"]), 1, peak,
+            args.activation_checkpointing == "full") if peak else None,
         "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu_train"]}
     save()
     print(json.dumps({"summary": summary, "plan": results["plan"]}, indent=1), flush=True)

@@ -113,7 +113,12 @@ class TrainConfig:
     hsdp_shard_size: int | None = None
     """fsdp across nodes: shard within groups of this many workers (a node's GPUs) and replicate across groups
     (HSDP); None shards across all workers."""
-    gradient_checkpointing: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
+    layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
+    recomputes only the element-wise ops between them (little extra compute); `none` keeps everything."""
+    compile: bool = False
+    """torch.compile each decoder layer (fused element-wise kernels; the first steps pay the compilation)."""
     dtype: str = "auto"
     """Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Below float32, parameters stay fp32 and are computed in
     this dtype with fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; ddp then runs as replicate-only FSDP2).

@@ -397,7 +397,8 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     states = 2 if t.optimizer == "adamw" else 1
     tokens = 2 * t.micro_batch_size * cfg.data.max_length
     per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
-    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.gradient_checkpointing
+    # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
+    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
             else arch.layers * tokens * per_layer)
     ddp_buckets = not fsdp and not reduced and t.num_workers > 1
     return {
@@ -436,7 +437,8 @@ def score_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
 
 
 def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, checkpointing: bool) -> float:
-    """Forward + backward (2x forward) + the recompute forward under gradient checkpointing, at the stated MFU."""
+    """Forward + backward (2x forward) + the recompute forward under full activation checkpointing, at the stated
+    MFU (selective recomputes only element-wise ops: not counted)."""
     passes = 4 if checkpointing else 3
     flops = passes * arch.forward_flops_per_token(context) * tokens
     return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
@@ -511,14 +513,14 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     if not on_gpu:
         capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
     out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({t.strategy}, {t.num_workers} "
-                f"worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, gradient "
-                f"checkpointing {'on' if t.gradient_checkpointing else 'off'}):"]
+                f"worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, activation "
+                f"checkpointing {t.activation_checkpointing}):"]
     out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
     total = sum(train_mem.values())
     out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
     if total > capacity:
         problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
-                        "use train.strategy=fsdp with more train.num_workers, train.gradient_checkpointing=true, a "
+                        "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
                         "smaller train.micro_batch_size or data.max_length, or larger devices")
     context = p_tok + g.max_tokens
     if reqs["generate"].gpus:
@@ -567,7 +569,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
                                                        name="CPU")
     train_s = train_seconds(arch, window_pairs * 2 * cfg.data.max_length * t.epochs, cfg.data.max_length,
-                            t.num_workers, train_dev, t.gradient_checkpointing)
+                            t.num_workers, train_dev, t.activation_checkpointing == "full")
     rescore_s = score_s * (min(cfg.loop.window, cfg.loop.iterations) - 1)
     iteration_s = max(gen_s, score_s) + rescore_s + train_s
     out += ["", "time per iteration (at the full window):",

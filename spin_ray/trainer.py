@@ -35,6 +35,42 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention (most of the recompute's FLOPs); the
+# element-wise ops between them (norms, activations, rotary, residual adds) are recomputed, as torchtitan's op-level
+# policy does.
+SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _selective_context() -> tuple[Any, Any]:
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def prepare_blocks(model: torch.nn.Module, tc: TrainConfig) -> None:
+    """train.activation_checkpointing and train.compile on each decoder layer, before FSDP2 shards them.
+
+    full: each layer keeps only its input and recomputes the rest in the backward pass; selective: each layer also
+    keeps its matmul and attention outputs (SAVED_OPS) and recomputes only the cheap ops between them; none: every
+    activation is kept. compile: each layer's forward goes through torch.compile (in place, so FSDP2 and the
+    checkpoint wrappers see the same modules)."""
+    if tc.activation_checkpointing != "none":
+        kwargs = ({} if tc.activation_checkpointing == "full"
+                  else {"use_reentrant": False, "context_fn": _selective_context})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        model.config.use_cache = False
+    if tc.compile:
+        for layer in model.model.layers:
+            layer.compile()
+
+
 def _mesh(tc: TrainConfig, world: int, device: torch.device) -> "DeviceMesh":
     """FSDP: one shard group of all workers, or HSDP (shard within groups of train.hsdp_shard_size, replicate
     across them). DDP in reduced precision: replicate across all, shard over 1."""
@@ -64,9 +100,7 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
                                                  dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    prepare_blocks(model, tc)
     policy = (MixedPrecisionPolicy() if dtype == "float32" else
               MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32))
     mesh = _mesh(tc, world, device)
@@ -128,9 +162,7 @@ class Trainer:
                                   load_weights=load_weights, **trust)
         else:
             model = load_model(self.source, dtype=torch.float32, **trust)
-            if tc.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-                model.config.use_cache = False
+            prepare_blocks(model, tc)
             model = model.to(self.device)
             if self.world > 1:
                 model = torch.nn.parallel.DistributedDataParallel(

@@ -78,13 +78,15 @@ def test_two_workers_and_fsdp_take_the_same_steps_as_one(tiny_model, pairs, tmp_
     # DDP micro-batches formed by a token budget instead (padding-free batching): the same mean loss.
     two = train(cfg_for(tiny_model, tmp_path / "two", *steps, "train.num_workers=2", "train.micro_batch_tokens=256",
                         "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=12"), pairs=[pairs])
-    # FSDP2 (fully_shard, meta init + rank-0 broadcast) with activation checkpointing is the 7B path; gloo on CPU.
+    # FSDP2 (fully_shard, meta init + rank-0 broadcast) with full activation checkpointing is the 7B path; gloo on CPU.
     fsdp = train(cfg_for(tiny_model, tmp_path / "fsdp", *steps, "train.num_workers=2", "train.strategy=fsdp",
-                         "train.gradient_checkpointing=true"), pairs=[pairs])
+                         "train.activation_checkpointing=full"), pairs=[pairs])
     # HSDP for multi-node: a 2 x 2 mesh (shard within pairs of workers, replicate across the pairs), 2 micro-batches
-    # each: reduce-scattered every micro-batch, all-reduced across the pairs in the last one only.
+    # each: reduce-scattered every micro-batch, all-reduced across the pairs in the last one only; with selective
+    # (op-level) activation checkpointing.
     hsdp = train(cfg_for(tiny_model, tmp_path / "hsdp", *steps, "train.num_workers=4", "train.strategy=fsdp",
-                         "train.hsdp_shard_size=2", "train.micro_batch_size=1"), pairs=[pairs])
+                         "train.hsdp_shard_size=2", "train.micro_batch_size=1",
+                         "train.activation_checkpointing=selective"), pairs=[pairs])
     a = metrics(tmp_path / "one")
     wa = AutoModelForCausalLM.from_pretrained(one.model).state_dict()
     w0 = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()

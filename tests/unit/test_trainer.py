@@ -54,3 +54,46 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
     far = [(x - y).abs() for x, y in zip(one.model.parameters(), four.model.parameters())]
     assert max(d.max().item() for d in far) <= 2.01e-3
     assert sum(int((d > 1e-6).sum()) for d in far) <= 1e-4 * sum(d.numel() for d in far)
+
+
+@pytest.mark.parametrize("policy, compiled", [("full", False), ("selective", False), ("none", True)])
+def test_recompute_policies_and_compile_give_the_same_gradients(tiny_model, policy, compiled):
+    from spin_ray.template import pack_pairs, packed_logps
+
+    def gradients(trainer: Trainer) -> list[torch.Tensor]:
+        real, generated = packed_logps(trainer.model, pack_pairs(PAIRS, 0))
+        (real - 2 * generated).sum().backward()
+        return [p.grad for p in trainer.model.parameters()]
+
+    plain = make(tiny_model)
+    other = make(tiny_model, activation_checkpointing=policy, compile=compiled)
+    for a, b in zip(gradients(plain), gradients(other)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_policy_is_validated():
+    from spin_ray.config import ConfigError, SpinConfig
+
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing = 'partial': must be one of 'none', "
+                                          r"'full', 'selective'"):
+        SpinConfig.load(None, ["train.activation_checkpointing=partial"])
+    with pytest.raises(ConfigError, match="train.compile = 'sometimes': expected bool"):
+        SpinConfig.load(None, ["train.compile=sometimes"])
+
+
+def test_selective_recomputes_no_matmul_and_full_recomputes_every_layer(tiny_model):
+    """FLOPs of one forward + backward (torch's FlopCounterMode counts matmuls and attention): selective keeps those
+    outputs, so it runs no more of them than no checkpointing; full recomputes each layer's forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spin_ray.template import pack_pairs, packed_logps
+
+    def flops(policy: str) -> int:
+        trainer = make(tiny_model, activation_checkpointing=policy)
+        with FlopCounterMode(display=False) as counter:
+            real, generated = packed_logps(trainer.model, pack_pairs(PAIRS, 0))
+            (real - generated).sum().backward()
+        return counter.get_total_flops()
+
+    none, selective, full = flops("none"), flops("selective"), flops("full")
+    assert selective == none < full
