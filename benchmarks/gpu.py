@@ -14,7 +14,10 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
             into forwards:
               before   random micro_batch_size pairs per forward, 2B sequences padded to the longest (the old rule,
                        padding.padded_step on the same model and optimizer)
-              packed   spin_ray.train today (pairs packed in rows, length-grouped, micro_batch_size rows)
+              packed   pairs packed in padded rows with a block mask (the rule before flattening; padded_step),
+                       length-grouped, micro_batch_size rows
+              varlen   spin_ray.train today: Trainer.train_step on flattened micro-batches (no padding, no mask),
+                       length-grouped, micro_batch_size pairs
               budget   the same under train.micro_batch_tokens = 2 × micro_batch_size × max_length
             each run --repeats times, interleaved; real tokens/s, MFU (model FLOPs of real tokens, plan's formula,
             over the device's dense bf16 peak), peak allocated memory
@@ -84,8 +87,8 @@ def trace(what: str) -> None:
         print(f"  [{what}] {gpu_gb()}, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", flush=True)
 
 
-def run_steps(trainer, pairs, plan, device, packed: bool, ref=None) -> dict:
-    """`plan`'s steps through the trainer's own Trainer.train_step (packed) or the old rule (padding.padded_step);
+def run_steps(trainer, pairs, plan, device, layout: str, ref=None) -> dict:
+    """`plan`'s steps through the trainer's own Trainer.train_step (`varlen`) or a padded layout (padding.padded_step);
     step 1 is warm-up, 2..N are timed. Reference log-probs: the scorer's (`ref`), else 0 (speed does not depend on
     them)."""
     from padding import padded_step
@@ -95,12 +98,12 @@ def run_steps(trainer, pairs, plan, device, packed: bool, ref=None) -> dict:
     for step in plan:
         batches = [[{**pairs[i], "ref_logp_real": ref[0][i] if ref else 0.0,
                      "ref_logp_generated": ref[1][i] if ref else 0.0} for i in idx] for idx in step]
-        if packed:
+        if layout == "varlen":
             metrics = trainer.train_step(batches)
             tokens = metrics["tokens"]
             first_loss = metrics["loss"] if first_loss is None else first_loss
         else:
-            tokens, _ = padded_step(trainer, batches)
+            tokens, _ = padded_step(trainer, batches, layout)
         trace("step")
         seq_lens += [len(p["prompt_ids"]) + len(p[k]) for b in batches for p in b
                      for k in ("real_ids", "generated_ids")]
@@ -157,10 +160,10 @@ def score(source: str, pairs: list, dtype: str, device: torch.device, results: d
     from spin_ray.score import cast_parameters, score_encoded
 
     ref_model = cast_parameters(load_model(source, dtype=torch.float32), dtype).to(device).eval()
-    score_encoded(ref_model, pairs[:32], pad_id=0, micro_batch_size=16, device=device.type)  # warm-up
+    score_encoded(ref_model, pairs[:32], micro_batch_size=16, device=device.type)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    ref = score_encoded(ref_model, pairs, pad_id=0, micro_batch_size=16, device=device.type)
+    ref = score_encoded(ref_model, pairs, micro_batch_size=16, device=device.type)
     sync(device)
     seconds = time.perf_counter() - t0
     scored = sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs)
@@ -183,7 +186,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--max-prompt-length", type=int, default=512)
-    ap.add_argument("--variants", nargs="+", default=["before", "packed", "budget"])
+    ap.add_argument("--variants", nargs="+", default=["before", "packed", "varlen", "budget"])
     ap.add_argument("--no-scorer", action="store_true", help="skip 1-2 (a large model loads faster without them)")
     ap.add_argument("--sdpa-probe", action=argparse.BooleanOptionalAction, default=True,
                     help="time each SDPA backend on the widest micro-batch (the math one needs ~2x the memory)")
@@ -258,33 +261,31 @@ def main() -> None:
     packed_rows = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]
     order = [i for step in variants["before"][0] for mb in step for i in mb]
     steps = [order[k * args.pairs_per_step:(k + 1) * args.pairs_per_step] for k in range(args.steps)]
-    chosen = {
-        "before": variants["before"],
-        "packed": ([even_micro_batches(worker_shares(s, packed_rows, 1), packed_rows, max_pairs=args.micro_batch,
-                                       max_tokens=None)[0] for s in steps], True),
-        "budget": variants["packed"],
-    }
+    grouped = [even_micro_batches(worker_shares(s, packed_rows, 1), packed_rows, max_pairs=args.micro_batch,
+                                  max_tokens=None)[0] for s in steps]
+    chosen = {"before": variants["before"], "packed": (grouped, "pack_pairs"), "varlen": (grouped, "varlen"),
+              "budget": variants["varlen"]}
 
     chosen = {v: chosen[v] for v in args.variants}
     if not args.no_scorer:
         # Step 0 of the trainer on the scorer's log-probs: the same computation, so the loss is ln 2.
-        first = run_steps(trainer, pairs, chosen["packed"][0][:1], device, packed=True, ref=ref)
+        first = run_steps(trainer, pairs, chosen["varlen"][0][:1], device, "varlen", ref=ref)
         results["ln2_check"] = {"first_loss": first["first_loss"], "minus_ln2": first["first_loss"] - math.log(2)}
         print(f"step-0 loss − ln 2 = {first['first_loss'] - math.log(2):+.2e}", flush=True)
         save()
 
-    widest = max((mb for step in chosen["packed"][0] for mb in step), key=lambda mb: max(packed_rows[i] for i in mb))
+    widest = max((mb for step in grouped for mb in step), key=lambda mb: max(packed_rows[i] for i in mb))
     if args.sdpa_probe:
         results["sdpa"] = sdpa_probe(trainer.model, pairs, widest, device)
         print("sdpa:", json.dumps(results["sdpa"]), flush=True)
         save()
-    run_steps(trainer, pairs, chosen["packed"][0], device, packed=True)  # warm-up: allocator and kernels settle
+    run_steps(trainer, pairs, grouped, device, "varlen")  # warm-up: allocator and kernels settle
 
     runs: dict[str, list[dict]] = {v: [] for v in chosen}
     peak = planner.DEVICES.get(next((k for k in ("H200", "H100", "A100") if k in name), ""), None)
     for r in range(args.repeats):
-        for variant, (plan, packed) in chosen.items():
-            out = run_steps(trainer, pairs, plan, device, packed=packed)
+        for variant, (plan, layout) in chosen.items():
+            out = run_steps(trainer, pairs, plan, device, layout)
             flops = 3 * arch.forward_flops_per_token(out["mean_seq_len"]) * out["timed_tokens"]
             out["mfu"] = flops / out["timed_seconds"] / (peak.peak_tflops * 1e12) if peak else None
             runs[variant].append(out)
@@ -305,7 +306,7 @@ def main() -> None:
 
     # 4. What spin-ray plan says for this config on this device.
     mem = planner.train_memory(arch, cfg)
-    b = runs["packed" if "packed" in runs else args.variants[0]][-1]
+    b = runs["varlen" if "varlen" in runs else args.variants[0]][-1]
     results["plan"] = {
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
         "train_seconds_for_timed_tokens": planner.train_seconds(

@@ -16,10 +16,10 @@ Threads: Ray sets OMP_NUM_THREADS=num_cpus in a worker that asks for CPUs, so a 
 thread. The plain loop therefore runs with OMP_NUM_THREADS=1 (like-for-like with a 1-CPU worker) and with the default
 (torch takes both cores; like-for-like with a 2-CPU worker).
 
-Throughput, both sides alike: tokens (train_step's real tokens of the packed micro-batches) of steps 2..N / (end time
-of step N - end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same stamps in
-the plain loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final save included) is
-reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
+Throughput, both sides alike: tokens (train_step's real tokens of the flattened micro-batches) of steps 2..N / (end
+time of step N - end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same
+stamps in the plain loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final
+save included) is reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
 Runs are sequential, never two at once. The plain process and Ray's workers both run at niceness 0
 (RAY_worker_niceness=0; Ray's default of 15 starved them behind other users' jobs on the shared machine), so that other
 users' load hits both sides alike; "others' CPU" says how much of the cores other processes took per run.
@@ -45,7 +45,6 @@ def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: i
 
     import pyarrow as pa
     import torch
-    from transformers import AutoTokenizer
 
     from spin_ray.config import TrainConfig
     from spin_ray.train import epoch_plan, even_micro_batches, packed_lengths, plan_steps
@@ -53,16 +52,15 @@ def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: i
 
     t_start = time.time()
     torch.manual_seed(seed)
-    pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
     tc = TrainConfig(micro_batch_size=micro, global_batch_size=global_batch, epochs=epochs, lr=lr, beta=beta,
                      warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, optimizer="adamw")
     steps = plan_steps(len(rows), global_batch, 1)
     total = len(steps) * epochs
-    trainer = Trainer(model_path, tc, total_steps=total, pad_id=pad_id)
+    trainer = Trainer(model_path, tc, total_steps=total)
     trainer.setup()
     ref = None
     if ref_model:
-        ref = Trainer(model_path, tc, total_steps=total, pad_id=pad_id)
+        ref = Trainer(model_path, tc, total_steps=total)
         ref.setup()
     lengths = packed_lengths(pa.Table.from_pylist(rows)).tolist()
     records = []
@@ -167,7 +165,7 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         encoded = [encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
                                max_prompt_length=args.max_prompt_length) for r in rows]
-        real, gen = score_encoded(ref_model, encoded, pad_id=tok.pad_token_id, micro_batch_size=8)
+        real, gen = score_encoded(ref_model, encoded, micro_batch_size=8)
         score_s = time.perf_counter() - t0
         for r, e in zip(rows, encoded):
             r.update({key: e[key] for key in IDS})

@@ -97,9 +97,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Pairs per worker forward (each pair is two sequences), grouped by length; see micro_batch_tokens."""
     micro_batch_tokens: int | None = None
-    """Token budget per worker forward instead of micro_batch_size: length-grouped pairs (each packed in one row,
-    its two sequences side by side) are added while pairs x longest row (padding included) fits; short pairs then go
-    many to a forward. None = off."""
+    """Token budget per worker forward instead of micro_batch_size: length-grouped pairs are added while their tokens
+    fit (a forward is their sequences flattened one after another, with no padding); short pairs then go many to a
+    forward. None = off."""
     lr: float = 5e-7
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"

@@ -1,7 +1,8 @@
 """Stage 3: the main player θ_{t+1} learns to tell the human answer from θ_t's, on Ray Train workers.
 
 The reference log-probs and the token ids come precomputed in the pairs (score.py), so each worker holds one model,
-never tokenises, and runs one forward per micro-batch of B pairs grouped by length, each pair packed in one row.
+never tokenises, and runs one forward per micro-batch of pairs grouped by length, their sequences flattened into one
+row without padding (template.pack_varlen).
 Here: which pairs each worker trains on at each step, and the Ray glue around spin_ray.trainer.Trainer (the step)
 and spin_ray.checkpoint (the state on disk).
 """
@@ -63,20 +64,22 @@ def worker_shares(step_rows: Sequence[int], lengths: Sequence[int], world: int) 
 
 
 def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None, max_tokens: int | None,
-                  max_padding: float = MAX_PADDING) -> list[list[int]]:
+                  max_padding: float = MAX_PADDING, padded: bool = True) -> list[list[int]]:
     """A worker's share split into length-grouped micro-batches.
 
-    `lengths[i]` is pair i's packed row (both sequences side by side, template.pack_pairs); a micro-batch of B pairs
-    is B rows padded to the longest, so it costs B·max(length) tokens, which `max_tokens` bounds; `max_pairs` bounds B.
-    Under a token budget a micro-batch also ends before its padding would pass `max_padding` of its tokens: a large
-    budget would otherwise take a whole long-tailed share in one forward, padded to its longest row.
+    `lengths[i]` is pair i's two sequences' tokens (prompt twice, both answers); `max_pairs` bounds the pairs of a
+    micro-batch and `max_tokens` its cost. `padded`: B pairs are B rows padded to the longest (template.pack_pairs),
+    costing B·max(length) tokens, and under a token budget a micro-batch also ends before its padding would pass
+    `max_padding` of its tokens (a large budget would otherwise take a whole long-tailed share in one forward, padded
+    to its longest row). Not `padded`: the pairs' sequences are flattened without padding (template.pack_varlen), and
+    a micro-batch costs the sum of its lengths.
     """
     out: list[list[int]] = []
     current: list[int] = []
     width = real = 0
     for i in sorted(rows, key=lambda i: lengths[i]):
         wider = max(width, lengths[i])
-        cost = (len(current) + 1) * wider
+        cost = (len(current) + 1) * wider if padded else real + lengths[i]
         full = (max_pairs is not None and len(current) >= max_pairs) or (max_tokens is not None and (
             cost > max_tokens or cost - real - lengths[i] > max_padding * cost))
         if current and full:
@@ -88,11 +91,12 @@ def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int
 
 
 def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_pairs: int | None,
-                       max_tokens: int | None, max_padding: float = MAX_PADDING) -> list[list[list[int]]]:
+                       max_tokens: int | None, max_padding: float = MAX_PADDING,
+                       padded: bool = True) -> list[list[list[int]]]:
     """Every worker's micro-batches, the larger ones split until all workers run the same number: each FSDP2
     forward all-gathers across workers, so one worker with an extra micro-batch would wait forever."""
-    plans = [micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens, max_padding=max_padding)
-             for share in shares]
+    plans = [micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens, max_padding=max_padding,
+                           padded=padded) for share in shares]
     n = max(map(len, plans))
     for plan in plans:
         while len(plan) < n:  # each share has as many pairs as the largest plan's micro-batches, so this ends
@@ -203,8 +207,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(source, **trust)
     steps = plan_steps(c["n_rows"], tc.global_batch_size, world)
     total = len(steps) * tc.epochs
-    trainer = Trainer(source, tc, total_steps=total, rank=rank, world=world, device=device,
-                      pad_id=tokenizer.pad_token_id, **trust)
+    trainer = Trainer(source, tc, total_steps=total, rank=rank, world=world, device=device, **trust)
     trainer.setup(load_weights=checkpoint is None)
     start = 0
     if checkpoint:
@@ -216,7 +219,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     lines = records.read_lines(c["metrics_uri"])[:start]
 
     lengths = c["lengths"]
-    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens)
+    # The trainer's micro-batches are flattened whole sequences (template.pack_varlen): a budget counts real tokens.
+    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens,
+                  padded=False)
     order = None
     last_checkpoint = time.monotonic()
     for step in range(start, total):

@@ -17,7 +17,7 @@ import torch
 
 from spin_ray.config import TrainConfig, resolve_dtype
 from spin_ray.loss import spin_loss
-from spin_ray.template import pack_pairs, packed_logps
+from spin_ray.template import pack_varlen, varlen_logps
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -142,9 +142,9 @@ class Trainer:
     """
 
     def __init__(self, source: str, tc: TrainConfig, *, total_steps: int, rank: int = 0, world: int = 1,
-                 device: torch.device = torch.device("cpu"), pad_id: int = 0, trust_remote_code: bool = False):
+                 device: torch.device = torch.device("cpu"), trust_remote_code: bool = False):
         self.source, self.tc, self.total_steps = source, tc, total_steps
-        self.rank, self.world, self.device, self.pad_id = rank, world, device, pad_id
+        self.rank, self.world, self.device = rank, world, device
         self.trust_remote_code = trust_remote_code
         self.dtype = resolve_dtype(tc.dtype, device.type == "cuda")
         # Reduced precision always goes through FSDP2's MixedPrecisionPolicy (DDP = replicate-only mesh), so the
@@ -178,7 +178,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup))
 
     def _batch(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
-        return {key: v.to(self.device) for key, v in pack_pairs(pairs, self.pad_id).items()}
+        return {key: v.to(self.device) for key, v in pack_varlen(pairs).items()}
 
     def _ref(self, pairs: Sequence[Pair], key: str) -> torch.Tensor:
         # float64 as stored: the loss's reward difference is taken at the reference's precision
@@ -190,17 +190,16 @@ class Trainer:
         tc = self.tc
         mine = sum(map(len, micro_batches))
         t0 = time.perf_counter()
-        sums, tokens, padded = torch.zeros(8, dtype=torch.float64), 0, 0
+        sums, tokens = torch.zeros(8, dtype=torch.float64), 0
         for i, pairs in enumerate(micro_batches):
             batch = self._batch(pairs)
             with grad_sync(self.model, i == len(micro_batches) - 1):
-                real, generated = packed_logps(self.model, batch)
+                real, generated = varlen_logps(self.model, batch)
                 loss, m = spin_loss(real, generated, self._ref(pairs, "ref_logp_real"),
                                     self._ref(pairs, "ref_logp_generated"), tc.beta, tc.loss_type)
                 (loss * len(pairs) / mine).backward()
             sums += torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(pairs)
-            tokens += int((batch["segment"] > 0).sum())
-            padded += batch["segment"].numel()
+            tokens += batch["input_ids"].numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.scheduler.get_last_lr()[0]
@@ -208,11 +207,12 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
-            totals = torch.tensor([*sums.tolist(), tokens, padded], dtype=torch.float64, device=self.device)
+            totals = torch.tensor([*sums.tolist(), tokens], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(totals)
-            sums, tokens, padded = totals[:-2].cpu(), int(totals[-2]), int(totals[-1])
+            sums, tokens = totals[:-1].cpu(), int(totals[-1])
         metrics = {n: float(v) for n, v in zip(["loss", *m.keys()], (sums[:-1] / sums[-1]).tolist())}
-        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens, padding_share=1 - tokens / padded,
+        # padding_share: kept in the metrics for comparison with padded runs; flattened micro-batches have none.
+        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens, padding_share=0.0,
                        tokens_per_s=tokens / (time.perf_counter() - t0))
         return metrics
 
@@ -224,6 +224,6 @@ class Trainer:
         model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
         out = []
         for pairs in micro_batches:
-            real, generated = packed_logps(model, self._batch(pairs))
+            real, generated = varlen_logps(model, self._batch(pairs))
             out.append((real.double().cpu(), generated.double().cpu()))
         return out

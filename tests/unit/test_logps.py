@@ -65,3 +65,27 @@ def test_the_head_is_restored_after_the_call(tiny_model):
     sequence_logps(model, batch)
     assert "forward" not in vars(model.get_output_embeddings())
     assert model(input_ids=batch["input_ids"]).logits.shape[-1] == model.config.vocab_size
+
+
+def test_flattened_varlen_batches_equal_the_dense_block_mask(tiny_model):
+    """template.pack_varlen + varlen_attention (per-sequence SDPA, no mask) against pack_pairs' (B, 1, W, W) block
+    mask: the same log-probs and gradients; then padded batches on the switched model still equal the dense path."""
+    from spin_ray.template import VARLEN, pack_varlen, varlen_logps
+
+    dense_model, varlen_model = (load_model(tiny_model, dtype=torch.float32) for _ in range(2))
+    dense = packed_logps(dense_model, pack_pairs(PAIRS, 0))
+    varlen = varlen_logps(varlen_model, pack_varlen(PAIRS))
+    assert varlen_model.config._attn_implementation == VARLEN
+    for a, b in zip(varlen, dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(varlen_model, (varlen[0] - 2 * varlen[1]).sum()),
+                    grads(dense_model, (dense[0] - 2 * dense[1]).sum())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    batch = pack_varlen(PAIRS)
+    assert batch["input_ids"].shape == (1, sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"])
+                                               for p in PAIRS))  # no padding
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(varlen_model, collate(PAIRS, 0)),
+                                   sequence_logps(dense_model, collate(PAIRS, 0)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed_logps(varlen_model, pack_pairs(PAIRS, 0)), packed_logps(
+            dense_model, pack_pairs(PAIRS, 0)), rtol=1e-5, atol=1e-5)

@@ -58,10 +58,10 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
 
 @pytest.mark.parametrize("policy, compiled", [("full", False), ("selective", False), ("none", True)])
 def test_recompute_policies_and_compile_give_the_same_gradients(tiny_model, policy, compiled):
-    from spin_ray.template import pack_pairs, packed_logps
+    from spin_ray.template import pack_varlen, varlen_logps
 
     def gradients(trainer: Trainer) -> list[torch.Tensor]:
-        real, generated = packed_logps(trainer.model, pack_pairs(PAIRS, 0))
+        real, generated = varlen_logps(trainer.model, pack_varlen(PAIRS))
         (real - 2 * generated).sum().backward()
         return [p.grad for p in trainer.model.parameters()]
 
@@ -86,12 +86,12 @@ def test_selective_recomputes_no_matmul_and_full_recomputes_every_layer(tiny_mod
     outputs, so it runs no more of them than no checkpointing; full recomputes each layer's forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from spin_ray.template import pack_pairs, packed_logps
+    from spin_ray.template import pack_varlen, varlen_logps
 
     def flops(policy: str) -> int:
         trainer = make(tiny_model, activation_checkpointing=policy)
         with FlopCounterMode(display=False) as counter:
-            real, generated = packed_logps(trainer.model, pack_pairs(PAIRS, 0))
+            real, generated = varlen_logps(trainer.model, pack_varlen(PAIRS))
             (real - generated).sum().backward()
         return counter.get_total_flops()
 
