@@ -9,17 +9,22 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
 
 1. scorer   spin_ray.score.cast_parameters + score_encoded (θ_t in bf16, as score.dtype=bfloat16): tokens/s
 2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the scorer and trainer compute alike)
-3. train    spin_ray.train._build_sharded (meta init, FSDP2, MixedPrecisionPolicy bf16/fp32, weights broadcast from
-            rank 0) with the trainer's micro-batching; variants of how a step's pairs are cut into forwards:
-              before   random micro_batch_size pairs per forward, 2B sequences padded to the longest (the old rule)
-              packed   spin_ray.train today (pairs packed in rows, length-grouped, micro_batch_size rows)
+3. train    spin_ray.trainer.Trainer (FSDP2 meta init, MixedPrecisionPolicy bf16/fp32, weights broadcast from
+            rank 0) and its train_step, with the trainer's micro-batching; variants of how a step's pairs are cut
+            into forwards:
+              before   random micro_batch_size pairs per forward, 2B sequences padded to the longest (the old rule,
+                       padding.padded_step on the same model and optimizer)
+              packed   pairs packed in padded rows with a block mask (the rule before flattening; padded_step),
+                       length-grouped, micro_batch_size rows
+              varlen   spin_ray.train today: Trainer.train_step on flattened micro-batches (no padding, no mask),
+                       length-grouped, micro_batch_size pairs
               budget   the same under train.micro_batch_tokens = 2 × micro_batch_size × max_length
             each run --repeats times, interleaved; real tokens/s, MFU (model FLOPs of real tokens, plan's formula,
             over the device's dense bf16 peak), peak allocated memory
 4. plan     spin_ray.plan.train_memory and train_seconds for the same config, next to the measurements
 
     python benchmarks/gpu.py --out DIR                  # on a GPU
-    SPIN_GPU_TRACE=1 python benchmarks/gpu.py ...       # also print GPU memory after every forward/backward/step
+    SPIN_GPU_TRACE=1 python benchmarks/gpu.py ...       # also print GPU memory after every optimizer step
     python benchmarks/gpu.py --arch spin_ray/assets/arch/tiny-llama.json --steps 3 --repeats 1 \
         --pairs-per-step 8 --max-length 256 --max-prompt-length 128 --out /tmp/g      # CPU smoke test (20 s)
 """
@@ -82,46 +87,26 @@ def trace(what: str) -> None:
         print(f"  [{what}] {gpu_gb()}, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", flush=True)
 
 
-def run_steps(model, pairs, plan, device, packed: bool, ref=None) -> dict:
-    """The trainer's inner loop (train_loop_per_worker) over `plan`'s steps; step 1 is warm-up, 2..N are timed."""
-    from spin_ray.loss import spin_loss
-    from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
+def run_steps(trainer, pairs, plan, device, layout: str, ref=None) -> dict:
+    """`plan`'s steps through the trainer's own Trainer.train_step (`varlen`) or a padded layout (padding.padded_step);
+    step 1 is warm-up, 2..N are timed. Reference log-probs: the scorer's (`ref`), else 0 (speed does not depend on
+    them)."""
+    from padding import padded_step
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     stamps, real, first_loss, seq_lens = [], [], None, []
     for step in plan:
-        n = sum(map(len, step))
-        tokens = 0
-        for j, idx in enumerate(step):
-            model.set_requires_gradient_sync(j == len(step) - 1)
-            if packed:
-                batch = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], 0).items()}
-                lp_real, lp_gen = packed_logps(model, batch)
-                tokens += int((batch["segment"] > 0).sum())
-            else:
-                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], 0).items()}
-                logps = sequence_logps(model, batch)
-                lp_real, lp_gen = logps[:len(idx)], logps[len(idx):]
-                tokens += int(batch["attention_mask"].sum())
-            if ref is not None:
-                r_real = torch.tensor([ref[0][i] for i in idx], device=device)
-                r_gen = torch.tensor([ref[1][i] for i in idx], device=device)
-            else:
-                r_real, r_gen = lp_real.detach(), lp_gen.detach()
-            loss, _ = spin_loss(lp_real, lp_gen, r_real, r_gen, 0.1)
-            trace(f"forward {j}")
-            (loss * len(idx) / n).backward()
-            trace(f"backward {j}")
-            if first_loss is None:
-                first_loss = loss.item()
-            seq_lens += [len(pairs[i]["prompt_ids"]) + len(pairs[i][k]) for i in idx for k in ("real_ids",
-                                                                                             "generated_ids")]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        trace("clip")
-        optimizer.step()
-        trace("optimizer step")
-        optimizer.zero_grad(set_to_none=True)
+        batches = [[{**pairs[i], "ref_logp_real": ref[0][i] if ref else 0.0,
+                     "ref_logp_generated": ref[1][i] if ref else 0.0} for i in idx] for idx in step]
+        if layout == "varlen":
+            metrics = trainer.train_step(batches)
+            tokens = metrics["tokens"]
+            first_loss = metrics["loss"] if first_loss is None else first_loss
+        else:
+            tokens, _ = padded_step(trainer, batches, layout)
+        trace("step")
+        seq_lens += [len(p["prompt_ids"]) + len(p[k]) for b in batches for p in b
+                     for k in ("real_ids", "generated_ids")]
         sync(device)
         stamps.append(time.perf_counter())
         real.append(tokens)
@@ -175,10 +160,10 @@ def score(source: str, pairs: list, dtype: str, device: torch.device, results: d
     from spin_ray.score import cast_parameters, score_encoded
 
     ref_model = cast_parameters(load_model(source, dtype=torch.float32), dtype).to(device).eval()
-    score_encoded(ref_model, pairs[:32], pad_id=0, micro_batch_size=16, device=device.type)  # warm-up
+    score_encoded(ref_model, pairs[:32], micro_batch_size=16, device=device.type)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    ref = score_encoded(ref_model, pairs, pad_id=0, micro_batch_size=16, device=device.type)
+    ref = score_encoded(ref_model, pairs, micro_batch_size=16, device=device.type)
     sync(device)
     seconds = time.perf_counter() - t0
     scored = sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs)
@@ -201,11 +186,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--max-prompt-length", type=int, default=512)
-    ap.add_argument("--variants", nargs="+", default=["before", "packed", "budget"])
+    ap.add_argument("--variants", nargs="+", default=["before", "packed", "varlen", "budget"])
     ap.add_argument("--no-scorer", action="store_true", help="skip 1-2 (a large model loads faster without them)")
     ap.add_argument("--sdpa-probe", action=argparse.BooleanOptionalAction, default=True,
                     help="time each SDPA backend on the widest micro-batch (the math one needs ~2x the memory)")
-    ap.add_argument("--checkpointing", action="store_true", help="train.gradient_checkpointing")
+    ap.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
+                    help="train.activation_checkpointing")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile each decoder layer")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -253,14 +240,17 @@ def main() -> None:
     # 2-3. The trainer's FSDP2 bf16 model, built as train_loop_per_worker builds it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    train_mod = importlib.import_module("spin_ray.train")
+    from spin_ray.train import even_micro_batches, worker_shares
+    from spin_ray.trainer import Trainer
     cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
         "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
         f"train.global_batch_size={args.pairs_per_step}", f"data.max_length={args.max_length}",
-        f"data.max_prompt_length={args.max_prompt_length}", "train.dtype=bfloat16"])
+        f"data.max_prompt_length={args.max_prompt_length}", "train.dtype=bfloat16",
+        f"train.activation_checkpointing={args.activation_checkpointing}", f"train.compile={args.compile}"])
     t0 = time.perf_counter()
-    model = train_mod._build_sharded(source, cfg.train, dtype, 0, 1, device, load_weights=True)
-    model.train()
+    # Every run of every variant is steps of one schedule: lr hardly moves (only speed and memory are measured).
+    trainer = Trainer(source, cfg.train, total_steps=100 * args.steps * args.repeats, device=device)
+    trainer.setup()
     results["fsdp_build_s"] = time.perf_counter() - t0
     results["fsdp_built_allocated_gb"] = torch.cuda.memory_allocated() / 1e9 if cuda else None
     print(f"FSDP2 model built: {gpu_gb()}", flush=True)
@@ -271,34 +261,31 @@ def main() -> None:
     packed_rows = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]
     order = [i for step in variants["before"][0] for mb in step for i in mb]
     steps = [order[k * args.pairs_per_step:(k + 1) * args.pairs_per_step] for k in range(args.steps)]
-    chosen = {
-        "before": variants["before"],
-        "packed": ([train_mod.even_micro_batches(train_mod.worker_shares(s, packed_rows, 1), packed_rows,
-                                                 max_pairs=args.micro_batch, max_tokens=None)[0] for s in steps],
-                   True),
-        "budget": variants["packed"],
-    }
+    grouped = [even_micro_batches(worker_shares(s, packed_rows, 1), packed_rows, max_pairs=args.micro_batch,
+                                  max_tokens=None)[0] for s in steps]
+    chosen = {"before": variants["before"], "packed": (grouped, "pack_pairs"), "varlen": (grouped, "varlen"),
+              "budget": variants["varlen"]}
 
     chosen = {v: chosen[v] for v in args.variants}
     if not args.no_scorer:
         # Step 0 of the trainer on the scorer's log-probs: the same computation, so the loss is ln 2.
-        first = run_steps(model, pairs, chosen["packed"][0][:1], device, packed=True, ref=ref)
+        first = run_steps(trainer, pairs, chosen["varlen"][0][:1], device, "varlen", ref=ref)
         results["ln2_check"] = {"first_loss": first["first_loss"], "minus_ln2": first["first_loss"] - math.log(2)}
         print(f"step-0 loss − ln 2 = {first['first_loss'] - math.log(2):+.2e}", flush=True)
         save()
 
-    widest = max((mb for step in chosen["packed"][0] for mb in step), key=lambda mb: max(packed_rows[i] for i in mb))
+    widest = max((mb for step in grouped for mb in step), key=lambda mb: max(packed_rows[i] for i in mb))
     if args.sdpa_probe:
-        results["sdpa"] = sdpa_probe(model, pairs, widest, device)
+        results["sdpa"] = sdpa_probe(trainer.model, pairs, widest, device)
         print("sdpa:", json.dumps(results["sdpa"]), flush=True)
         save()
-    run_steps(model, pairs, chosen["packed"][0], device, packed=True)  # warm-up: allocator and kernels settle
+    run_steps(trainer, pairs, grouped, device, "varlen")  # warm-up: allocator and kernels settle
 
     runs: dict[str, list[dict]] = {v: [] for v in chosen}
     peak = planner.DEVICES.get(next((k for k in ("H200", "H100", "A100") if k in name), ""), None)
     for r in range(args.repeats):
-        for variant, (plan, packed) in chosen.items():
-            out = run_steps(model, pairs, plan, device, packed=packed)
+        for variant, (plan, layout) in chosen.items():
+            out = run_steps(trainer, pairs, plan, device, layout)
             flops = 3 * arch.forward_flops_per_token(out["mean_seq_len"]) * out["timed_tokens"]
             out["mfu"] = flops / out["timed_seconds"] / (peak.peak_tflops * 1e12) if peak else None
             runs[variant].append(out)
@@ -319,11 +306,12 @@ def main() -> None:
 
     # 4. What spin-ray plan says for this config on this device.
     mem = planner.train_memory(arch, cfg)
-    b = runs["packed" if "packed" in runs else args.variants[0]][-1]
+    b = runs["varlen" if "varlen" in runs else args.variants[0]][-1]
     results["plan"] = {
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
-        "train_seconds_for_timed_tokens": planner.train_seconds(arch, b["timed_tokens"], int(b["mean_seq_len"]), 1,
-                                                                peak, False) if peak else None,
+        "train_seconds_for_timed_tokens": planner.train_seconds(
+            arch, b["timed_tokens"], int(b["mean_seq_len"]), 1, peak,
+            args.activation_checkpointing == "full") if peak else None,
         "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu_train"]}
     save()
     print(json.dumps({"summary": summary, "plan": results["plan"]}, indent=1), flush=True)

@@ -4,17 +4,19 @@ before          the old rule: each worker's pairs in random order, micro_batch_s
                 longest of the 2B sequences (template.collate)
 grouped         length grouping (spin_ray.train.worker_shares + even_micro_batches) at the same micro_batch_size, still
                 2B padded sequences: what grouping alone buys
-packed          spin_ray.train today: each pair packed in one row (template.pack_pairs: both sequences side by side,
-                own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
+packed          the rule before flattening: each pair packed in one row (template.pack_pairs: both sequences side by
+                side, own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
                 train.micro_batch_tokens with at most spin_ray.train.MAX_PADDING of a forward's tokens padding
-packed-nocap    the same without the padding cap (MAX_PADDING = 1, the rule before it): a large budget takes a whole
-                share in one forward, padded to its longest row
+varlen          spin_ray.train today: Trainer.train_step on flattened micro-batches (template.pack_varlen: whole
+                sequences one after another, per-sequence attention, no padding, no mask), as many pairs per forward
+                as fit train.micro_batch_tokens
 
-One process, no Ray: the same model, optimizer step, seeded global batches and sequences for every variant, run one
-after another; only how a step's pairs are cut into forwards differs (the loss is the same mean either way). Real
-tokens/s = attention-mask tokens of steps 2..N / their wall time; padding share = 1 − real / processed tokens (the
-`padding_share` of train_metrics.jsonl); "max tok/fwd" = the largest padded forward (2B × width), a proxy for peak
-activation memory.
+One process, no Ray: the same model, seeded global batches and sequences for every variant, run one after another;
+only how a step's pairs are cut into forwards differs (the loss is the same mean either way). varlen runs the
+trainer's own step (spin_ray.trainer.Trainer.train_step); the others run their layout's forward on the same model and
+optimizer (`padded_step`). Reference log-probs are 0 (speed does not depend on them). Real tokens/s = real tokens of
+steps 2..N / their wall time; padding share = 1 − real / processed tokens; "max tok/fwd" = the largest forward
+(padding included), a proxy for peak activation memory.
 
 Data (token ids, as the scorer stores them; the content does not matter for speed):
   bundled       the bundled tasks' prompts and answers (tokenised by the tiny model's ChatML tokenizer), y' = another
@@ -77,56 +79,76 @@ def long_tailed_pairs(n: int, vocab: int, max_length: int, max_prompt_length: in
     return out
 
 
-def run_variant(model, pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], pad_id: int,
-                packed: bool) -> dict:
-    """Forward/backward of every micro-batch of every step, then an AdamW step; real and padded token counts."""
+def padded_step(trainer, micro_batches: list[list[dict[str, list[int]]]], layout: str) -> tuple[int, int]:
+    """One optimizer step in a padded layout, on the trainer's model and optimizer: the layouts that the trainer's
+    flattened one replaced. `collate`: the 2B sequences padded to the longest; `pack_pairs`: each pair in one row
+    (both sequences side by side, block-diagonal causal mask), rows padded to the longest. Returns (real, processed)
+    tokens."""
     import torch
 
     from spin_ray.loss import spin_loss
     from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    stamps, real_per_step, processed_per_step, widest = [], [], [], 0
+    n = sum(map(len, micro_batches))
+    tokens = processed = 0
+    for pairs in micro_batches:
+        if layout == "pack_pairs":
+            batch = pack_pairs(pairs, 0)
+            real, generated = packed_logps(trainer.model, batch)
+            present = batch["segment"] > 0
+        else:
+            batch = collate(pairs, 0)
+            logps = sequence_logps(trainer.model, batch)
+            real, generated = logps[:len(pairs)], logps[len(pairs):]
+            present = batch["attention_mask"] > 0
+        zero = torch.zeros(len(pairs), dtype=torch.float64)
+        loss, _ = spin_loss(real, generated, zero, zero, trainer.tc.beta)
+        (loss * len(pairs) / n).backward()
+        tokens += int(present.sum())
+        processed += present.numel()
+    torch.nn.utils.clip_grad_norm_(trainer.params, trainer.tc.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return tokens, processed
+
+
+def forward_tokens(pairs: list[dict[str, list[int]]], idx: list[int], layout: str) -> tuple[int, int]:
+    """(real, processed) tokens of one micro-batch in `layout`, from the lengths alone."""
+    if layout == "collate":
+        rows = [len(pairs[i]["prompt_ids"]) + len(pairs[i][key]) for key in ("real_ids", "generated_ids") for i in idx]
+    else:
+        rows = [2 * len(pairs[i]["prompt_ids"]) + len(pairs[i]["real_ids"]) + len(pairs[i]["generated_ids"])
+                for i in idx]
+    return sum(rows), sum(rows) if layout == "varlen" else len(rows) * max(rows)
+
+
+def run_variant(trainer, pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], layout: str) -> dict:
+    """Every step of `plan` (micro-batches of pair indices), through Trainer.train_step (`varlen`) or a padded
+    layout (padded_step)."""
+    stamps, real_per_step, processed_per_step = [], [], []
     for step in plan:
-        n = sum(map(len, step))
-        tokens = processed = 0
-        for idx in step:
-            if packed:
-                batch = pack_pairs([pairs[i] for i in idx], pad_id)
-                real, generated = packed_logps(model, batch)
-                present = batch["segment"] > 0
-            else:
-                batch = collate([pairs[i] for i in idx], pad_id)
-                logps = sequence_logps(model, batch)
-                real, generated = logps[:len(idx)], logps[len(idx):]
-                present = batch["attention_mask"] > 0
-            loss, _ = spin_loss(real, generated, real.detach(), generated.detach(), 0.1)
-            (loss * len(idx) / n).backward()
-            tokens += int(present.sum())
-            processed += present.numel()
-            widest = max(widest, present.numel())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [[{**pairs[i], "ref_logp_real": 0.0, "ref_logp_generated": 0.0} for i in idx] for idx in step]
+        if layout == "varlen":
+            tokens = trainer.train_step(batches)["tokens"]
+            processed = tokens
+        else:
+            tokens, processed = padded_step(trainer, batches, layout)
         stamps.append(time.perf_counter())
         real_per_step.append(tokens)
         processed_per_step.append(processed)
     seconds = stamps[-1] - stamps[0]
     return {"real_tok_s": sum(real_per_step[1:]) / seconds,
             "padding_share": 1 - sum(real_per_step) / sum(processed_per_step),
-            "max_tokens_per_forward": widest, "forwards_per_step": sum(map(len, plan)) / len(plan),
-            "seconds": seconds}
+            "max_tokens_per_forward": max(forward_tokens(pairs, idx, layout)[1] for step in plan for idx in step),
+            "forwards_per_step": sum(map(len, plan)) / len(plan), "seconds": seconds}
 
 
 def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, micro: int, budget: int,
-          seed: int) -> dict[str, tuple[list[list[list[int]]], bool]]:
-    """Each variant's micro-batches for the same seeded global batches (one worker), and whether it packs."""
+          seed: int) -> dict[str, tuple[list[list[list[int]]], str]]:
+    """Each variant's micro-batches for the same seeded global batches (one worker), and its layout."""
     import torch
 
-    import importlib
-
     from spin_ray.train import even_micro_batches, packed_lengths, worker_shares
-
-    train = importlib.import_module("spin_ray.train")  # the module: spin_ray.train is also the package's function
 
     padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
     packed = packed_lengths(pa.Table.from_pylist(pairs)).tolist()  # the trainer's own lengths
@@ -135,30 +157,18 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     grouped = [even_micro_batches(worker_shares(b, padded, 1), padded, max_pairs=micro, max_tokens=None)[0]
                for b in batches]
 
-    def budgeted() -> list[list[list[int]]]:
-        return [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget)[0]
+    def budgeted(**how: float | bool) -> list[list[list[int]]]:
+        return [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget, **how)[0]
                 for b in batches]
 
-    cap, train.MAX_PADDING = train.MAX_PADDING, 1.0
-    try:
-        uncapped = budgeted()
-    finally:
-        train.MAX_PADDING = cap
-    return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], False),
-            "grouped": (grouped, False), "packed-nocap": (uncapped, True), "packed": (budgeted(), True)}
+    return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], "collate"),
+            "grouped": (grouped, "collate"), "packed": (budgeted(), "pack_pairs"),
+            "varlen": (budgeted(padded=False), "varlen")}
 
 
-def planned_padding(pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], packed: bool) -> float:
+def planned_padding(pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], layout: str) -> float:
     """Padding share of a plan from the lengths alone (no forward: exact, and free of the machine's load)."""
-    real = processed = 0
-    for idx in (idx for step in plan for idx in step):
-        if packed:
-            rows = [2 * len(pairs[i]["prompt_ids"]) + len(pairs[i]["real_ids"]) + len(pairs[i]["generated_ids"])
-                    for i in idx]
-        else:
-            rows = [len(pairs[i]["prompt_ids"]) + len(pairs[i][key]) for key in ("real_ids", "generated_ids")
-                    for i in idx]
-        real, processed = real + sum(rows), processed + len(rows) * max(rows)
+    real, processed = map(sum, zip(*(forward_tokens(pairs, idx, layout) for step in plan for idx in step)))
     return 1 - real / processed
 
 
@@ -169,8 +179,8 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=None,
-                    help="train.micro_batch_tokens for the packed variant (default 2 x micro-batch x max_length: the "
-                         "old rule's largest forward, so peak activation memory does not grow)")
+                    help="train.micro_batch_tokens for the packed and varlen variants (default 2 x micro-batch x "
+                         "max_length: the old rule's largest forward, so peak activation memory does not grow)")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (the first is not timed)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-prompt-length", type=int, default=256)
@@ -182,6 +192,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import sys
+    import tempfile
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -189,11 +200,20 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import RssSampler
 
+    from spin_ray.config import TrainConfig
+    from spin_ray.trainer import Trainer
+
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True)
-    model = None if args.plan_only else LlamaForCausalLM(config).float().train()
+    trainer = None
+    if not args.plan_only:
+        source = tempfile.mkdtemp(prefix="spin-bench-pad-model-")
+        LlamaForCausalLM(config).save_pretrained(source)
+        trainer = Trainer(source, TrainConfig(optimizer="adamw", lr=1e-6, warmup_ratio=0.0),
+                          total_steps=8 * args.steps)  # 2 data sets x 4 variants
+        trainer.setup()
     budget = args.tokens or 2 * args.micro_batch * args.max_length
     n = args.steps * args.global_batch
     data = {
@@ -210,11 +230,11 @@ def main() -> None:
             while len(pairs) < n:  # the bundled set is small: cycle it (same lengths, as many steps as the other)
                 pairs = pairs + pairs
             runs = {}
-            for variant, (plan, packed) in plans(pairs, steps=args.steps, global_batch=args.global_batch,
+            for variant, (plan, layout) in plans(pairs, steps=args.steps, global_batch=args.global_batch,
                                                  micro=args.micro_batch, budget=budget, seed=args.seed).items():
                 if args.plan_only:
                     continue
-                runs[variant] = r = run_variant(model, pairs, plan, pad_id=0, packed=packed)
+                runs[variant] = r = run_variant(trainer, pairs, plan, layout)
                 ratio = r["real_tok_s"] / runs["before"]["real_tok_s"]
                 print(f"{name:<12} {variant:<13} {r['real_tok_s']:>10.0f} {r['padding_share']:>8.1%} "
                       f"{r['forwards_per_step']:>8.1f} {r['max_tokens_per_forward']:>11} {ratio:>8.2f}x", flush=True)
@@ -222,7 +242,7 @@ def main() -> None:
                 results["runs"][name] = runs
             # The padding share at other budgets, planned only: how the cap holds where a large budget hurt.
             results.setdefault("planned_padding", {})[name] = {
-                str(tokens): {variant: planned_padding(pairs, plan, packed) for variant, (plan, packed) in plans(
+                str(tokens): {variant: planned_padding(pairs, plan, layout) for variant, (plan, layout) in plans(
                     pairs, steps=args.steps, global_batch=args.global_batch, micro=args.micro_batch, budget=tokens,
                     seed=args.seed).items()}
                 for tokens in sorted({budget, 2 * args.max_length, 4 * budget})}

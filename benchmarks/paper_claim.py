@@ -4,7 +4,7 @@
 
 Once (--sft-seed), a small char-level Llama is SFT'd offline (spin_ray.models.sft) on the first 2600 bundled train
 prompts (rows 2600-2999 of train are the validation slice the step counts were chosen on), giving two starting points:
-  (a) weak: stopped early at a constant lr (under-trained; more SFT is the easy win, small-scale.md);
+  (a) weak: stopped early at a constant lr (under-trained; more SFT is the easy win there);
   (b) plateau: (a) trained on with the lr decayed to 0, to where more SFT no longer improves the held-out score (the
       paper's regime; the table's more-SFT rows show it for the test split too).
 From each θ_0: SPIN iterations 0..T−1 through spin_ray's own loop (`spin_ray.loop.run`: Ray Data + vLLM CPU engines,
@@ -12,7 +12,8 @@ Ray Train), and "more SFT": the same SFT function continued from θ_0 on the sam
 SPIN iteration with that iteration's optimizer steps, batch, optimizer, peak lr and schedule (only the loss differs).
 Every model is measured by `spin_ray.evaluate.evaluate` on the held-out `test` prompts (never trained on): task score
 (exact match of greedy answers), NLL per token of the human answers, and the reward accuracy against the model before.
-Hyperparameters come from small-scale.md (β 1, AdamW lr 1e-4, sampled y' at temperature 1), not from the test split.
+Hyperparameters are the small-model values that worked on these tasks before (β 1, AdamW lr 1e-4, sampled y' at
+temperature 1; the paper's β 0.1 made the model worse here), not chosen on the test split.
 
 Writes DIR/results.md, DIR/results.json, DIR/task_score.png (rewritten after every finished run) and the runs under
 DIR/runs/. Finished runs there are reused, so an interrupted benchmark continues where it stopped; --report-only
@@ -76,7 +77,7 @@ QUICK = Sizes(sft_rows=2600, weak_steps=20, plateau_steps=20, sft_lr=2e-3, spin_
 
 
 def spin_config(sizes: Sizes, model: str, storage: Path, seed: int) -> "SpinConfig":
-    """The embedded CPU default with this benchmark's sizes and small-scale.md's β and lr."""
+    """The embedded CPU default with this benchmark's sizes and the small-model β and lr (module docstring)."""
     import spin_ray
     from spin_ray.config import SpinConfig
 

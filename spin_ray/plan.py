@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.config import ConfigError, SpinConfig, resolve_dtype
+from spin_ray.template import CHUNK_TOKENS
 
 Resources = Mapping[str, float]
 PHASES = ("pairs", "window", "train")
@@ -386,10 +387,11 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
     q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
     checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
-    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32).
+    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
+    CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
     """
     t, p = cfg.train, arch.params
-    dtype = ("bfloat16" if t.use_gpu else "float32") if t.dtype == "auto" else t.dtype
+    dtype = resolve_dtype(t.dtype, t.use_gpu)
     reduced = dtype != "float32"
     width = 2 if reduced else 4  # bytes per activation value
     fsdp = t.strategy == "fsdp"
@@ -397,7 +399,8 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     states = 2 if t.optimizer == "adamw" else 1
     tokens = 2 * t.micro_batch_size * cfg.data.max_length
     per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
-    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.gradient_checkpointing
+    # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
+    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
             else arch.layers * tokens * per_layer)
     ddp_buckets = not fsdp and not reduced and t.num_workers > 1
     return {
@@ -407,7 +410,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
         "optimizer step (foreach)": 4 * p / shards,
         "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
         "activations": acts,
-        "logits": (10 if reduced else 8) * tokens * arch.vocab,
+        "logits": (10 if reduced else 8) * min(tokens, CHUNK_TOKENS) * arch.vocab,
         "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
     }
 
@@ -428,15 +431,16 @@ def kv_bytes_per_token(arch: Arch) -> int:
 
 def score_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     """Bytes per scoring actor: fp32 weights (the trainer's parameters), no gradients, one layer's activations and
-    the logits of a micro-batch of 2·score.micro_batch_size sequences."""
+    the logits of at most CHUNK_TOKENS positions of a micro-batch of 2·score.micro_batch_size sequences."""
     tokens = 2 * cfg.score.micro_batch_size * cfg.data.max_length
     return {"weights (fp32)": 4 * arch.params,
             "activations": tokens * (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate),
-            "logits": 10 * tokens * arch.vocab, "runtime overhead": OVERHEAD_GB * GB}
+            "logits": 10 * min(tokens, CHUNK_TOKENS) * arch.vocab, "runtime overhead": OVERHEAD_GB * GB}
 
 
 def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, checkpointing: bool) -> float:
-    """Forward + backward (2x forward) + the recompute forward under gradient checkpointing, at the stated MFU."""
+    """Forward + backward (2x forward) + the recompute forward under full activation checkpointing, at the stated
+    MFU (selective recomputes only element-wise ops: not counted)."""
     passes = 4 if checkpointing else 3
     flops = passes * arch.forward_flops_per_token(context) * tokens
     return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
@@ -511,14 +515,14 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     if not on_gpu:
         capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
     out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({t.strategy}, {t.num_workers} "
-                f"worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, gradient "
-                f"checkpointing {'on' if t.gradient_checkpointing else 'off'}):"]
+                f"worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, activation "
+                f"checkpointing {t.activation_checkpointing}):"]
     out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
     total = sum(train_mem.values())
     out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
     if total > capacity:
         problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
-                        "use train.strategy=fsdp with more train.num_workers, train.gradient_checkpointing=true, a "
+                        "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
                         "smaller train.micro_batch_size or data.max_length, or larger devices")
     context = p_tok + g.max_tokens
     if reqs["generate"].gpus:
@@ -567,7 +571,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
                                                        name="CPU")
     train_s = train_seconds(arch, window_pairs * 2 * cfg.data.max_length * t.epochs, cfg.data.max_length,
-                            t.num_workers, train_dev, t.gradient_checkpointing)
+                            t.num_workers, train_dev, t.activation_checkpointing == "full")
     rescore_s = score_s * (min(cfg.loop.window, cfg.loop.iterations) - 1)
     iteration_s = max(gen_s, score_s) + rescore_s + train_s
     out += ["", "time per iteration (at the full window):",

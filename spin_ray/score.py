@@ -13,10 +13,9 @@ import pyarrow as pa
 import torch
 
 from spin_ray import records
-from spin_ray.config import ConfigError, ScoreConfig, SpinConfig
-from spin_ray.generate import resolve_dtype
+from spin_ray.config import ConfigError, ScoreConfig, SpinConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
-from spin_ray.template import collate, encode_pair, sequence_logps
+from spin_ray.template import encode_pair, pack_varlen, varlen_logps
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +33,19 @@ def cast_parameters(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     return model
 
 
-def score_encoded(model: torch.nn.Module, encoded: list[dict[str, list[int]]], *, pad_id: int, micro_batch_size: int,
+def score_encoded(model: torch.nn.Module, encoded: list[dict[str, list[int]]], *, micro_batch_size: int,
                   device: str = "cpu") -> tuple[list[float], list[float]]:
-    """log π(real|x) and log π(generated|x) per encoded pair, micro-batched in order of length to limit padding."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["prompt_ids"]) + max(
-        len(encoded[i]["real_ids"]), len(encoded[i]["generated_ids"])))
-    real, gen = [0.0] * len(encoded), [0.0] * len(encoded)
+    """log π(real|x) and log π(generated|x) per encoded pair, `micro_batch_size` pairs per forward in the trainer's
+    layout and attention (template.pack_varlen: whole sequences flattened, no padding), so that at step 0 the trainer
+    computes these same numbers."""
+    real: list[float] = []
+    gen: list[float] = []
     with torch.no_grad():
-        for start in range(0, len(order), micro_batch_size):
-            idx = order[start:start + micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-            logps = sequence_logps(model, batch).double().cpu().tolist()
-            for j, i in enumerate(idx):
-                real[i], gen[i] = logps[j], logps[len(idx) + j]
+        for start in range(0, len(encoded), micro_batch_size):
+            batch = {k: v.to(device) for k, v in pack_varlen(encoded[start:start + micro_batch_size]).items()}
+            r, g = varlen_logps(model, batch)
+            real += r.double().cpu().tolist()
+            gen += g.double().cpu().tolist()
     return real, gen
 
 
@@ -78,8 +77,7 @@ class Scorer:
                 batch.column("generated").to_pylist())]
             for key in IDS:
                 batch = batch.append_column(key, pa.array([e[key] for e in encoded], pa.list_(pa.int32())))
-        real, gen = score_encoded(self.model, encoded, pad_id=self.tokenizer.pad_token_id,
-                                  micro_batch_size=self.micro_batch_size, device=self.device)
+        real, gen = score_encoded(self.model, encoded, micro_batch_size=self.micro_batch_size, device=self.device)
         return (batch.append_column("ref_logp_real", pa.array(real, pa.float64()))
                 .append_column("ref_logp_generated", pa.array(gen, pa.float64())))
 
@@ -111,7 +109,7 @@ def rescore_window(cfg: SpinConfig, model: str) -> list[str]:
     into `iter_<t>/window/iter_<s>`; finished ones are kept.
 
     uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
-    (spin.md §2); the older y' stay as θ_{t-1} sampled them, with the token ids they were scored with.
+    (paper §5.1; its configs/config_iter{1,2,3}.yaml use a window of two iterations); the older y' stay as θ_{t-1} sampled them, with the token ids they were scored with.
     """
     import ray.data
 

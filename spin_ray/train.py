@@ -1,19 +1,19 @@
 """Stage 3: the main player θ_{t+1} learns to tell the human answer from θ_t's, on Ray Train workers.
 
 The reference log-probs and the token ids come precomputed in the pairs (score.py), so each worker holds one model,
-never tokenises, and runs one forward per micro-batch of B pairs grouped by length, each pair packed in one row.
+never tokenises, and runs one forward per micro-batch of pairs grouped by length, their sequences flattened into one
+row without padding (template.pack_varlen).
+Here: which pairs each worker trains on at each step, and the Ray glue around spin_ray.trainer.Trainer (the step)
+and spin_ray.checkpoint (the state on disk).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -21,24 +21,20 @@ import numpy as np
 import torch
 
 from spin_ray import records
+from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
-from spin_ray.generate import resolve_dtype
-from spin_ray.loss import spin_loss
 from spin_ray.plan import preflight
 from spin_ray.score import IDS, LOGPS, rescore_window
-from spin_ray.template import pack_pairs, packed_logps
+from spin_ray.trainer import Trainer
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
 COLUMNS = [*IDS, *LOGPS]
-STATE = "state"
-"""The torch.distributed.checkpoint folder inside each Ray Train checkpoint."""
-# Padding share a token-budget micro-batch may reach (issue 7's target: ≤ 10% of processed tokens): a forward costs
-# about its padded tokens, so a few more, narrower forwards cost less than the padding they avoid.
+# Padding share a token-budget micro-batch may reach by default: a forward costs about its padded tokens, so a few
+# more, narrower forwards cost less than the padding they avoid.
 MAX_PADDING = 0.1
 
 
@@ -50,14 +46,6 @@ class TrainResult:
     """The last optimizer step's metrics."""
     skipped: bool
     seconds: float = 0.0
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then linear decay to 0, as HF's `linear` schedule, except that step 0 already gets
-    1/warmup of the peak (HF spends the first update at lr 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def plan_steps(n_rows: int, global_batch: int, num_workers: int) -> list[int]:
@@ -75,23 +63,25 @@ def worker_shares(step_rows: Sequence[int], lengths: Sequence[int], world: int) 
     return [ranked[r::world] for r in range(world)]
 
 
-def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None,
-                  max_tokens: int | None) -> list[list[int]]:
+def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None, max_tokens: int | None,
+                  max_padding: float = MAX_PADDING, padded: bool = True) -> list[list[int]]:
     """A worker's share split into length-grouped micro-batches.
 
-    `lengths[i]` is pair i's packed row (both sequences side by side, template.pack_pairs); a micro-batch of B pairs
-    is B rows padded to the longest, so it costs B·max(length) tokens, which `max_tokens` bounds; `max_pairs` bounds B.
-    Under a token budget a micro-batch also ends before its padding would pass MAX_PADDING of its tokens: a large
-    budget would otherwise take a whole long-tailed share in one forward, padded to its longest row.
+    `lengths[i]` is pair i's two sequences' tokens (prompt twice, both answers); `max_pairs` bounds the pairs of a
+    micro-batch and `max_tokens` its cost. `padded`: B pairs are B rows padded to the longest (template.pack_pairs),
+    costing B·max(length) tokens, and under a token budget a micro-batch also ends before its padding would pass
+    `max_padding` of its tokens (a large budget would otherwise take a whole long-tailed share in one forward, padded
+    to its longest row). Not `padded`: the pairs' sequences are flattened without padding (template.pack_varlen), and
+    a micro-batch costs the sum of its lengths.
     """
     out: list[list[int]] = []
     current: list[int] = []
     width = real = 0
     for i in sorted(rows, key=lambda i: lengths[i]):
         wider = max(width, lengths[i])
-        cost = (len(current) + 1) * wider
+        cost = (len(current) + 1) * wider if padded else real + lengths[i]
         full = (max_pairs is not None and len(current) >= max_pairs) or (max_tokens is not None and (
-            cost > max_tokens or cost - real - lengths[i] > MAX_PADDING * cost))
+            cost > max_tokens or cost - real - lengths[i] > max_padding * cost))
         if current and full:
             out.append(current)
             current, wider, real = [], lengths[i], 0
@@ -101,10 +91,12 @@ def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int
 
 
 def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_pairs: int | None,
-                       max_tokens: int | None) -> list[list[list[int]]]:
+                       max_tokens: int | None, max_padding: float = MAX_PADDING,
+                       padded: bool = True) -> list[list[list[int]]]:
     """Every worker's micro-batches, the larger ones split until all workers run the same number: each FSDP2
     forward all-gathers across workers, so one worker with an extra micro-batch would wait forever."""
-    plans = [micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens) for share in shares]
+    plans = [micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens, max_padding=max_padding,
+                           padded=padded) for share in shares]
     n = max(map(len, plans))
     for plan in plans:
         while len(plan) < n:  # each share has as many pairs as the largest plan's micro-batches, so this ends
@@ -154,6 +146,11 @@ class PairArrays:
         i = int(self.local([row])[0])
         return {key: values[offsets[i]:offsets[i + 1]].tolist() for key, (values, offsets) in self.ids.items()}
 
+    def micro_batch(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """The pairs of `rows` with their reference log-probs, as Trainer.train_step takes them."""
+        here = self.local(rows)
+        return [{**self.pair(row), **{key: float(self.ref[key][i]) for key in LOGPS}} for row, i in zip(rows, here)]
+
 
 def _take_rows(table: "pa.Table", rows: list[int]) -> "pa.Table":
     return table.take(rows)
@@ -181,164 +178,6 @@ def checkpoint_due(tc: TrainConfig, step: int, steps_per_epoch: int, total: int,
             or (tc.checkpoint_every_epoch and (step + 1) % steps_per_epoch == 0))
 
 
-def _mesh(tc: TrainConfig, world: int, device: torch.device) -> "DeviceMesh":
-    """FSDP: one shard group of all workers, or HSDP (shard within groups of train.hsdp_shard_size, replicate
-    across them). DDP in reduced precision: replicate across all, shard over 1."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    shard = 1 if tc.strategy == "ddp" else tc.hsdp_shard_size or world
-    if shard == world:
-        return init_device_mesh(device.type, (world,))
-    return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
-
-
-def _build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: int,
-                   device: torch.device, load_weights: bool, trust_remote_code: bool = False) -> torch.nn.Module:
-    """FSDP2 as torchtitan builds it: the model on the meta device, sharded per decoder layer, materialised empty
-    on `device`, then filled from rank 0's copy of the weights by broadcast (no worker but rank 0 reads them), or,
-    with `load_weights` off, left for a checkpoint's shards (`_load_state`).
-
-    Parameters stay fp32 (the optimizer's master copy); in bf16 each layer is all-gathered and computed in bf16 and
-    gradients are reduced in fp32 (MixedPrecisionPolicy), instead of autocast keeping a bf16 copy of every layer.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-
-    from spin_ray.models import load_config, load_model
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
-                                                 dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    policy = (MixedPrecisionPolicy() if dtype == "float32" else
-              MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32))
-    mesh = _mesh(tc, world, device)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.to_empty(device=device)
-    for module in model.modules():  # non-persistent buffers (rotary frequencies) are in no state dict
-        if "RotaryEmbedding" in type(module).__name__:
-            model._init_weights(module)
-    if load_weights:
-        full = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code).state_dict() \
-            if rank == 0 else {}
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
-
-
-def _grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
-    """Gradient accumulation: reduce across workers once per step, in the last micro-batch's backward.
-
-    FSDP2 reduce-scatters every micro-batch into the sharded gradients and all-reduces across replicas (HSDP, and bf16
-    DDP's replicate-only mesh) only in the last one. Turning reduce-scatter off instead
-    (set_requires_gradient_sync(False)) keeps an unsharded fp32 gradient of every parameter on every worker until
-    the last micro-batch: 29 GB per GPU at 7B whatever the worker count, where the shard is 29/N GB.
-    DDP's no_sync is a context around the other micro-batches."""
-    if hasattr(model, "set_requires_all_reduce"):
-        model.set_requires_all_reduce(sync)  # a flag that persists: set for every micro-batch, on for the last
-        return nullcontext()
-    if not sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return nullcontext()
-
-
-def _save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, rank: int,
-          out: str) -> None:
-    """The resumable state as torch.distributed.checkpoint shards: every rank writes its own file (its FSDP2 shards;
-    under DDP, DCP spreads the replicated tensors over the ranks), rank 0 the `.metadata` index. Nothing is gathered."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict(), "step": step,
-              f"rng_rank{rank}": torch.get_rng_state()}, checkpoint_id=os.path.join(out, STATE))
-
-
-def _load_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                rank: int) -> int:
-    """Read a `_save`d state into the model, optimizer, scheduler and RNG, each rank only its shards; returns the
-    step. DCP's own reader unpickles `.metadata` with pickle.load and every non-tensor entry with
-    torch.load(weights_only=False): a shared bucket must not be a way to run code on the workers, so both go through
-    allowlists here (`_safe_reader`, `_safe_planner`)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to fill (optimizer state initialised)
-    state = {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict(), "step": 0,
-             f"rng_rank{rank}": torch.get_rng_state()}
-    dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state[f"rng_rank{rank}"])
-    return int(state["step"])
-
-
-def _safe_reader(path: str) -> Any:
-    """A DCP FileSystemReader whose `.metadata` (DCP's index: dataclasses of sizes, dtypes and file offsets) is
-    unpickled with only those classes allowed."""
-    import pickle
-
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-    allowed = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if ((module, name) in allowed or module == "torch.distributed.checkpoint.metadata"
-                    or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
-                return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"{path}/.metadata refers to {module}.{name}, which a checkpoint index "
-                                         "never holds: refusing to load it")
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-                metadata = Unpickler(f).load()
-            if not isinstance(metadata, Metadata):
-                raise pickle.UnpicklingError(f"{path}/.metadata is not a torch.distributed.checkpoint index")
-            metadata.storage_meta = metadata.storage_meta or StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(path)
-
-
-def _safe_planner() -> Any:
-    """DCP's DefaultLoadPlanner, reading the non-tensor entries (step, scheduler, optimizer hyper-parameters) with
-    torch.load(weights_only=True) instead of weights_only=False."""
-    import io
-
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.planner import ReadItem
-
-    class SafePlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-            obj = torch.load(value, weights_only=True)
-            fqn = read_item.dest_index.fqn
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.state_dict[fqn] = obj
-
-    return SafePlanner()
-
-
-def model_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
-    """θ_t's own dtype (config.json's `dtype`, formerly `torch_dtype`), in which θ_{t+1} is exported; fp32 if unset."""
-    from spin_ray.models import load_config
-
-    config = load_config(source, trust_remote_code=trust_remote_code)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 def final_metrics(lines: list[str], n_rows: int, epochs: int) -> dict[str, Any]:
     """The last step's metrics and how many pairs were not used `epochs` times. Every pair should be, whatever restarts
     happened; plan_steps may drop a remainder that does not divide among the workers. Either way it is counted."""
@@ -348,94 +187,41 @@ def final_metrics(lines: list[str], n_rows: int, epochs: int) -> dict[str, Any]:
     return final
 
 
-def _export(model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype, rank: int, out: str,
-            marker: dict[str, Any]) -> None:
-    """θ_{t+1} as an HF folder in θ_t's dtype, written by rank 0 straight to `out`: each parameter is gathered whole
-    one at a time (every rank takes part under FSDP2) and only rank 0 keeps it, on the CPU and already cast, so no
-    rank ever holds an fp32 copy of the whole model. A local `out` appears by rename; on a URI the marker is last."""
-    import pyarrow.fs as pafs
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = {}
-    for name, tensor in get_model_state_dict(model).items():
-        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-        if rank == 0:
-            state[name] = full.detach().to("cpu", dtype)
-    if rank != 0:
-        return
-    hf_model = getattr(model, "module", model)
-    fs, path = records.filesystem(out)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = f"{path}.tmp" if local else tmp
-        if local and os.path.exists(work):
-            shutil.rmtree(work)
-        hf_model.save_pretrained(work, state_dict=state, safe_serialization=True)
-        hf_model.config.dtype = dtype  # save_pretrained wrote the fp32 master parameters' dtype
-        hf_model.config.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        if local:
-            with open(os.path.join(work, records.MARKER), "w") as f:
-                json.dump(marker, f)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(work, path)
-            return
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-        pafs.copy_files(tmp, path, destination_filesystem=fs)
-        with fs.open_output_stream(f"{path}/{records.MARKER}") as f:
-            f.write(json.dumps(marker).encode())
-
-
 def train_loop_per_worker(c: dict[str, Any]) -> None:
     """One Ray Train worker: SPIN updates over seeded global batches, with resumable checkpoints."""
     import ray.train
     import ray.train.torch
 
-    from spin_ray.models import load_model, load_tokenizer, local_model
+    from spin_ray.models import load_tokenizer, local_model
 
     cfg: SpinConfig = c["cfg"]
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    dtype = resolve_dtype(tc.dtype, device.type == "cuda")
-    # Reduced precision always goes through FSDP2's MixedPrecisionPolicy (DDP = replicate-only mesh), so the
-    # trainer computes exactly as the scorer (score.cast_parameters) and step 0's loss is ln 2.
-    sharded = tc.strategy == "fsdp" or dtype != "float32"
     torch.manual_seed(cfg.seed)
 
     checkpoint = ray.train.get_checkpoint()
     source = local_model(c["model"])
     trust = dict(trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, **trust)
-    if sharded:
-        model = _build_sharded(source, tc, dtype, rank, world, device, load_weights=checkpoint is None, **trust)
-    else:
-        model = load_model(source, dtype=torch.float32, **trust)
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
-        model = ray.train.torch.prepare_model(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.RMSprop(params, lr=tc.lr, weight_decay=tc.weight_decay) if tc.optimizer == "rmsprop"
-                 else torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay))
     steps = plan_steps(c["n_rows"], tc.global_batch_size, world)
     total = len(steps) * tc.epochs
-    warmup = math.ceil(tc.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    trainer = Trainer(source, tc, total_steps=total, rank=rank, world=world, device=device, **trust)
+    trainer.setup(load_weights=checkpoint is None)
     start = 0
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:  # local storage: the folder itself; a URI: one download per node
-            start = _load_state(os.path.join(ckpt_dir, STATE), model, optimizer, scheduler, rank)
+            start = load_state(os.path.join(ckpt_dir, STATE), trainer.model, trainer.optimizer, trainer.scheduler,
+                               rank)
     # From the file, not from the driver's start: after a worker failure inside this fit, the group restarts from
     # the checkpoint with the lines written since (rank 0 writes them at every checkpoint).
     lines = records.read_lines(c["metrics_uri"])[:start]
 
     lengths = c["lengths"]
-    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens)
+    # The trainer's micro-batches are flattened whole sequences (template.pack_varlen): a budget counts real tokens.
+    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens,
+                  padded=False)
     order = None
     last_checkpoint = time.monotonic()
     for step in range(start, total):
@@ -447,49 +233,23 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             pairs = _load_share(c["pairs"], sorted({i for shares in plan for i in shares[rank]}))
         begin = sum(steps[:k])
         micro = even_micro_batches(plan[k], lengths, **budget)[rank]
-        mine = sum(len(idx) for idx in micro)
-        t0 = time.perf_counter()
-        sums, tokens, padded = torch.zeros(8, dtype=torch.float64), 0, 0
-        for i, idx in enumerate(micro):
-            batch = {key: v.to(device) for key, v in pack_pairs([pairs.pair(j) for j in idx],
-                                                                tokenizer.pad_token_id).items()}
-            here = pairs.local(idx)
-            ref_real = torch.tensor(pairs.ref["ref_logp_real"][here], device=device)
-            ref_gen = torch.tensor(pairs.ref["ref_logp_generated"][here], device=device)
-            with _grad_sync(model, i == len(micro) - 1):
-                real, generated = packed_logps(model, batch)
-                loss, m = spin_loss(real, generated, ref_real, ref_gen, tc.beta, tc.loss_type)
-                (loss * len(idx) / mine).backward()
-            sums += torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(idx)
-            tokens += int((batch["segment"] > 0).sum())
-            padded += batch["segment"].numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        metrics = trainer.train_step([pairs.micro_batch(idx) for idx in micro])
         done = step + 1 == total
-        # Rank 0's clock decides for all, through the metrics' all-reduce: every rank must checkpoint (a collective)
-        # after the same step.
-        save = rank == 0 and checkpoint_due(tc, step, len(steps), total, (time.monotonic() - last_checkpoint) / 60)
+        # Rank 0's clock decides for all: every rank must checkpoint (a collective) after the same step.
+        save = torch.tensor([rank == 0 and checkpoint_due(tc, step, len(steps), total,
+                                                          (time.monotonic() - last_checkpoint) / 60)], device=device)
         if world > 1:
-            totals = torch.tensor([*sums.tolist(), tokens, padded, save], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            sums, tokens, padded, save = totals[:-3].cpu(), int(totals[-3]), int(totals[-2]), bool(totals[-1])
-        names = ["loss", *m.keys()]
-        metrics = {n: float(v) for n, v in zip(names, (sums[:-1] / sums[-1]).tolist())}
+            torch.distributed.broadcast(save, src=0)
+        save = bool(save.item())
         # `pairs`: the rows of the training table this step used, so that each pair's use is countable after restarts.
-        metrics.update(pairs=order[begin:begin + steps[k]])
-        metrics.update(step=step + 1, total_steps=total, epoch=epoch, lr=lr, grad_norm=float(grad_norm), tokens=tokens,
-                       padding_share=1 - tokens / padded, tokens_per_s=tokens / (time.perf_counter() - t0),
+        metrics.update(pairs=order[begin:begin + steps[k]], step=step + 1, total_steps=total, epoch=epoch,
                        beta=tc.beta, iteration=cfg.iteration, time=time.time())
         lines.append(json.dumps(metrics))
         if rank == 0 and ((step + 1) % tc.report_every == 0 or save or done):
             records.write_bytes_atomic(c["metrics_uri"], ("\n".join(lines) + "\n").encode())
         if save:
             tmp = tempfile.mkdtemp(prefix="spin_ckpt_")
-            _save(model, optimizer, scheduler, step + 1, rank, tmp)
+            save_state(trainer.model, trainer.optimizer, trainer.scheduler, step + 1, rank, tmp)
             # ASYNC: Ray uploads the shards on a thread of its own (then deletes `tmp`) while training goes on.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
@@ -497,8 +257,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         elif (step + 1) % tc.report_every == 0 or done:
             ray.train.report(metrics)
     # Also when a restarted group finds every step done (killed while exporting): the export is redone.
-    _export(model, tokenizer, model_dtype(source, **trust), rank, c["out"],
-            final_metrics(lines, len(lengths), tc.epochs))
+    export_hf(trainer.model, tokenizer, model_dtype(source, **trust), rank, c["out"],
+              final_metrics(lines, len(lengths), tc.epochs))
 
 
 def pairs_uris(cfg: SpinConfig, model: str) -> list[str]:

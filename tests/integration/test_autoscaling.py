@@ -1,4 +1,4 @@
-"""Autoscaling from zero GPU nodes (issue 7 §2) on Ray's fake multi-node provider, and the pre-flight refusal
+"""Autoscaling from zero GPU nodes on Ray's fake multi-node provider, and the pre-flight refusal
 through the real CLI.
 
 The cluster is the one `ray.cluster_utils.AutoscalingCluster` builds (a head with no GPUs, a worker type with logical

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.loop import make_pairs
+from spin_ray.checkpoint import STATE
 from spin_ray.train import train
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,8 @@ def metrics(storage, t=0):
 
 
 def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
-    result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3"), pairs=[pairs])
+    result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3", "train.checkpoint_every=5"),
+                   pairs=[pairs])
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == list(range(1, 13))  # 32 pairs / 8 per step x 3 epochs
     first = lines[0]
@@ -58,7 +60,10 @@ def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
     assert lines[-1]["rewards/accuracies"] > 0.5 and lines[-1]["rewards/margins"] > 0
     assert result.model == os.path.join(tmp_path, "iter_0", "model") and not result.skipped
     model = AutoModelForCausalLM.from_pretrained(result.model)
-    assert not any(f.startswith("train_state") for f in os.listdir(result.model))
+    # Steps 5 and 10 saved the resumable DCP state (a `state` folder in each Ray Train checkpoint); the finished run
+    # keeps none of it, in the exported model or anywhere in the iteration's folder.
+    assert STATE not in os.listdir(result.model)
+    assert not [here for here, dirs, _ in os.walk(tmp_path) if STATE in dirs]
     reference = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.equal(model.lm_head.weight, reference.lm_head.weight)
     # A second call finds the finished model and does nothing.
@@ -73,13 +78,15 @@ def test_two_workers_and_fsdp_take_the_same_steps_as_one(tiny_model, pairs, tmp_
     # DDP micro-batches formed by a token budget instead (padding-free batching): the same mean loss.
     two = train(cfg_for(tiny_model, tmp_path / "two", *steps, "train.num_workers=2", "train.micro_batch_tokens=256",
                         "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=12"), pairs=[pairs])
-    # FSDP2 (fully_shard, meta init + rank-0 broadcast) with activation checkpointing is the 7B path; gloo on CPU.
+    # FSDP2 (fully_shard, meta init + rank-0 broadcast) with full activation checkpointing is the 7B path; gloo on CPU.
     fsdp = train(cfg_for(tiny_model, tmp_path / "fsdp", *steps, "train.num_workers=2", "train.strategy=fsdp",
-                         "train.gradient_checkpointing=true"), pairs=[pairs])
+                         "train.activation_checkpointing=full"), pairs=[pairs])
     # HSDP for multi-node: a 2 x 2 mesh (shard within pairs of workers, replicate across the pairs), 2 micro-batches
-    # each: reduce-scattered every micro-batch, all-reduced across the pairs in the last one only.
+    # each: reduce-scattered every micro-batch, all-reduced across the pairs in the last one only; with selective
+    # (op-level) activation checkpointing.
     hsdp = train(cfg_for(tiny_model, tmp_path / "hsdp", *steps, "train.num_workers=4", "train.strategy=fsdp",
-                         "train.hsdp_shard_size=2", "train.micro_batch_size=1"), pairs=[pairs])
+                         "train.hsdp_shard_size=2", "train.micro_batch_size=1",
+                         "train.activation_checkpointing=selective"), pairs=[pairs])
     a = metrics(tmp_path / "one")
     wa = AutoModelForCausalLM.from_pretrained(one.model).state_dict()
     w0 = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
@@ -226,7 +233,7 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
     import pickle
 
     from spin_ray.models import load_model
-    from spin_ray.train import STATE, _load_state, _safe_planner, _save
+    from spin_ray.checkpoint import _safe_planner, load_state, save_state
 
     def make():
         model = load_model(tiny_model, dtype=torch.float32)
@@ -244,9 +251,9 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
     a = make()
     for _ in range(2):
         step(*a)
-    _save(*a, step=2, rank=0, out=str(tmp_path))
+    save_state(*a, step=2, rank=0, out=str(tmp_path))
     b = make()
-    assert _load_state(str(tmp_path / STATE), *b, rank=0) == 2
+    assert load_state(str(tmp_path / STATE), *b, rank=0) == 2
     assert b[2].state_dict() == a[2].state_dict()
     step(*a)
     step(*b)
@@ -260,7 +267,7 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
 
     (tmp_path / STATE / ".metadata").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(BaseException, match="CheckpointException"):  # DCP wraps the refusal in its own exception
-        _load_state(str(tmp_path / STATE), *b, rank=0)
+        load_state(str(tmp_path / STATE), *b, rank=0)
     buffer = io.BytesIO()
     torch.save(Payload(), buffer)
     buffer.seek(0)

@@ -63,3 +63,19 @@ def test_batching_fields_are_validated():
     with pytest.raises(ConfigError, match="train.hsdp_shard_size = 3"):
         SpinConfig.load(None, ["train.strategy=fsdp", "train.num_workers=4", "train.micro_batch_size=4",
                                "train.hsdp_shard_size=3"])
+
+
+def test_padding_cap_is_a_parameter():
+    lengths = [10, 10, 11, 20, 21]
+    # Without the cap (1.0: any padding), a budget of 1000 takes the whole share in one forward, padded to 21.
+    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=1000, max_padding=1.0) == [[0, 1, 2, 3, 4]]
+    assert even_micro_batches([list(range(5))], lengths, max_pairs=None, max_tokens=1000,
+                              max_padding=0.05) == [[[0, 1], [2], [3, 4]]]
+
+
+def test_flattened_micro_batches_cost_their_real_tokens():
+    lengths = [10, 10, 11, 20, 21]
+    # Flattened (template.pack_varlen): a micro-batch costs the sum of its lengths, no padding: 10+10+11+20 = 51 <= 60.
+    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=60, padded=False) == [[0, 1, 2, 3], [4]]
+    # Padded rows: 4 x 20 = 80 > 60, and [20, 21] pads too little to split.
+    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=60) == [[0, 1, 2], [3, 4]]

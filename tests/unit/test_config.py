@@ -128,3 +128,10 @@ def test_non_text_key_in_an_override():
 def test_input_safety_defaults():
     cfg = SpinConfig.load()
     assert cfg.trust_remote_code is False and cfg.data.duplicates == "drop"
+
+
+def test_auto_dtype_is_resolved_in_one_place():
+    from spin_ray.config import resolve_dtype
+
+    assert resolve_dtype("auto", on_gpu=True) == "bfloat16" and resolve_dtype("auto", on_gpu=False) == "float32"
+    assert resolve_dtype("float16", on_gpu=False) == "float16"

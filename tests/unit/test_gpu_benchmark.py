@@ -17,6 +17,6 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
                     "--repeats", "1", "--pairs-per-step", "4", "--micro-batch", "2", "--max-length", "128", "--max-prompt-length", "64",
                     "--no-sdpa-probe", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
     out = json.load(open(tmp_path / "gpu.json"))
-    assert set(out["summary"]) == {"before", "packed", "budget"}
+    assert set(out["summary"]) == {"before", "packed", "varlen", "budget"}
     assert abs(out["ln2_check"]["minus_ln2"]) < 1e-3  # bf16 on CPU: the scorer and the trainer agree
     assert out["plan"]["train_memory_total_gb"] > 0

@@ -1,6 +1,6 @@
-"""Gradient accumulation under FSDP2 (spin_ray.train._grad_sync): every micro-batch lands in the sharded gradients.
+"""Gradient accumulation under FSDP2 (spin_ray.trainer.grad_sync): every micro-batch lands in the sharded gradients.
 
-One gloo process (world 1), the trainer's own _build_sharded; the 2- and 4-worker invariance test (tests/integration/
+One gloo process (world 1), the trainer's own build_sharded; the 2- and 4-worker invariance test (tests/integration/
 test_train.py) checks that the accumulated step equals the unsplit one across workers, FSDP2 and HSDP.
 """
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from spin_ray.config import TrainConfig
 from spin_ray.template import pack_pairs, packed_logps
-from spin_ray.train import _build_sharded, _grad_sync
+from spin_ray.trainer import build_sharded, grad_sync
 
 
 @pytest.fixture
@@ -33,14 +33,14 @@ def group():
 
 def test_fsdp_reduces_each_micro_batch_into_the_sharded_gradients(group, tiny_model):
     torch.manual_seed(0)
-    model = _build_sharded(tiny_model, TrainConfig(strategy="fsdp"), "float32", 0, 1, torch.device("cpu"),
+    model = build_sharded(tiny_model, TrainConfig(strategy="fsdp"), "float32", 0, 1, torch.device("cpu"),
                            load_weights=True)
     params = [p for p in model.parameters() if p.requires_grad]
     pairs = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
              {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]}]
 
     def backward(idx: list[int], last: bool) -> None:
-        with _grad_sync(model, last):
+        with grad_sync(model, last):
             real, generated = packed_logps(model, pack_pairs([pairs[i] for i in idx], 0))
             (real - generated).sum().backward()
 

@@ -47,7 +47,7 @@ def test_train_memory_by_hand():
     assert m["runtime overhead"] == 2 * GB
 
     ddp = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
-        c.train, strategy="ddp", optimizer="adamw", gradient_checkpointing=True)))
+        c.train, strategy="ddp", optimizer="adamw", activation_checkpointing="full")))
     assert ddp["parameters (fp32)"] == 4 * p
     assert ddp["gradients (fp32)"] == 4 * p  # bf16 ddp is FSDP2 on a replicate-only mesh: no bucket copy
     assert ddp["optimizer (adamw, fp32)"] == 8 * p

@@ -1,0 +1,229 @@
+"""One worker's SPIN update: the model (DDP or FSDP2), its optimizer and lr schedule, and `train_step`.
+
+The shape torchtune and torchtitan use: `Trainer.setup()` builds, `train_step(micro_batches)` is one optimizer step
+over this worker's micro-batches, `logps(micro_batches)` the same forward without gradients. It imports no Ray, so the
+Ray Train workers (spin_ray.train), the benchmarks and the tests call the same step; with world > 1 the caller has
+initialised torch.distributed (Ray Train does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from spin_ray.config import TrainConfig, resolve_dtype
+from spin_ray.loss import spin_loss
+from spin_ray.template import pack_varlen, varlen_logps
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+Pair = Mapping[str, Any]
+"""One pair: `prompt_ids`, `real_ids`, `generated_ids` (token ids) and, for `train_step`, the reference log-probs
+`ref_logp_real`, `ref_logp_generated`."""
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup then linear decay to 0, as HF's `linear` schedule, except that step 0 already gets
+    1/warmup of the peak (HF spends the first update at lr 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention (most of the recompute's FLOPs); the
+# element-wise ops between them (norms, activations, rotary, residual adds) are recomputed, as torchtitan's op-level
+# policy does.
+SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _selective_context() -> tuple[Any, Any]:
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def prepare_blocks(model: torch.nn.Module, tc: TrainConfig) -> None:
+    """train.activation_checkpointing and train.compile on each decoder layer, before FSDP2 shards them.
+
+    full: each layer keeps only its input and recomputes the rest in the backward pass; selective: each layer also
+    keeps its matmul and attention outputs (SAVED_OPS) and recomputes only the cheap ops between them; none: every
+    activation is kept. compile: each layer's forward goes through torch.compile (in place, so FSDP2 and the
+    checkpoint wrappers see the same modules)."""
+    if tc.activation_checkpointing != "none":
+        kwargs = ({} if tc.activation_checkpointing == "full"
+                  else {"use_reentrant": False, "context_fn": _selective_context})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        model.config.use_cache = False
+    if tc.compile:
+        for layer in model.model.layers:
+            layer.compile()
+
+
+def _mesh(tc: TrainConfig, world: int, device: torch.device) -> "DeviceMesh":
+    """FSDP: one shard group of all workers, or HSDP (shard within groups of train.hsdp_shard_size, replicate
+    across them). DDP in reduced precision: replicate across all, shard over 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = 1 if tc.strategy == "ddp" else tc.hsdp_shard_size or world
+    if shard == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: int,
+                   device: torch.device, load_weights: bool, trust_remote_code: bool = False) -> torch.nn.Module:
+    """FSDP2 as torchtitan builds it: the model on the meta device, sharded per decoder layer, materialised empty
+    on `device`, then filled from rank 0's copy of the weights by broadcast (no worker but rank 0 reads them), or,
+    with `load_weights` off, left for a checkpoint's shards (checkpoint.load_state).
+
+    Parameters stay fp32 (the optimizer's master copy); in bf16 each layer is all-gathered and computed in bf16 and
+    gradients are reduced in fp32 (MixedPrecisionPolicy), instead of autocast keeping a bf16 copy of every layer.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from spin_ray.models import load_config, load_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
+                                                 dtype=torch.float32, trust_remote_code=trust_remote_code)
+    prepare_blocks(model, tc)
+    policy = (MixedPrecisionPolicy() if dtype == "float32" else
+              MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32))
+    mesh = _mesh(tc, world, device)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)
+    for module in model.modules():  # non-persistent buffers (rotary frequencies) are in no state dict
+        if "RotaryEmbedding" in type(module).__name__:
+            model._init_weights(module)
+    if load_weights:
+        full = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code).state_dict() \
+            if rank == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
+    """Gradient accumulation: reduce across workers once per step, in the last micro-batch's backward.
+
+    FSDP2 reduce-scatters every micro-batch into the sharded gradients and all-reduces across replicas (HSDP, and bf16
+    DDP's replicate-only mesh) only in the last one. Turning reduce-scatter off instead
+    (set_requires_gradient_sync(False)) keeps an unsharded fp32 gradient of every parameter on every worker until
+    the last micro-batch: 29 GB per GPU at 7B whatever the worker count, where the shard is 29/N GB.
+    DDP's no_sync is a context around the other micro-batches."""
+    if hasattr(model, "set_requires_all_reduce"):
+        model.set_requires_all_reduce(sync)  # a flag that persists: set for every micro-batch, on for the last
+        return nullcontext()
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return nullcontext()
+
+
+class Trainer:
+    """This worker's model, optimizer and schedule, and the SPIN update over its micro-batches.
+
+    `total_steps` sets the lr schedule (train.warmup_ratio of it warms up). Every rank calls `train_step` and `logps`
+    with as many micro-batches (each forward is a collective under FSDP2).
+    """
+
+    def __init__(self, source: str, tc: TrainConfig, *, total_steps: int, rank: int = 0, world: int = 1,
+                 device: torch.device = torch.device("cpu"), trust_remote_code: bool = False):
+        self.source, self.tc, self.total_steps = source, tc, total_steps
+        self.rank, self.world, self.device = rank, world, device
+        self.trust_remote_code = trust_remote_code
+        self.dtype = resolve_dtype(tc.dtype, device.type == "cuda")
+        # Reduced precision always goes through FSDP2's MixedPrecisionPolicy (DDP = replicate-only mesh), so the
+        # trainer computes exactly as the scorer (score.cast_parameters) and step 0's loss is ln 2.
+        self.sharded = tc.strategy == "fsdp" or self.dtype != "float32"
+
+    def setup(self, load_weights: bool = True) -> None:
+        """Model, optimizer and lr scheduler. `load_weights` off: the model is left for a checkpoint's state
+        (checkpoint.load_state) instead of reading θ_t."""
+        from spin_ray.models import load_model
+
+        tc, trust = self.tc, dict(trust_remote_code=self.trust_remote_code)
+        if self.sharded:
+            model = build_sharded(self.source, tc, self.dtype, self.rank, self.world, self.device,
+                                  load_weights=load_weights, **trust)
+        else:
+            model = load_model(self.source, dtype=torch.float32, **trust)
+            prepare_blocks(model, tc)
+            model = model.to(self.device)
+            if self.world > 1:
+                model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = (
+            torch.optim.RMSprop(self.params, lr=tc.lr, weight_decay=tc.weight_decay) if tc.optimizer == "rmsprop"
+            else torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay))
+        warmup = math.ceil(tc.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup))
+
+    def _batch(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        return {key: v.to(self.device) for key, v in pack_varlen(pairs).items()}
+
+    def _ref(self, pairs: Sequence[Pair], key: str) -> torch.Tensor:
+        # float64 as stored: the loss's reward difference is taken at the reference's precision
+        return torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=self.device)
+
+    def train_step(self, micro_batches: Sequence[Sequence[Pair]]) -> dict[str, float]:
+        """One optimizer step over this worker's micro-batches (gradients accumulated, reduced across workers
+        once); the metrics are means over every worker's pairs (loss, rewards/*, logps/*) or sums (tokens)."""
+        tc = self.tc
+        mine = sum(map(len, micro_batches))
+        t0 = time.perf_counter()
+        sums, tokens = torch.zeros(8, dtype=torch.float64), 0
+        for i, pairs in enumerate(micro_batches):
+            batch = self._batch(pairs)
+            with grad_sync(self.model, i == len(micro_batches) - 1):
+                real, generated = varlen_logps(self.model, batch)
+                loss, m = spin_loss(real, generated, self._ref(pairs, "ref_logp_real"),
+                                    self._ref(pairs, "ref_logp_generated"), tc.beta, tc.loss_type)
+                (loss * len(pairs) / mine).backward()
+            sums += torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(pairs)
+            tokens += batch["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            totals = torch.tensor([*sums.tolist(), tokens], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(totals)
+            sums, tokens = totals[:-1].cpu(), int(totals[-1])
+        metrics = {n: float(v) for n, v in zip(["loss", *m.keys()], (sums[:-1] / sums[-1]).tolist())}
+        # padding_share: kept in the metrics for comparison with padded runs; flattened micro-batches have none.
+        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens, padding_share=0.0,
+                       tokens_per_s=tokens / (time.perf_counter() - t0))
+        return metrics
+
+    @torch.no_grad()
+    def logps(self, micro_batches: Sequence[Sequence[Pair]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The policy's summed log-probs (real, generated) of each micro-batch's pairs, float64 on the CPU: the
+        forward of `train_step` without gradients."""
+        # Under DDP the wrapped module: DDP's forward would broadcast buffers, a collective for nothing here.
+        model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        out = []
+        for pairs in micro_batches:
+            real, generated = varlen_logps(model, self._batch(pairs))
+            out.append((real.double().cpu(), generated.double().cpu()))
+        return out

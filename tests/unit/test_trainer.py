@@ -1,0 +1,99 @@
+"""spin_ray.trainer.Trainer in one process (world 1, no Ray): the step that the Ray Train workers and the benchmarks
+call. The multi-worker invariance (1x4 = 2x2 = FSDP2 = HSDP) is tests/integration/test_train.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spin_ray.config import TrainConfig
+from spin_ray.trainer import Trainer
+
+PAIRS = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
+         {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]},
+         {"prompt_ids": [7, 7, 8, 9], "real_ids": [3, 2], "generated_ids": [4, 4, 4, 2]},
+         {"prompt_ids": [6], "real_ids": [9, 9, 9, 9, 2], "generated_ids": [2]}]
+
+
+def make(tiny_model: str, **train: object) -> Trainer:
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_model, TrainConfig(optimizer="adamw", lr=1e-3, beta=1.0, **train), total_steps=4)
+    trainer.setup()
+    return trainer
+
+
+def with_refs(trainer: Trainer, micro_batches: list[list[dict]]) -> list[list[dict]]:
+    """The pairs with reference log-probs from the trainer's own no-grad forward (the policy is the reference)."""
+    out = []
+    for pairs, (real, generated) in zip(micro_batches, trainer.logps(micro_batches)):
+        out.append([{**p, "ref_logp_real": float(r), "ref_logp_generated": float(g)}
+                    for p, r, g in zip(pairs, real, generated)])
+    return out
+
+
+def test_step_zero_is_ln2_against_the_trainers_own_logps(tiny_model):
+    trainer = make(tiny_model)
+    metrics = trainer.train_step(with_refs(trainer, [PAIRS[:2], PAIRS[2:]]))
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["grad_norm"] > 0 and metrics["tokens"] == sum(
+        2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in PAIRS)
+    assert 0 <= metrics["padding_share"] < 1 and metrics["lr"] == pytest.approx(1e-3)
+
+
+def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
+    one, four = make(tiny_model), make(tiny_model)
+    refs = [p for mb in with_refs(one, [PAIRS]) for p in mb]
+    refs = [{**p, "ref_logp_real": p["ref_logp_real"] + 0.5} for p in refs]  # away from the loss's fixed point
+    a = one.train_step([refs])
+    b = four.train_step([[p] for p in refs])
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # AdamW's first step moves every weight by ±lr whatever its gradient's size, so a gradient within float noise of 0
+    # may move its weight the other way: all but a few weights agree to 1e-6, none by more than 2 lr.
+    far = [(x - y).abs() for x, y in zip(one.model.parameters(), four.model.parameters())]
+    assert max(d.max().item() for d in far) <= 2.01e-3
+    assert sum(int((d > 1e-6).sum()) for d in far) <= 1e-4 * sum(d.numel() for d in far)
+
+
+@pytest.mark.parametrize("policy, compiled", [("full", False), ("selective", False), ("none", True)])
+def test_recompute_policies_and_compile_give_the_same_gradients(tiny_model, policy, compiled):
+    from spin_ray.template import pack_varlen, varlen_logps
+
+    def gradients(trainer: Trainer) -> list[torch.Tensor]:
+        real, generated = varlen_logps(trainer.model, pack_varlen(PAIRS))
+        (real - 2 * generated).sum().backward()
+        return [p.grad for p in trainer.model.parameters()]
+
+    plain = make(tiny_model)
+    other = make(tiny_model, activation_checkpointing=policy, compile=compiled)
+    for a, b in zip(gradients(plain), gradients(other)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_policy_is_validated():
+    from spin_ray.config import ConfigError, SpinConfig
+
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing = 'partial': must be one of 'none', "
+                                          r"'full', 'selective'"):
+        SpinConfig.load(None, ["train.activation_checkpointing=partial"])
+    with pytest.raises(ConfigError, match="train.compile = 'sometimes': expected bool"):
+        SpinConfig.load(None, ["train.compile=sometimes"])
+
+
+def test_selective_recomputes_no_matmul_and_full_recomputes_every_layer(tiny_model):
+    """FLOPs of one forward + backward (torch's FlopCounterMode counts matmuls and attention): selective keeps those
+    outputs, so it runs no more of them than no checkpointing; full recomputes each layer's forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spin_ray.template import pack_varlen, varlen_logps
+
+    def flops(policy: str) -> int:
+        trainer = make(tiny_model, activation_checkpointing=policy)
+        with FlopCounterMode(display=False) as counter:
+            real, generated = varlen_logps(trainer.model, pack_varlen(PAIRS))
+            (real - generated).sum().backward()
+        return counter.get_total_flops()
+
+    none, selective, full = flops("none"), flops("selective"), flops("full")
+    assert selective == none < full
