@@ -190,15 +190,18 @@ class Trainer:
         tc = self.tc
         mine = sum(map(len, micro_batches))
         t0 = time.perf_counter()
-        sums, tokens = torch.zeros(8, dtype=torch.float64), 0
+        tokens = 0
         for i, pairs in enumerate(micro_batches):
             batch = self._batch(pairs)
             with grad_sync(self.model, i == len(micro_batches) - 1):
                 real, generated = varlen_logps(self.model, batch)
+                real_tokens = torch.tensor([len(p["real_ids"]) for p in pairs], dtype=real.dtype, device=real.device)
                 loss, m = spin_loss(real, generated, self._ref(pairs, "ref_logp_real"),
-                                    self._ref(pairs, "ref_logp_generated"), tc.beta, tc.loss_type)
+                                    self._ref(pairs, "ref_logp_generated"), tc.beta, tc.loss_type,
+                                    sft_weight=tc.sft_weight, real_tokens=real_tokens)
                 (loss * len(pairs) / mine).backward()
-            sums += torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(pairs)
+            row = torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(pairs)
+            sums = row if i == 0 else sums + row
             tokens += batch["input_ids"].numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm

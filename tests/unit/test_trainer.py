@@ -42,6 +42,15 @@ def test_step_zero_is_ln2_against_the_trainers_own_logps(tiny_model):
     assert 0 <= metrics["padding_share"] < 1 and metrics["lr"] == pytest.approx(1e-3)
 
 
+def test_sft_term_at_step_zero_adds_the_weighted_nll_per_token_of_the_human_answers(tiny_model):
+    trainer = make(tiny_model, sft_weight=0.5)
+    pairs = with_refs(trainer, [PAIRS])[0]
+    nll = sum(-p["ref_logp_real"] / len(p["real_ids"]) for p in pairs) / len(pairs)  # the policy is the reference
+    metrics = trainer.train_step([pairs[:2], pairs[2:]])
+    assert metrics["nll/real_per_token"] == pytest.approx(nll, rel=1e-5)
+    assert metrics["loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+
+
 def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
     one, four = make(tiny_model), make(tiny_model)
     refs = [p for mb in with_refs(one, [PAIRS]) for p in mb]
