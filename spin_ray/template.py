@@ -2,6 +2,10 @@
 
 uclaml/SPIN sampled y' under an Alpaca prompt and scored it under the Zephyr chat template (uclaml/SPIN#9, #33); here
 the generator is fed exactly the prompt token ids that the scorer and trainer put in front of the response.
+
+Also the batch layouts of those ids and their log-probs: `pack_varlen` + `varlen_attention` (the scorer's and the
+trainer's: whole sequences flattened, no padding), `collate` and `pack_pairs` (padded layouts, kept as exact
+references and benchmark baselines), and `label_logps` (the LM head at the labelled positions only, in chunks).
 """
 
 from __future__ import annotations

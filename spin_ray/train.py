@@ -107,7 +107,7 @@ def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_p
 
 
 def packed_lengths(table: "pa.Table") -> np.ndarray:
-    """Each pair's packed row length (prompt twice, both answers: template.pack_pairs), from the list offsets alone."""
+    """Each pair's tokens in a micro-batch (prompt twice, both answers), from the list offsets alone."""
     import pyarrow.compute as pc
 
     size = {key: pc.list_value_length(table.column(key)).to_numpy() for key in IDS}

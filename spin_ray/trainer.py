@@ -36,8 +36,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention (most of the recompute's FLOPs); the
-# element-wise ops between them (norms, activations, rotary, residual adds) are recomputed, as torchtitan's op-level
-# policy does.
+# element-wise ops between them (norms, activations, rotary, residual adds) are recomputed. torchtitan's op-level
+# policy is the model; it also drops every second matmul output, which trades memory back for compute.
 SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
              torch.ops.aten._scaled_dot_product_flash_attention.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -62,9 +62,9 @@ def prepare_blocks(model: torch.nn.Module, tc: TrainConfig) -> None:
     activation is kept. compile: each layer's forward goes through torch.compile (in place, so FSDP2 and the
     checkpoint wrappers see the same modules)."""
     if tc.activation_checkpointing != "none":
-        kwargs = ({} if tc.activation_checkpointing == "full"
+        kwargs = (None if tc.activation_checkpointing == "full"  # transformers' own default
                   else {"use_reentrant": False, "context_fn": _selective_context})
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if tc.compile:
         for layer in model.model.layers:
