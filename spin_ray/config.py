@@ -176,6 +176,20 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    backend: Literal["none", "mlflow", "tensorboard"] = "none"
+    """Mirror the run's records into an experiment tracker (spin_ray/tracking.py): per-step training metrics,
+    held-out evaluation per model, seconds per stage, the config as params; one tracker run per `storage`."""
+    uri: str | None = None
+    """mlflow: the tracking URI (default: sqlite:///<storage>/mlflow.db, a local storage only); tensorboard: the
+    event folder (default <storage>/tensorboard/<run_name>)."""
+    project: str = "spin_ray"
+    """mlflow: the experiment's name."""
+    run_name: str | None = None
+    """The tracker run's name; None: the storage folder's name."""
+
+
+@dataclass
 class RayConfig:
     address: str | None = None
     """Ray cluster to join. None: RAY_ADDRESS if set (`ray job submit` sets it), else a live cluster started with
@@ -206,6 +220,7 @@ class SpinConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     @classmethod

@@ -21,6 +21,7 @@ from spin_ray.generate import EnginePool, generate
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
 from spin_ray.score import rescore_window, score
+from spin_ray.tracking import Tracker, check_backend
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,8 @@ def check_inputs(cfg: SpinConfig, command: str) -> None:
     storage, the data (held for the stage's own read, so it is read once) and θ_0's folder."""
     if command in ("generate", "run"):
         load_sft(cfg.data, keep=True)
+    if command == "run":
+        check_backend(cfg.tracking)
     if command == "run" and cfg.eval.enabled:
         load_sft(dataclasses.replace(cfg.data, split=cfg.eval.split, max_rows=cfg.eval.rows), keep=True)
     check_model(resolve_model(cfg.model), cfg.trust_remote_code)
@@ -237,7 +240,8 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     prompts, _ = as_prompts(prompts, cfg)
     manifest = Manifest(cfg.storage)
     manifest.check(cfg, fingerprint(prompts.column("prompt_id").to_pylist()), force=force)
-    model, previous, results, pool = model_path(None, cfg), None, [], None
+    tracker = Tracker(cfg) if cfg.tracking.backend != "none" else None
+    model, previous, results, pool, ok = model_path(None, cfg), None, [], None, False
     try:
         for t in range(cfg.loop.iterations):
             result, pool = _iteration(resolved.for_iteration(t), prompts, model, previous, pool, manifest)
@@ -245,11 +249,16 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
                 break
             results.append(result)
             previous, model = model, result.model
+            if tracker:
+                tracker.sync()
             if on_iteration:
                 on_iteration(result)
+        ok = True
     finally:
         if pool is not None:
             pool.shutdown()
+        if tracker:
+            tracker.close(ok)
     _select(cfg, manifest, [model_path(None, cfg), *(r.model for r in results)])
     return results
 

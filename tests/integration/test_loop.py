@@ -82,13 +82,22 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["selected"] == {"theta": 2, "model": results[1].model, "rule": "last", "by": None, "value": None}
     # loop.select = best (not part of the config's identity: nothing is redone) keeps the best held-out iterate.
-    again = run(cfg_for(tiny_model, tmp_path, "loop.select=best"))
+    # So is tracking, which mirrors what the stages wrote into a tracker run (here TensorBoard event files).
+    again = run(cfg_for(tiny_model, tmp_path, "loop.select=best", "tracking.backend=tensorboard"))
     assert [r.pairs.skipped for r in again] == [True, True] and [r.model for r in again] == [r.model for r in results]
     best = max(range(3), key=lambda k: (evals[k]["task_score"], -evals[k]["nll_per_token"], -k))
     kept = json.loads((tmp_path / "manifest.json").read_text())["selected"]
     assert (kept["theta"], kept["rule"], kept["by"], kept["value"]) == (best, "best", "task_score",
                                                                         evals[best]["task_score"])
     assert kept["model"] == ([model_path(None, cfg_for(tiny_model, tmp_path))] + [r.model for r in results])[best]
+    from conftest import tensorboard_scalars
+
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    steps = lines(tmp_path, 0) + lines(tmp_path, 1)
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, len(steps) + 1))
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([m["loss"] for m in steps], rel=1e-6)
+    assert [s for s, _ in scalars["eval/task_score"]] == [0, 1, 2]
+    assert [v for _, v in scalars["eval/task_score"]] == pytest.approx([e["task_score"] for e in evals], rel=1e-6)
     assert {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in mtimes} == mtimes
     with pytest.raises(ConfigError, match="another config_hash.*--force"):
         run(cfg_for(tiny_model, tmp_path, "train.beta=2.0"))

@@ -1,0 +1,149 @@
+"""Experiment tracking (`tracking.backend`: mlflow, tensorboard): a run's records mirrored into a tracker.
+
+Like the report, it reads only what the stages wrote (manifest.json, iter_<t>/train_metrics.jsonl, base/eval.json,
+iter_<t>/eval.json), so the tracker shows exactly what is on storage, whichever process trained. `sync` logs what is
+new since the last call: the config as params once, every training step (x = the run's global step), each model's
+held-out evaluation (x = θ index k) and each iteration's seconds per stage (x = t). What was logged and the tracker's
+run id are kept in `<storage>/tracking.json`, so a rerun or a resumed run continues the same tracker run and logs
+nothing twice. One process (the driver) logs: there is one writer per run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from spin_ray import records
+from spin_ray.config import ConfigError, SpinConfig, TrackingConfig
+from spin_ray.evaluate import read_eval
+
+STATE = "tracking.json"
+PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny sqlalchemy alembic"), "tensorboard": ("tensorboardX", "pip install tensorboardX")}
+EVAL_KEYS = ("task_score", "nll_per_token", "reward_accuracy", "reward_margin", "answer_tokens", "truncated_share")
+
+
+def check_backend(tc: TrackingConfig) -> None:
+    """Refuse, before any work starts, a backend whose package is not installed."""
+    if tc.backend == "none":
+        return
+    module, install = PACKAGES[tc.backend]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"tracking.backend = {tc.backend} needs the {module} package, which is not installed here: "
+                          f"{install} (in the environment of the command), or set tracking.backend=none")
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (the same keys as --set)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Tracker:
+    """One tracker run per storage; `sync()` after each stage, `close()` at the end."""
+
+    def __init__(self, cfg: SpinConfig):
+        check_backend(cfg.tracking)
+        self.cfg, self.tc = cfg, cfg.tracking
+        self.root = records.absolute(cfg.storage)
+        self.state_uri = records.join(self.root, STATE)
+        self.state: dict[str, Any] = records.read_json(self.state_uri) if records.exists(self.state_uri) else {}
+        if self.state and self.state.get("backend") != self.tc.backend:
+            raise ConfigError(f"{self.state_uri} tracks this run with tracking.backend = {self.state.get('backend')}; "
+                              f"keep it, or delete {STATE} to start a new tracker run with {self.tc.backend}")
+        self.state.update(backend=self.tc.backend)
+        self.state.setdefault("steps", {})  # iteration -> training steps logged
+        self.state.setdefault("evals", [])  # θ indices whose evaluation was logged
+        self.state.setdefault("seconds", [])  # iterations whose stage timings were logged
+        name = self.tc.run_name or Path(self.root.rstrip("/")).name
+        if self.tc.backend == "mlflow":
+            import mlflow
+
+            self.client = mlflow.MlflowClient(self.tc.uri or f"sqlite:///{Path(self.root, 'mlflow.db')}")
+            if "run_id" not in self.state:
+                experiment = self.client.get_experiment_by_name(self.tc.project)
+                experiment_id = (experiment.experiment_id if experiment
+                                 else self.client.create_experiment(self.tc.project))
+                self.state["run_id"] = self.client.create_run(experiment_id, run_name=name).info.run_id
+            else:
+                self.client.update_run(self.state["run_id"], status="RUNNING")
+        else:
+            from tensorboardX import SummaryWriter
+
+            # A new event file per session (TensorBoard reads them all); its own suffix, or a rerun within the same
+            # second would reuse the name and truncate the earlier file.
+            self.writer = SummaryWriter(self.tc.uri or records.join(self.root, "tensorboard", name),
+                                        filename_suffix=f".{time.time_ns()}")
+        if not self.state.get("params"):
+            self._params(flat(cfg.to_dict()))
+            self.state["params"] = True
+        self._save()
+
+    def sync(self) -> None:
+        """Log what the stages wrote since the last call."""
+        step0 = 0
+        t = 0
+        while records.exists(records.iter_dir(self.root, t)):
+            here = records.iter_dir(self.root, t)
+            lines = records.read_lines(records.join(here, "train_metrics.jsonl"))
+            done = self.state["steps"].get(str(t), 0)
+            for line in lines[done:]:
+                m = json.loads(line)
+                self._metrics({f"train/{k}": v for k, v in m.items() if k not in ("step", "pairs")},
+                              step0 + m["step"])
+            self.state["steps"][str(t)] = max(done, len(lines))
+            step0 += len(lines)
+            t += 1
+        for k in range(t + 1):
+            evaluation = read_eval(self.root, k)
+            if evaluation is not None and k not in self.state["evals"]:
+                self._metrics({f"eval/{key}": evaluation.get(key) for key in EVAL_KEYS}, k)
+                self.state["evals"].append(k)
+        manifest = records.join(self.root, "manifest.json")
+        stages = records.read_json(manifest).get("stages", {}) if records.exists(manifest) else {}
+        for name, stage in stages.items():
+            t = int(name.removeprefix("iter_"))
+            if stage.get("status") == "done" and t not in self.state["seconds"]:
+                self._metrics({f"seconds/{k}": v for k, v in (stage.get("seconds") or {}).items()}, t)
+                self.state["seconds"].append(t)
+        self._save()
+
+    def close(self, ok: bool = True) -> None:
+        if self.tc.backend == "mlflow":
+            self.client.set_terminated(self.state["run_id"], status="FINISHED" if ok else "FAILED")
+        else:
+            self.writer.close()
+
+    def _metrics(self, metrics: dict[str, Any], step: int) -> None:
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self.tc.backend == "mlflow":
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.state["run_id"], metrics=[Metric(k, v, now, step) for k, v in numbers.items()])
+        else:
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def _params(self, params: dict[str, Any]) -> None:
+        if self.tc.backend == "mlflow":
+            from mlflow.entities import Param
+
+            items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.state["run_id"], params=items[i:i + 100])
+        else:
+            self.writer.add_text("config", "\n".join(f"    {k}: {json.dumps(v)}" for k, v in params.items()), 0)
+
+    def _save(self) -> None:
+        records.write_json_atomic(self.state_uri, self.state)

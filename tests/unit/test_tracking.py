@@ -1,0 +1,101 @@
+"""Experiment tracking against the real trackers: a local MLflow file store and TensorBoard event files, read back.
+
+The storage is written by hand in the stages' layout (train_metrics.jsonl, eval.json, manifest.json), one iteration
+first and a second one later, as a resumed run would leave it; the loop's own call of the tracker is covered by
+tests/integration/test_loop.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.tracking import Tracker, check_backend
+
+from conftest import tensorboard_scalars
+
+
+def write_iteration(storage: Path, t: int, steps: int) -> None:
+    here = storage / f"iter_{t}"
+    here.mkdir(parents=True)
+    (here / "train_metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "total_steps": steps, "loss": 0.7 - 0.1 * s - t, "rewards/accuracies": 0.5,
+                    "pairs": [0, 1]}) + "\n" for s in range(1, steps + 1)))
+    (here / "eval.json").write_text(json.dumps({"theta": t + 1, "task_score": 0.3 + t / 10, "nll_per_token": 1.5,
+                                                "reward_accuracy": 0.6, "rows": 8}))
+    manifest = storage / "manifest.json"
+    state = json.loads(manifest.read_text()) if manifest.exists() else {"stages": {}}
+    state["stages"][f"iter_{t}"] = {"status": "done", "seconds": {"pairs": 10.0 + t, "train": 20.0}}
+    manifest.write_text(json.dumps(state))
+
+
+def base_eval(storage: Path) -> None:
+    (storage / "base").mkdir(parents=True)
+    (storage / "base" / "eval.json").write_text(json.dumps({"theta": 0, "task_score": 0.25, "nll_per_token": 1.6,
+                                                            "reward_accuracy": None, "rows": 8}))
+
+
+def cfg(storage: Path, backend: str, *extra: str) -> SpinConfig:
+    return SpinConfig.load(None, [f"storage={storage}", f"tracking.backend={backend}", *extra])
+
+
+def test_mlflow_run_continues_across_reruns_and_logs_nothing_twice(tmp_path):
+    from mlflow import MlflowClient
+
+    storage, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base_eval(storage)
+    write_iteration(storage, 0, steps=3)
+    tracker = Tracker(cfg(storage, "mlflow", f"tracking.uri={uri}", "train.beta=0.3"))
+    tracker.sync()
+    tracker.close()
+    write_iteration(storage, 1, steps=2)  # the rerun resumes: iteration 1 is new
+    again = Tracker(cfg(storage, "mlflow", f"tracking.uri={uri}", "train.beta=0.3"))
+    again.sync()
+    again.sync()
+    again.close()
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("spin_ray").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "run" and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert runs[0].data.params["train.beta"] == "0.3" and runs[0].data.params["tracking.backend"] == "mlflow"
+    loss = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, round(m.value, 6)) for m in loss] == [(1, 0.6), (2, 0.5), (3, 0.4), (4, -0.4), (5, -0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/task_score")] == [
+        (0, 0.25), (1, 0.3), (2, 0.4)]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/reward_accuracy")] == [1, 2]  # θ_0 has none
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "seconds/pairs")] == [(0, 10.0), (1, 11.0)]
+    assert json.loads((storage / "tracking.json").read_text())["run_id"] == run_id
+
+
+def test_tensorboard_events_hold_each_step_once_across_reruns(tmp_path):
+    storage = tmp_path / "run"
+    write_iteration(storage, 0, steps=2)
+    tracker = Tracker(cfg(storage, "tensorboard", "tracking.run_name=first"))
+    tracker.sync()
+    tracker.close()
+    write_iteration(storage, 1, steps=1)
+    again = Tracker(cfg(storage, "tensorboard", "tracking.run_name=first"))
+    again.sync()
+    again.close()
+    scalars = tensorboard_scalars(storage / "tensorboard" / "first")
+
+    def series(tag):
+        return [s for s, _ in scalars[tag]], pytest.approx([v for _, v in scalars[tag]], rel=1e-6)
+
+    assert series("train/loss") == ([1, 2, 3], [0.6, 0.5, -0.4])
+    assert series("train/rewards/accuracies") == ([1, 2, 3], [0.5, 0.5, 0.5])
+    assert series("eval/task_score") == ([1, 2], [0.3, 0.4])
+
+
+def test_a_missing_package_or_a_switched_backend_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"tracking.backend = mlflow needs the mlflow package.*mlflow-skinny"):
+        check_backend(cfg(tmp_path, "mlflow").tracking)
+    monkeypatch.undo()
+    Tracker(cfg(tmp_path / "run", "tensorboard")).close()
+    with pytest.raises(ConfigError, match="tracking.backend = tensorboard; keep it, or delete tracking.json"):
+        Tracker(cfg(tmp_path / "run", "mlflow"))
