@@ -2,7 +2,6 @@
 
 import socket
 import threading
-import time
 
 import pytest
 
@@ -55,9 +54,7 @@ def test_the_watch_reports_a_cluster_that_goes_away_and_not_one_that_stays():
     watch = ClusterWatch(address, lambda a: lost.set(), every_s=0.1, misses=3)
     assert not lost.wait(1.0) and not watch.gone()
     server.close()
-    started = time.time()
     assert lost.wait(10) and watch.gone()
-    assert time.time() - started < 5
 
     # Stopped before the cluster goes: nothing reported (a command ending shuts its own local cluster down).
     server = listening()
