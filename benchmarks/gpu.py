@@ -120,19 +120,17 @@ def run_steps(trainer, pairs, plan, device, layout: str, ref=None) -> dict:
     return out
 
 
-def sdpa_probe(model, pairs: list, idx: list[int], device: torch.device) -> dict:
-    """One packed micro-batch's forward + backward under each SDPA backend (the 4D block mask rules out flash):
-    which one the default picks, by time and peak memory."""
+def sdpa_probe(trainer, pairs: list, idx: list[int], device: torch.device) -> dict:
+    """The trainer's own step (Trainer.train_step) on one micro-batch under each SDPA backend that the varlen layout
+    can use (causal per sequence, no mask): which one the default picks, by time and peak memory."""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from spin_ray.template import pack_pairs, packed_logps
-
-    batch = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], 0).items()}
+    batch = [[{**pairs[i], "ref_logp_real": 0.0, "ref_logp_generated": 0.0} for i in idx]]  # speed: refs moot
     out = {}
-    for name, backend in (("default", None), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("math", SDPBackend.MATH)):
+    for name, backend in (("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
         try:
             times = []
             if device.type == "cuda":
@@ -141,16 +139,14 @@ def sdpa_probe(model, pairs: list, idx: list[int], device: torch.device) -> dict
                 sync(device)
                 t0 = time.perf_counter()
                 with sdpa_kernel([backend]) if backend else nullcontext():
-                    real, gen = packed_logps(model, batch)
-                    (real.sum() + gen.sum()).backward()
+                    trainer.train_step(batch)
                 sync(device)
                 times.append(time.perf_counter() - t0)
-                model.zero_grad(set_to_none=True)
             out[name] = {"seconds": statistics.median(times), "peak_allocated_gb":
                          torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
         except RuntimeError as e:
             out[name] = f"unavailable: {str(e)[:300]}"
-            model.zero_grad(set_to_none=True)
+            trainer.optimizer.zero_grad(set_to_none=True)
     return out
 
 
@@ -276,7 +272,7 @@ def main() -> None:
 
     widest = max((mb for step in grouped for mb in step), key=lambda mb: max(packed_rows[i] for i in mb))
     if args.sdpa_probe:
-        results["sdpa"] = sdpa_probe(trainer.model, pairs, widest, device)
+        results["sdpa"] = sdpa_probe(trainer, pairs, widest, device)
         print("sdpa:", json.dumps(results["sdpa"]), flush=True)
         save()
     run_steps(trainer, pairs, grouped, device, "varlen")  # warm-up: allocator and kernels settle
