@@ -544,7 +544,7 @@ INGRESS_CPUS = 0.1
 
 def replica_resources(cfg: ServeConfig, cluster: dict[str, float]) -> tuple[float, float]:
     """(CPUs, GPUs) per engine replica; ConfigError when the cluster can never fit them (Serve would wait forever)."""
-    engines = cfg.replicas * len(cfg.models)
+    engines = cfg.replicas * len(set(cfg.models.values()))  # names of one folder (`best`) share its engine
     total_cpus, total_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     spare = total_cpus - INGRESS_CPUS * cfg.replicas
     cpus = cfg.num_cpus if cfg.num_cpus is not None else max(0.01, min(1.0, int(spare / engines * 100) / 100))
@@ -552,7 +552,7 @@ def replica_resources(cfg: ServeConfig, cluster: dict[str, float]) -> tuple[floa
     need_cpus, need_gpus = engines * cpus + INGRESS_CPUS * cfg.replicas, engines * gpus
     if need_cpus > total_cpus + 1e-9 or need_gpus > total_gpus + 1e-9:
         raise ConfigError(
-            f"{len(cfg.models)} models x {cfg.replicas} replicas need {need_cpus:g} CPUs and {need_gpus:g} GPUs "
+            f"{len(set(cfg.models.values()))} models x {cfg.replicas} replicas need {need_cpus:g} CPUs and {need_gpus:g} GPUs "
             f"({cpus:g} CPUs and {gpus:g} GPUs per engine, {INGRESS_CPUS:g} CPU per ingress), but the cluster has "
             f"{total_cpus:g} CPUs and {total_gpus:g} GPUs; lower --num-cpus/--num-gpus or --replicas, or serve fewer "
             "models with --iterations")
@@ -573,9 +573,13 @@ def build_app(cfg: ServeConfig) -> "ray.serve.Application":
                                                  "runtime_env": {"env_vars": env}})
     limits = {"api_key": cfg.api_key, "max_body_bytes": cfg.max_body_bytes, "max_prompt_tokens": cfg.max_prompt_tokens,
               "max_tokens": cfg.max_tokens}
-    handles = {name: engine.options(name=f"model-{name}").bind(path, cfg.dtype, cfg.max_model_len,
+    first: dict[str, str] = {}  # one engine per model folder, named after its first served name
+    for name, path in cfg.models.items():
+        first.setdefault(path, name)
+    engines = {path: engine.options(name=f"model-{name}").bind(path, cfg.dtype, cfg.max_model_len,
                                                               cfg.trust_remote_code)
-               for name, path in cfg.models.items()}
+               for path, name in first.items()}
+    handles = {name: engines[path] for name, path in cfg.models.items()}
     ingress = serve.deployment(Ingress, num_replicas=cfg.replicas, max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": INGRESS_CPUS})
     return ingress.bind(handles, dict(cfg.models), limits, cfg.trust_remote_code)

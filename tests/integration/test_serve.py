@@ -288,6 +288,9 @@ def test_replica_resources_share_the_cluster_or_refuse():
     # 2 CPUs − 0.1 for the ingress, shared by 2 engines: 0.95 each (rounded down to 0.01); GPUs: 1 each if any.
     assert replica_resources(cfg, {"CPU": 2.0}) == (0.95, 0)
     assert replica_resources(cfg, {"CPU": 8.0, "GPU": 2.0}) == (1.0, 1)
+    # `best` names a folder already served: it shares that engine, so the share is the same.
+    assert replica_resources(ServeConfig("run", models={"base": "a", "iter_0": "b", "best": "b"}), {"CPU": 2.0}) == \
+        (0.95, 0)
     cfg.num_cpus, cfg.replicas = 1.0, 2  # 2 models x 2 replicas x 1 CPU + 2 x 0.1 = 4.2 > 4
     with pytest.raises(ConfigError, match="need 4.2 CPUs"):
         replica_resources(cfg, {"CPU": 4.0})
