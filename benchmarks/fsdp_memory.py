@@ -3,7 +3,8 @@
 Each run starts `--workers` processes (torch.multiprocessing, gloo), builds the model the way spin_ray's Train workers
 do (`strategy=fsdp`: spin_ray.trainer.build_sharded, meta-device init, fully_shard per decoder layer, rank-0 broadcast;
 `strategy=ddp`: the whole fp32 model in every worker, wrapped in DistributedDataParallel as ray.train.torch's
-prepare_model does), takes one optimizer step on random tokens, and then counts, per rank, the bytes of the tensors it
+prepare_model does; both through spin_ray.trainer.Trainer, the workers' own setup), takes one Trainer.train_step on
+random token pairs, and then counts, per rank, the bytes of the tensors it
 holds: parameters (an FSDP2 parameter's local shard), gradients, optimizer state (the local shards of AdamW's or
 RMSprop's buffers). Peak RSS (getrusage) and RSS growth from just before the model is built are reported beside them;
 they include the activations, DDP's gradient buckets and the allocator's slack, so they are looser than the tensor
@@ -50,28 +51,27 @@ def worker(rank: int, world: int, port: int, strategy: str, model_path: str, opt
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from spin_ray.config import TrainConfig
-    from spin_ray.models import load_model
-    from spin_ray.trainer import build_sharded
+    from spin_ray.trainer import Trainer
 
     before = psutil.Process().memory_info().rss
-    device = torch.device("cpu")
-    if strategy == "fsdp":
-        model = build_sharded(model_path, TrainConfig(strategy="fsdp", num_workers=world), "float32", rank, world,
-                              device, load_weights=True)
-    else:
-        model = torch.nn.parallel.DistributedDataParallel(load_model(model_path, dtype=torch.float32))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=1e-4) if optimizer_name == "adamw"
-                 else torch.optim.RMSprop(params, lr=1e-4))
-    vocab = (model.module if hasattr(model, "module") else model).config.vocab_size
-    tokens = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(rank))
+    # The Train workers' own setup and step: DDP (the whole fp32 model per worker) or FSDP2 (trainer.build_sharded).
+    trainer = Trainer(model_path, TrainConfig(strategy=strategy, num_workers=world, optimizer=optimizer_name, lr=1e-4),
+                      total_steps=1, rank=rank, world=world)
+    trainer.setup()
+    params = trainer.params
+    vocab = (trainer.model.module if hasattr(trainer.model, "module") else trainer.model).config.vocab_size
+    ids = torch.randint(3, vocab, (256,), generator=torch.Generator().manual_seed(rank)).tolist()
+    pairs = [{"prompt_ids": ids[k:k + 32], "real_ids": ids[k + 32:k + 64], "generated_ids": ids[k + 64:k + 96],
+              "ref_logp_real": 0.0, "ref_logp_generated": 0.0} for k in (0, 128)]
     t0 = time.perf_counter()
-    model(input_ids=tokens, labels=tokens).loss.backward()
-    optimizer.step()
+    trainer.train_step([pairs])
     step_s = time.perf_counter() - t0
+    optimizer = trainer.optimizer
     held = {
         "params": sum(local_bytes(p) for p in params),
-        "grads": sum(local_bytes(p.grad) for p in params),
+        # train_step frees the gradients after the optimizer step; between backward and that step each parameter
+        # (shard) holds one of its own size and dtype.
+        "grads": sum(local_bytes(p) for p in params),
         "optimizer": sum(local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
     }
     held["total"] = sum(held.values())
