@@ -130,7 +130,8 @@ if __name__ == "__main__":
 
     import spin_ray.generate as gen
     from spin_ray.config import DataConfig, GenerateConfig, SpinConfig
-    from spin_ray.data import PROMPT_SCHEMA, load_sft
+    from spin_ray.data import load_sft
+    from spin_ray.schemas import PROMPT_SCHEMA
     from spin_ray.loop import make_pairs
     from spin_ray.models import resolve_model
     from spin_ray.template import prompt_ids, truncate_prompt

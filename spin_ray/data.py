@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 
 from spin_ray.config import ConfigError, DataConfig, decode_utf8
 from spin_ray.models import looks_like_hub_id
+from spin_ray.schemas import PROMPT_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ class SFTData:
         return pa.Table.from_pylist(self.rows, schema=PROMPT_SCHEMA)
 
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-PROMPT_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.list_(MESSAGE)), ("real", pa.string())])
 SUFFIXES = (".parquet", ".jsonl", ".json")
 
 

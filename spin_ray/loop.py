@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.data import PROMPT_SCHEMA, load_sft, normalize
+from spin_ray.data import load_sft, normalize
+from spin_ray.schemas import PROMPT_SCHEMA
 from spin_ray.generate import EnginePool, generate
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight

@@ -19,10 +19,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from spin_ray.config import ConfigError
+from spin_ray.schemas import PAIRS_COLUMNS
 
 MARKER = "_SUCCESS.json"
-PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids",
-                 "ref_logp_real", "ref_logp_generated", "iteration", "finish_reason", "generated_tokens")
 
 
 def absolute(storage: str) -> str:

@@ -15,13 +15,12 @@ import torch
 from spin_ray import records
 from spin_ray.config import ConfigError, ScoreConfig, SpinConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
+from spin_ray.schemas import IDS, LOGPS
 from spin_ray.template import encode_pair, pack_varlen, varlen_logps
 
 log = logging.getLogger(__name__)
 
 NEEDS = ("prompt_id", "prompt", "real", "generated")
-IDS = ("prompt_ids", "real_ids", "generated_ids")
-LOGPS = ("ref_logp_real", "ref_logp_generated")
 ADDS = (*IDS, *LOGPS)
 
 

@@ -24,7 +24,8 @@ from spin_ray import records
 from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.plan import preflight
-from spin_ray.score import IDS, LOGPS, rescore_window
+from spin_ray.schemas import IDS, LOGPS
+from spin_ray.score import rescore_window
 from spin_ray.trainer import Trainer
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray import records
+from spin_ray import records, schemas
 from spin_ray.config import ConfigError, SpinConfig
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def in_thread(fn, *args):
 
 def row_hashes(folder) -> dict[str, str]:
     """prompt_id -> content hash of the whole pairs row (every column, in a fixed order)."""
-    table = pq.read_table(folder, columns=list(records.PAIRS_COLUMNS))
+    table = pq.read_table(folder, columns=list(schemas.PAIRS_COLUMNS))
     return {r["prompt_id"]: hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest()
             for r in table.to_pylist()}
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray import records
+from spin_ray import records, schemas
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.data import MESSAGE
+from spin_ray.schemas import MESSAGE
 from spin_ray.loop import make_pairs
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def test_every_prompt_once_with_the_schema(pairs):
     expected = {r["prompt_id"] for r in load_sft(cfg.data).rows}
     ids = table.column("prompt_id").to_pylist()
     assert result.rows == table.num_rows == len(expected) == 24 and set(ids) == expected and len(set(ids)) == 24
-    assert set(records.PAIRS_COLUMNS) <= set(table.column_names)
+    assert set(schemas.PAIRS_COLUMNS) <= set(table.column_names)
     assert table.schema.field("prompt").type.value_type == MESSAGE
     assert table.schema.field("ref_logp_real").type == "double"
     assert set(table.column("iteration").to_pylist()) == {0}

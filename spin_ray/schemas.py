@@ -1,0 +1,18 @@
+"""The records' shapes, in one place: every stage that reads or writes prompts, pairs or reference log-probs imports
+them from here."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+PROMPT_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.list_(MESSAGE)), ("real", pa.string())])
+"""A normalised SFT row: its content hash, the prompt's messages and the human answer."""
+
+IDS = ("prompt_ids", "real_ids", "generated_ids")
+"""Token ids of a pair after the one truncation rule (template.encode_pair), as trained on."""
+LOGPS = ("ref_logp_real", "ref_logp_generated")
+"""θ_t's summed log-probs of the real and the generated answer: the reference of iteration t."""
+PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids",
+                 "ref_logp_real", "ref_logp_generated", "iteration", "finish_reason", "generated_tokens")
+"""One SPIN pair per prompt, as `iter_<t>/pairs/` holds it."""
