@@ -32,7 +32,7 @@ engines once (timed), `reload` swaps weights in (timed), then two generations ru
 PooledGenerator stages; steady as above, and a whole materialize() (Ray Data included, no engine start) against the
 direct engine's generate call.
 
-For context, the full `spin_ray.loop.make_pairs` (generate + score + parquet write) on the same prompts is timed too.
+For context, the full `spin_ray.loop.make_pairs` (generate + tokenise + parquet write) on the same prompts is timed too.
 
     python benchmarks/generate.py                      # SmolLM2-135M, 256 prompts x 48 tokens, 4 batches
     python benchmarks/generate.py --model tiny --prompts 64 --max-tokens 16
@@ -329,7 +329,7 @@ if __name__ == "__main__":
                                          f"generate.max_tokens={args.max_tokens}",
                                          f"generate.batch_size={args.batch_size}", "generate.num_actors=1",
                                          "generate.num_cpus_per_actor=1"])
-            with RssSampler(cmdline_containing("MapBatches(Generator)", "MapBatches(Scorer)")) as rss:
+            with RssSampler(cmdline_containing("MapBatches(Generator)")) as rss:
                 t0 = time.perf_counter()
                 res = make_pairs(cfg, table)
                 wall = time.perf_counter() - t0
@@ -376,7 +376,7 @@ if __name__ == "__main__":
                 [[r["name"], r["until_first_batch_s"], r["steady_s"], r["after_last_batch_s"],
                   f"{r['same_answer_as_direct']:.0%}"] for r in pipeline])
     if pairs:
-        print(f"\nmake_pairs (generate + score + parquet write; 1 generation + 1 scoring actor): "
+        print(f"\nmake_pairs (generate + tokenise + parquet write; 1 generation actor): "
               f"{pairs['wall_s']:.1f} s "
               f"for {pairs['rows']} rows = {pairs['tok_s']:.1f} generated tok/s end to end (others' CPU "
               f"{pairs['others_cpu_share']:.0%})")

@@ -1,4 +1,4 @@
-"""The GPU path on one GPU: the trainer's FSDP2 bf16 step, the scorer, padding before/after, against `spin-ray plan`.
+"""The GPU path on one GPU: the trainer's FSDP2 bf16 step, its reference pass, padding before/after, against `spin-ray plan`.
 
 Run where a GPU is lent (benchmarks/README: the device tool); nothing here needs Ray or vLLM, so it runs on a bare
 CUDA machine with torch + transformers. On CPU it runs as a smoke test of itself (gloo, the tiny architecture).
@@ -7,8 +7,9 @@ Model: a standard architecture with random weights (only speed and memory are me
 shipped config (the gpu_mid preset's model), saved as safetensors and loaded through spin_ray.models like any θ_t.
 Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts and answers, data.max_length's rule).
 
-1. scorer   spin_ray.score.cast_parameters + score_encoded (θ_t in bf16, as score.dtype=bfloat16): tokens/s
-2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the scorer and trainer compute alike)
+1. reference  Trainer.logps over every pair before the first step (spin_ray.train's reference pass: the policy is
+            θ_t), length-grouped micro-batches of micro_batch_size pairs: tokens/s and MFU (one forward's FLOPs)
+2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the same forward, so 0 up to rounding)
 3. train    spin_ray.trainer.Trainer (FSDP2 meta init, MixedPrecisionPolicy bf16/fp32, weights broadcast from
             rank 0) and its train_step, with the trainer's micro-batching; variants of how a step's pairs are cut
             into forwards:
@@ -89,8 +90,8 @@ def trace(what: str) -> None:
 
 def run_steps(trainer, pairs, plan, device, layout: str, ref=None) -> dict:
     """`plan`'s steps through the trainer's own Trainer.train_step (`varlen`) or a padded layout (padding.padded_step);
-    step 1 is warm-up, 2..N are timed. Reference log-probs: the scorer's (`ref`), else 0 (speed does not depend on
-    them)."""
+    step 1 is warm-up, 2..N are timed. Reference log-probs: the reference pass's (`ref`), else 0 (speed does not
+    depend on them)."""
     from padding import padded_step
 
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
@@ -150,25 +151,28 @@ def sdpa_probe(trainer, pairs: list, idx: list[int], device: torch.device) -> di
     return out
 
 
-def score(source: str, pairs: list, dtype: str, device: torch.device, results: dict) -> tuple[list, list]:
-    """θ_t's parameters cast to the trainer's compute dtype (score.dtype), micro-batched by length: tokens/s."""
-    from spin_ray.models import load_model
-    from spin_ray.score import cast_parameters, score_encoded
-
-    ref_model = cast_parameters(load_model(source, dtype=torch.float32), dtype).to(device).eval()
-    score_encoded(ref_model, pairs[:32], micro_batch_size=16, device=device.type)  # warm-up
+def reference(trainer, pairs: list, plan: list[list[int]], arch, peak, device: torch.device,
+              results: dict) -> tuple[list, list]:
+    """spin_ray.train's reference pass on one worker: Trainer.logps over `plan`'s micro-batches (every pair once),
+    before any step, so the policy is θ_t: tokens/s and MFU."""
+    trainer.logps([[pairs[i] for i in plan[0]]])  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    ref = score_encoded(ref_model, pairs, micro_batch_size=16, device=device.type)
+    out = trainer.logps([[pairs[i] for i in idx] for idx in plan])
     sync(device)
     seconds = time.perf_counter() - t0
-    scored = sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs)
-    results["scorer"] = {"pairs": len(pairs), "tokens": scored, "seconds": seconds, "tok_s": scored / seconds}
-    print(f"scorer: {scored / seconds:.0f} tok/s over {len(pairs)} pairs", flush=True)
-    del ref_model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return ref
+    real, generated = [0.0] * len(pairs), [0.0] * len(pairs)
+    for idx, (r, g) in zip(plan, out):
+        for i, a, b in zip(idx, r.tolist(), g.tolist()):
+            real[i], generated[i] = a, b
+    seqs = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("real_ids", "generated_ids")]
+    tokens = sum(seqs)
+    flops = arch.forward_flops_per_token(statistics.mean(seqs)) * tokens
+    results["reference"] = {"pairs": len(pairs), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+                            "mfu": flops / seconds / (peak.peak_tflops * 1e12) if peak else None}
+    print(f"reference pass: {tokens / seconds:.0f} tok/s over {len(pairs)} pairs, MFU "
+          f"{results['reference']['mfu'] or 0:.1%}", flush=True)
+    return real, generated
 
 
 def main() -> None:
@@ -183,7 +187,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--max-prompt-length", type=int, default=512)
     ap.add_argument("--variants", nargs="+", default=["before", "packed", "varlen", "budget"])
-    ap.add_argument("--no-scorer", action="store_true", help="skip 1-2 (a large model loads faster without them)")
+    ap.add_argument("--no-reference", action="store_true", help="skip 1-2")
     ap.add_argument("--sdpa-probe", action=argparse.BooleanOptionalAction, default=True,
                     help="time each SDPA backend on the widest micro-batch (the math one needs ~2x the memory)")
     ap.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
@@ -227,13 +231,7 @@ def main() -> None:
     n = args.steps * args.pairs_per_step
     pairs = long_tailed_pairs(n, arch.vocab, args.max_length, args.max_prompt_length, seed=0)
 
-    # 1. The scorer: θ_t's parameters cast to bf16 (score.dtype = the trainer's), micro-batched by length.
-    dtype = "bfloat16"
-    if not args.no_scorer:
-        ref = score(source, pairs, dtype, device, results)
-        save()
-
-    # 2-3. The trainer's FSDP2 bf16 model, built as train_loop_per_worker builds it.
+    # The trainer's FSDP2 bf16 model, built as train_loop_per_worker builds it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     from spin_ray.train import even_micro_batches, worker_shares
@@ -263,9 +261,14 @@ def main() -> None:
               "budget": variants["varlen"]}
 
     chosen = {v: chosen[v] for v in args.variants}
-    if not args.no_scorer:
-        # Step 0 of the trainer on the scorer's log-probs: the same computation, so the loss is ln 2.
-        first = run_steps(trainer, pairs, chosen["varlen"][0][:1], device, "varlen", ref=ref)
+    peak = planner.DEVICES.get(next((k for k in ("H200", "H100", "A100") if k in name), ""), None)
+    if not args.no_reference:
+        # 1. The reference pass, then 2. step 0 on its log-probs: the same forward, so the loss is ln 2.
+        every = even_micro_batches(worker_shares(range(len(pairs)), packed_rows, 1), packed_rows,
+                                   max_pairs=args.micro_batch, max_tokens=None)[0]
+        ref = reference(trainer, pairs, every, arch, peak, device, results)
+        save()
+        first = run_steps(trainer, pairs, grouped[:1], device, "varlen", ref=ref)
         results["ln2_check"] = {"first_loss": first["first_loss"], "minus_ln2": first["first_loss"] - math.log(2)}
         print(f"step-0 loss − ln 2 = {first['first_loss'] - math.log(2):+.2e}", flush=True)
         save()
@@ -278,7 +281,6 @@ def main() -> None:
     run_steps(trainer, pairs, grouped, device, "varlen")  # warm-up: allocator and kernels settle
 
     runs: dict[str, list[dict]] = {v: [] for v in chosen}
-    peak = planner.DEVICES.get(next((k for k in ("H200", "H100", "A100") if k in name), ""), None)
     for r in range(args.repeats):
         for variant, (plan, layout) in chosen.items():
             out = run_steps(trainer, pairs, plan, device, layout)
@@ -307,7 +309,7 @@ def main() -> None:
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
         "train_seconds_for_timed_tokens": planner.train_seconds(
             arch, b["timed_tokens"], int(b["mean_seq_len"]), 1, peak,
-            args.activation_checkpointing == "full") if peak else None,
+            4 if args.activation_checkpointing == "full" else 3) if peak else None,
         "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu_train"]}
     save()
     print(json.dumps({"summary": summary, "plan": results["plan"]}, indent=1), flush=True)

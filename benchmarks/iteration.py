@@ -2,12 +2,12 @@
 
 `spin_ray.loop.run` with spin_ray/assets/cpu_default.yaml (model tasks-sft, warm engines, 2-CPU Train worker) and
 loop.iterations=2, loop.window=2, so that iteration 1 has every stage: handoff (θ_1 reloaded into the warm engines),
-evaluation of θ_1 and θ_2, generate + score + write of its pairs, rescoring iteration 0's pairs under θ_1, training.
-Iteration 0's handoff is the engines' start instead of a reload, and it has no rescoring. Per stage, from
-IterationResult.seconds: `handoff`, `eval` (before + after), `pairs` (generate and score stream together: their wall
-is split by the busy seconds Ray Data reports per stage), `rescore` (`window`), `train`.
+evaluation of θ_1 and θ_2, generation + write of its pairs, training, whose first pass is θ_1's reference log-probs
+of both iterations' pairs. Iteration 0's handoff is the engines' start instead of a reload, and its reference pass
+covers its own pairs only. Per stage, from IterationResult.seconds: `handoff`, `eval` (before + after), `generate`
+(the pairs stage's wall), `reference` (the reference pass, as the workers timed it), `train` (the rest of the fit).
 
-Growth: data.max_rows = N, 2N, 4N prompts (--prompts N); seconds per prompt for pairs, rescore and train at each size,
+Growth: data.max_rows = N, 2N, 4N prompts (--prompts N); seconds per prompt for generate, reference and train at each size,
 and the ratio of 4N's to N's (flat = 1.0; a fixed start-up cost makes it fall below 1). Evaluation uses a fixed
 --eval-rows and is left out of the growth ratio. Peak RSS per actor and Train worker (psutil, every 0.25 s) and
 others' CPU for each run. One Ray cluster of our own for every run (its own temp dir); a fresh storage per run.
@@ -21,18 +21,15 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"
                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                   RAY_worker_niceness="0")
 
-STAGES = ("handoff", "eval", "generate", "score", "rescore", "train")
+STAGES = ("handoff", "eval", "generate", "reference", "train")
 
 
 def split(seconds: dict) -> dict:
-    """IterationResult.seconds as the stages of one iteration; generate/score share the pairs wall by busy time."""
-    pairs = seconds["pairs"]
-    busy_g, busy_s = seconds.get("generate", 0.0), seconds.get("score", 0.0)
-    share_g = busy_g / (busy_g + busy_s) if busy_g + busy_s else 0.5
-    out = {"handoff": seconds.get("handoff", 0.0), "eval": seconds["eval"], "generate": pairs * share_g,
-           "score": pairs * (1 - share_g), "rescore": seconds["window"], "train": seconds["train"]}
+    """IterationResult.seconds as the stages of one iteration; the fit's wall is the reference pass + the rest."""
+    out = {"handoff": seconds.get("handoff", 0.0), "eval": seconds["eval"], "generate": seconds["pairs"],
+           "reference": seconds["reference"], "train": seconds["train"] - seconds["reference"]}
     out["total"] = sum(out.values())
-    out["busy_generate"], out["busy_score"] = busy_g, busy_s
+    out["busy_generate"] = seconds.get("generate", 0.0)
     return out
 
 
@@ -74,7 +71,7 @@ if __name__ == "__main__":
             storage = tempfile.mkdtemp(prefix="spin-bench-iter-")
             cfg = SpinConfig.load(default, [f"storage={storage}", f"data.max_rows={n}", "loop.iterations=2",
                                             "loop.window=2", f"eval.rows={args.eval_rows}"])
-            labels = cmdline_containing("Generator", "Scorer", "RayTrainWorker", "MapWorker", "Evaluat")
+            labels = cmdline_containing("Generator", "RayTrainWorker", "MapWorker", "_score_rows")
             with RssSampler(labels) as rss:
                 t0 = time.perf_counter()
                 results = run(cfg)

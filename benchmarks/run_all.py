@@ -8,8 +8,8 @@ its min-max spread. Ratios are formed inside each repeat (pipeline / its own bas
     python benchmarks/run_all.py            # the full run (~40 min on 2 shared cores)
     python benchmarks/run_all.py --quick    # a smoke run of every stage (a few minutes), repeats 1, tiny sizes
 
-Stages: generate (generate.py: pipeline vs direct vLLM, warm EnginePool), score (score.py: Scorer actors vs a direct
-transformers forward), train (train.py: Ray Train vs a plain torch loop, precomputed vs in-memory reference), padding
+Stages: generate (generate.py: pipeline vs direct vLLM, warm EnginePool), reference (reference.py: the trainer's
+reference pass vs a direct transformers forward, and vs training), train (train.py: Ray Train vs a plain torch loop, precomputed vs in-memory reference), padding
 (padding.py: padded vs padding-free micro-batches), iteration (iteration.py: the embedded default split by stage,
 prompts x1, x2, x4). No GPU section: it needs a lent GPU (issue 9 §2), and it says so in the results.
 """
@@ -34,8 +34,7 @@ from _common import loadavg, machine  # noqa: E402
 STAGES: dict[str, tuple[str, list[str], list[str]]] = {
     "iteration": ("iteration.py", ["--prompts", "32", "--repeats", "1", "--eval-rows", "32"],
                   ["--prompts", "16", "--scales", "1,4", "--repeats", "1", "--eval-rows", "16"]),
-    "score": ("score.py", ["--pairs", "256", "--batch-size", "64", "--actors", "1,2,1x2"],
-              ["--pairs", "64", "--batch-size", "16", "--actors", "1,2"]),
+    "reference": ("reference.py", ["--pairs", "256", "--repeats", "1"], ["--pairs", "64", "--repeats", "1"]),
     "generate": ("generate.py",
                  ["--model", "tasks-sft", "--prompts", "256", "--max-tokens", "16", "--batch-size", "64",
                   "--max-length", "96", "--max-prompt-length", "64", "--actors", "1,2", "--pool", "1",
@@ -110,28 +109,14 @@ def generate_figures(j: dict) -> dict[str, float]:
     return f
 
 
-def score_figures(j: dict) -> dict[str, float]:
-    d1, dd = j["direct"]["1"], j["direct"]["default"]
-    f = {"direct omp=1 pairs/s": d1["pairs_s"], "direct default pairs/s": dd["pairs_s"],
-         "direct tokenize share (omp=1)": d1["tokenize_share"],
-         "direct peak RSS MiB": max(d1["peak_rss_mib"], dd["peak_rss_mib"])}
-    by = {}
-    for p in j["pipeline"]:
-        key = f"{p['actors']}x{p['cpus_per_actor']}"
-        by[key] = p
-        f[f"scorer {key} pairs/s"] = p["pairs_s"]
-        f[f"scorer {key} / direct omp=1 (steady)"] = p["ratios"]["direct_omp_1"]["steady"]
-        f[f"scorer {key} / direct default (steady)"] = p["ratios"]["direct_omp_default"]["steady"]
-        f[f"scorer {key} / direct default (e2e)"] = p["ratios"]["direct_omp_default"]["e2e"]
-        f[f"scorer {key} threads/actor"] = p["torch_threads"]
-        f[f"scorer {key} actors used"] = p["actors_used"]
-        f[f"scorer {key} peak RSS/actor MiB"] = p["peak_rss_mib"] or 0
-        if "logp_check" in j:  # earlier score.py compared mismatched sequences
-            f[f"scorer {key} max |logp - direct|"] = p["max_abs_logp_diff_vs_direct"]
-    if "1x1" in by and "2x1" in by:
-        f["scaling: 2 actors / (2 x 1 actor), steady"] = by["2x1"]["pairs_s"] / (2 * by["1x1"]["pairs_s"])
-    f["others' CPU (max over rows)"] = max([d1["others_cpu_share"], dd["others_cpu_share"],
-                                            *(p["others_cpu_share"] for p in j["pipeline"])])
+def reference_figures(j: dict) -> dict[str, float]:
+    f = {}
+    for threads, r in j["runs"].items():
+        f[f"reference pass tok/s (threads={threads})"] = r["reference_tok_s"]
+        f[f"direct forward tok/s (threads={threads})"] = r["direct_tok_s"]
+        f[f"reference / direct speed (threads={threads})"] = r["reference_over_direct_speed"]
+        f[f"reference / training seconds, same pairs (threads={threads})"] = r["reference_over_train_seconds"]
+        f["max |logp - direct|"] = r["max_abs_logp_diff"]
     return f
 
 
@@ -204,7 +189,7 @@ def iteration_figures(j: dict) -> dict[str, float]:
         return sum(it[p] for it in runs[n]["iterations"] for p in parts)
 
     sizes = sorted(runs)
-    for part in ("generate", "score", "rescore", "train", "generate+score+rescore+train"):
+    for part in ("generate", "reference", "train", "generate+reference+train"):
         parts = tuple(part.split("+"))
         for n in sizes:
             f[f"growth {part}: s/prompt at x{n // smallest}"] = seconds(n, parts) / n
@@ -218,7 +203,7 @@ def iteration_figures(j: dict) -> dict[str, float]:
 
 
 def process_kind(label: str) -> str:
-    """`ray::MapWorker(MapBatches(Scorer)).__call__` -> `Scorer (Ray Data stage)`, `ray::Generator.reload` ->
+    """`ray::MapWorker(MapBatches(Generator)).__call__` -> `Generator (Ray Data stage)`, `ray::Generator.reload` ->
     `Generator (actor)`: one row per kind of process whatever it was doing when sampled."""
     name = label.split()[0].removeprefix("ray::")
     if name.startswith("MapWorker(MapBatches("):
@@ -226,7 +211,7 @@ def process_kind(label: str) -> str:
     return name.split(".")[0] + " (actor)"
 
 
-FIGURES = {"generate": generate_figures, "score": score_figures, "train": train_figures,
+FIGURES = {"generate": generate_figures, "reference": reference_figures, "train": train_figures,
            "padding": padding_figures, "padding-plan": padding_figures, "iteration": iteration_figures}
 
 
@@ -266,8 +251,7 @@ def table(summary: dict[str, dict], keys: list[str] | None = None) -> list[str]:
 KEY_FIGURES = [
     ("generate", lambda k: k.startswith("pipeline 1x1 /") or k.startswith("scaling")
      or (k.startswith("warm pool") and ("/" in k or "reload" in k))),
-    ("score", lambda k: (k.startswith("scorer 1x1 /") and "e2e" not in k) or k.startswith("scaling")
-     or k.startswith("scorer 1x2 / direct default (steady)") or k.startswith("direct tokenize")),
+    ("reference", lambda k: "/" in k),
     ("train", lambda k: k.startswith("Ray Train 1x1 /") or k.startswith("scaling") or k.startswith("in-memory")),
     ("padding", lambda k: k.startswith("long-tailed") and ("share" in k or "/" in k)),
     ("padding-plan", lambda k: "=8192" in k),
@@ -360,10 +344,11 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
                      "default): engines started once, `reload` between iterations, batches forwarded by "
                      "PooledGenerator; its *materialize / direct generate call* compares a whole warm generation "
                      "(Ray Data included, no engine start) with the direct engine's generate call alone."),
-        "score": ("Scoring: spin_ray's Scorer actors vs a direct transformers forward",
-                  "benchmarks/score.py: tasks-sft, the same pairs, micro-batch and dtype on both sides; direct = "
-                  "tokenise + plain forward/log_softmax/gather in one process; scorer steady = pairs / (first batch "
-                  "start → last batch end) inside the actors."),
+        "reference": ("Reference log-probs: the trainer's reference pass vs a direct transformers forward",
+                      "benchmarks/reference.py: tasks-sft, synthesized pairs, the same micro-batch size and threads "
+                      "on both sides, one process; reference = Trainer.logps on flattened micro-batches (what every "
+                      "Train worker runs before its first step); direct = padded forwards with full-vocabulary "
+                      "log_softmax; training = train_step over the same pairs."),
         "train": ("Training: Ray Train vs a plain torch loop; precomputed vs in-memory reference",
                   "benchmarks/train.py: tasks-sft, synthesized pairs; tok/s of steps 2..N on both sides."),
         "padding": ("Padding-free batches",
@@ -379,9 +364,9 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
                          "max_length, the smallest allowed 2 x max_length, and 4x the default)."),
         "iteration": ("One iteration of the embedded default, by stage; growth with prompts",
                       "benchmarks/iteration.py: `spin_ray.loop.run` with cpu_default.yaml, loop.iterations=2, "
-                      "loop.window=2 (so iteration 1 rescores iteration 0's pairs), data.max_rows = N, 2N, 4N. "
-                      "Shares are of the iteration's wall time; generate and score stream together, so their wall "
-                      "is split by the busy seconds Ray Data reports. Growth = seconds per prompt (both "
+                      "loop.window=2 (so iteration 1's reference pass covers iteration 0's pairs too), "
+                      "data.max_rows = N, 2N, 4N. Shares are of the iteration's wall time; train is the fit's wall "
+                      "less its reference pass. Growth = seconds per prompt (both "
                       "iterations) at 4N over at N: flat is 1.0, below 1 means fixed start-up costs amortise."),
     }
     key_rows = []
@@ -405,7 +390,7 @@ def gpu_section() -> list[str]:
     import glob
 
     lines = ["## GPU", "", "`benchmarks/gpu.py` on a lent GPU (it needs no Ray or vLLM; run separately): the "
-             "trainer's FSDP2 bf16 step and the scorer, next to `spin-ray plan`. Details: `results/gpu/README.md`. "
+             "trainer's FSDP2 bf16 step and its reference pass, next to `spin-ray plan`. Details: `results/gpu/README.md`. "
              "Published anchors: FSDP 7B about 55% MFU (PyTorch's FSDP blog, KempnerForge); vLLM 5–12k output "
              "tok/s for 8B on one H100 (vLLM not measured on a GPU here).", ""]
     runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(HERE, "results", "gpu", "*.json")))]

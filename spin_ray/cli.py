@@ -324,7 +324,7 @@ def iteration_row(r: "IterationResult") -> str:
     return (f"{r.iteration:>4} {r.pairs.rows:>6} {m.get('beta', float('nan')):>5.2g} {m.get('loss', float('nan')):>7.4f} "
             f"{m.get('rewards/accuracies', 0):>6.3f} {_num(ev.get('task_score')):>6} {_num(ev.get('nll_per_token')):>6} "
             f"{_num(ev.get('reward_accuracy')):>6} {sec.get('handoff', 0):>7.1f} {sec.get('pairs', 0):>7.1f} "
-            f"{sec.get('window', 0):>6.1f} {sec.get('train', 0):>7.1f} {sec.get('eval', 0):>6.1f}  {r.model}")
+            f"{sec.get('reference', 0):>6.1f} {sec.get('train', 0):>7.1f} {sec.get('eval', 0):>6.1f}  {r.model}")
 
 
 def _num(x: float | None) -> str:
@@ -333,10 +333,10 @@ def _num(x: float | None) -> str:
 
 # Per iteration t: loss and acc of the last training step (training pairs); task, nll and h-acc of θ_{t+1} on the
 # held-out prompts (h-acc: its reward accuracy against θ_t's answers, 0.5 at the fixed point). Seconds: handoff =
-# engine start or in-place reload; pairs = generate + score wall; window = rescoring earlier pairs under θ_t;
-# train = fit wall; eval = held-out evaluation of θ_t (if not stored yet) and θ_{t+1}.
+# engine start or in-place reload; pairs = generation wall; train = fit wall, of which ref s = θ_t's reference
+# log-probs of the window's pairs; eval = held-out evaluation of θ_t (if not stored yet) and θ_{t+1}.
 TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'beta':>5} {'loss':>7} {'acc':>6} {'task':>6} {'nll':>6} {'h-acc':>6} "
-                f"{'handoff':>7} {'pairs s':>7} {'window':>6} {'train s':>7} {'eval s':>6}  model")
+                f"{'handoff':>7} {'pairs s':>7} {'ref s':>6} {'train s':>7} {'eval s':>6}  model")
 
 
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -401,9 +401,9 @@ def _serve(args: argparse.Namespace, ray_cluster: CommandCluster) -> dict[str, A
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spin-ray", description="SPIN self-play fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in [("generate", "θ_t answers every prompt and scores both answers: iter_<t>/pairs parquet"),
-                       ("train", "train θ_{t+1} from θ_t on iter_<t>'s pairs window: iter_<t>/model"),
-                       ("run", "the self-play loop: loop.iterations x (generate, score, train); resumes finished work")]:
+    for name, text in [("generate", "θ_t answers every prompt: iter_<t>/pairs parquet"),
+                       ("train", "θ_t's reference log-probs, then train θ_{t+1} on iter_<t>'s pairs window: iter_<t>/model"),
+                       ("run", "the self-play loop: loop.iterations x (generate, train); resumes finished work")]:
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("--config", help="YAML config; see jobs/configs/")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

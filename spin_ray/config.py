@@ -63,27 +63,13 @@ class GenerateConfig:
     """1.0 samples y' from θ_t, as the paper's vLLM path; small-scale runs found greedy (0) unstable."""
     top_p: float = 1.0
     dtype: str = "auto"
-    """Engine dtype: auto = bfloat16 on GPU, float32 on CPU (so the scorer and trainer see the same weights)."""
+    """Engine dtype: auto = bfloat16 on GPU, float32 on CPU."""
     max_model_len: int | None = None
     """vLLM context length; None = data.max_length."""
     gpu_memory_utilization: float = 0.85
     keep_warm: bool = False
     """Keep the engines between iterations and load θ_{t+1} into them, instead of starting new ones. Only where they
     do not share devices with training (they hold their GPUs/CPUs while it runs)."""
-
-
-@dataclass
-class ScoreConfig:
-    num_actors: int = 1
-    num_gpus_per_actor: float | None = None
-    """GPUs per scoring actor; None means 1 on a GPU cluster, 0 on CPU."""
-    num_cpus_per_actor: float = 1.0
-    batch_size: int = 64
-    """Pairs per map_batches call; sorted by length inside it, then scored micro_batch_size at a time."""
-    micro_batch_size: int = 8
-    dtype: str = "auto"
-    """auto = bfloat16 on GPU, float32 on CPU; parameters are cast to it (buffers stay fp32), as the trainer's
-    FSDP2 mixed precision computes: use train.dtype's value so that log π_t matches at step 0."""
 
 
 @dataclass
@@ -124,7 +110,8 @@ class TrainConfig:
     dtype: str = "auto"
     """Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Below float32, parameters stay fp32 and are computed in
     this dtype with fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; ddp then runs as replicate-only FSDP2).
-    Set score.dtype to the same value so that step 0's loss is ln 2."""
+    The reference log-probs come from the same forward (train.py's reference pass), so step 0's loss is ln 2 in any
+    dtype."""
     checkpoint_every: int | None = 100
     """Optimizer steps between resumable checkpoints; None = no step cadence. A checkpoint is the model and optimizer
     state as torch.distributed.checkpoint shards written by every worker (a 7B AdamW state is ~84 GB: no one rank
@@ -216,7 +203,6 @@ class SpinConfig:
     is `gpu` when train.use_gpu is set or the cluster has GPUs (or reports GPU node types it can add), else `cpu`."""
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -289,13 +275,8 @@ class SpinConfig:
              or self.generate.max_model_len >= self.data.max_length,
              f"must be null or >= data.max_length ({self.data.max_length}), which every pair may reach"),
             ("generate.dtype", self.generate.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
-            ("score.num_cpus_per_actor", self.score.num_cpus_per_actor > 0, "must be > 0"),
-            ("score.num_gpus_per_actor", (self.score.num_gpus_per_actor or 0) >= 0, "must be >= 0 or null"),
             ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1 or null"),
             ("train.weight_decay", self.train.weight_decay >= 0, "must be >= 0"),
-            ("score.num_actors", self.score.num_actors >= 1, "must be >= 1"),
-            ("score.batch_size", self.score.batch_size >= 1, "must be >= 1"),
-            ("score.micro_batch_size", self.score.micro_batch_size >= 1, "must be >= 1"),
             ("train.num_workers", self.train.num_workers >= 1, "must be >= 1"),
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.num_cpus_per_worker", self.train.num_cpus_per_worker > 0, "must be > 0"),
@@ -308,7 +289,6 @@ class SpinConfig:
                 and self.train.num_workers % self.train.hsdp_shard_size == 0),
              f"must be null, or with train.strategy = fsdp a divisor of train.num_workers ({self.train.num_workers})"),
             ("train.dtype", self.train.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
-            ("score.dtype", self.score.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("train.global_batch_size",
              self.train.global_batch_size >= 1 and self.train.global_batch_size % self.train.num_workers == 0,
              f"({self.train.global_batch_size}) must be a positive multiple of train.num_workers "
@@ -423,6 +403,10 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
                               f"read it as {type(key).__name__}. Keys are names such as {prefix}{sorted(names)[0]}; "
                               "fix the key, or quote it")
     unknown = sorted(set(tree) - names)
+    if not prefix and "score" in unknown:
+        raise ConfigError("config key 'score' (the scoring actors) is gone: θ_t's reference log-probs now come from "
+                          "the trainer's own forward at the start of training, sized by train.micro_batch_size or "
+                          "train.micro_batch_tokens; delete the score section (or the --set score.* options)")
     if unknown:
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f"did you mean {prefix + close[0]}? " if close else ""

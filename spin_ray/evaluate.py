@@ -106,21 +106,38 @@ def _answers(engines: list, table: pa.Table, gen_cfg: Any) -> pa.Table:
                                      for e, i in zip(engines, range(0, table.num_rows, size))]))
 
 
+def _score_rows(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
+    """Adds θ's summed log-probs `logp_real`, `logp_generated` and the pairs' `real_ids` to the rows: the trainer's
+    forward in train.dtype (trainer.pair_logps) on one device, in micro-batches of train.micro_batch_size pairs."""
+    import torch
+
+    from spin_ray.models import load_tokenizer, local_model
+    from spin_ray.template import encode_pair
+    from spin_ray.trainer import frozen_model, pair_logps
+
+    source = local_model(model)
+    trust = dict(trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(source, **trust)
+    encoded = [encode_pair(tokenizer, p, r, g, max_length=cfg.data.max_length,
+                           max_prompt_length=cfg.data.max_prompt_length)
+               for p, r, g in zip(*(table.column(c).to_pylist() for c in ("prompt", "real", "generated")))]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    weights = frozen_model(source, cfg.train, device, **trust)
+    size = cfg.train.micro_batch_size
+    out = pair_logps(weights, [encoded[i:i + size] for i in range(0, len(encoded), size)], device)
+    real = [v for r, _ in out for v in r.tolist()]
+    generated = [v for _, g in out for v in g.tolist()]
+    return (table.append_column("logp_real", pa.array(real, pa.float64()))
+            .append_column("logp_generated", pa.array(generated, pa.float64()))
+            .append_column("real_ids", pa.array([e["real_ids"] for e in encoded], pa.list_(pa.int32()))))
+
+
 def _logps(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
-    """θ's summed log-probs of `real` and `generated` per row, on one scoring actor."""
+    """`_score_rows` as one Ray task with a training worker's resources."""
     import ray
 
-    from spin_ray.plan import actor_gpus
-    from spin_ray.score import Scorer
-
-    actor = ray.remote(num_cpus=cfg.score.num_cpus_per_actor,
-                       num_gpus=actor_gpus(cfg.score.num_gpus_per_actor, 1))(Scorer)
-    scorer = actor.remote(model, cfg.score, max_length=cfg.data.max_length,
-                          max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code)
-    try:
-        return ray.get(scorer.__call__.remote(table))
-    finally:
-        ray.kill(scorer)
+    task = ray.remote(num_cpus=cfg.train.num_cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_score_rows)
+    return ray.get(task.remote(cfg, model, table))
 
 
 def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[str, Any]:
@@ -162,16 +179,16 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[s
         [base, previous.select(["prompt_id", "prompt", "real", "generated"])])
     scored = _logps(cfg, model, to_score)
     own_rows = scored.slice(0, base.num_rows)
-    t_score = time.perf_counter() - start - t_generate
+    t_logps = time.perf_counter() - start - t_generate
 
     result = _metrics(cfg, model, k, prompts, greedy, own_rows, None if previous is None
                       else (previous, scored.slice(base.num_rows)))
-    result["seconds"] = {"generate": t_generate, "score": t_score}
+    result["seconds"] = {"generate": t_generate, "logps": t_logps}
     samples = pa.table({
         "prompt_id": prompts.column("prompt_id"), "prompt": prompts.column("prompt"), "real": prompts.column("real"),
         "greedy": greedy.column("generated"), "greedy_finish_reason": greedy.column("finish_reason"),
         "generated": sampled.column("generated"),
-        "logp_real": own_rows.column("ref_logp_real"), "logp_generated": own_rows.column("ref_logp_generated"),
+        "logp_real": own_rows.column("logp_real"), "logp_generated": own_rows.column("logp_generated"),
     })
     _write_parquet(records.join(here, SAMPLES), samples)
     records.write_json_atomic(records.join(here, RESULT), result)
@@ -215,8 +232,8 @@ def _metrics(cfg: SpinConfig, model: str, k: int, prompts: pa.Table, greedy: pa.
                 by_kind[kind].append(s)
         result["task_score_by_kind"] = {kind: sum(v) / len(v) for kind, v in sorted(by_kind.items())} or None
 
-    logp_real = own.column("ref_logp_real").to_pylist()
-    # Per token of the human answers as scored: template, EOS and truncation included (the scorer's token ids).
+    logp_real = own.column("logp_real").to_pylist()
+    # Per token of the human answers as scored: template, EOS and truncation included (the trainer's token ids).
     tokens = sum(len(ids) for ids in own.column("real_ids").to_pylist())
     result["nll_per_token"] = -sum(logp_real) / tokens
     result["answer_tokens"] = sum(greedy.column("generated_tokens").to_pylist()) / greedy.num_rows
@@ -229,8 +246,8 @@ def _metrics(cfg: SpinConfig, model: str, k: int, prompts: pa.Table, greedy: pa.
                                                         previous.column("logp_real").to_pylist(),
                                                         previous.column("logp_generated").to_pylist())}
         margins = [(lr - before[pid][0]) - (lg - before[pid][1]) for pid, lr, lg in zip(
-            now.column("prompt_id").to_pylist(), now.column("ref_logp_real").to_pylist(),
-            now.column("ref_logp_generated").to_pylist())]
+            now.column("prompt_id").to_pylist(), now.column("logp_real").to_pylist(),
+            now.column("logp_generated").to_pylist())]
         beta = cfg.for_iteration(k - 1).train.beta
         # A tie (θ_k = θ_{k−1} on that pair) is a coin flip: it counts half, so an unchanged model scores 0.5.
         result["reward_accuracy"] = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)

@@ -17,11 +17,12 @@ import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
-from spin_ray.template import prompt_ids, truncate_prompt
+from spin_ray.schemas import IDS
+from spin_ray.template import answer_ids, prompt_ids, truncate_prompt
 
 log = logging.getLogger(__name__)
 
-ADDS = ("generated", "finish_reason", "generated_tokens", "iteration")
+ADDS = ("generated", "finish_reason", "generated_tokens", "iteration", *IDS)
 
 
 def sample_seed(seed: int, prompt_id: str, iteration: int) -> int:
@@ -57,7 +58,7 @@ class Answer:
 
 
 class VllmEngine:
-    """vLLM's offline `LLM`, fed token ids so it sees exactly the prompt the scorer and trainer see."""
+    """vLLM's offline `LLM`, fed token ids so it sees exactly the prompt the trainer sees."""
 
     def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, max_model_len: int,
                  trust_remote_code: bool = False):
@@ -152,7 +153,8 @@ class Generator:
         on_gpu = torch.cuda.is_available()
         model = local_model(model)
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.iteration, self.seed, self.max_prompt_length = iteration, seed, max_prompt_length
+        self.iteration, self.seed = iteration, seed
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.max_model_len = cfg.max_model_len or max_length
         if resolve_backend(cfg.backend) == "vllm":
             self.engine = VllmEngine(model, cfg, on_gpu=on_gpu, max_model_len=self.max_model_len,
@@ -184,15 +186,21 @@ class Generator:
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts, seeds = [], []
         for pid, messages in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
-            # The scorer's and trainer's prompt (template.py's one rule); an answer running past max_model_len is
-            # capped by the engine and cut to max_length − len(prompt) by the scorer, still a prefix of a sample.
+            # The trainer's prompt (template.py's one rule); an answer running past max_model_len is capped by the
+            # engine and cut to max_length − len(prompt) below, still a prefix of a sample.
             prompts.append(truncate_prompt(prompt_ids(self.tokenizer, messages), self.max_prompt_length))
             seeds.append(sample_seed(self.seed, pid, self.iteration))
         answers = self.engine.generate(prompts, seeds)
-        return (batch.append_column("generated", pa.array([a.text for a in answers], pa.string()))
-                .append_column("finish_reason", pa.array([a.finish_reason for a in answers], pa.string()))
-                .append_column("generated_tokens", pa.array([a.num_tokens for a in answers], pa.int32()))
-                .append_column("iteration", pa.array([self.iteration] * len(answers), pa.int32())))
+        # Tokenised once, here: the trainer reads these ids and never tokenises.
+        encoded = [answer_ids(self.tokenizer, p, real, a.text, max_length=self.max_length)
+                   for p, real, a in zip(prompts, batch.column("real").to_pylist(), answers)]
+        batch = (batch.append_column("generated", pa.array([a.text for a in answers], pa.string()))
+                 .append_column("finish_reason", pa.array([a.finish_reason for a in answers], pa.string()))
+                 .append_column("generated_tokens", pa.array([a.num_tokens for a in answers], pa.int32()))
+                 .append_column("iteration", pa.array([self.iteration] * len(answers), pa.int32())))
+        for key in IDS:
+            batch = batch.append_column(key, pa.array([e[key] for e in encoded], pa.list_(pa.int32())))
+        return batch
 
 
 class EnginePool:

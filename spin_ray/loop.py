@@ -1,4 +1,5 @@
-"""The SPIN recipe as a table of contents: prompts → generate (θ_t) → score (θ_t) → write pairs → train θ_{t+1}."""
+"""The SPIN recipe as a table of contents: prompts → generate (θ_t) → write pairs → train θ_{t+1} (its first pass: θ_t's
+reference log-probs) → evaluate."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from spin_ray.schemas import PROMPT_SCHEMA
 from spin_ray.generate import EnginePool, generate
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
-from spin_ray.score import rescore_window, score
 from spin_ray.tracking import Tracker, check_backend
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ class PairsResult:
         return ray.data.read_parquet(self.path, file_extensions=["parquet"])
 
 
-STAGES = {"Generator": "generate", "PooledGenerator": "generate", "Scorer": "score"}
+STAGES = {"Generator": "generate", "PooledGenerator": "generate"}
 
 
 def _busy_seconds(stats: str) -> dict[str, float]:
-    """Summed actor time per stage from Ray Data's stats text: generate and score stream together, so their wall
-    times overlap; this is what each one cost."""
+    """Summed actor time per stage from Ray Data's stats text: the engines' busy time, beside the stage's wall time
+    (which also counts start-up and the write)."""
     out = {}
     for name, value, unit in re.findall(r"Operator \d+ [^\n]*?MapBatches\((\w+)\)[^\n]*\n\* Remote wall time:"
                                         r"[^\n]*?([\d.]+)(ms|s|us) total", stats):
@@ -93,7 +93,7 @@ def as_prompts(prompts: Prompts, cfg: SpinConfig) -> tuple[pa.Table, dict[str, i
 
 def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
                pool: EnginePool | None = None) -> PairsResult:
-    """One iteration's pairs under `<storage>/iter_<t>/pairs`: θ_t answers every prompt, then scores both answers.
+    """One iteration's pairs under `<storage>/iter_<t>/pairs`: θ_t answers every prompt (with the pair's token ids).
 
     `prompts` default to `cfg.data` (see `as_prompts`); `model` (θ_t) defaults to `cfg.model`; a warm engine `pool`
     must already hold θ_t. A finished pairs folder is kept as it is.
@@ -102,27 +102,25 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
     if records.is_complete(dest):
         rows = records.read_json(records.join(dest, records.MARKER))["rows"]
-        log.info("iteration %d: pairs already at %s (%d rows); skipping generate and score", cfg.iteration, dest, rows)
+        log.info("iteration %d: pairs already at %s (%d rows); skipping generation", cfg.iteration, dest, rows)
         return PairsResult(dest, rows, skipped=True)
 
     model = model_path(model, cfg)
     prompts, bad = as_prompts(prompts, cfg)
-    g, s = cfg.generate, cfg.score
+    g = cfg.generate
 
     import ray.data
 
-    log.info("iteration %d: generating and scoring %d prompts with %s", cfg.iteration, prompts.num_rows, model)
+    log.info("iteration %d: generating answers to %d prompts with %s", cfg.iteration, prompts.num_rows, model)
     start = time.perf_counter()
     # One block per generation batch, so every actor in the pool has work queued.
     ds = ray.data.from_arrow([prompts.slice(i, g.batch_size) for i in range(0, prompts.num_rows, g.batch_size)])
     lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     trust = dict(trust_remote_code=cfg.trust_remote_code)
     ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths, **trust)
-    ds = score(ds, model, s, **lengths, **trust)
     stats = records.write_pairs(ds, dest, expected_ids=set(prompts.column("prompt_id").to_pylist()))
-    seconds = {"generate+score": time.perf_counter() - start, **_busy_seconds(ds.stats())}
-    log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest,
-             seconds["generate+score"])
+    seconds = {"pairs": time.perf_counter() - start, **_busy_seconds(ds.stats())}
+    log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest, seconds["pairs"])
     return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=bad)
 
 
@@ -164,8 +162,6 @@ def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = No
     before = evaluate(cfg, model, t, pool=pool) if cfg.eval.enabled else None
     t1 = time.perf_counter()
     pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
-    t2 = time.perf_counter()
-    rescore_window(cfg, model)
     t3 = time.perf_counter()
     trained = train(cfg, model=model)
     t4 = time.perf_counter()
@@ -174,8 +170,8 @@ def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = No
         if pool is not None:
             pool.reload(trained.model, t + 1)
         after = evaluate(cfg, trained.model, t + 1, pool=pool)
-    seconds = {"pairs": t2 - t1, "window": t3 - t2, "train": t4 - t3, "eval": time.perf_counter() - t4 + t1 - t0,
-               **pairs.seconds}
+    seconds = {**pairs.seconds, "pairs": t3 - t1, "train": t4 - t3, "reference": trained.reference_seconds,
+               "eval": time.perf_counter() - t4 + t1 - t0}
     return IterationResult(t, trained.model, pairs, trained.metrics, seconds, after, before)
 
 
@@ -192,8 +188,8 @@ def check_storage(cfg: SpinConfig) -> None:
 
 
 def check_storage_writable(storage: str) -> None:
-    """A local `storage` must be a folder this process can write: its first write comes after generation and
-    scoring, too late to find out. Creates the folder if missing and writes and removes one probe file in it;
+    """A local `storage` must be a folder this process can write: its first write comes after generation, too late
+    to find out. Creates the folder if missing and writes and removes one probe file in it;
     nothing already there is touched."""
     if "://" in storage:
         return

@@ -2,9 +2,9 @@
 starts, and sizes a run without loading weights (`spin-ray plan`).
 
 Stages and what runs at the same time (loop.py):
-  pairs   generation actors (or the warm EnginePool) and scoring actors stream together (Ray Data)
-  window  scoring actors rescore the window's earlier pairs under θ_t
-  train   Ray Train workers; warm engines (generate.keep_warm) keep their devices meanwhile
+  pairs   generation actors (or the warm EnginePool), fed by Ray Data
+  train   Ray Train workers: θ_t's reference log-probs of the window's pairs, then training; warm engines
+          (generate.keep_warm) keep their devices meanwhile
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from spin_ray.config import ConfigError, SpinConfig, resolve_dtype
 from spin_ray.template import CHUNK_TOKENS
 
 Resources = Mapping[str, float]
-PHASES = ("pairs", "window", "train")
+PHASES = ("pairs", "train")
 ASSETS = Path(__file__).parent / "assets" / "arch"
 
 
@@ -96,28 +96,24 @@ def actor_gpus(requested: float | None, on_gpu: float) -> float:
 
 
 def resolve(cfg: SpinConfig, cluster: Resources | None = None) -> SpinConfig:
-    """`cfg` with every GPU request made explicit from `resources`: generate/score num_gpus_per_actor and
+    """`cfg` with every GPU request made explicit from `resources`: generate.num_gpus_per_actor and
     train.use_gpu. The stages read these fields only, so what they ask for is decided here."""
     gpu = uses_gpu(cfg, cluster)
-    g, s = cfg.generate, cfg.score
+    g = cfg.generate
     return dataclasses.replace(
         cfg,
         generate=dataclasses.replace(g, num_gpus_per_actor=g.num_gpus_per_actor if g.num_gpus_per_actor is not None
                                      else float(g.tensor_parallel_size) if gpu else 0.0),
-        score=dataclasses.replace(s, num_gpus_per_actor=s.num_gpus_per_actor if s.num_gpus_per_actor is not None
-                                  else 1.0 if gpu else 0.0),
         train=dataclasses.replace(cfg.train, use_gpu=gpu))
 
 
 def requests(cfg: SpinConfig) -> dict[str, Request]:
     """What each stage asks for; `cfg` must be resolved (see `resolve`)."""
-    g, s, t = cfg.generate, cfg.score, cfg.train
+    g, t = cfg.generate, cfg.train
     return {
         "generate": Request("generation actors", "generate.num_actors", g.num_actors, g.num_cpus_per_actor,
                             g.num_gpus_per_actor or 0.0, "generate.num_cpus_per_actor",
                             "generate.num_gpus_per_actor (default: generate.tensor_parallel_size)"),
-        "score": Request("scoring actors", "score.num_actors", s.num_actors, s.num_cpus_per_actor,
-                         s.num_gpus_per_actor or 0.0, "score.num_cpus_per_actor", "score.num_gpus_per_actor"),
         "train": Request("Train workers", "train.num_workers", t.num_workers, t.num_cpus_per_worker,
                          1.0 if t.use_gpu else 0.0, "train.num_cpus_per_worker", "train.use_gpu (1 GPU per worker)"),
     }
@@ -127,7 +123,7 @@ def phases(cfg: SpinConfig, warm_engines: bool = True) -> dict[str, list[str]]:
     """The stages holding resources at the same time, per phase of an iteration; `warm_engines`: whether warm
     generation engines (generate.keep_warm) can be up meanwhile (not for a stage command that starts none)."""
     warm = ["generate"] if cfg.generate.keep_warm and warm_engines else []
-    return {"pairs": ["generate", "score"], "window": ["score", *warm], "train": ["train", *warm]}
+    return {"pairs": ["generate"], "train": ["train", *warm]}
 
 
 def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tuple[str, ...] = PHASES,
@@ -163,9 +159,7 @@ def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tupl
     return cfg
 
 
-TOGETHER = {"pairs": "generation and scoring stream at the same time",
-            "window": "warm engines (generate.keep_warm = true) keep their resources while the window is rescored",
-            "train": "warm engines (generate.keep_warm = true) keep their resources while training runs"}
+TOGETHER = {"train": "warm engines (generate.keep_warm = true) keep their resources while training runs"}
 
 
 def fixed_nodes() -> list[dict[str, float]] | None:
@@ -240,11 +234,12 @@ DEVICES = {
 }
 CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
 CPU_BANDWIDTH_TBS = 0.02
-# Efficiencies (share of peak reached). GPU training and scoring: measured on one H200 (benchmarks/gpu.py,
-# SmolLM2-1.7B architecture, bf16, long-tailed chat lengths: the FSDP2 trainer 14.5%, the scorer 7.6%; results in
-# benchmarks/results/gpu). GPU prefill in vLLM: stated, not measured here. CPU: calibrated on this machine's
-# SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see the README's plan section.
-MFU = {"gpu_train": 0.15, "gpu_score": 0.08, "gpu_prefill": 0.40, "cpu": 0.60}
+# Efficiencies (share of peak reached). GPU training: measured on one H200 (benchmarks/gpu.py, SmolLM2-1.7B
+# architecture, bf16, long-tailed chat lengths: the FSDP2 trainer 14.5%; results in benchmarks/results/gpu), also
+# used for the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
+# CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
+# see the README's plan section.
+MFU = {"gpu_train": 0.15, "gpu_prefill": 0.40, "cpu": 0.60}
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
@@ -429,19 +424,10 @@ def kv_bytes_per_token(arch: Arch) -> int:
     return 2 * arch.layers * arch.kv_dim * 2  # K and V, bf16
 
 
-def score_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per scoring actor: fp32 weights (the trainer's parameters), no gradients, one layer's activations and
-    the logits of at most CHUNK_TOKENS positions of a micro-batch of 2·score.micro_batch_size sequences."""
-    tokens = 2 * cfg.score.micro_batch_size * cfg.data.max_length
-    return {"weights (fp32)": 4 * arch.params,
-            "activations": tokens * (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate),
-            "logits": 10 * min(tokens, CHUNK_TOKENS) * arch.vocab, "runtime overhead": OVERHEAD_GB * GB}
-
-
-def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, checkpointing: bool) -> float:
-    """Forward + backward (2x forward) + the recompute forward under full activation checkpointing, at the stated
-    MFU (selective recomputes only element-wise ops: not counted)."""
-    passes = 4 if checkpointing else 3
+def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int) -> float:
+    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward), plus
+    the recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not
+    counted); the reference pass is one forward."""
     flops = passes * arch.forward_flops_per_token(context) * tokens
     return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
 
@@ -492,7 +478,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
                           "data.max_rows or pass --prompts N")
     p_tok = prompt_tokens or cfg.data.max_prompt_length // 2
-    g, s, t = cfg.generate, cfg.score, cfg.train
+    g, t = cfg.generate, cfg.train
     reqs = requests(cfg)
     out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
            f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
@@ -541,15 +527,6 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                             "generate.tensor_parallel_size or generate.gpu_memory_utilization")
     else:
         seqs = g.batch_size
-    if reqs["score"].gpus:
-        sm = score_memory(arch, cfg)
-        out += ["", f"memory per scoring actor (micro-batch {s.micro_batch_size} pairs):"]
-        out += [f"  {k:<26} {gb(val):>10}" for k, val in sm.items()]
-        out.append(f"  {'total':<26} {gb(sum(sm.values())):>10} of {gb(dev.memory_gb * GB * reqs['score'].gpus)}")
-        if sum(sm.values()) > dev.memory_gb * GB * reqs["score"].gpus:
-            problems.append(f"a scoring actor needs {gb(sum(sm.values()))} but has "
-                            f"{gb(dev.memory_gb * GB * reqs['score'].gpus)}: lower score.micro_batch_size or use "
-                            "larger devices")
 
     def unit_tflops(r: Request) -> float:
         return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
@@ -564,29 +541,25 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
     gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
     gen_s = max(gen_compute, gen_memory)
-    score_mfu = MFU["gpu_score"] if reqs["score"].gpus else cpu_mfu
-    score_s = (arch.forward_flops_per_token(context) * 2 * context * prompts
-               / (s.num_actors * unit_tflops(reqs["score"]) * score_mfu))
     window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
     train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
                                                        name="CPU")
-    train_s = train_seconds(arch, window_pairs * 2 * cfg.data.max_length * t.epochs, cfg.data.max_length,
-                            t.num_workers, train_dev, t.activation_checkpointing == "full")
-    rescore_s = score_s * (min(cfg.loop.window, cfg.loop.iterations) - 1)
-    iteration_s = max(gen_s, score_s) + rescore_s + train_s
+    window_tokens = window_pairs * 2 * cfg.data.max_length
+    train_s = train_seconds(arch, window_tokens * t.epochs, cfg.data.max_length, t.num_workers, train_dev,
+                            4 if t.activation_checkpointing == "full" else 3)
+    reference_s = train_seconds(arch, window_tokens, cfg.data.max_length, t.num_workers, train_dev, 1)
+    iteration_s = gen_s + reference_s + train_s
     out += ["", "time per iteration (at the full window):",
             f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
             f"max(compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} sequences/step)",
-            f"  score     {_dur(score_s):>9}  2 x {prompts} sequences of {context} tokens on {s.num_actors} actor(s) "
-            "(streams with generate)",
-            f"  window    {_dur(rescore_s):>9}  rescoring {window_pairs - prompts} earlier pairs",
+            f"  reference {_dur(reference_s):>9}  θ_t's log-probs of {window_pairs} pairs: one forward on the "
+            f"training workers",
             f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {t.epochs} epochs, 2 x {cfg.data.max_length} "
             f"tokens per pair, {t.num_workers} worker(s)",
             f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations {_dur(iteration_s * cfg.loop.iterations)}",
             "", "assumptions: " + "; ".join([
-                f"MFU on GPU {MFU['gpu_train']:.0%} training and {MFU['gpu_score']:.0%} scoring (measured, one H200, "
-                f"1.7B model), {MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on "
-                "CPU",
+                f"MFU on GPU {MFU['gpu_train']:.0%} training and its reference pass (measured, one H200, 1.7B model), "
+                f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
                 "decode reads all weights and half the KV per step (bandwidth-bound)",
                 "every answer runs to generate.max_tokens and every training sequence is padded to data.max_length "
                 "(upper bounds)", f"prompts of {p_tok} tokens (--prompt-tokens)",

@@ -2,7 +2,7 @@
 
 Layout under `storage` (a local path or an s3:// / gs:// URI):
     iter_<t>/pairs/*.parquet + _SUCCESS.json      one iteration's SPIN pairs, with their token ids
-    iter_<t>/window/iter_<s>/                     iteration s's pairs rescored under θ_t (score.rescore_window)
+    iter_<t>/reference/*.parquet + _SUCCESS.json  θ_t's log-probs of the window's pairs (train.py's reference pass)
     iter_<t>/model/                               θ_{t+1} in HF format
     iter_<t>/train_metrics.jsonl                  one line per optimizer step
 """
@@ -83,34 +83,58 @@ def write_json_atomic(uri: str, obj: Any) -> None:
     write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_ids: set[str]) -> dict[str, Any]:
-    """Run the pipeline into `dest` and check that every expected prompt is there exactly once.
-
-    Locally the files go to a temp folder that is renamed into place; on object stores `dest` is cleared first.
-    Either way the marker, holding the row count, is written last.
-    """
+def _begin(dest: str) -> tuple[pafs.FileSystem, str, str]:
+    """Where a records folder is written before it is complete: locally a temp folder beside `dest` (leftovers of an
+    interrupted write removed), renamed into place by `_finish`; on object stores `dest` itself, cleared first."""
     fs, path = filesystem(dest)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    work = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
-    if local:  # leftovers of an interrupted write
-        for stale in fs.get_file_info(pafs.FileSelector(os.path.dirname(path), allow_not_found=True)):
-            if stale.base_name.startswith(os.path.basename(path) + ".tmp-"):
-                fs.delete_dir(stale.path)
-    if not local and fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-    ds.write_parquet(work if local else dest)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+        return fs, path, path
+    for stale in fs.get_file_info(pafs.FileSelector(os.path.dirname(path), allow_not_found=True)):
+        if stale.base_name.startswith(os.path.basename(path) + ".tmp-"):
+            fs.delete_dir(stale.path)
+    return fs, path, f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _finish(fs: pafs.FileSystem, path: str, work: str, stats: dict[str, Any]) -> None:
+    """The marker, last, then (locally) the rename that makes the folder complete in one step."""
+    with fs.open_output_stream(join(work, MARKER)) as f:
+        f.write(json.dumps(stats).encode())
+    if work != path:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+        fs.move(work, path)
+
+
+def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_ids: set[str]) -> dict[str, Any]:
+    """Run the pipeline into `dest` and check that every expected prompt is there exactly once; the marker, holding
+    the row count, is written last (`_begin`, `_finish`)."""
+    fs, path, work = _begin(dest)
+    ds.write_parquet(work if "://" not in dest else dest)
     ids = pads.dataset(work, filesystem=fs, format="parquet").to_table(columns=["prompt_id"]).column(0).to_pylist()
     if len(ids) != len(set(ids)) or set(ids) != expected_ids:
         missing, extra = len(expected_ids - set(ids)), len(ids) - len(set(ids))
         raise RuntimeError(f"pairs written to {dest} do not match the prompts: {missing} missing, {extra} duplicated")
     stats = {"rows": len(ids)}
-    with fs.open_output_stream(join(work, MARKER)) as f:
-        f.write(json.dumps(stats).encode())
-    if local:
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-        fs.move(work, path)
+    _finish(fs, path, work, stats)
     return stats
+
+
+def write_table(dest: str, table: pa.Table, stats: dict[str, Any]) -> None:
+    """`table` as one parquet file in the records folder `dest`, complete once its marker (`stats`) is written."""
+    import pyarrow.parquet as pq
+
+    fs, path, work = _begin(dest)
+    fs.create_dir(work, recursive=True)
+    pq.write_table(table, join(work, "part-0.parquet"), filesystem=fs)
+    _finish(fs, path, work, stats)
+
+
+def read_table(uri: str) -> pa.Table:
+    """A complete records folder's parquet files as one table."""
+    fs, path = filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
 
 
 def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -121,8 +145,7 @@ def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Ta
         if not is_complete(uri):
             raise ConfigError(f"no finished pairs at {uri}: `spin-ray generate --set iteration=<t>` writes "
                               "iter_<t>/pairs; run it for that iteration, with the same storage, first")
-        fs, path = filesystem(uri)
-        table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
+        table = read_table(uri)
         missing = [c for c in (columns or PAIRS_COLUMNS) if c not in table.column_names]
         if missing:
             raise ConfigError(f"pairs at {uri} lack column(s) {missing}; regenerate them with `spin-ray generate`")

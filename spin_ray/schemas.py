@@ -11,8 +11,11 @@ PROMPT_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.list_(MESSA
 
 IDS = ("prompt_ids", "real_ids", "generated_ids")
 """Token ids of a pair after the one truncation rule (template.encode_pair), as trained on."""
+PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids", "iteration",
+                 "finish_reason", "generated_tokens")
+"""One SPIN pair per prompt, as `iter_<t>/pairs/` holds it."""
 LOGPS = ("ref_logp_real", "ref_logp_generated")
 """θ_t's summed log-probs of the real and the generated answer: the reference of iteration t."""
-PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids",
-                 "ref_logp_real", "ref_logp_generated", "iteration", "finish_reason", "generated_tokens")
-"""One SPIN pair per prompt, as `iter_<t>/pairs/` holds it."""
+REFERENCE_COLUMNS = ("iteration", "prompt_id", *LOGPS)
+"""`iter_<t>/reference/`: θ_t's log-probs of each pair of iteration t's window (the pair's own iteration and prompt),
+in the order the trainer reads the window (train.py)."""

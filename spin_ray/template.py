@@ -1,7 +1,7 @@
 """The one rendering, tokenisation and truncation of a SPIN pair, shared by generation, scoring and training.
 
 uclaml/SPIN sampled y' under an Alpaca prompt and scored it under the Zephyr chat template (uclaml/SPIN#9, #33); here
-the generator is fed exactly the prompt token ids that the scorer and trainer put in front of the response.
+the generator is fed exactly the prompt token ids that the trainer puts in front of the response.
 
 Also the batch layouts of those ids and their log-probs: `pack_varlen` + `varlen_attention` (the scorer's and the
 trainer's: whole sequences flattened, no padding), `collate` and `pack_pairs` (padded layouts, kept as exact
@@ -40,7 +40,7 @@ def truncate_prompt(ids: list[int], max_prompt_length: int) -> list[int]:
     """The prompt part of the one truncation rule: keep the last max_prompt_length tokens (the question is at the end).
 
     It depends on the prompt alone, so the generator applies it before any answer exists and samples y' on exactly
-    the context that the scorer and trainer put in front of it (uclaml/SPIN cut the prompt only when the pair was
+    the context that the trainer puts in front of it (uclaml/SPIN cut the prompt only when the pair was
     too long, which the generator cannot know).
     """
     return ids[-max_prompt_length:] if len(ids) > max_prompt_length else ids
@@ -49,13 +49,19 @@ def truncate_prompt(ids: list[int], max_prompt_length: int) -> list[int]:
 def encode_pair(tokenizer: Any, prompt: list[dict[str, str]], real: str, generated: str, *, max_length: int,
                 max_prompt_length: int) -> dict[str, list[int]]:
     """Tokenise one pair under the one truncation rule: the prompt keeps its last max_prompt_length tokens
-    (`truncate_prompt`), then each response is cut to max_length − len(prompt) tokens.
+    (`truncate_prompt`), then each response is cut to max_length − len(prompt) tokens (`answer_ids`).
 
-    The scorer applies it once and stores the ids with the pairs; the trainer reads them, never re-tokenises.
+    Generation applies it once and stores the ids with the pairs; the trainer reads them, never re-tokenises.
     """
-    p = truncate_prompt(prompt_ids(tokenizer, prompt), max_prompt_length)
-    room = max_length - len(p)
-    return {"prompt_ids": p, "real_ids": response_ids(tokenizer, real)[:room],
+    return answer_ids(tokenizer, truncate_prompt(prompt_ids(tokenizer, prompt), max_prompt_length), real, generated,
+                      max_length=max_length)
+
+
+def answer_ids(tokenizer: Any, prompt: list[int], real: str, generated: str, *,
+               max_length: int) -> dict[str, list[int]]:
+    """A pair's ids from its already truncated prompt ids: each response cut to max_length − len(prompt) tokens."""
+    room = max_length - len(prompt)
+    return {"prompt_ids": prompt, "real_ids": response_ids(tokenizer, real)[:room],
             "generated_ids": response_ids(tokenizer, generated)[:room]}
 
 

@@ -1,10 +1,13 @@
-"""Stage 3: the main player θ_{t+1} learns to tell the human answer from θ_t's, on Ray Train workers.
+"""Stage 2: the main player θ_{t+1} learns to tell the human answer from θ_t's, on Ray Train workers.
 
-The reference log-probs and the token ids come precomputed in the pairs (score.py), so each worker holds one model,
-never tokenises, and runs one forward per micro-batch of pairs grouped by length, their sequences flattened into one
+The token ids come with the pairs (generate.py tokenises once), so the workers never tokenise. Before the first step
+the policy is θ_t, the reference of iteration t: the workers' first pass, without gradients, computes the reference
+log-probs of every pair in the window with the training step's own forward (same packing, kernels and precision, so
+step 0's loss is ln 2), and stores them in `iter_<t>/reference/` so that a restart does not redo them. Each worker
+holds one model and runs one forward per micro-batch of pairs grouped by length, their sequences flattened into one
 row without padding (template.pack_varlen).
-Here: which pairs each worker trains on at each step, and the Ray glue around spin_ray.trainer.Trainer (the step)
-and spin_ray.checkpoint (the state on disk).
+Here: which pairs each worker takes at each step, the reference pass, and the Ray glue around
+spin_ray.trainer.Trainer (the step) and spin_ray.checkpoint (the state on disk).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from spin_ray import records
@@ -25,15 +29,14 @@ from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.plan import preflight
 from spin_ray.schemas import IDS, LOGPS
-from spin_ray.score import rescore_window
 from spin_ray.trainer import Trainer
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [*IDS, *LOGPS]
+REFERENCE = "reference"
+"""`iter_<t>/reference/`: θ_t's log-probs of the window's pairs (schemas.REFERENCE_COLUMNS)."""
+KEYS = ["iteration", "prompt_id"]
+"""A pair of the window: the iteration that generated it and its prompt."""
 # Padding share a token-budget micro-batch may reach by default: a forward costs about its padded tokens, so a few
 # more, narrower forwards cost less than the padding they avoid.
 MAX_PADDING = 0.1
@@ -47,6 +50,9 @@ class TrainResult:
     """The last optimizer step's metrics."""
     skipped: bool
     seconds: float = 0.0
+    """The whole training stage, reference pass included."""
+    reference_seconds: float = 0.0
+    """The reference pass (θ_t's log-probs of the window's pairs), as recorded with them when it ran."""
 
 
 def plan_steps(n_rows: int, global_batch: int, num_workers: int) -> list[int]:
@@ -107,7 +113,7 @@ def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_p
     return plans
 
 
-def packed_lengths(table: "pa.Table") -> np.ndarray:
+def packed_lengths(table: pa.Table) -> np.ndarray:
     """Each pair's tokens in a micro-batch (prompt twice, both answers), from the list offsets alone."""
     import pyarrow.compute as pc
 
@@ -124,10 +130,10 @@ def epoch_plan(lengths: Sequence[int], steps: Sequence[int], seed: int, epoch: i
 
 
 class PairArrays:
-    """The token ids and reference log-probs of some rows of the pairs table, as flat numpy arrays (no Python row
-    dicts), addressed by their row number in the whole table."""
+    """The token ids of some rows of the pairs table, as flat numpy arrays (no Python row dicts), addressed by their
+    row number in the whole table."""
 
-    def __init__(self, table: "pa.Table", rows: Sequence[int] | None = None):
+    def __init__(self, table: pa.Table, rows: Sequence[int] | None = None):
         # Sorted: `table` row k is whole-table row rows[k]; None: `table` is the whole table.
         self.rows = np.arange(table.num_rows) if rows is None else np.asarray(rows)
         self.lengths = packed_lengths(table).tolist()  # of the rows held, in their order
@@ -135,7 +141,6 @@ class PairArrays:
         for key in IDS:
             column = table.column(key).combine_chunks()
             self.ids[key] = (column.values.to_numpy(), column.offsets.to_numpy())
-        self.ref = {key: table.column(key).to_numpy() for key in LOGPS}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -147,13 +152,15 @@ class PairArrays:
         i = int(self.local([row])[0])
         return {key: values[offsets[i]:offsets[i + 1]].tolist() for key, (values, offsets) in self.ids.items()}
 
-    def micro_batch(self, rows: Sequence[int]) -> list[dict[str, Any]]:
-        """The pairs of `rows` with their reference log-probs, as Trainer.train_step takes them."""
-        here = self.local(rows)
-        return [{**self.pair(row), **{key: float(self.ref[key][i]) for key in LOGPS}} for row, i in zip(rows, here)]
+    def micro_batch(self, rows: Sequence[int], ref: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """The pairs of `rows` as Trainer.train_step (with `ref`, the whole table's reference log-probs, one row
+        per pair) or Trainer.logps (without) takes them."""
+        if ref is None:
+            return [self.pair(row) for row in rows]
+        return [{**self.pair(row), LOGPS[0]: float(ref[row, 0]), LOGPS[1]: float(ref[row, 1])} for row in rows]
 
 
-def _take_rows(table: "pa.Table", rows: list[int]) -> "pa.Table":
+def _take_rows(table: pa.Table, rows: list[int]) -> pa.Table:
     return table.take(rows)
 
 
@@ -165,6 +172,47 @@ def _load_share(table_ref: Any, rows: list[int]) -> PairArrays:
 
     rows = sorted(rows)
     return PairArrays(ray.get(ray.remote(num_cpus=0)(_take_rows).remote(table_ref, rows)), rows)
+
+
+def reference_pass(trainer: Trainer, table_ref: Any, lengths: Sequence[int], budget: dict[str, Any], rank: int,
+                   world: int) -> np.ndarray:
+    """θ_t's log-probs (real, generated) of every row, one row per pair: each worker takes a length-balanced share
+    (worker_shares) in the training step's micro-batches, then every worker gets every result."""
+    shares = worker_shares(range(len(lengths)), lengths, world)
+    # Equal shares (a short one topped up with rows that are computed twice and dropped), so that every worker runs
+    # as many forwards: under FSDP2 each forward is a collective.
+    size = max(map(len, shares))
+    padded = [share + shares[0][:size - len(share)] for share in shares]
+    plan = even_micro_batches(padded, lengths, **budget)[rank]
+    pairs = _load_share(table_ref, sorted(set(padded[rank])))
+    mine = set(shares[rank])
+    rows, values = [], []
+    for idx in plan:
+        (real, generated), = trainer.logps([pairs.micro_batch(idx)])
+        for row, r, g in zip(idx, real.tolist(), generated.tolist()):
+            if row in mine:
+                rows.append(row)
+                values.append((r, g))
+    gathered = [(rows, values)]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (rows, values))
+    ref = np.full((len(lengths), 2), np.nan)
+    for rows, values in gathered:
+        ref[rows] = values
+    return ref
+
+
+def read_reference(uri: str, keys: pa.Table) -> np.ndarray | None:
+    """The stored reference log-probs when they are those of these pairs (`keys`, in order); None when there are none
+    yet, or when the pairs changed since (they were regenerated): then they are computed again."""
+    if not records.is_complete(uri):
+        return None
+    table = records.read_table(uri)
+    if table.select(KEYS) != keys.select(KEYS):
+        log.warning("the reference log-probs at %s are not those of this iteration's pairs; recomputing them", uri)
+        return None
+    return np.stack([table.column(key).to_numpy() for key in LOGPS], axis=1)
 
 
 def checkpoint_due(tc: TrainConfig, step: int, steps_per_epoch: int, total: int, minutes: float) -> bool:
@@ -209,7 +257,25 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     steps = plan_steps(c["n_rows"], tc.global_batch_size, world)
     total = len(steps) * tc.epochs
     trainer = Trainer(source, tc, total_steps=total, rank=rank, world=world, device=device, **trust)
-    trainer.setup(load_weights=checkpoint is None)
+    lengths = c["lengths"]
+    # The trainer's micro-batches are flattened whole sequences (template.pack_varlen): a budget counts real tokens.
+    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens,
+                  padded=False)
+    # Rank 0 alone reads storage; every rank follows its answer (the pass below is collective).
+    found = [read_reference(c["reference"], ray.get(c["keys"])) if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    ref = found[0]
+    # The reference pass needs θ_t itself, also when a checkpoint (a later state) is loaded after it.
+    trainer.setup(load_weights=checkpoint is None or ref is None)
+    if ref is None:
+        t0 = time.perf_counter()
+        ref = reference_pass(trainer, c["pairs"], lengths, budget, rank, world)
+        if rank == 0:
+            keys = ray.get(c["keys"])
+            table = keys.append_column(LOGPS[0], pa.array(ref[:, 0])).append_column(LOGPS[1], pa.array(ref[:, 1]))
+            records.write_table(c["reference"], table, {"rows": len(ref), "seconds": time.perf_counter() - t0,
+                                                        "workers": world})
     start = 0
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:  # local storage: the folder itself; a URI: one download per node
@@ -219,10 +285,6 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     # the checkpoint with the lines written since (rank 0 writes them at every checkpoint).
     lines = records.read_lines(c["metrics_uri"])[:start]
 
-    lengths = c["lengths"]
-    # The trainer's micro-batches are flattened whole sequences (template.pack_varlen): a budget counts real tokens.
-    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens,
-                  padded=False)
     order = None
     last_checkpoint = time.monotonic()
     for step in range(start, total):
@@ -234,7 +296,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             pairs = _load_share(c["pairs"], sorted({i for shares in plan for i in shares[rank]}))
         begin = sum(steps[:k])
         micro = even_micro_batches(plan[k], lengths, **budget)[rank]
-        metrics = trainer.train_step([pairs.micro_batch(idx) for idx in micro])
+        metrics = trainer.train_step([pairs.micro_batch(idx, ref) for idx in micro])
         done = step + 1 == total
         # Rank 0's clock decides for all: every rank must checkpoint (a collective) after the same step.
         save = torch.tensor([rank == 0 and checkpoint_due(tc, step, len(steps), total,
@@ -262,15 +324,33 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
               final_metrics(lines, len(lengths), tc.epochs))
 
 
-def pairs_uris(cfg: SpinConfig, model: str) -> list[str]:
-    """Iteration t's pairs plus the window's earlier iterations' pairs rescored under θ_t (`model`): rescored here
-    when missing, so `spin-ray generate` then `spin-ray train` at iteration t compose for any t."""
-    own = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
-    if not records.is_complete(own):
+def window_iterations(cfg: SpinConfig) -> range:
+    """The earlier iterations whose pairs iteration t also trains on (loop.window)."""
+    return range(max(0, cfg.iteration - cfg.loop.window + 1), cfg.iteration)
+
+
+def pairs_uris(cfg: SpinConfig) -> list[str]:
+    """Iteration t's pairs and those of the window's earlier iterations.
+
+    uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
+    (paper §5.1; its configs/config_iter{1,2,3}.yaml use a window of two iterations); the older y' stay as θ_{s}
+    sampled them, and the reference pass scores them under θ_t."""
+    here = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
+    if not records.is_complete(here):
         raise ConfigError(
-            f"no finished pairs for iteration {cfg.iteration} at {own}: run `spin-ray generate --set "
+            f"no finished pairs for iteration {cfg.iteration} at {here}: run `spin-ray generate --set "
             f"iteration={cfg.iteration}` with the same storage and model (θ_{cfg.iteration}) first")
-    return [own, *rescore_window(cfg, model)]
+    out = [here]
+    for s in window_iterations(cfg):
+        uri = records.join(records.iter_dir(cfg.storage, s), "pairs")
+        if not records.is_complete(uri):
+            raise ConfigError(
+                f"iteration {cfg.iteration} trains on its own pairs and those of the loop.window = {cfg.loop.window} "
+                f"- 1 iterations before it, but iteration {s}'s pairs at {uri} are not finished: run "
+                f"`spin-ray generate --set iteration={s} --set model=<θ_{s}>` with the same storage first, or lower "
+                f"loop.window")
+        out.append(uri)
+    return out
 
 
 def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None = None) -> TrainResult:
@@ -286,9 +366,9 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
 
     from spin_ray.models import check_model, resolve_model
 
-    # Refused before any actor starts (plan.py decides what each stage asks for); the window is rescored here.
-    # Warm engines are the loop's, which checks them with training (loop.run's preflight); this starts none.
-    cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("window", "train"), warm_engines=False)
+    # Refused before any actor starts (plan.py decides what each stage asks for). Warm engines are the loop's, which
+    # checks them with training (loop.run's preflight); this starts none.
+    cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("train",), warm_engines=False)
     here = records.iter_dir(cfg.storage, cfg.iteration)
     out = records.join(here, "model")
     if records.is_complete(out):
@@ -297,7 +377,7 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         return TrainResult(out, records.read_json(records.join(out, records.MARKER)), skipped=True)
     model = resolve_model(model or cfg.model)
     check_model(model, cfg.trust_remote_code)
-    table = records.read_pairs_table(pairs or pairs_uris(cfg, model), columns=COLUMNS)
+    table = records.read_pairs_table(pairs or pairs_uris(cfg), columns=[*KEYS, *IDS])
     tc = cfg.train
     if not plan_steps(table.num_rows, tc.global_batch_size, tc.num_workers):
         raise ConfigError(f"{table.num_rows} pairs give no optimizer step with train.num_workers = {tc.num_workers}")
@@ -309,7 +389,8 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     # The workers get the row lengths (to plan the batches) and the table in the object store, from which each
     # fetches only the rows it trains on (_load_share).
     config = {"cfg": cfg, "model": model, "n_rows": table.num_rows, "metrics_uri": metrics_uri, "out": out,
-              "lengths": packed_lengths(table).tolist(), "pairs": ray.put(table)}
+              "lengths": packed_lengths(table).tolist(), "pairs": ray.put(table.select(IDS)),
+              "keys": ray.put(table.select(KEYS)), "reference": records.join(here, REFERENCE)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -329,8 +410,10 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         log.warning("iteration %d: %d of %d pairs were not used train.epochs = %d times", cfg.iteration,
                     final["pairs_not_used_epochs_times"], table.num_rows, tc.epochs)
     _drop_resumable_state(here)
-    log.info("iteration %d: θ_%d saved to %s (%.1f s)", cfg.iteration, cfg.iteration + 1, out, seconds)
-    return TrainResult(out, final, skipped=False, seconds=seconds)
+    reference = records.read_json(records.join(config["reference"], records.MARKER))
+    log.info("iteration %d: θ_%d saved to %s (%.1f s, of which %.1f s for θ_%d's reference log-probs of %d pairs)",
+             cfg.iteration, cfg.iteration + 1, out, seconds, reference["seconds"], cfg.iteration, reference["rows"])
+    return TrainResult(out, final, skipped=False, seconds=seconds, reference_seconds=reference["seconds"])
 
 
 def _drop_resumable_state(here: str) -> None:

@@ -118,6 +118,38 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
     return model
 
 
+def cast_parameters(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """Parameters in `dtype`, buffers (rotary frequencies) left in fp32: the compute copy that FSDP2's
+    MixedPrecisionPolicy(param_dtype) all-gathers in `Trainer`, for a model that only computes log-probs."""
+    for p in model.parameters():
+        p.data = p.data.to(getattr(torch, dtype))
+    return model
+
+
+def frozen_model(source: str, tc: TrainConfig, device: torch.device,
+                 trust_remote_code: bool = False) -> torch.nn.Module:
+    """θ for `pair_logps` alone, on one device without torch.distributed: computed as a Trainer would compute it
+    (train.dtype's compute copy), no optimizer, no gradients."""
+    from spin_ray.models import load_model
+
+    model = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    dtype = resolve_dtype(tc.dtype, device.type == "cuda")
+    return cast_parameters(model, dtype).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def pair_logps(model: torch.nn.Module, micro_batches: Sequence[Sequence[Pair]],
+               device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The summed log-probs (real, generated) of each micro-batch's pairs, float64 on the CPU: `train_step`'s
+    forward (same packing, same kernels) without gradients."""
+    out = []
+    for pairs in micro_batches:
+        batch = {key: v.to(device) for key, v in pack_varlen(pairs).items()}
+        real, generated = varlen_logps(model, batch)
+        out.append((real.double().cpu(), generated.double().cpu()))
+    return out
+
+
 def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
     """Gradient accumulation: reduce across workers once per step, in the last micro-batch's backward.
 
@@ -147,8 +179,8 @@ class Trainer:
         self.rank, self.world, self.device = rank, world, device
         self.trust_remote_code = trust_remote_code
         self.dtype = resolve_dtype(tc.dtype, device.type == "cuda")
-        # Reduced precision always goes through FSDP2's MixedPrecisionPolicy (DDP = replicate-only mesh), so the
-        # trainer computes exactly as the scorer (score.cast_parameters) and step 0's loss is ln 2.
+        # Reduced precision always goes through FSDP2's MixedPrecisionPolicy (DDP = replicate-only mesh): fp32 master
+        # weights, computed in `dtype` (as frozen_model computes for the held-out evaluation).
         self.sharded = tc.strategy == "fsdp" or self.dtype != "float32"
 
     def setup(self, load_weights: bool = True) -> None:
@@ -219,14 +251,15 @@ class Trainer:
                        tokens_per_s=tokens / (time.perf_counter() - t0))
         return metrics
 
-    @torch.no_grad()
     def logps(self, micro_batches: Sequence[Sequence[Pair]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The policy's summed log-probs (real, generated) of each micro-batch's pairs, float64 on the CPU: the
-        forward of `train_step` without gradients."""
+        forward of `train_step` without gradients. Before the first step the policy is θ_t, so these are the
+        reference log-probs of iteration t (spin_ray.train's reference pass)."""
         # Under DDP the wrapped module: DDP's forward would broadcast buffers, a collective for nothing here.
         model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-        out = []
-        for pairs in micro_batches:
-            real, generated = varlen_logps(model, self._batch(pairs))
-            out.append((real.double().cpu(), generated.double().cpu()))
-        return out
+        was_training = model.training
+        model.eval()  # no dropout in the reference (the tiny models have none; some HF configs do)
+        try:
+            return pair_logps(model, micro_batches, self.device)
+        finally:
+            model.train(was_training)

@@ -10,7 +10,7 @@ subprocess of its own session on its own port and temp dir; the test kills that 
 What is real: the GPU request of each actor is spin_ray.plan's (`preflight` → `requests`, from `resources: gpu`),
 and the capacity preflight checks is what the autoscaler can reach (`cluster_capacity`); the actors are trivial
 (they record the node they landed on and the GPU ids Ray gave them) so that the test stays fast — the same numbers
-go to Ray Data's map_batches and EnginePool in generate.py/score.py.
+go to Ray Data's map_batches and EnginePool in generate.py/train.py.
 """
 
 import os
@@ -71,13 +71,13 @@ assert cluster_capacity().get("GPU") == float("inf"), cluster_capacity()
 
 # gpu: the stages ask for GPUs though none is live; cpu: never.
 base = ["model=tiny", "data.max_length=64", "data.max_prompt_length=32", "generate.max_tokens=16",
-        "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5"]
+        "generate.num_cpus_per_actor=0.5"]
 assert requests(preflight(SpinConfig.load(None, base + ["resources=cpu"])))["generate"].gpus == 0
 cfg = preflight(SpinConfig.load(None, base + ["resources=gpu"]), stages=("pairs",))
-assert requests(cfg)["score"].gpus == 1
+assert requests(cfg)["generate"].gpus == requests(cfg)["train"].gpus == 1
 # auto: GPUs when the config trains on them (an unknown autoscaler capacity alone is no reason to wait for GPUs).
-assert requests(preflight(SpinConfig.load(None, base + ["train.use_gpu=true"])))["score"].gpus == 1
-assert requests(preflight(SpinConfig.load(None, base)))["score"].gpus == 0
+assert requests(preflight(SpinConfig.load(None, base + ["train.use_gpu=true"])))["generate"].gpus == 1
+assert requests(preflight(SpinConfig.load(None, base)))["generate"].gpus == 0
 
 
 @ray.remote
@@ -87,7 +87,7 @@ class Stage:
 
 
 reqs = requests(cfg)
-actors = [Stage.options(num_cpus=reqs[s].cpus, num_gpus=reqs[s].gpus).remote() for s in ("generate", "score")]
+actors = [Stage.options(num_cpus=reqs[s].cpus, num_gpus=reqs[s].gpus).remote() for s in ("generate", "train")]
 placed = ray.get([a.where.remote() for a in actors], timeout=240)
 nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
 for node, gpus in placed:

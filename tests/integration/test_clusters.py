@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 # 16 pairs, 2 steps per epoch, 20 epochs: training lasts long enough to be interrupted in the middle.
 TINY = ["data.max_rows=16", "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8",
-        "generate.batch_size=8", "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5",
+        "generate.batch_size=8", "generate.num_cpus_per_actor=0.5",
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.epochs=20", "train.report_every=1",
         "train.checkpoint_every=1000", "eval.enabled=false", "loop.iterations=1"]
 

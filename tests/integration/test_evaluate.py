@@ -24,7 +24,7 @@ def first_letter_a(prompt, reference, answer):
 def config(model, storage, *extra):
     return SpinConfig.load(None, [f"model={model}", f"storage={storage}", "data.max_length=128",
                                   "data.max_prompt_length=64", "generate.max_tokens=8", "eval.rows=8",
-                                  "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5",
+                                  "generate.num_cpus_per_actor=0.5",
                                   "train.beta=2.0", *extra])
 
 

@@ -20,7 +20,7 @@ from spin_ray.config import ConfigError, SpinConfig
 pytestmark = pytest.mark.integration
 
 TINY = ["data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8", "generate.batch_size=8",
-        "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5", "train.global_batch_size=8",
+        "generate.num_cpus_per_actor=0.5", "train.global_batch_size=8",
         "train.micro_batch_size=4", "train.optimizer=adamw", "train.beta=1.0", "train.lr=1e-3", "train.epochs=1",
         "train.report_every=1", "eval.enabled=false"]
 
@@ -207,34 +207,36 @@ def artifacts(storage):
         out[f"iter_{t}/model"] = {f: hashlib.sha256((model / f).read_bytes()).hexdigest()
                                   for f in sorted(os.listdir(model)) if f.endswith((".safetensors", ".json"))
                                   and f != records.MARKER}
-    out["iter_1/window/iter_0"] = row_hashes(storage / "iter_1" / "window" / "iter_0")
+    for t in (0, 1):  # the reference log-probs, in the trainer's row order, bit for bit
+        table = records.read_table(str(storage / f"iter_{t}" / "reference"))
+        out[f"iter_{t}/reference"] = hashlib.sha256(repr(table.to_pylist()).encode()).hexdigest()
     return out
 
 
-def test_driver_killed_inside_generate_and_window_rescoring_resumes_to_identical_artifacts(
+def test_driver_killed_inside_generate_and_the_reference_pass_resumes_to_identical_artifacts(
         tiny_model, ray_cluster, tmp_path):
     from spin_ray.loop import run
 
-    # The uninterrupted run: the same config, in this driver.
-    # Scoring batches are the generation batches (8 rows), so no row's log-prob depends on which rows happened to
-    # arrive together: fp32 results then repeat bit for bit, and so does training on them.
-    extra = ["data.max_rows=16", "loop.iterations=2", "loop.window=2", "score.batch_size=8", "score.micro_batch_size=8"]
+    # The uninterrupted run: the same config, in this driver. The reference pass's micro-batches follow from the
+    # pairs' lengths alone, so fp32 results repeat bit for bit, and so does training on them.
+    extra = ["data.max_rows=16", "loop.iterations=2", "loop.window=2"]
     run(cfg_for(tiny_model, tmp_path / "whole", *extra))
     storage = tmp_path / "killed"
     cmd = spin_ray_run(tiny_model, storage, *extra)
-    pairs0, window = storage / "iter_0" / "pairs", storage / "iter_1" / "window" / "iter_0"
+    pairs0 = storage / "iter_0" / "pairs"
 
-    # Kill 1: inside iteration 0's generate + score (its engine is up and answering).
-    kill_when(cmd, lambda: logged(storage, "iteration 0: generating and scoring")
+    # Kill 1: inside iteration 0's generation (its engine is up and answering).
+    kill_when(cmd, lambda: logged(storage, "iteration 0: generating answers")
               and any(a["State"] == "ALIVE" for a in actors("Generator")))
     assert not records.is_complete(str(pairs0)) and not pairs0.exists()
     with pytest.raises(ConfigError, match="no finished pairs"):
         records.read_pairs_table([str(pairs0)])
 
-    # Kill 2: inside iteration 1's window rescoring (θ_1 rescores iteration 0's pairs).
-    kill_when(cmd, lambda: logged(storage, "iteration 1: rescoring iteration 0")
-              and any(a["State"] == "ALIVE" for a in actors("Scorer")))
-    assert records.is_complete(str(storage / "iter_0" / "model")) and not records.is_complete(str(window))
+    # Kill 2: inside iteration 1's training, which starts with θ_1's reference pass over both iterations' pairs.
+    kill_when(cmd, lambda: logged(storage, "iteration 1: training θ_2")
+              and any(a["State"] == "ALIVE" for a in actors("RayTrainWorker")))
+    assert records.is_complete(str(storage / "iter_0" / "model"))
+    assert not records.is_complete(str(storage / "iter_1" / "model"))
     done_pairs0 = {f: os.path.getmtime(pairs0 / f) for f in os.listdir(pairs0)}
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -334,7 +336,7 @@ cluster.wait_for_nodes()
 cfg = SpinConfig.load(None, [f"model={model}", f"storage={storage}", "storage_shared=true", "data.max_rows=48",
                              "data.max_length=256", "data.max_prompt_length=64", "generate.max_tokens=96",
                              "generate.batch_size=8", "generate.num_actors=2", "generate.num_cpus_per_actor=1",
-                             "score.num_cpus_per_actor=0.5", "score.batch_size=8", "eval.enabled=false"])
+                             "eval.enabled=false"])
 expected = set(load_sft(cfg.data).to_arrow().column("prompt_id").to_pylist())
 out = {}
 thread = threading.Thread(target=lambda: out.update(result=make_pairs(cfg)), daemon=True)

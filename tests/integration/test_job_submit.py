@@ -23,7 +23,7 @@ def test_ray_job_submit_runs_the_loop(ray_head, tiny_model, tmp_path, monkeypatc
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session cluster's, which the job client would follow
     sets = [f"model={tiny_model}", f"storage={tmp_path}", "loop.iterations=1", "data.max_rows=8",
             "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8",
-            "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5", "train.global_batch_size=8",
+            "generate.num_cpus_per_actor=0.5", "train.global_batch_size=8",
             "train.micro_batch_size=4", "eval.rows=8"]
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",

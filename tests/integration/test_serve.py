@@ -204,7 +204,7 @@ def test_killed_replica_is_restarted_and_later_requests_succeed(client, server):
 def _command(command, tiny_model, storage, rows):
     sets = [f"model={tiny_model}", f"storage={storage}", f"data.max_rows={rows}", "data.max_length=128",
             "data.max_prompt_length=64", "generate.max_tokens=8", "generate.batch_size=8",
-            "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5", "train.global_batch_size=8",
+            "generate.num_cpus_per_actor=0.5", "train.global_batch_size=8",
             "train.micro_batch_size=4", "train.epochs=1", "eval.enabled=false", "loop.iterations=1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no Ray settings, like the server's
     return subprocess.Popen([sys.executable, "-m", "spin_ray.cli", command, *sum((["--set", s] for s in sets), [])],

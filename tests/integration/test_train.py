@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray import records
+from spin_ray import records, schemas
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.loop import make_pairs
 from spin_ray.checkpoint import STATE
@@ -31,7 +32,7 @@ def pairs(tiny_model, ray_cluster, tmp_path_factory):
     storage = tmp_path_factory.mktemp("pairs")
     cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={storage}", "resources=cpu", "data.max_rows=32",
                                  "generate.max_tokens=12", "generate.num_cpus_per_actor=0.5",
-                                 "score.num_cpus_per_actor=0.5"])
+                                ])
     return make_pairs(cfg).path
 
 
@@ -50,10 +51,22 @@ def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == list(range(1, 13))  # 32 pairs / 8 per step x 3 epochs
     first = lines[0]
-    # The policy starts as the reference, and the trainer's log-probs equal the scorer's.
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    # (Packed rows vs the scorer's padded ones: equal up to float summation order, so no exact-tie accuracy.)
-    assert abs(first["rewards/real"]) < 1e-3 and abs(first["rewards/generated"]) < 1e-3
+    # The policy starts as the reference: the reference pass is the step's own forward (other micro-batches: equal up
+    # to float summation order).
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(first["rewards/real"]) < 1e-5 and abs(first["rewards/generated"]) < 1e-5
+    # θ_0's reference log-probs, stored beside the model for restarts, equal a plain HF forward of each pair (fp32:
+    # other kernels and summation order, so to float precision of sums of ~100 nats).
+    ref = records.read_table(str(tmp_path / "iter_0" / "reference"))
+    assert ref.column_names == list(schemas.REFERENCE_COLUMNS) and ref.num_rows == 32 and result.reference_seconds > 0
+    by_id = {r["prompt_id"]: r for r in pq.read_table(pairs).to_pylist()}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    theta0 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for row in ref.slice(0, 6).to_pylist():
+        pair = by_id[row["prompt_id"]]
+        assert row["ref_logp_real"] == pytest.approx(direct_logp(theta0, tok, pair["prompt"], pair["real"]), rel=1e-6)
+        assert row["ref_logp_generated"] == pytest.approx(
+            direct_logp(theta0, tok, pair["prompt"], pair["generated"]), rel=1e-6)
     assert {"lr", "grad_norm", "tokens_per_s", "rewards/real", "rewards/generated", "logps/real"} <= first.keys()
     assert all(0 <= m["padding_share"] < 0.5 and m["beta"] == 1.0 for m in lines)
     assert sum(m["loss"] for m in lines[-4:]) / 4 < 0.5 * math.log(2)
@@ -68,6 +81,17 @@ def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
     assert not torch.equal(model.lm_head.weight, reference.lm_head.weight)
     # A second call finds the finished model and does nothing.
     assert train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=3"), pairs=[pairs]).skipped
+
+
+def direct_logp(model, tokenizer, prompt, answer):
+    """log π(answer | prompt) by a plain HF forward of one sequence, written independently of spin_ray.template."""
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    p = tokenizer(text, add_special_tokens=False).input_ids
+    a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + a])).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1)
+    return sum(logprobs[len(p) + i - 1, t].item() for i, t in enumerate(a))
 
 
 def test_two_workers_and_fsdp_take_the_same_steps_as_one(tiny_model, pairs, tmp_path):
@@ -107,34 +131,31 @@ def test_two_workers_and_fsdp_take_the_same_steps_as_one(tiny_model, pairs, tmp_
 
 
 def test_bf16_mixed_precision_starts_at_ln2(tiny_model, pairs, tmp_path):
-    """train.dtype=bfloat16 (FSDP2 MixedPrecisionPolicy, DDP as replicate-only FSDP2) against pairs scored with
-    score.dtype=bfloat16: the trainer computes as the scorer did, so step 1's loss is ln 2."""
-    from spin_ray.config import ScoreConfig
-    from spin_ray.score import LOGPS, Scorer
-
-    scorer = Scorer(tiny_model, ScoreConfig(dtype="bfloat16", micro_batch_size=3), max_length=1024,
-                    max_prompt_length=512)
-    bf16_pairs = tmp_path / "bf16_pairs"
-    os.makedirs(bf16_pairs)
-    table = scorer(pq.read_table(pairs).drop(list(LOGPS)))
-    assert table.column("ref_logp_real") != pq.read_table(pairs).column("ref_logp_real")  # bf16 is not fp32
-    pq.write_table(table, bf16_pairs / "part.parquet")
-    (bf16_pairs / records.MARKER).write_text("{}")
-    for name, extra in [("ddp", []), ("fsdp", ["train.num_workers=2", "train.strategy=fsdp"])]:
-        train(cfg_for(tiny_model, tmp_path / name, "train.lr=1e-4", "train.epochs=1", "train.dtype=bfloat16",
-                      "train.micro_batch_size=2", *extra), pairs=[str(bf16_pairs)])
+    """train.dtype=bfloat16 (FSDP2 MixedPrecisionPolicy, DDP as replicate-only FSDP2) on pairs made at the default
+    precision: the reference pass computes in bf16 like the step, so step 1's loss is ln 2 (it was ln 2 + 1.6e-3 when
+    the reference's precision was fixed when the pairs were made)."""
+    fp32 = None
+    for name, extra in [("fp32", []), ("ddp", ["train.dtype=bfloat16"]),
+                        ("fsdp", ["train.dtype=bfloat16", "train.num_workers=2", "train.strategy=fsdp"])]:
+        train(cfg_for(tiny_model, tmp_path / name, "train.lr=1e-4", "train.epochs=1", "train.micro_batch_size=2",
+                      *extra), pairs=[pairs])
+        ref = records.read_table(str(tmp_path / name / "iter_0" / "reference"))
         first = metrics(tmp_path / name)[0]
-        assert first["loss"] == pytest.approx(math.log(2), abs=1e-3), name
-        assert abs(first["rewards/margins"]) < 1e-3, name
+        if name == "fp32":
+            fp32 = ref
+            continue
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4), name
+        assert abs(first["rewards/margins"]) < 1e-4, name
+        assert ref.column("ref_logp_real") != fp32.column("ref_logp_real")  # computed in bf16, not fp32
 
 
 def test_trained_model_serves_as_the_next_opponent(tiny_model, pairs, tmp_path):
     result = train(cfg_for(tiny_model, tmp_path, "train.lr=1e-3", "train.epochs=1"), pairs=[pairs])
-    # The next iteration's generation (vLLM engine) and scoring load θ_1 from its HF folder.
+    # The next iteration's generation (vLLM engine) loads θ_1 from its HF folder.
     nxt = make_pairs(SpinConfig.load(None, [f"model={result.model}", f"storage={tmp_path}", "iteration=1",
                                             "resources=cpu", "data.max_rows=8", "generate.max_tokens=8",
                                             "generate.backend=vllm", "generate.num_cpus_per_actor=0.5",
-                                            "score.num_cpus_per_actor=0.5"]))
+                                           ]))
     assert nxt.rows == 8 and set(pq.read_table(nxt.path).column("iteration").to_pylist()) == {1}
 
 
@@ -154,6 +175,7 @@ def test_resume_after_the_run_is_killed(tiny_model, pairs, tmp_path):
     proc.wait()
     before = lines_path.read_text().splitlines()
     assert 25 <= len(before) < 160, "the run finished or never started before the kill"
+    reference = (tmp_path / "iter_0" / "reference" / records.MARKER).read_text()
     # A metrics line is written before that step's checkpoint is reported, so the line after it proves the report.
     saved = (len(before) - 1) // 10 * 10
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -163,14 +185,16 @@ def test_resume_after_the_run_is_killed(tiny_model, pairs, tmp_path):
     # It resumed rather than restarted: the checkpointed steps' lines (with their timings) are the first run's.
     assert lines_path.read_text().splitlines()[:saved] == before[:saved]
     assert records.is_complete(str(tmp_path / "iter_0" / "model"))
+    # The reference pass ran once: the restart read its stored log-probs (the marker records the pass's own time).
+    assert (tmp_path / "iter_0" / "reference" / records.MARKER).read_text() == reference
 
 
 def test_bad_input_is_refused_before_workers_start(tiny_model, pairs, tmp_path):
     bad = tmp_path / "bad"
     os.makedirs(bad)
-    pq.write_table(pq.read_table(pairs).drop(["ref_logp_generated"]), bad / "part.parquet")
+    pq.write_table(pq.read_table(pairs).drop(["generated_ids"]), bad / "part.parquet")
     (bad / records.MARKER).write_text("{}")
-    with pytest.raises(ConfigError, match=r"lack column\(s\) \['ref_logp_generated'\]"):
+    with pytest.raises(ConfigError, match=r"lack column\(s\) \['generated_ids'\]"):
         train(cfg_for(tiny_model, tmp_path), pairs=[str(bad)])
     with pytest.raises(ConfigError, match=r"train.num_workers = 8 needs 8 CPU"):
         train(cfg_for(tiny_model, tmp_path, "train.num_workers=8", "train.micro_batch_size=1"), pairs=[pairs])
@@ -182,12 +206,12 @@ def test_bad_input_is_refused_before_workers_start(tiny_model, pairs, tmp_path):
 
 
 def test_generate_then_train_compose_at_iteration_1(tiny_model, pairs, tmp_path):
-    """`spin-ray generate` (t=1, model θ_1) then `spin-ray train` (t=1) rescore iteration 0's pairs under θ_1 and
-    train with iteration 1's β and lr, as `spin-ray run` does."""
+    """`spin-ray generate` (t=1, model θ_1) then `spin-ray train` (t=1) score both iterations' pairs under θ_1 (the
+    reference pass) and train with iteration 1's β and lr, as `spin-ray run` does."""
     os.makedirs(tmp_path / "iter_0")
     os.symlink(pairs, tmp_path / "iter_0" / "pairs")
     common = [f"storage={tmp_path}", *FAST, "loop.window=2", "train.epochs=1", "data.max_rows=32",
-              "generate.max_tokens=12", "generate.num_cpus_per_actor=0.5", "score.num_cpus_per_actor=0.5",
+              "generate.max_tokens=12", "generate.num_cpus_per_actor=0.5",
               "train.beta_per_iteration=[1.0, 2.5]", "train.lr_per_iteration=[1e-3, 2e-4]"]
 
     def cli(command, *sets):
@@ -200,12 +224,13 @@ def test_generate_then_train_compose_at_iteration_1(tiny_model, pairs, tmp_path)
     assert {m["beta"] for m in metrics(tmp_path, 0)} == {1.0}
     cli("generate", f"model={theta1}", "iteration=1")
     cli("train", f"model={theta1}", "iteration=1")
-    window = tmp_path / "iter_1" / "window" / "iter_0"
-    assert records.is_complete(str(window)) and records.is_complete(str(tmp_path / "iter_1" / "model"))
-    rescored, original = pq.read_table(window), pq.read_table(pairs)
-    assert sorted(rescored.column("prompt_id").to_pylist()) == sorted(original.column("prompt_id").to_pylist())
-    assert rescored.sort_by("prompt_id").column("ref_logp_real") != original.sort_by("prompt_id").column(
-        "ref_logp_real")  # under θ_1, not θ_0
+    assert records.is_complete(str(tmp_path / "iter_1" / "model"))
+    ref0 = records.read_table(str(tmp_path / "iter_0" / "reference"))
+    ref1 = records.read_table(str(tmp_path / "iter_1" / "reference"))
+    assert ref1.num_rows == 64 and sorted(set(ref1.column("iteration").to_pylist())) == [0, 1]
+    older = ref1.filter(pc.equal(ref1.column("iteration"), 0))
+    assert older.column("prompt_id") == ref0.column("prompt_id")
+    assert older.column("ref_logp_real") != ref0.column("ref_logp_real")  # iteration 0's pairs under θ_1, not θ_0
     lines = metrics(tmp_path, 1)
     assert len(lines) == 8  # (32 + 32 pairs) / 8 per step
     assert {m["beta"] for m in lines} == {2.5} and max(m["lr"] for m in lines) == pytest.approx(2e-4)
@@ -279,9 +304,9 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
 def test_workers_fetch_only_their_rows(pairs, ray_cluster):
     import ray
 
-    from spin_ray.train import COLUMNS, _load_share, epoch_plan, packed_lengths, plan_steps
+    from spin_ray.train import _load_share, epoch_plan, packed_lengths, plan_steps
 
-    table = pq.read_table(pairs, columns=COLUMNS)
+    table = pq.read_table(pairs, columns=list(schemas.IDS))
     lengths = packed_lengths(table).tolist()
     steps = plan_steps(table.num_rows, 8, 2)
     order, plan = epoch_plan(lengths, steps, 42, 0, 2)
@@ -293,7 +318,6 @@ def test_workers_fetch_only_their_rows(pairs, ray_cluster):
     assert len(share) == len(mine[1]) and len(share.ids["real_ids"][0]) < len(table.column("real_ids").combine_chunks().values)
     row = mine[1][3]
     assert share.pair(row)["real_ids"] == table.column("real_ids")[row].as_py()
-    assert share.ref["ref_logp_real"][share.local([row])][0] == table.column("ref_logp_real")[row].as_py()
 
 
 def test_model_is_exported_in_its_own_dtype(tiny_model, pairs, tmp_path):

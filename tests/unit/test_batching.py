@@ -1,5 +1,6 @@
 """How the trainer forms its batches (length-grouped, token budget, even across workers) and which β/lr it uses."""
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -39,13 +40,16 @@ def test_workers_get_equal_shares_and_the_same_number_of_micro_batches():
 
 
 def test_pair_arrays_hold_ids_and_lengths():
-    table = pa.table({"prompt_ids": [[1, 2, 3], [4]], "real_ids": [[5], [6, 7, 8, 9]], "generated_ids": [[1, 1], [2]],
-                      "ref_logp_real": [-1.0, -2.0], "ref_logp_generated": [-3.0, -4.0]})
+    table = pa.table({"prompt_ids": [[1, 2, 3], [4]], "real_ids": [[5], [6, 7, 8, 9]], "generated_ids": [[1, 1], [2]]})
     pairs = PairArrays(table)
     assert len(pairs) == 2 and pairs.lengths == [2 * 3 + 1 + 2, 2 * 1 + 4 + 1]  # packed rows: prompt twice
     assert pairs.pair(1) == {"prompt_ids": [4], "real_ids": [6, 7, 8, 9], "generated_ids": [2]}
     sliced = PairArrays(table.slice(1))  # a slice's offsets do not start at 0
-    assert sliced.lengths == [7] and sliced.pair(0) == pairs.pair(1) and sliced.ref["ref_logp_real"].tolist() == [-2.0]
+    assert sliced.lengths == [7] and sliced.pair(0) == pairs.pair(1)
+    # The reference log-probs come from the whole table's array, by whole-table row.
+    ref = np.array([[-1.0, -3.0], [-2.0, -4.0]])
+    assert pairs.micro_batch([1], ref) == [{**pairs.pair(1), "ref_logp_real": -2.0, "ref_logp_generated": -4.0}]
+    assert pairs.micro_batch([0]) == [pairs.pair(0)]
 
 
 def test_iteration_beta_and_lr_resolve_in_one_place():

@@ -106,7 +106,7 @@ def test_non_utf8_yaml_names_the_line(tmp_path):
     ("train.lr=.nan", r"train.lr = nan: must be a finite number"),
     ("train.beta=-.inf", r"train.beta = -inf: must be a finite number"),
     ("generate.num_cpus_per_actor=-1", r"generate.num_cpus_per_actor = -1.0: must be > 0"),
-    ("score.num_cpus_per_actor=0", r"score.num_cpus_per_actor = 0.0: must be > 0"),
+    ("score.micro_batch_size=8", r"config key .score. \(the scoring actors\) is gone: .* delete the score section"),
     ("generate.num_gpus_per_actor=-1", r"generate.num_gpus_per_actor = -1.0"),
     ("ray.num_cpus=-2", r"ray.num_cpus = -2"),
     ("data.max_length=-5", r"data.max_length = -5: must be >= 2"),

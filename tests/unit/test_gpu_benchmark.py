@@ -18,5 +18,6 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
                     "--no-sdpa-probe", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
     out = json.load(open(tmp_path / "gpu.json"))
     assert set(out["summary"]) == {"before", "packed", "varlen", "budget"}
-    assert abs(out["ln2_check"]["minus_ln2"]) < 1e-3  # bf16 on CPU: the scorer and the trainer agree
+    assert abs(out["ln2_check"]["minus_ln2"]) < 1e-4  # bf16 on CPU: the reference is the step's own forward
+    assert out["reference"]["pairs"] == 8 and out["reference"]["tok_s"] > 0
     assert out["plan"]["train_memory_total_gb"] > 0

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.plan import (GB, Arch, load_arch, make_plan, parse_cluster, phases, preflight, requests, resolve,
+from spin_ray.plan import (GB, load_arch, make_plan, parse_cluster, phases, preflight, requests, resolve,
                            train_memory)
 
 CPU4 = {"CPU": 4.0}
@@ -74,20 +74,18 @@ def test_seven_b_adamw_on_one_h200_does_not_fit_as_measured():
     """Measured (benchmarks/results/gpu): zephyr-7b, AdamW, one H200 (139.8 GiB) ran out of memory in the optimizer
     step at 144.9 GB. Without the step's foreach buffer the plan said 131 GB, fits."""
     c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
-        "train.num_workers=1", "generate.num_actors=1", "score.num_actors=1", "train.optimizer=adamw"])
+        "train.num_workers=1", "generate.num_actors=1", "train.optimizer=adamw"])
     plan = make_plan(c, parse_cluster("1x1xH200"), load_arch(c.model))
     assert any("training" in p and "GB" in p for p in plan.problems), plan.problems
 
 
 def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
     c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
-        "train.num_workers=1", "generate.num_actors=1", "score.num_actors=1", "train.global_batch_size=64"])
+        "train.num_workers=1", "generate.num_actors=1", "train.global_batch_size=64"])
     plan = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
     assert not plan.fits
-    # 7.24 B fp32 parameters alone are 29 GB: training and the fp32 scorer exceed 24 GB; and both pools need a GPU
+    # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB
     assert any(p.startswith("training needs") and "24.0 GB" in p for p in plan.problems), plan.problems
-    assert any("scoring actor" in p for p in plan.problems)
-    assert any("generate.num_actors" in p and "score.num_actors" in p for p in plan.problems)
 
 
 def test_paper_recipe_fits_four_h100_nodes():
@@ -95,7 +93,9 @@ def test_paper_recipe_fits_four_h100_nodes():
     plan = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
     assert plan.fits, plan.problems
     text = "\n".join(plan.lines)
-    assert "pairs   generate + score" in text and "16 GPU" in text  # 8 + 8 GPUs stream together
+    # Generation, then training (its first pass the reference log-probs): the phases take turns
+    assert "pairs   generate " in text and "train   train " in text and "score" not in text
+    assert "reference" in text
 
 
 def test_parse_cluster():
@@ -110,14 +110,14 @@ def test_parse_cluster():
 def test_resources_decide_the_gpu_requests():
     gpu_cluster = {"CPU": 32.0, "GPU": 8.0}
     r = requests(resolve(cfg("generate.tensor_parallel_size=2"), gpu_cluster))  # auto on a GPU cluster
-    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (2.0, 1.0, 1.0)
+    assert (r["generate"].gpus, r["train"].gpus) == (2.0, 1.0)
     r = requests(resolve(cfg(), CPU4))  # auto, no GPUs anywhere
-    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (0.0, 0.0, 0.0)
+    assert (r["generate"].gpus, r["train"].gpus) == (0.0, 0.0)
     # gpu: asked for even while the cluster has none (an autoscaler adds GPU nodes for the demand)
     r = requests(resolve(cfg("resources=gpu"), CPU4))
-    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (1.0, 1.0, 1.0)
+    assert (r["generate"].gpus, r["train"].gpus) == (1.0, 1.0)
     r = requests(resolve(cfg("resources=cpu", "generate.num_gpus_per_actor=0.5"), gpu_cluster))
-    assert (r["generate"].gpus, r["score"].gpus, r["train"].gpus) == (0.5, 0.0, 0.0)  # explicit values win
+    assert (r["generate"].gpus, r["train"].gpus) == (0.5, 0.0)  # explicit values win
     with pytest.raises(ConfigError, match="resources"):
         cfg("resources=cpu", "train.use_gpu=true")
 
@@ -129,22 +129,26 @@ def test_preflight_refuses_max_tokens_that_leave_no_prompt():
 
 
 def test_preflight_refuses_pools_that_only_fit_one_at_a_time():
-    c = cfg("resources=gpu", "generate.num_actors=2", "score.num_actors=2", "train.num_workers=2",
+    # Warm engines keep their GPUs while training runs
+    c = cfg("resources=gpu", "generate.num_actors=2", "generate.keep_warm=true", "train.num_workers=2",
             "train.global_batch_size=16")
     with pytest.raises(ConfigError) as e:
         preflight(c, {"CPU": 16.0, "GPU": 3.0})
     msg = str(e.value)
-    assert "generate.num_actors = 2" in msg and "score.num_actors = 2" in msg and "4 GPU together" in msg
-    assert "same time" in msg and "at most 3" in msg
+    assert "generate.num_actors = 2" in msg and "train.num_workers = 2" in msg and "4 GPU together" in msg
+    assert "while training runs" in msg and "at most 3" in msg
     preflight(c, {"CPU": 16.0, "GPU": 4.0})
-    # CPUs count the same way: 3 + 2 actors of 1 CPU on 4 CPUs
-    with pytest.raises(ConfigError, match="5 CPU together"):
-        preflight(cfg("generate.num_actors=3", "score.num_actors=2"), CPU4)
+    # Without warm engines the phases take turns on the same 2 GPUs
+    preflight(cfg("resources=gpu", "generate.num_actors=2", "train.num_workers=2", "train.global_batch_size=16"),
+              {"CPU": 16.0, "GPU": 2.0})
+    # CPUs count the same way: 3 warm engines of 1 CPU + a worker of 2 on 4 CPUs
+    with pytest.raises(ConfigError, match="CPU together"):
+        preflight(cfg("generate.num_actors=3", "generate.keep_warm=true", "train.num_cpus_per_worker=2"), CPU4)
 
 
 def test_preflight_refuses_a_unit_that_fits_no_single_node():
     # Three 4-GPU nodes have 12 GPUs in all, but a tensor-parallel-8 engine needs 8 on one node; Ray would wait forever.
-    c = cfg("resources=gpu", "generate.tensor_parallel_size=8", "score.num_actors=1", "train.num_workers=1",
+    c = cfg("resources=gpu", "generate.tensor_parallel_size=8", "train.num_workers=1",
             "train.global_batch_size=8")
     nodes = [{"CPU": 48.0, "GPU": 4.0}] * 3
     preflight(c, {"CPU": 144.0, "GPU": 12.0}, stages=("pairs",))  # totals alone let it through
@@ -218,7 +222,7 @@ def test_plan_cli_exit_codes():
     assert ok.returncode == 0, ok.stderr
     assert "memory per training GPU" in ok.stdout and "time per iteration" in ok.stdout and "assumptions:" in ok.stdout
     tight = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x1xA10G",
-                    "--set", "train.num_workers=1", "--set", "generate.num_actors=1", "--set", "score.num_actors=1")
+                    "--set", "train.num_workers=1", "--set", "generate.num_actors=1")
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
     bad = run_cli("--cluster", "1x8xV99")
     assert bad.returncode == 2 and "--cluster" in bad.stderr

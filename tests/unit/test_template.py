@@ -37,7 +37,7 @@ def test_truncation_keeps_the_prompt_end_then_cuts_both_responses(tok):
     assert short["prompt_ids"] == prompt_ids(tok, PROMPT) and short["real_ids"] == response_ids(tok, "cba")
 
 
-def test_generator_samples_on_the_prompt_ids_the_scorer_uses(tok, tiny_model):
+def test_generator_samples_on_the_prompt_ids_the_trainer_uses(tok, tiny_model):
     import pyarrow as pa
 
     from spin_ray.config import GenerateConfig
@@ -52,9 +52,12 @@ def test_generator_samples_on_the_prompt_ids_the_scorer_uses(tok, tiny_model):
     gen = Generator(tiny_model, GenerateConfig(backend="transformers", max_tokens=50), iteration=0, seed=0,
                     max_length=64, max_prompt_length=24)
     gen.engine = Recorder()
-    gen(pa.table({"prompt_id": ["a", "b"], "prompt": [long_prompt, PROMPT]}))
-    for fed, prompt in zip(gen.engine.prompts, [long_prompt, PROMPT]):
-        assert fed == encode_pair(tok, prompt, "anything", "x", max_length=64, max_prompt_length=24)["prompt_ids"]
+    out = gen(pa.table({"prompt_id": ["a", "b"], "prompt": [long_prompt, PROMPT], "real": ["cba", "a b c " * 40]}))
+    for fed, prompt, row in zip(gen.engine.prompts, [long_prompt, PROMPT], out.to_pylist()):
+        # The engine's prompt and the stored ids are the one rule's (template.encode_pair): tokenised once, here
+        encoded = encode_pair(tok, prompt, row["real"], "x", max_length=64, max_prompt_length=24)
+        assert fed == encoded["prompt_ids"] and {k: row[k] for k in encoded} == encoded
+    assert len(out.column("real_ids")[1].as_py()) == 64 - len(gen.engine.prompts[1])  # cut to max_length
 
 
 def test_collate_masks_prompt_and_padding(tok):
