@@ -84,10 +84,50 @@ def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
         "train.num_workers=1", "generate.num_actors=1", "score.num_actors=1", "train.global_batch_size=64"])
     plan = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
     assert not plan.fits
-    # 7.24 B fp32 parameters alone are 29 GB: training and the fp32 scorer exceed 24 GB; and both pools need a GPU
-    assert any(p.startswith("training needs") and "24.0 GB" in p for p in plan.problems), plan.problems
-    assert any("scoring actor" in p for p in plan.problems)
+    # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB; and both pools need a GPU at the same time
+    assert any(p.startswith("training needs") and "24.0 GB" in p and "train.lora" in p for p in plan.problems), \
+        plan.problems
     assert any("generate.num_actors" in p and "score.num_actors" in p for p in plan.problems)
+    # The scorer holds its weights in score.dtype (bf16 on GPU): 14.5 GB + 3.0 activations + 0.3 logits + 2 overhead
+    assert not any(p.startswith("a scoring actor") for p in plan.problems)
+    assert "  weights (bfloat16)            14.5 GB" in plan.lines
+
+
+def test_lora_train_memory_by_hand():
+    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
+            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true",
+            "train.lora.r=4", "train.lora.dropout=0.1", "train.lora.target_modules=[q_proj, v_proj, down_proj]")
+    m = train_memory(load_arch("tiny"), c)
+    # 4 x (in + out) per adapter: q (64 + 64), v (64 + 64), down (128 + 64); 2 layers → 3584 trained weights
+    trained = 2 * 4 * ((64 + 64) + (64 + 64) + (128 + 64))
+    assert load_arch("tiny").lora_params(4, ["q_proj", "v_proj", "down_proj"]) == trained == 3584
+    assert m["frozen base (bfloat16)"] == 2 * 147776 / 2  # every θ_t weight in bf16, sharded over 2
+    assert m["adapters (fp32)"] == m["gradients (fp32)"] == m["optimizer step (foreach)"] == 4 * trained / 2
+    assert m["optimizer (rmsprop, fp32)"] == 4 * trained / 2 and "parameters (fp32)" not in m
+    # per token per layer: 2304 B as full fine-tuning, plus each adapter's A output (4 values) and, under dropout,
+    # its dropped input (64, 64, 128 values), in bf16: 2 x (68 + 68 + 132) = 536 B; 2 layers x 32 tokens
+    assert m["activations"] == 2 * 32 * (2304 + 536)
+    with pytest.raises(ConfigError, match="train.lora.target_modules: spin-ray plan knows .* not qkv"):
+        train_memory(load_arch("tiny"), cfg("train.lora.target_modules=[qkv]"))
+
+
+def test_seven_b_lora_trains_on_one_a10g():
+    """zephyr-7b with LoRA: the frozen bf16 base (14.5 GB) and a 1-pair micro-batch fit one 24 GB GPU; generation
+    and scoring stream together and need a GPU each, so one A10G runs no iteration, two do."""
+    sets = ["train.num_workers=1", "generate.num_actors=1", "score.num_actors=1", "train.micro_batch_size=1",
+            "train.lora.r=16"]
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", sets)
+    one = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
+    train = train_memory(load_arch(c.model), c)
+    assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) < 24 * GB
+    assert [p for p in one.problems if "training" in p or "GB" in p] == []
+    assert len(one.problems) == 1 and "need 2 GPU together" in one.problems[0]
+    assert make_plan(c, parse_cluster("1x2xA10G"), load_arch(c.model)).fits
+    # Sharing one GPU instead (half each): a vLLM engine's 0.85 x 24 GB and a scorer do not fit together.
+    shared = make_plan(SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        *sets, "generate.num_gpus_per_actor=0.5", "score.num_gpus_per_actor=0.5"]), parse_cluster("1x1xA10G"),
+        load_arch(c.model))
+    assert any(p.startswith("generation and scoring share a GPU") for p in shared.problems), shared.problems
 
 
 def test_paper_recipe_fits_four_h100_nodes():
