@@ -109,11 +109,11 @@ def test_selective_recomputes_no_matmul_and_full_recomputes_every_layer(tiny_mod
     assert selective == none < full
 
 
-def lora_trainer(tiny_model: str, **lora: object) -> Trainer:
+def lora_trainer(tiny_model: str, train: dict | None = None, **lora: object) -> Trainer:
     from spin_ray.config import LoraConfig
 
-    return make(tiny_model, lora=LoraConfig(**{"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj",
-                                                                                        "down_proj"], **lora}))
+    return make(tiny_model, **train or {}, lora=LoraConfig(**{
+        "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"], **lora}))
 
 
 def test_lora_starts_at_theta_t_and_trains_only_the_adapters(tiny_model):
@@ -190,3 +190,41 @@ def test_lora_refuses_the_head_and_unknown_targets(tiny_model):
         lora_trainer(tiny_model, target_modules=["lm_head"])
     with pytest.raises(ConfigError, match=r"train.lora.target_modules = \['qkv'\]: .*not found"):
         lora_trainer(tiny_model, target_modules=["qkv"])
+
+
+@pytest.fixture
+def world_of_one():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    if dist.is_initialized():  # left by an earlier in-process test
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_bf16_lora_holds_a_bf16_base_and_resumes_exactly(world_of_one, tiny_model, tmp_path):
+    """FSDP2 (meta init) in bf16: the frozen base is bf16 (no fp32 master copy), the adapters fp32; a resumed trainer
+    built without θ_t's weights (load_weights off) takes the checkpoint's base and adapters and the same next step."""
+    from spin_ray.checkpoint import STATE, load_state, save_state
+
+    a = lora_trainer(tiny_model, {"strategy": "fsdp", "dtype": "bfloat16"})
+    dtypes = {name: p.dtype for name, p in a.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    pairs = with_refs(a, [PAIRS])  # θ_t in bf16, as the scorer computes it with score.dtype=bfloat16
+    assert a.train_step(pairs)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    save_state(a.model, a.optimizer, a.scheduler, 1, 0, str(tmp_path))
+    torch.manual_seed(1)
+    b = Trainer(tiny_model, a.tc, total_steps=4)
+    b.setup(load_weights=False)
+    assert load_state(str(tmp_path / STATE), b.model, b.optimizer, b.scheduler, 0) == 1
+    a.train_step(pairs)
+    b.train_step(pairs)
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(x.to_local(), y.to_local())
