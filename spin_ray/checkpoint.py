@@ -113,22 +113,62 @@ def model_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def export_hf(model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype, rank: int, out: str,
-            marker: dict[str, Any]) -> None:
-    """θ_{t+1} as an HF folder in θ_t's dtype, written by rank 0 straight to `out`: each parameter is gathered whole
-    one at a time (every rank takes part under FSDP2) and only rank 0 keeps it, on the CPU and already cast, so no
-    rank ever holds an fp32 copy of the whole model. A local `out` appears by rename; on a URI the marker is last."""
-    import pyarrow.fs as pafs
+def _gathered(model: torch.nn.Module, rank: int, dtype: torch.dtype, only: str = "") -> dict[str, torch.Tensor]:
+    """The model's state entries whose name holds `only`, each gathered whole one at a time (every rank takes part
+    under FSDP2) and kept by rank 0 alone, on the CPU in `dtype`; {} on the other ranks."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = {}
     for name, tensor in get_model_state_dict(model).items():
+        if only not in name:
+            continue
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         if rank == 0:
             state[name] = full.detach().to("cpu", dtype)
+    return state
+
+
+def merge_lora(model: torch.nn.Module, base: str, dtype: torch.dtype, rank: int,
+               trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """θ_{t+1} of a LoRA run as a plain HF model (rank 0; None elsewhere): θ_t read from `base` in `dtype`, each
+    adapted weight W replaced by W + (α/r)·B·A computed in fp32, then cast to `dtype`. Every rank takes part in
+    gathering the adapters, the only trained weights; the frozen ones are θ_t's, read from `base` exactly (the workers
+    hold them in the compute dtype, which may be coarser than θ_t's own)."""
+    from peft.tuners.lora import LoraLayer
+
+    from spin_ray.models import load_model
+
+    trained = getattr(model, "module", model)  # DDP's wrapper; the state dict's names are the inner model's
+    scales = {name: m.scaling["default"] for name, m in trained.named_modules() if isinstance(m, LoraLayer)}
+    adapters = _gathered(model, rank, torch.float32, only=".lora_")
+    if rank != 0:
+        return None
+    merged = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    weights = dict(merged.named_parameters())
+    with torch.no_grad():
+        for name, scale in scales.items():
+            a, b = adapters[f"{name}.lora_A.default.weight"], adapters[f"{name}.lora_B.default.weight"]
+            w = weights[f"{name}.weight"]
+            w.copy_(w.float() + scale * (b @ a))
+    return merged
+
+
+def export_hf(model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype, rank: int, out: str,
+            marker: dict[str, Any], lora_base: str | None = None, trust_remote_code: bool = False) -> None:
+    """θ_{t+1} as an HF folder in θ_t's dtype, written by rank 0 straight to `out`: each parameter is gathered whole
+    one at a time (every rank takes part under FSDP2) and only rank 0 keeps it, on the CPU and already cast, so no
+    rank ever holds an fp32 copy of the whole model. With train.lora, `lora_base` is θ_t's folder and the export is
+    merged (merge_lora): no adapter files, so every later stage loads θ_{t+1} itself. A local `out` appears by rename;
+    on a URI the marker is last."""
+    import pyarrow.fs as pafs
+
+    if lora_base is None:
+        state = _gathered(model, rank, dtype)
+        hf_model = getattr(model, "module", model)
+    else:
+        state, hf_model = None, merge_lora(model, lora_base, dtype, rank, trust_remote_code)
     if rank != 0:
         return
-    hf_model = getattr(model, "module", model)
     fs, path = records.filesystem(out)
     local = isinstance(fs, pafs.LocalFileSystem)
     with tempfile.TemporaryDirectory() as tmp:

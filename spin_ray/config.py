@@ -73,6 +73,21 @@ class GenerateConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on θ_t's frozen weights; θ_{t+1} is exported merged, W + (alpha/r)·B·A, as a plain HF
+    folder, so the next iteration's reference is θ_{t+1} itself (not the adapter-free base, θ_0)."""
+    r: int = 16
+    """Rank of each adapter (B·A with A: r x in, B: out x r)."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter adds (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers adapted, by name suffix (PEFT's matching); the output head and embeddings cannot be."""
+
+
+@dataclass
 class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
@@ -133,6 +148,9 @@ class TrainConfig:
     """Peak lr per iteration (paper: [5e-7, 5e-7, 1e-7, 1e-7]); None uses `lr` throughout."""
     epochs_per_iteration: list[int] | None = None
     """Epochs for iteration t = epochs_per_iteration[t] (the last entry repeats); None uses `epochs` throughout."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters (frozen base in the compute dtype, no optimizer state or gradients for it) instead of every
+    weight; None = full fine-tuning. A section; `--set train.lora.r=8` turns it on with the other keys' defaults."""
 
 
 @dataclass
@@ -226,7 +244,9 @@ class SpinConfig:
             node = tree
             *parents, leaf = key.strip().split(".")
             for p in parents:
-                node = node.setdefault(p, {})
+                if node.get(p) is None:  # absent, or an optional section set to null (train.lora: null)
+                    node[p] = {}
+                node = node[p]
                 if not isinstance(node, dict):
                     raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
             try:
@@ -315,6 +335,7 @@ class SpinConfig:
              "must hold only values > 0"),
             ("train.epochs_per_iteration", all(e >= 1 for e in self.train.epochs_per_iteration or []),
              "must hold only values >= 1"),
+            *self._lora_checks(),
             ("loop.iterations", self.loop.iterations >= 1, "must be >= 1"),
             ("loop.window", self.loop.window >= 1, "must be >= 1"),
             ("eval.rows", self.eval.rows >= 1, "must be >= 1"),
@@ -335,6 +356,16 @@ class SpinConfig:
                 value = _get(self, name)
                 hint = _did_you_mean(value, DTYPES) if name.endswith(".dtype") else ""
                 raise ConfigError(f"{name} = {value!r}: {why}{hint}")
+
+    def _lora_checks(self) -> list[tuple[str, bool, str]]:
+        lora = self.train.lora
+        if lora is None:
+            return []
+        return [("train.lora.r", lora.r >= 1, "must be >= 1"),
+                ("train.lora.alpha", lora.alpha > 0, "must be > 0"),
+                ("train.lora.dropout", 0 <= lora.dropout < 1, "must be in [0, 1)"),
+                ("train.lora.target_modules", bool(lora.target_modules) and all(lora.target_modules),
+                 "must name at least one linear layer (e.g. [q_proj, v_proj])")]
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -415,13 +446,24 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in tree.items():
         hint, dotted = hints[name], prefix + name
-        if dataclasses.is_dataclass(hint):
+        section = _section(hint)
+        if section is not None and value is None and type(None) in typing.get_args(hint):
+            kwargs[name] = None
+        elif section is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted} must be a section (a mapping), got {value!r}")
-            kwargs[name] = _build(hint, value, dotted + ".")
+            kwargs[name] = _build(section, value, dotted + ".")
         else:
             kwargs[name] = _coerce(value, hint, dotted)
     return cls(**kwargs)
+
+
+def _section(hint: Any) -> type | None:
+    """The dataclass of a section field, optional (`LoraConfig | None`) or not; None for a plain value."""
+    for arg in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
 
 
 def _coerce(value: Any, hint: Any, dotted: str) -> Any:

@@ -28,6 +28,8 @@ def config_hash(cfg: SpinConfig) -> str:
         for p in parents:
             node = node[p]
         node.pop(leaf, None)
+    if tree["train"]["lora"] is None:  # full fine-tuning hashes as before train.lora existed
+        del tree["train"]["lora"]
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -329,6 +329,21 @@ class Arch:
     def params(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each decoder layer's linear projections, by their Llama-style module names."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_params(self, r: int, targets: list[str]) -> int:
+        """Adapter weights of rank `r` on the named projections of every layer: r·(in + out) each (A and B)."""
+        shapes = self.linear_shapes()
+        unknown = sorted(set(targets) - set(shapes))
+        if unknown:
+            raise ConfigError(f"train.lora.target_modules: spin-ray plan knows the sizes of {', '.join(shapes)}, "
+                              f"not {', '.join(unknown)}")
+        return self.layers * sum(r * sum(shapes[t]) for t in set(targets))
+
     def forward_flops_per_token(self, context: int) -> float:
         """2 FLOPs per weight of every matmul (the LM head too, tied or not) plus causal attention over `context`
         tokens (QKᵀ and AV, each 2·q_dim per attended token, half the context on average)."""
@@ -384,8 +399,12 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
     fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
     CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
+    With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
+    state; those, the fp32 master copy and the step's buffer are the adapters' only. Each adapter also keeps its A
+    output (r values per token) and, under dropout, its dropped input.
     """
     t, p = cfg.train, arch.params
+    trained = p if t.lora is None else arch.lora_params(t.lora.r, t.lora.target_modules)
     dtype = resolve_dtype(t.dtype, t.use_gpu)
     reduced = dtype != "float32"
     width = 2 if reduced else 4  # bytes per activation value
@@ -394,15 +413,20 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     states = 2 if t.optimizer == "adamw" else 1
     tokens = 2 * t.micro_batch_size * cfg.data.max_length
     per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
+    if t.lora is not None:
+        shapes = arch.linear_shapes()
+        per_layer += width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
     # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
     acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
             else arch.layers * tokens * per_layer)
     ddp_buckets = not fsdp and not reduced and t.num_workers > 1
+    frozen = {} if t.lora is None else {f"frozen base ({dtype})": width * p / shards}  # the adapters are extra
     return {
-        "parameters (fp32)": 4 * p / shards,
-        "gradients (fp32)": 4 * p / shards + (4 * p if ddp_buckets else 0),
-        f"optimizer ({t.optimizer}, fp32)": 4 * states * p / shards,
-        "optimizer step (foreach)": 4 * p / shards,
+        **frozen,
+        "parameters (fp32)" if t.lora is None else "adapters (fp32)": 4 * trained / shards,
+        "gradients (fp32)": 4 * trained / shards + (4 * trained if ddp_buckets else 0),
+        f"optimizer ({t.optimizer}, fp32)": 4 * states * trained / shards,
+        "optimizer step (foreach)": 4 * trained / shards,
         "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
         "activations": acts,
         "logits": (10 if reduced else 8) * min(tokens, CHUNK_TOKENS) * arch.vocab,
@@ -425,9 +449,10 @@ def kv_bytes_per_token(arch: Arch) -> int:
 
 
 def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int) -> float:
-    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward), plus
-    the recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not
-    counted); the reference pass is one forward."""
+    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward; 1x with a
+    frozen base under LoRA, whose weight gradients are never computed: the adapters' are negligible), plus the
+    recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not counted);
+    the reference pass is one forward."""
     flops = passes * arch.forward_flops_per_token(context) * tokens
     return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
 
@@ -500,16 +525,20 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     train_mem = train_memory(arch, cfg)
     if not on_gpu:
         capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
-    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({t.strategy}, {t.num_workers} "
-                f"worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, activation "
-                f"checkpointing {t.activation_checkpointing}):"]
+    lora = "" if t.lora is None else (
+        f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
+        f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
+    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}, "
+                f"{t.num_workers} worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, "
+                f"activation checkpointing {t.activation_checkpointing}):"]
     out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
     total = sum(train_mem.values())
     out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
     if total > capacity:
         problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
                         "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
-                        "smaller train.micro_batch_size or data.max_length, or larger devices")
+                        "smaller train.micro_batch_size or data.max_length, "
+                        f"{'train.lora (adapters only), ' if t.lora is None else ''}or larger devices")
     context = p_tok + g.max_tokens
     if reqs["generate"].gpus:
         v = vllm_memory(arch, cfg, dev)
@@ -545,8 +574,8 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
                                                        name="CPU")
     window_tokens = window_pairs * 2 * cfg.data.max_length
-    train_s = train_seconds(arch, window_tokens * t.epochs, cfg.data.max_length, t.num_workers, train_dev,
-                            4 if t.activation_checkpointing == "full" else 3)
+    passes = (2 if t.lora is not None else 3) + (1 if t.activation_checkpointing == "full" else 0)
+    train_s = train_seconds(arch, window_tokens * t.epochs, cfg.data.max_length, t.num_workers, train_dev, passes)
     reference_s = train_seconds(arch, window_tokens, cfg.data.max_length, t.num_workers, train_dev, 1)
     iteration_s = gen_s + reference_s + train_s
     out += ["", "time per iteration (at the full window):",

@@ -321,7 +321,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             ray.train.report(metrics)
     # Also when a restarted group finds every step done (killed while exporting): the export is redone.
     export_hf(trainer.model, tokenizer, model_dtype(source, **trust), rank, c["out"],
-              final_metrics(lines, len(lengths), tc.epochs))
+              final_metrics(lines, len(lengths), tc.epochs), lora_base=source if tc.lora else None, **trust)
 
 
 def window_iterations(cfg: SpinConfig) -> range:

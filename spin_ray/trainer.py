@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from spin_ray.config import TrainConfig, resolve_dtype
+from spin_ray.config import ConfigError, TrainConfig, resolve_dtype
 from spin_ray.loss import spin_loss
 from spin_ray.template import pack_varlen, varlen_logps
 
@@ -71,6 +71,33 @@ def prepare_blocks(model: torch.nn.Module, tc: TrainConfig) -> None:
             layer.compile()
 
 
+def add_lora(model: torch.nn.Module, tc: TrainConfig, dtype: str) -> None:
+    """train.lora: PEFT's LoRA adapters on train.lora.target_modules, in place (A random, B zero: the model still
+    computes θ_t), every other weight frozen and held in `dtype`, the compute dtype (no fp32 master copy: it is never
+    updated). The adapters stay fp32, the optimizer's master copy. A no-op when train.lora is null."""
+    if tc.lora is None:
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    lc, head = tc.lora, model.get_output_embeddings()
+    try:
+        inject_adapter_in_model(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                           target_modules=list(lc.target_modules)), model)
+    except ValueError as e:  # PEFT's "Target modules ... not found in the base model"
+        raise ConfigError(f"train.lora.target_modules = {lc.target_modules!r}: {e}") from None
+    for name, module in model.named_modules():
+        # The merged export adds (α/r)·B·A to a linear weight; the head may share its weight with the embeddings.
+        if isinstance(module, LoraLayer) and (type(module.base_layer) is not torch.nn.Linear
+                                              or module.base_layer is head):
+            raise ConfigError(f"train.lora.target_modules = {lc.target_modules!r} matches {name}, which is not a "
+                              "linear layer of the decoder (the output head and embeddings cannot be adapted); name "
+                              "only projections such as q_proj, v_proj")
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(getattr(torch, dtype))
+
+
 def _mesh(tc: TrainConfig, world: int, device: torch.device) -> "DeviceMesh":
     """FSDP: one shard group of all workers, or HSDP (shard within groups of train.hsdp_shard_size, replicate
     across them). DDP in reduced precision: replicate across all, shard over 1."""
@@ -90,6 +117,7 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
 
     Parameters stay fp32 (the optimizer's master copy); in bf16 each layer is all-gathered and computed in bf16 and
     gradients are reduced in fp32 (MixedPrecisionPolicy), instead of autocast keeping a bf16 copy of every layer.
+    With train.lora only the adapters are fp32 and trained; the frozen base is sharded in the compute dtype.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -100,6 +128,7 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
                                                  dtype=torch.float32, trust_remote_code=trust_remote_code)
+        add_lora(model, tc, dtype)
     prepare_blocks(model, tc)
     policy = (MixedPrecisionPolicy() if dtype == "float32" else
               MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32))
@@ -112,8 +141,11 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
         if "RotaryEmbedding" in type(module).__name__:
             model._init_weights(module)
     if load_weights:
-        full = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code).state_dict() \
-            if rank == 0 else {}
+        full = {}
+        if rank == 0:  # with LoRA, rank 0's adapters (and the base's renamed keys) are every rank's
+            weights = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            add_lora(weights, tc, dtype)
+            full = weights.state_dict()
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -194,6 +226,7 @@ class Trainer:
                                   load_weights=load_weights, **trust)
         else:
             model = load_model(self.source, dtype=torch.float32, **trust)
+            add_lora(model, tc, self.dtype)
             prepare_blocks(model, tc)
             model = model.to(self.device)
             if self.world > 1:

@@ -230,3 +230,30 @@ def test_warm_engines_take_the_new_weights(tiny_model, ray_cluster, tmp_path):
     assert {r["prompt_id"]: r["generated"] for r in warm} == cold
     before = {r["prompt_id"]: r["generated"] for r in pq.read_table(tmp_path / "warm" / "iter_0" / "pairs").to_pylist()}
     assert before != cold  # θ_1 answers differently from θ_0, so the comparison above can fail
+
+
+def test_two_lora_iterations_each_start_from_the_merged_theta_t(tiny_model, ray_cluster, tmp_path):
+    """train.lora in the loop: θ_1 is exported merged (a plain HF folder that vLLM generates iteration 1's answers
+    from and whose reference pass scores iteration 1's pairs), so iteration 1 starts at ln 2 again and its adapters sit
+    on θ_1: θ_2 − θ_1 has rank <= r in every adapted matrix (on θ_0, the known trap, it would not)."""
+    import torch
+    from safetensors.torch import load_file
+
+    targets = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    results = run(cfg_for(tiny_model, tmp_path, "train.lora.r=4", "train.lora.alpha=8",
+                          "train.lora.target_modules=[q_proj, v_proj, down_proj]", "generate.backend=vllm",
+                          "eval.enabled=false"))
+    assert [r.iteration for r in results] == [0, 1]
+    assert pq.read_table(os.path.join(tmp_path, "iter_1", "pairs")).num_rows == 16  # vLLM loaded θ_1
+    for t in (0, 1):
+        assert lines(tmp_path, t)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    thetas = [load_file(os.path.join(m, "model.safetensors")) for m in (tiny_model, *(r.model for r in results))]
+    for r in results:
+        assert not [f for f in os.listdir(r.model) if "adapter" in f]
+    adapted = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in targets}
+    for before, after in zip(thetas, thetas[1:]):
+        assert set(after) == set(before)
+        assert {k for k in before if not torch.equal(before[k], after[k])} == adapted
+        for k in adapted:
+            s = torch.linalg.svdvals((after[k] - before[k]).double())
+            assert s[4] < 1e-4 * s[0], k

@@ -130,13 +130,44 @@ def test_two_workers_and_fsdp_take_the_same_steps_as_one(tiny_model, pairs, tmp_
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_lora_under_ddp_and_fsdp_takes_the_same_steps_and_exports_merged(tiny_model, pairs, tmp_path):
+    """train.lora on 1 worker, on 2 DDP workers and on 2 FSDP2 workers (adapters injected on the meta model, rank
+    0's broadcast): the same global batches give the same steps; only the adapted matrices of θ_{t+1} differ."""
+    steps = ["train.lr=1e-3", "train.epochs=1", "train.micro_batch_size=2", "train.lora.r=4",
+             "train.lora.target_modules=[q_proj, v_proj, down_proj]"]
+    one = train(cfg_for(tiny_model, tmp_path / "one", *steps), pairs=[pairs])
+    ddp = train(cfg_for(tiny_model, tmp_path / "ddp", *steps, "train.num_workers=2"), pairs=[pairs])
+    fsdp = train(cfg_for(tiny_model, tmp_path / "fsdp", *steps, "train.num_workers=2", "train.strategy=fsdp",
+                         "train.activation_checkpointing=full"), pairs=[pairs])
+    a = metrics(tmp_path / "one")
+    assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-3) and len(a) == 4
+    w0 = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    wa = AutoModelForCausalLM.from_pretrained(one.model).state_dict()
+    assert set(wa) == set(w0)
+    moved = {k for k in w0 if not torch.equal(wa[k], w0[k])}
+    assert moved == {f"model.layers.{i}.{m}.weight" for i in range(2)
+                     for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    for run in (ddp, fsdp):
+        b = metrics(os.path.dirname(os.path.dirname(run.model)))
+        assert len(b) == 4
+        for x, y in zip(a, b):
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        wb = AutoModelForCausalLM.from_pretrained(run.model).state_dict()
+        assert sorted(os.listdir(one.model)) == sorted(os.listdir(run.model))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
 def test_bf16_mixed_precision_starts_at_ln2(tiny_model, pairs, tmp_path):
     """train.dtype=bfloat16 (FSDP2 MixedPrecisionPolicy, DDP as replicate-only FSDP2) on pairs made at the default
     precision: the reference pass computes in bf16 like the step, so step 1's loss is ln 2 (it was ln 2 + 1.6e-3 when
-    the reference's precision was fixed when the pairs were made)."""
+    the reference's precision was fixed when the pairs were made). LoRA: the frozen base held in bf16 (no fp32 master
+    copy), the fp32 adapters all-gathered in bf16."""
     fp32 = None
     for name, extra in [("fp32", []), ("ddp", ["train.dtype=bfloat16"]),
-                        ("fsdp", ["train.dtype=bfloat16", "train.num_workers=2", "train.strategy=fsdp"])]:
+                        ("fsdp", ["train.dtype=bfloat16", "train.num_workers=2", "train.strategy=fsdp"]),
+                        ("lora", ["train.dtype=bfloat16", "train.num_workers=2", "train.strategy=fsdp",
+                                  "train.lora.r=4"])]:
         train(cfg_for(tiny_model, tmp_path / name, "train.lr=1e-4", "train.epochs=1", "train.micro_batch_size=2",
                       *extra), pairs=[pairs])
         ref = records.read_table(str(tmp_path / name / "iter_0" / "reference"))

@@ -84,8 +84,39 @@ def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
         "train.num_workers=1", "generate.num_actors=1", "train.global_batch_size=64"])
     plan = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
     assert not plan.fits
-    # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB
-    assert any(p.startswith("training needs") and "24.0 GB" in p for p in plan.problems), plan.problems
+    # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB, and the refusal names LoRA as a way out
+    assert any(p.startswith("training needs") and "24.0 GB" in p and "train.lora" in p for p in plan.problems), \
+        plan.problems
+
+
+def test_lora_train_memory_by_hand():
+    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
+            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true",
+            "train.lora.r=4", "train.lora.dropout=0.1", "train.lora.target_modules=[q_proj, v_proj, down_proj]")
+    m = train_memory(load_arch("tiny"), c)
+    # 4 x (in + out) per adapter: q (64 + 64), v (64 + 64), down (128 + 64); 2 layers → 3584 trained weights
+    trained = 2 * 4 * ((64 + 64) + (64 + 64) + (128 + 64))
+    assert load_arch("tiny").lora_params(4, ["q_proj", "v_proj", "down_proj"]) == trained == 3584
+    assert m["frozen base (bfloat16)"] == 2 * 147776 / 2  # every θ_t weight in bf16, sharded over 2
+    assert m["adapters (fp32)"] == m["gradients (fp32)"] == m["optimizer step (foreach)"] == 4 * trained / 2
+    assert m["optimizer (rmsprop, fp32)"] == 4 * trained / 2 and "parameters (fp32)" not in m
+    # per token per layer: 2304 B as full fine-tuning, plus each adapter's A output (4 values) and, under dropout,
+    # its dropped input (64, 64, 128 values), in bf16: 2 x (68 + 68 + 132) = 536 B; 2 layers x 32 tokens
+    assert m["activations"] == 2 * 32 * (2304 + 536)
+    with pytest.raises(ConfigError, match="train.lora.target_modules: spin-ray plan knows .* not qkv"):
+        train_memory(load_arch("tiny"), cfg("train.lora.target_modules=[qkv]"))
+
+
+def test_seven_b_lora_runs_on_one_a10g():
+    """zephyr-7b with LoRA: the frozen bf16 base (14.5 GB) and a 1-pair micro-batch fit one 24 GB GPU, and
+    generation (one engine) and training take turns on it, so one A10G runs the whole iteration."""
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        "train.num_workers=1", "generate.num_actors=1", "train.micro_batch_size=1", "train.lora.r=16"])
+    one = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
+    train = train_memory(load_arch(c.model), c)
+    assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) < 24 * GB
+    assert one.fits, one.problems
+    assert any(line.startswith("  KV cache holds") for line in one.lines)  # the engine has room for sequences
 
 
 def test_paper_recipe_fits_four_h100_nodes():

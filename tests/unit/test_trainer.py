@@ -4,6 +4,7 @@ call. The multi-worker invariance (1x4 = 2x2 = FSDP2 = HSDP) is tests/integratio
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -106,3 +107,124 @@ def test_selective_recomputes_no_matmul_and_full_recomputes_every_layer(tiny_mod
 
     none, selective, full = flops("none"), flops("selective"), flops("full")
     assert selective == none < full
+
+
+def lora_trainer(tiny_model: str, train: dict | None = None, **lora: object) -> Trainer:
+    from spin_ray.config import LoraConfig
+
+    return make(tiny_model, **train or {}, lora=LoraConfig(**{
+        "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"], **lora}))
+
+
+def test_lora_starts_at_theta_t_and_trains_only_the_adapters(tiny_model):
+    trainer = lora_trainer(tiny_model, dropout=0.1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    adapters = {k for k in before if ".lora_" in k}
+    # r·(in + out) per adapted layer: q and v (64 → 64), down (128 → 64), in each of 2 layers
+    assert sum(p.numel() for p in trainer.params) == 2 * 4 * ((64 + 64) + (64 + 64) + (128 + 64))
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == adapters
+    # B = 0: the policy is θ_t exactly (even under dropout), so step 0 is ln 2 against θ_t's own log-probs.
+    full = make(tiny_model)
+    metrics = trainer.train_step(with_refs(full, [PAIRS[:2], PAIRS[2:]]))
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["grad_norm"] > 0
+    for _ in range(2):
+        trainer.train_step(with_refs(full, [PAIRS]))
+    after = trainer.model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == adapters
+
+
+def test_lora_export_is_theta_t_plus_the_scaled_adapters_with_no_adapter_files(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spin_ray.checkpoint import export_hf
+
+    trainer = lora_trainer(tiny_model)
+    for _ in range(2):
+        trainer.train_step(with_refs(make(tiny_model), [PAIRS]))
+    export_hf(trainer.model, AutoTokenizer.from_pretrained(tiny_model), torch.float32, 0, str(tmp_path / "m"), {},
+              lora_base=tiny_model)
+    assert not [f for f in os.listdir(tmp_path / "m") if "adapter" in f]
+    saved = load_file(tmp_path / "m" / "model.safetensors")
+    assert not [k for k in saved if "lora" in k or "base_layer" in k]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    theta_t = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    state = trainer.model.state_dict()
+    for key, w in theta_t.items():
+        name = key.removesuffix(".weight")
+        if f"{name}.lora_A.default.weight" in state:
+            a, b = state[f"{name}.lora_A.default.weight"], state[f"{name}.lora_B.default.weight"]
+            assert b.abs().max() > 0
+            torch.testing.assert_close(merged[key], w + (8.0 / 4) * b @ a, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(merged[key], w), key
+    # The merged model computes what the trained adapters do.
+    from spin_ray.template import pack_varlen, varlen_logps
+
+    trainer.model.eval()
+    with torch.no_grad():
+        got = varlen_logps(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), pack_varlen(PAIRS))
+        want = varlen_logps(trainer.model, pack_varlen(PAIRS))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_state_resumes_exactly(tiny_model, tmp_path):
+    from spin_ray.checkpoint import STATE, load_state, save_state
+
+    pairs = with_refs(make(tiny_model), [PAIRS])
+    a = lora_trainer(tiny_model)
+    a.train_step(pairs)
+    save_state(a.model, a.optimizer, a.scheduler, 1, 0, str(tmp_path))
+    b = lora_trainer(tiny_model)  # other random A: the checkpoint's must replace it
+    assert load_state(str(tmp_path / STATE), b.model, b.optimizer, b.scheduler, 0) == 1
+    a.train_step(pairs)
+    b.train_step(pairs)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_lora_refuses_the_head_and_unknown_targets(tiny_model):
+    from spin_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.lora.target_modules = \['lm_head'\] matches lm_head, which is not"):
+        lora_trainer(tiny_model, target_modules=["lm_head"])
+    with pytest.raises(ConfigError, match=r"train.lora.target_modules = \['qkv'\]: .*not found"):
+        lora_trainer(tiny_model, target_modules=["qkv"])
+
+
+@pytest.fixture
+def world_of_one():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    if dist.is_initialized():  # left by an earlier in-process test
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_bf16_lora_holds_a_bf16_base_and_resumes_exactly(world_of_one, tiny_model, tmp_path):
+    """FSDP2 (meta init) in bf16: the frozen base is bf16 (no fp32 master copy), the adapters fp32; a resumed trainer
+    built without θ_t's weights (load_weights off) takes the checkpoint's base and adapters and the same next step."""
+    from spin_ray.checkpoint import STATE, load_state, save_state
+
+    a = lora_trainer(tiny_model, {"strategy": "fsdp", "dtype": "bfloat16"})
+    dtypes = {name: p.dtype for name, p in a.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    pairs = with_refs(a, [PAIRS])  # θ_t in bf16: the reference pass, the trainer's own forward
+    assert a.train_step(pairs)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    save_state(a.model, a.optimizer, a.scheduler, 1, 0, str(tmp_path))
+    torch.manual_seed(1)
+    b = Trainer(tiny_model, a.tc, total_steps=4)
+    b.setup(load_weights=False)
+    assert load_state(str(tmp_path / STATE), b.model, b.optimizer, b.scheduler, 0) == 1
+    a.train_step(pairs)
+    b.train_step(pairs)
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(x.to_local(), y.to_local())
