@@ -93,8 +93,8 @@ def quiet_output(log_path: Path) -> None:
 
 
 class TrainProgress:
-    """Prints training steps as the workers write them (`iter_<t>/train_metrics.jsonl`), so training is not minutes
-    of silence."""
+    """Prints training steps as the workers write them (`iter_<t>/train_metrics.jsonl`), and the end of each reference
+    pass (`iter_<t>/reference`), so training is not minutes of silence."""
 
     def __init__(self, storage: str, every_s: float = 5.0):
         self.storage, self.every_s = storage, every_s
@@ -110,6 +110,7 @@ class TrainProgress:
             if not records.exists(records.iter_dir(self.storage, t)):
                 break
             self.seen[uri] = len(records.read_lines(uri))
+            self.seen[self._reference(t)] = int(records.is_complete(self._reference(t)))
         self.thread.start()
         return self
 
@@ -128,6 +129,12 @@ class TrainProgress:
         for t in range(1000):
             if not records.exists(records.iter_dir(self.storage, t)):
                 break
+            reference = self._reference(t)  # the reference pass ends before the first step's line is written
+            if not self.seen.get(reference) and records.is_complete(reference):
+                done = records.read_json(records.join(reference, records.MARKER))
+                log.info("iteration %d: θ_%d's reference log-probs of %d pairs in %.1f s (%s)", t, t, done["rows"],
+                         done["seconds"], reference)
+                self.seen[reference] = 1
             uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
             lines = records.read_lines(uri)
             for line in lines[self.seen.get(uri, 0):]:
@@ -136,6 +143,11 @@ class TrainProgress:
                          m["step"], m.get("total_steps", "?"), m["loss"], m["rewards/accuracies"],
                          m["rewards/margins"], m.get("tokens_per_s", 0))
             self.seen[uri] = len(lines)
+
+    def _reference(self, t: int) -> str:
+        from spin_ray import records
+
+        return records.join(records.iter_dir(self.storage, t), "reference")
 
 
 @dataclass(frozen=True)

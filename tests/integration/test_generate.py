@@ -2,6 +2,7 @@
 
 import os
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 from transformers import AutoTokenizer
@@ -41,7 +42,7 @@ def test_every_prompt_once_with_the_schema(pairs):
     assert result.rows == table.num_rows == len(expected) == 24 and set(ids) == expected and len(set(ids)) == 24
     assert set(schemas.PAIRS_COLUMNS) <= set(table.column_names)
     assert table.schema.field("prompt").type.value_type == MESSAGE
-    assert all(table.schema.field(k).type == "list<item: int32>" for k in schemas.IDS)
+    assert all(table.schema.field(k).type.value_type == pa.int32() for k in schemas.IDS)
     assert not set(schemas.LOGPS) & set(table.column_names)  # the reference comes from the trainer (train.py)
     assert set(table.column("iteration").to_pylist()) == {0}
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
