@@ -361,7 +361,7 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.plan import load_arch, make_plan, parse_cluster
+    from spin_ray.sizing import load_arch, make_plan, parse_cluster
 
     plan = make_plan(cfg, parse_cluster(args.cluster, args.cpus_per_node), load_arch(cfg.model, args.model_config),
                      prompts=args.prompts, prompt_tokens=args.prompt_tokens)
