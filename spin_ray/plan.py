@@ -91,16 +91,49 @@ def actor_gpus(requested: float | None, on_gpu: float) -> float:
     return on_gpu if cluster_capacity().get("GPU", 0) > 0 else 0.0
 
 
-def resolve(cfg: SpinConfig, cluster: Resources | None = None) -> SpinConfig:
-    """`cfg` with every GPU request made explicit from `resources`: generate.num_gpus_per_actor and
-    train.use_gpu. The stages read these fields only, so what they ask for is decided here."""
+def resolve(cfg: SpinConfig, cluster: Resources | None = None, nodes: list[Resources] | None = None) -> SpinConfig:
+    """`cfg` with every resource request made explicit: generate.num_gpus_per_actor and train.use_gpu from
+    `resources`, train.num_workers and train.hsdp_shard_size from their `auto` rules (`auto_workers`,
+    `auto_shard_size`). The stages read these fields only, so what they ask for is decided here. `cluster`: the
+    total resources (default: the connected cluster's); `nodes`: each node's, where known."""
+    if cluster is None:
+        cluster, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
     gpu = uses_gpu(cfg, cluster)
-    g = cfg.generate
+    g, t = cfg.generate, cfg.train
+    workers = auto_workers(t.global_batch_size, _gpus(cluster) if gpu else 0) if t.num_workers == "auto" \
+        else t.num_workers
+    per_node = max((n.get("GPU", 0.0) for n in nodes), default=0.0) if nodes and gpu else 0.0
+    shard = auto_shard_size(t.strategy, workers, int(per_node)) if t.hsdp_shard_size == "auto" else t.hsdp_shard_size
     return dataclasses.replace(
         cfg,
         generate=dataclasses.replace(g, num_gpus_per_actor=g.num_gpus_per_actor if g.num_gpus_per_actor is not None
                                      else float(g.tensor_parallel_size) if gpu else 0.0),
-        train=dataclasses.replace(cfg.train, use_gpu=gpu))
+        train=dataclasses.replace(t, use_gpu=gpu, num_workers=workers, hsdp_shard_size=shard))
+
+
+def _gpus(cluster: Resources) -> int:
+    """The cluster's GPUs; where they are unbounded (an autoscaler that reports no node types) the live ones."""
+    gpus = cluster.get("GPU", 0.0)
+    if gpus == math.inf:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+    return int(gpus)
+
+
+def auto_workers(global_batch: int, gpus: int) -> int:
+    """`train.num_workers: auto`: one worker per GPU, as many as divide the global batch (each worker trains as many
+    pairs per step); 1 on a CPU cluster, where the workers would share the same cores."""
+    return max(n for n in range(1, max(1, gpus) + 1) if global_batch % n == 0)
+
+
+def auto_shard_size(strategy: str, workers: int, gpus_per_node: int) -> int | None:
+    """`train.hsdp_shard_size: auto`: under fsdp with workers on several nodes, shard within a node (NVLink) and
+    replicate across nodes (HSDP: only gradients cross the slower network); else None, one shard group. Where node
+    sizes are not known (an autoscaler that adds nodes) also None."""
+    if strategy != "fsdp" or not gpus_per_node or workers <= gpus_per_node:
+        return None
+    return math.gcd(workers, gpus_per_node)
 
 
 def requests(cfg: SpinConfig) -> dict[str, Request]:
@@ -140,7 +173,8 @@ def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tupl
         capacity, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
     else:
         capacity = dict(cluster)
-    cfg = resolve(cfg, capacity)
+    cfg = resolve(cfg, capacity, nodes)
+    cfg.validate()  # the rules that need a worker count `auto` left open (global batch, HSDP shard size)
     reqs = requests(cfg)
     held = phases(cfg, warm_engines)
     for r in {name: reqs[name] for phase in stages for name in held[phase]}.values():

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.plan import phases, preflight, requests, resolve
+from spin_ray.plan import auto_shard_size, auto_workers, phases, preflight, requests, resolve
 from spin_ray.sizing import load_arch, make_plan, parse_cluster
 
 CPU4 = {"CPU": 4.0}
@@ -111,3 +111,26 @@ def test_preflight_checks_only_the_phases_asked_for():
     preflight(c, CPU4, stages=("pairs",))  # `spin-ray generate` does not need the Train workers
     with pytest.raises(ConfigError, match="train.num_workers = 8"):
         preflight(c, CPU4, stages=("train",))
+
+
+def test_num_workers_auto_uses_every_gpu_the_global_batch_can_feed():
+    assert auto_workers(64, 8) == 8 and auto_workers(64, 32) == 32  # 32 GPUs: 2 pairs per GPU per step
+    assert auto_workers(64, 6) == 4 and auto_workers(6, 8) == 6  # the largest count that divides the batch
+    assert auto_workers(64, 0) == 1  # CPU cluster: one worker
+    c = cfg("train.num_workers=auto", "train.strategy=fsdp", "train.hsdp_shard_size=auto", "train.micro_batch_size=1",
+            "train.global_batch_size=64")
+    node = {"CPU": 96.0, "GPU": 8.0}
+    one = preflight(c, node, nodes=[node])
+    assert (one.train.num_workers, one.train.hsdp_shard_size, one.train.use_gpu) == (8, None, True)
+    four = preflight(c, {"CPU": 4 * 96.0, "GPU": 32.0}, nodes=[node] * 4)
+    assert (four.train.num_workers, four.train.hsdp_shard_size) == (32, 8)  # HSDP: shard within a node
+    assert requests(four)["train"].total() == {"CPU": 32.0, "GPU": 32.0}
+    assert preflight(c, CPU4).train.num_workers == 1
+    assert auto_shard_size("ddp", 32, 8) is None and auto_shard_size("fsdp", 32, 0) is None  # node sizes unknown
+    # an explicit shard size is checked against the resolved count: 64 pairs on 6 GPUs → 4 workers
+    with pytest.raises(ConfigError, match=r"train.hsdp_shard_size = 3: .*divisor of train.num_workers \(4\)"):
+        preflight(cfg("train.num_workers=auto", "train.strategy=fsdp", "train.hsdp_shard_size=3",
+                      "train.global_batch_size=64"), {"CPU": 12.0, "GPU": 6.0})
+    for bad in ["autp", "2.5", "0"]:
+        with pytest.raises(ConfigError, match=f"train.num_workers = .*{bad}.*(int or 'auto'|>= 1 or auto)"):
+            cfg(f"train.num_workers={bad}")
