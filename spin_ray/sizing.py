@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from spin_ray.config import ConfigError, SpinConfig, resolve_dtype
+from spin_ray.config import ConfigError, SpinConfig, TrainConfig, resolve_dtype
 from spin_ray.plan import Request, phases, preflight, requests, resolve
 from spin_ray.template import CHUNK_TOKENS
 
@@ -194,7 +194,8 @@ GB = 1e9
 
 
 def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per training device, by part (worst case: every sequence padded to data.max_length).
+    """Bytes per training device, by part (worst case: every sequence of a worker's largest forward, `forward_pairs`,
+    at data.max_length).
 
     fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
     fsdp. In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
@@ -221,7 +222,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     fsdp = t.strategy == "fsdp"
     shards = t.num_workers if fsdp else 1
     states = 2 if t.optimizer == "adamw" else 1
-    tokens = 2 * t.micro_batch_size * cfg.data.max_length
+    tokens = 2 * forward_pairs(cfg) * cfg.data.max_length
     per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
     if t.lora is not None:
         shapes = arch.linear_shapes()
@@ -273,18 +274,53 @@ def _mfu(device: Device) -> float:
 
 # Prompt counts of the preset configs' data sets (rows of the split they use).
 DATASET_ROWS = {"UCLA-AGI/SPIN_iter0": 49_792, "HuggingFaceH4/ultrachat_200k": 207_865}
+# Mean prompt and human-answer tokens of the preset configs' hub data sets, which are not at hand offline: UltraChat
+# first turns (the synthetic UltraChat-like mix of the GPU review, ~150-token prompts, ~300-token answers). Stated,
+# not measured here; --prompt-tokens/--answer-tokens replace them.
+DATASET_TOKENS = {"UCLA-AGI/SPIN_iter0": (150.0, 300.0), "HuggingFaceH4/ultrachat_200k": (150.0, 300.0)}
+SAMPLE_ROWS = 512
+"""Rows of the configured data put through the real template and truncation to size a pair."""
 VLLM_MAX_SEQS = 256
-"""vLLM's default max_num_seqs: sequences decoded together per engine."""
+"""Sequences one engine decodes together (vLLM's max_num_seqs as the engines are configured, generate.py)."""
+# Fixed costs per iteration, stated (not measured here): engine start and bf16 weight load per generation phase;
+# Train worker group start, weight load and broadcast, and θ_{t+1}'s export.
+ENGINE_START_S = 90.0
+TRAIN_START_S = 180.0
+GOAL_HOURS = 1.5
+"""The time goal the plan compares a GPU iteration with (the paper's recipe on one 8-GPU node); --goal-hours."""
 
 
 @dataclass
 class Plan:
     lines: list[str]
     problems: list[str]
+    seconds_per_iteration: float
+    gpus_by_phase: dict[str, float]
+    """GPUs each phase holds (phase name → GPUs), from the same requests the run makes."""
 
     @property
     def fits(self) -> bool:
         return not self.problems
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """Mean tokens of one pair's parts after the template and the truncation (template.encode_pair)."""
+
+    prompt: float
+    real: float
+    generated: float
+    """y': every answer runs to generate.max_tokens plus EOS, cut to the room the prompt leaves (an upper bound)."""
+    source: str
+
+    @property
+    def pair(self) -> float:
+        """Tokens the trainer computes for one pair: two sequences sharing the prompt, no padding (pack_varlen)."""
+        return 2 * self.prompt + self.real + self.generated
+
+    @property
+    def sequence(self) -> float:
+        return self.pair / 2
 
 
 def prompt_count(cfg: SpinConfig) -> int | None:
@@ -298,35 +334,100 @@ def prompt_count(cfg: SpinConfig) -> int | None:
     return DATASET_ROWS.get(cfg.data.path)
 
 
+def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
+                answer_tokens: float | None = None) -> PairTokens:
+    """Tokens per pair: a seeded sample of the configured data through the model's tokenizer, chat template and
+    truncation where both are at hand offline (local data, a local or built-in model); else the stated figures of a
+    preset data set; else the bounds (the whole prompt budget, answers filling data.max_length). The flags replace
+    the mean prompt or human-answer tokens, truncated by the same rule."""
+    d, g = cfg.data, cfg.generate
+    sampled = _sample(cfg)
+    if sampled is not None:
+        prompts, reals, source = *sampled, f"a sample of {len(sampled[0])} rows of {d.path} through {cfg.model}'s " \
+                                           "tokenizer, chat template and truncation"
+    elif d.path in DATASET_TOKENS:
+        prompts, reals = [DATASET_TOKENS[d.path][0]], [DATASET_TOKENS[d.path][1]]
+        source = f"stated figures for {d.path} (not measured here: pass --prompt-tokens/--answer-tokens)"
+    else:
+        prompts, reals = [float(d.max_prompt_length)], [float(d.max_length)]
+        source = (f"bounds: {d.path}'s rows or {cfg.model}'s tokenizer are not at hand offline (pass "
+                  "--prompt-tokens/--answer-tokens)")
+    if prompt_tokens is not None or answer_tokens is not None:
+        source = "--prompt-tokens/--answer-tokens" + ("" if prompt_tokens is not None and answer_tokens is not None
+                                                     else f", the rest from {source}")
+    if prompt_tokens is not None:
+        prompts = [float(prompt_tokens)]
+    if answer_tokens is not None:
+        reals = [float(answer_tokens)]
+    # a sample's rows keep their own prompt and answer; a flag's mean goes with each of the other part's values
+    pairs = zip(prompts, reals) if len(prompts) == len(reals) else ((p, r) for p in prompts for r in reals)
+    rows = [(min(p, d.max_prompt_length), r) for p, r in pairs]
+    n = len(rows)
+    return PairTokens(sum(p for p, _ in rows) / n, sum(min(r, d.max_length - p) for p, r in rows) / n,
+                      sum(min(g.max_tokens + 1, d.max_length - p) for p, _ in rows) / n, source)
+
+
+def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
+    """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
+    tokenizer would need the network."""
+    import random
+
+    from spin_ray.models import looks_like_hub_id, resolve_model
+
+    d = cfg.data
+    if "://" in d.path or (d.path != "bundled" and not Path(d.path).expanduser().exists()):
+        return None
+    if "://" in cfg.model or (looks_like_hub_id(cfg.model) and not Path(cfg.model).expanduser().exists()):
+        return None
+    from spin_ray.data import load_sft
+    from spin_ray.models import load_tokenizer
+    from spin_ray.template import encode_pair
+
+    rows = load_sft(d).rows
+    rows = random.Random(cfg.seed).sample(rows, min(SAMPLE_ROWS, len(rows)))
+    tokenizer = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    pairs = [encode_pair(tokenizer, r["prompt"], r["real"], "", max_length=d.max_length,
+                         max_prompt_length=d.max_prompt_length) for r in rows]
+    return [float(len(p["prompt_ids"])) for p in pairs], [float(len(p["real_ids"])) for p in pairs]
+
+
 def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int | None = None,
-              prompt_tokens: int | None = None) -> Plan:
+              prompt_tokens: float | None = None, answer_tokens: float | None = None,
+              goal_hours: float = GOAL_HOURS) -> Plan:
     """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`."""
     problems: list[str] = []
+    asked = cfg.train
+    nodes = [cluster.node] * cluster.nodes
     try:
-        cfg = preflight(cfg, cluster.total, nodes=[cluster.node] * cluster.nodes)
+        cfg = preflight(cfg, cluster.total, nodes=nodes)
     except ConfigError as e:
         problems.append(str(e))
-        cfg = resolve(cfg, cluster.total)
+        cfg = resolve(cfg, cluster.total, nodes)
     dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
     prompts = prompts or prompt_count(cfg)
     if prompts is None:
         raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
                           "data.max_rows or pass --prompts N")
-    p_tok = prompt_tokens or cfg.data.max_prompt_length // 2
+    tok = pair_tokens(cfg, prompt_tokens=prompt_tokens, answer_tokens=answer_tokens)
     g, t = cfg.generate, cfg.train
     reqs = requests(cfg)
     out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
            f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
            f"cluster {cluster.nodes} node(s) x {cluster.gpus_per_node} x {dev.name}, {cluster.cpus_per_node} CPUs per "
            f"node: {dev.peak_tflops:g} TFLOP/s peak, {dev.bandwidth_tbs:g} TB/s, {dev.memory_gb:.4g} GB per device",
-           f"data {prompts} prompts per iteration, {p_tok} prompt tokens each (assumed), window {cfg.loop.window}",
+           f"data {prompts} prompts per iteration, window {cfg.loop.window}; tokens per pair {tok.pair:.0f} = 2 x "
+           f"{tok.prompt:.0f} prompt + {tok.real:.0f} human answer + {tok.generated:.0f} generated (at most "
+           f"generate.max_tokens + EOS), from {tok.source}",
            "", "stages (resources per actor/worker):"]
     for name, r in reqs.items():
         where = f"{r.gpus:g} GPU + {r.cpus:g} CPU" if r.gpus else f"{r.cpus:g} CPU"
         out.append(f"  {name:<9} {r.count} x {r.what} [{r.field}], {where} each")
-    out.append("at the same time:")
+    out += _workers_note(asked, t, cluster)
+    out.append("at the same time (the phases take turns):")
+    gpus_by_phase = {}
     for phase, members in phases(cfg).items():
         need = {k: sum(reqs[m].total()[k] for m in members) for k in ("GPU", "CPU")}
+        gpus_by_phase[phase] = need["GPU"]
         out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
                    f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
 
@@ -338,8 +439,9 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     lora = "" if t.lora is None else (
         f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
         f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
-    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}, "
-                f"{t.num_workers} worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, "
+    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}"
+                f"{f', HSDP shards of {t.hsdp_shard_size}' if t.hsdp_shard_size else ''}, {t.num_workers} worker(s), "
+                f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound), "
                 f"activation checkpointing {t.activation_checkpointing}):"]
     out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
     total = sum(train_mem.values())
@@ -349,63 +451,130 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                         "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
                         "smaller train.micro_batch_size or data.max_length, "
                         f"{'train.lora (adapters only), ' if t.lora is None else ''}or larger devices")
-    context = p_tok + g.max_tokens
+    context = tok.prompt + g.max_tokens
     if reqs["generate"].gpus:
         v = vllm_memory(arch, cfg, dev)
         seqs = int(v["KV cache"] // (kv_bytes_per_token(arch) * context))
         out += ["", f"memory per vLLM actor ({g.tensor_parallel_size} GPU, gpu_memory_utilization "
                     f"{g.gpu_memory_utilization}):"]
         out += [f"  {k:<26} {gb(val):>10}" for k, val in v.items()]
-        out.append(f"  KV cache holds {seqs} sequences of {context} tokens ({kv_bytes_per_token(arch)} B/token)")
+        out.append(f"  KV cache holds {seqs} sequences of {context:.0f} tokens ({kv_bytes_per_token(arch)} B/token)")
         if g.tensor_parallel_size > cluster.gpus_per_node:
             problems.append(f"generate.tensor_parallel_size = {g.tensor_parallel_size} exceeds the "
                             f"{cluster.gpus_per_node} GPUs of a node; one engine runs on one node")
         if seqs < 1:
             problems.append(f"a vLLM engine's bf16 weights ({gb(v['weights (bf16)'])}) leave no KV cache for one "
-                            f"{context}-token sequence in {g.gpu_memory_utilization} x {dev.memory_gb:g} GB: raise "
-                            "generate.tensor_parallel_size or generate.gpu_memory_utilization")
+                            f"{context:.0f}-token sequence in {g.gpu_memory_utilization} x "
+                            f"{dev.memory_gb:g} GB: raise generate.tensor_parallel_size or "
+                            "generate.gpu_memory_utilization")
     else:
         seqs = g.batch_size
 
     def unit_tflops(r: Request) -> float:
         return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
 
-    cpu_mfu = MFU["cpu"]
-    gen_dev_mfu = MFU["gpu_prefill"] if reqs["generate"].gpus else cpu_mfu
+    gen_gpu = bool(reqs["generate"].gpus)
+    gen_dev_mfu = MFU["gpu_prefill"] if gen_gpu else MFU["cpu"]
     per_actor = math.ceil(prompts / g.num_actors)
     gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
-    concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if reqs["generate"].gpus else g.batch_size))
-    bandwidth = (dev.bandwidth_tbs if reqs["generate"].gpus else CPU_BANDWIDTH_TBS) * 1e12 * max(1, g.tensor_parallel_size
-                                                                                                  if reqs["generate"].gpus else 1)
+    concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if gen_gpu else g.batch_size))
+    bandwidth = (dev.bandwidth_tbs if gen_gpu else CPU_BANDWIDTH_TBS) * 1e12 * (g.tensor_parallel_size if gen_gpu
+                                                                                else 1)
     step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
     gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
     gen_s = max(gen_compute, gen_memory)
     window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
     train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
                                                        name="CPU")
-    window_tokens = window_pairs * 2 * cfg.data.max_length
+    window_tokens = window_pairs * tok.pair
     passes = (2 if t.lora is not None else 3) + (1 if t.activation_checkpointing == "full" else 0)
-    train_s = train_seconds(arch, window_tokens * t.epochs, cfg.data.max_length, t.num_workers, train_dev, passes)
-    reference_s = train_seconds(arch, window_tokens, cfg.data.max_length, t.num_workers, train_dev, 1)
-    iteration_s = gen_s + reference_s + train_s
+    train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes)
+    reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1)
+    fixed_s = (ENGINE_START_S + TRAIN_START_S) if on_gpu else 0.0
+    iteration_s = gen_s + reference_s + train_s + fixed_s
+    flops = arch.forward_flops_per_token(tok.sequence)
+    mfu = _mfu(train_dev)
     out += ["", "time per iteration (at the full window):",
             f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
-            f"max(compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} sequences/step)",
-            f"  reference {_dur(reference_s):>9}  θ_t's log-probs of {window_pairs} pairs: one forward on the "
-            f"training workers",
-            f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {t.epochs} epochs, 2 x {cfg.data.max_length} "
-            f"tokens per pair, {t.num_workers} worker(s)",
-            f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations {_dur(iteration_s * cfg.loop.iterations)}",
-            "", "assumptions: " + "; ".join([
-                f"MFU on GPU {MFU['gpu_train']:.0%} training and its reference pass (measured, one H200, 1.7B model), "
-                f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
-                "decode reads all weights and half the KV per step (bandwidth-bound)",
-                "every answer runs to generate.max_tokens and every training sequence is padded to data.max_length "
-                "(upper bounds)", f"prompts of {p_tok} tokens (--prompt-tokens)",
-                "start-up, weight loading, checkpoints and Ray overheads excluded"])]
+            f"max(prefill compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} "
+            "sequences/step)",
+            f"  reference {_dur(reference_s):>9}  θ_t's log-probs of {window_pairs} pairs: {window_tokens / 1e6:.1f} M "
+            f"tokens x 1 forward x {flops / 1e9:.3g} GFLOP/token on {t.num_workers} worker(s) at {mfu:.0%} MFU",
+            f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {tok.pair:.0f} tokens x {t.epochs} epochs = "
+            f"{window_tokens * t.epochs / 1e6:.1f} M tokens x {passes} forwards ({_passes(t)}) x {flops / 1e9:.3g} "
+            f"GFLOP/token on {t.num_workers} worker(s) x {train_dev.peak_tflops:g} TFLOP/s at {mfu:.0%} MFU"]
+    if on_gpu:
+        out.append(f"  fixed     {_dur(fixed_s):>9}  engine start and weight load {ENGINE_START_S:.0f} s, Train "
+                   f"workers' start, weight broadcast and export {TRAIN_START_S:.0f} s (stated)")
+    out.append(f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations "
+               f"{_dur(iteration_s * cfg.loop.iterations)}")
+    if on_gpu:
+        out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
+    out += ["", "assumptions: " + "; ".join([
+        f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H200 with "
+        "SmolLM2-1.7B before varlen packing and the activation checkpointing work: no newer measurement), "
+        f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
+        f"vLLM: bf16 weights, {VLLM_MAX_SEQS} sequences decoded together per engine (at most what its KV cache "
+        "holds), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
+        "generate.max_tokens",
+        "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
+        "with every sequence at data.max_length",
+        "checkpoints, held-out evaluation and Ray overheads excluded"])]
     out.append("")
     out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
-    return Plan(out, problems)
+    return Plan(out, problems, iteration_s, gpus_by_phase)
+
+
+def forward_pairs(cfg: SpinConfig) -> int:
+    """Pairs in one worker's largest forward: train.micro_batch_size caps it, a worker's share of the global batch
+    too (`cfg` resolved)."""
+    return min(cfg.train.micro_batch_size, cfg.train.global_batch_size // cfg.train.num_workers)
+
+
+def _passes(t: TrainConfig) -> str:
+    parts = ["forward", "backward (2 forwards)" if t.lora is None else "backward (1: frozen base)"]
+    return " + ".join(parts + (["recompute"] if t.activation_checkpointing == "full" else []))
+
+
+def _workers_note(asked: TrainConfig, t: TrainConfig, cluster: ClusterSpec) -> list[str]:
+    """What `train.num_workers: auto` chose, and where the global batch is too small to feed every GPU."""
+    gpus = int(cluster.total["GPU"]) if t.use_gpu else 0
+    per_worker = t.global_batch_size // t.num_workers
+    lines = []
+    if asked.num_workers == "auto":
+        chose = f"  train.num_workers auto = {t.num_workers}"
+        if gpus and t.num_workers < gpus:
+            chose += (f": train.global_batch_size {t.global_batch_size} feeds at most {t.num_workers} of the "
+                      f"{gpus} GPUs (each worker trains the same number of pairs per step), {gpus - t.num_workers} "
+                      "idle while training")
+        elif gpus:
+            chose += f": every GPU, {per_worker} pair(s) each per optimizer step"
+        else:
+            chose += ": one worker on a CPU cluster"
+        if asked.hsdp_shard_size == "auto" and t.hsdp_shard_size:
+            chose += f"; HSDP: shards of {t.hsdp_shard_size} (a node's GPUs), replicated across nodes"
+        lines.append(chose)
+    if gpus and per_worker < t.micro_batch_size:
+        lines.append(f"  the global batch is small for {t.num_workers} GPUs: {t.global_batch_size} pairs per step = "
+                     f"{per_worker} per GPU, below train.micro_batch_size {t.micro_batch_size}, so each forward holds "
+                     f"{per_worker} pair(s) (~{per_worker * 2} sequences) and the stated MFU may not be reached; kept "
+                     f"(a larger train.global_batch_size departs from the paper's recipe, fewer train.num_workers "
+                     f"leave GPUs idle)")
+    return lines
+
+
+def _goal(goal_hours: float, iteration_s: float, trainer_s: float, mfu: float) -> list[str]:
+    """The iteration against the time goal; where it misses, the term that does and the MFU that would meet it."""
+    goal_s = goal_hours * 3600
+    if iteration_s <= goal_s:
+        return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): met, {_dur(iteration_s)}"]
+    rest = iteration_s - trainer_s
+    need = mfu * trainer_s / (goal_s - rest) if goal_s > rest else math.inf
+    needs = (f"{need:.0%} MFU on them (peers report 40-57% for FSDP 7B); measure with benchmarks/gpu.py" if need <= 1
+             else "more than their peak: more or larger GPUs")
+    return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): NOT met, {_dur(iteration_s)}; the Train "
+            f"workers' training and reference pass take {_dur(trainer_s)} of it at the stated {mfu:.0%} MFU, a "
+            f"figure measured before varlen packing and the activation checkpointing work; the goal needs {needs}"]
 
 
 def _dur(seconds: float) -> str:

@@ -4,6 +4,7 @@ No Ray, no weights. Expected numbers are derived by hand in the comments.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.sizing import GB, load_arch, make_plan, parse_cluster, train_memory
+from spin_ray.sizing import GB, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
 
 
 def cfg(*overrides: str) -> SpinConfig:
@@ -84,6 +85,7 @@ def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
     # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB, and the refusal names LoRA as a way out
     assert any(p.startswith("training needs") and "24.0 GB" in p and "train.lora" in p for p in plan.problems), \
         plan.problems
+    assert plan.gpus_by_phase == {"pairs": 1.0, "train": 1.0}
 
 
 def test_lora_train_memory_by_hand():
@@ -116,14 +118,71 @@ def test_seven_b_lora_runs_on_one_a10g():
     assert any(line.startswith("  KV cache holds") for line in one.lines)  # the engine has room for sequences
 
 
-def test_paper_recipe_fits_four_h100_nodes():
-    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml")
-    plan = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
+PAPER = "jobs/configs/paper_zephyr7b.yaml"
+
+
+@pytest.mark.parametrize("cluster", ["1x8xH100", "1x8xA100-80GB"])
+def test_paper_recipe_fits_one_eight_gpu_node_as_shipped(cluster):
+    """Generation, then training (its first pass the reference log-probs): the phases take turns on all 8 GPUs."""
+    c = SpinConfig.load(PAPER)
+    plan = make_plan(c, parse_cluster(cluster), load_arch(c.model))
     assert plan.fits, plan.problems
+    assert plan.gpus_by_phase == {"pairs": 8.0, "train": 8.0}
     text = "\n".join(plan.lines)
-    # Generation, then training (its first pass the reference log-probs): the phases take turns
     assert "pairs   generate " in text and "train   train " in text and "score" not in text
-    assert "reference" in text
+    assert "train.num_workers auto = 8: every GPU, 8 pair(s) each" in text and "HSDP" not in text
+    assert "  goal      1.5 h per iteration" in text and "vLLM: bf16 weights, 256 sequences" in text
+
+
+def test_paper_iteration_time_by_hand():
+    """1x8xH100: 49,792 prompts x window 2 = 99,584 pairs of 2 x 150 + 300 + 257 = 857 tokens (the stated UltraChat
+    figures; answers run to 256 new tokens + EOS); 14.33 GFLOP per token per forward; 4 forwards under full
+    checkpointing; 2 epochs; 8 x 989 TFLOP/s at 15%."""
+    c = SpinConfig.load(PAPER)
+    arch = load_arch(c.model)
+    plan = make_plan(c, parse_cluster("1x8xH100"), arch)
+    tokens = 99_584 * 857
+    flops = arch.forward_flops_per_token(857 / 2)
+    rate = 8 * 989e12 * 0.15
+    train, reference = tokens * 2 * 4 * flops / rate, tokens * flops / rate  # 2.3 h and 17 min
+    generate = next(float(line.split()[1]) for line in plan.lines if line.startswith("  generate ")
+                    and line.endswith("sequences/step)"))  # "92.5 s": the engines' share, bandwidth and prefill
+    assert plan.seconds_per_iteration == pytest.approx(train + reference + generate + 90 + 180, abs=0.1)
+    assert 2.5 * 3600 < plan.seconds_per_iteration < 3 * 3600
+    # the goal is missed, and the plan says which term and what MFU would meet it
+    goal = next(line for line in plan.lines if line.startswith("  goal "))
+    assert "NOT met" in goal and "15% MFU" in goal and "the goal needs 28% MFU" in goal
+
+
+def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
+    c = SpinConfig.load(PAPER)
+    one = make_plan(c, parse_cluster("1x8xH100"), load_arch(c.model))
+    four = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
+    assert four.fits, four.problems
+    assert four.gpus_by_phase == {"pairs": 8.0, "train": 32.0}
+    text = "\n".join(four.lines)
+    assert "32 x Train workers" in text and "HSDP: shards of 8" in text
+    # 64 pairs per step on 32 GPUs: the plan says so with the figures, and what it kept
+    assert "64 pairs per step = 2 per GPU, below train.micro_batch_size 8" in text and "kept" in text
+    assert "micro-batch 2 pairs x 1024 tokens" in text  # the memory bound follows the worker's share
+    assert four.seconds_per_iteration < one.seconds_per_iteration / 3  # 4x the trainer GPUs; generation unchanged
+    assert "goal      1.5 h per iteration (--goal-hours): met" in text
+
+
+def test_pair_tokens_from_a_sample_the_flags_and_bounds():
+    # bundled data through tasks-sft's (character-level) tokenizer and chat template: short sampled rows
+    c = SpinConfig.load("jobs/configs/cpu_default.yaml")
+    sampled = pair_tokens(c)
+    assert sampled.source.startswith("a sample of 512 rows of bundled")
+    assert 0 < sampled.prompt <= c.data.max_prompt_length and 0 < sampled.real
+    assert sampled.prompt + max(sampled.real, sampled.generated) <= c.data.max_length
+    # flags: the prompt keeps its last 512 tokens, each answer the 1024 - 512 left
+    p = SpinConfig.load(PAPER)
+    flags = pair_tokens(p, prompt_tokens=600, answer_tokens=2000)
+    assert (flags.prompt, flags.real, flags.generated, flags.pair) == (512, 512, 257, 2 * 512 + 512 + 257)
+    assert pair_tokens(p).source.startswith("stated figures for UCLA-AGI/SPIN_iter0")
+    unknown = pair_tokens(SpinConfig.load(PAPER, ["data.path=some/hub-data"]))
+    assert (unknown.prompt, unknown.real, unknown.generated) == (512, 512, 257) and unknown.source.startswith("bounds")
 
 
 def test_parse_cluster():
@@ -152,9 +211,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_plan_cli_exit_codes():
-    ok = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "4x8xH100")
+    ok = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x8xH100")
     assert ok.returncode == 0, ok.stderr
     assert "memory per training GPU" in ok.stdout and "time per iteration" in ok.stdout and "assumptions:" in ok.stdout
+    out = json.loads(ok.stdout[ok.stdout.index("\n{") + 1:])  # the trailing JSON, for scripts
+    assert out["fits"] is True and out["problems"] == [] and out["gpus_by_phase"] == {"pairs": 8, "train": 8}
+    iteration = next(line for line in ok.stdout.splitlines() if line.startswith("  iteration "))
+    assert f"{out['seconds_per_iteration'] / 3600:.1f} h" in iteration
     tight = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x1xA10G",
                     "--set", "train.num_workers=1", "--set", "generate.num_actors=1")
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
