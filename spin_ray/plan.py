@@ -112,7 +112,8 @@ def resolve(cfg: SpinConfig, cluster: Resources | None = None, nodes: list[Resou
 
 
 def _gpus(cluster: Resources) -> int:
-    """The cluster's GPUs; where they are unbounded (an autoscaler that reports no node types) the live ones."""
+    """The cluster's GPUs; where they are unbounded (an autoscaler that reports no node types) the live ones (none
+    up: preflight refuses `auto` for a stage that trains; generation and evaluation do not use the count)."""
     gpus = cluster.get("GPU", 0.0)
     if gpus == math.inf:
         import ray
@@ -173,6 +174,11 @@ def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tupl
         capacity, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
     else:
         capacity = dict(cluster)
+    if "train" in stages and cfg.train.num_workers == "auto" and capacity.get("GPU") == math.inf \
+            and uses_gpu(cfg, capacity) and not _gpus(capacity):
+        raise ConfigError("train.num_workers = 'auto': no GPU node is up and the cluster's autoscaler does not report "
+                          "how many GPUs it can add; set train.num_workers (e.g. --set train.num_workers=8 for one "
+                          "8-GPU node)")
     cfg = resolve(cfg, capacity, nodes)
     cfg.validate()  # the rules that need a worker count `auto` left open (global batch, HSDP shard size)
     reqs = requests(cfg)

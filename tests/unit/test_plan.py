@@ -134,3 +134,16 @@ def test_num_workers_auto_uses_every_gpu_the_global_batch_can_feed():
     for bad in ["autp", "2.5", "0"]:
         with pytest.raises(ConfigError, match=f"train.num_workers = .*{bad}.*(int or 'auto'|>= 1 or auto)"):
             cfg(f"train.num_workers={bad}")
+
+
+def test_num_workers_auto_on_an_autoscaler_that_reports_no_gpu_count(monkeypatch):
+    import ray
+
+    c = cfg("train.num_workers=auto", "resources=gpu", "train.global_batch_size=64")
+    unbounded = {"CPU": float("inf"), "GPU": float("inf")}  # the cluster launcher's autoscaler (cluster_capacity)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # no GPU node up yet
+    with pytest.raises(ConfigError, match=r"train.num_workers = 'auto': no GPU node is up .*set train.num_workers"):
+        preflight(c, unbounded, stages=("train",))
+    preflight(c, unbounded, stages=("pairs",))  # generation does not need the count
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 200.0, "GPU": 16.0})  # two 8-GPU nodes up
+    assert preflight(c, unbounded).train.num_workers == 16
