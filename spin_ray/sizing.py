@@ -198,7 +198,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     at data.max_length).
 
     fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
-    fsdp. In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
+    fsdp (over a shard group of train.hsdp_shard_size under HSDP). In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
     MixedPrecisionPolicy (ddp as a replicate-only mesh, train.py): a layer is gathered in bf16 when it is used (two in
     flight with prefetch) and gradients are reduced in fp32 in place, with no bucket copy. Only fp32 DDP with more than
     one worker (Ray Train wraps no single worker) keeps DDP's fp32 gradient buckets.
@@ -220,7 +220,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     reduced = dtype != "float32"
     width = 2 if reduced else 4  # bytes per activation value
     fsdp = t.strategy == "fsdp"
-    shards = t.num_workers if fsdp else 1
+    shards = (t.hsdp_shard_size or t.num_workers) if fsdp else 1  # HSDP: sharded within a group, replicated across
     states = 2 if t.optimizer == "adamw" else 1
     tokens = 2 * forward_pairs(cfg) * cfg.data.max_length
     per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2

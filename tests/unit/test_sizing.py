@@ -165,6 +165,8 @@ def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
     # 64 pairs per step on 32 GPUs: the plan says so with the figures, and what it kept
     assert "64 pairs per step = 2 per GPU, below train.micro_batch_size 8" in text and "kept" in text
     assert "micro-batch 2 pairs x 1024 tokens" in text  # the memory bound follows the worker's share
+    params = next(line for line in four.lines if line.startswith("  parameters (fp32)"))
+    assert params.split()[-2] == f"{4 * 7_241_732_096 / 8 / 1e9:.1f}"  # HSDP: sharded over a node's 8, not all 32
     assert four.seconds_per_iteration < one.seconds_per_iteration / 3  # 4x the trainer GPUs; generation unchanged
     assert "goal      1.5 h per iteration (--goal-hours): met" in text
 
