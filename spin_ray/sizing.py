@@ -194,7 +194,7 @@ GB = 1e9
 
 
 def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per training device, by part (worst case: every sequence of a worker's largest forward, `forward_pairs`,
+    """Bytes per training device of `cfg` (resolved: plan.resolve), by part (worst case: every sequence of a worker's largest forward, `forward_pairs`,
     at data.max_length).
 
     fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
@@ -337,9 +337,9 @@ def prompt_count(cfg: SpinConfig) -> int | None:
 def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
                 answer_tokens: float | None = None) -> PairTokens:
     """Tokens per pair: a seeded sample of the configured data through the model's tokenizer, chat template and
-    truncation where both are at hand offline (local data, a local or built-in model); else the stated figures of a
-    preset data set; else the bounds (the whole prompt budget, answers filling data.max_length). The flags replace
-    the mean prompt or human-answer tokens, truncated by the same rule."""
+    truncation where both are at hand (local data; a local model folder, or a built-in one already built); else the
+    stated figures of a preset data set; else the bounds (the whole prompt budget, answers filling data.max_length).
+    The flags replace the mean prompt or human-answer tokens, truncated by the same rule."""
     d, g = cfg.data, cfg.generate
     sampled = _sample(cfg)
     if sampled is not None:
@@ -350,7 +350,7 @@ def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
         source = f"stated figures for {d.path} (not measured here: pass --prompt-tokens/--answer-tokens)"
     else:
         prompts, reals = [float(d.max_prompt_length)], [float(d.max_length)]
-        source = (f"bounds: {d.path}'s rows or {cfg.model}'s tokenizer are not at hand offline (pass "
+        source = (f"bounds: {d.path}'s rows or {cfg.model}'s tokenizer are not at hand (pass "
                   "--prompt-tokens/--answer-tokens)")
     if prompt_tokens is not None or answer_tokens is not None:
         source = "--prompt-tokens/--answer-tokens" + ("" if prompt_tokens is not None and answer_tokens is not None
@@ -369,15 +369,14 @@ def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
 
 def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
     """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
-    tokenizer would need the network."""
+    model's tokenizer is not at hand (a download, or a model still to be built)."""
     import random
 
-    from spin_ray.models import looks_like_hub_id, resolve_model
+    from spin_ray.models import model_at_hand
 
     d = cfg.data
-    if "://" in d.path or (d.path != "bundled" and not Path(d.path).expanduser().exists()):
-        return None
-    if "://" in cfg.model or (looks_like_hub_id(cfg.model) and not Path(cfg.model).expanduser().exists()):
+    model = model_at_hand(cfg.model)
+    if model is None or "://" in d.path or (d.path != "bundled" and not Path(d.path).expanduser().exists()):
         return None
     from spin_ray.data import load_sft
     from spin_ray.models import load_tokenizer
@@ -385,7 +384,7 @@ def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
 
     rows = load_sft(d).rows
     rows = random.Random(cfg.seed).sample(rows, min(SAMPLE_ROWS, len(rows)))
-    tokenizer = load_tokenizer(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
     pairs = [encode_pair(tokenizer, r["prompt"], r["real"], "", max_length=d.max_length,
                          max_prompt_length=d.max_prompt_length) for r in rows]
     return [float(len(p["prompt_ids"])) for p in pairs], [float(len(p["real_ids"])) for p in pairs]

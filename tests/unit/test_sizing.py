@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.plan import resolve
 from spin_ray.sizing import GB, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
 
 
@@ -112,7 +113,7 @@ def test_seven_b_lora_runs_on_one_a10g():
     c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
         "train.num_workers=1", "generate.num_actors=1", "train.micro_batch_size=1", "train.lora.r=16"])
     one = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
-    train = train_memory(load_arch(c.model), c)
+    train = train_memory(load_arch(c.model), resolve(c, parse_cluster("1x1xA10G").total))
     assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) < 24 * GB
     assert one.fits, one.problems
     assert any(line.startswith("  KV cache holds") for line in one.lines)  # the engine has room for sequences
