@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,8 +371,6 @@ def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
 def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
     """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
     model's tokenizer is not at hand (a download, or a model still to be built)."""
-    import random
-
     from spin_ray.models import model_at_hand
 
     d = cfg.data
