@@ -22,7 +22,7 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
               budget   the same under train.micro_batch_tokens = 2 × micro_batch_size × max_length
             each run --repeats times, interleaved; real tokens/s, MFU (model FLOPs of real tokens, plan's formula,
             over the device's dense bf16 peak), peak allocated memory
-4. plan     spin_ray.plan.train_memory and train_seconds for the same config, next to the measurements
+4. plan     spin_ray.sizing.train_memory and train_seconds for the same config, next to the measurements
 
     python benchmarks/gpu.py --out DIR                  # on a GPU
     SPIN_GPU_TRACE=1 python benchmarks/gpu.py ...       # also print GPU memory after every optimizer step
@@ -205,7 +205,7 @@ def main() -> None:
     import importlib
 
     from padding import long_tailed_pairs, plans
-    from spin_ray import plan as planner
+    from spin_ray import sizing as planner
     from spin_ray.config import SpinConfig
 
     cuda = torch.cuda.is_available()

@@ -373,12 +373,14 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.plan import load_arch, make_plan, parse_cluster
+    from spin_ray.sizing import load_arch, make_plan, parse_cluster
 
     plan = make_plan(cfg, parse_cluster(args.cluster, args.cpus_per_node), load_arch(cfg.model, args.model_config),
-                     prompts=args.prompts, prompt_tokens=args.prompt_tokens)
+                     prompts=args.prompts, prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
+                     goal_hours=args.goal_hours)
     print("\n".join(plan.lines), flush=True)
-    return {"fits": plan.fits, "problems": plan.problems}
+    return {"fits": plan.fits, "problems": plan.problems, "seconds_per_iteration": round(plan.seconds_per_iteration, 1),
+            "gpus_by_phase": plan.gpus_by_phase}
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,7 +434,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--cluster", required=True, metavar="NODESxGPUSxTYPE", help="e.g. 1x8xH100, 4x8xA100-80GB, 1x0xCPU")
     c.add_argument("--model-config", help="the model's HF config.json (or its folder) when `model` is not shipped")
     c.add_argument("--prompts", type=int, help="prompts per iteration (default: data.max_rows or the known size)")
-    c.add_argument("--prompt-tokens", type=int, help="mean prompt tokens (default: data.max_prompt_length / 2)")
+    c.add_argument("--prompt-tokens", type=float,
+                   help="mean prompt tokens (default: a sample of the data through the model's template, where both "
+                        "are at hand offline)")
+    c.add_argument("--answer-tokens", type=float, help="mean human-answer tokens (default: likewise)")
+    c.add_argument("--goal-hours", type=float, default=1.5,
+                   help="the time per iteration a GPU plan is compared with (default 1.5)")
     c.add_argument("--cpus-per-node", type=int, help="CPUs per node (default: 12 per GPU; CPU nodes: this machine's)")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     text = "serve a run's models (base, iter_0, ...) or one model folder over an OpenAI-compatible HTTP API"

@@ -89,7 +89,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 1
+    num_workers: int | Literal["auto"] = 1
+    """Ray Train workers (one GPU each on GPU). `auto`: every GPU of the cluster, as many as divide
+    global_batch_size (spin_ray/plan.py auto_workers); 1 on a CPU cluster."""
     use_gpu: bool = False
     num_cpus_per_worker: float = 1.0
     epochs: int = 2
@@ -113,9 +115,9 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """ddp: every worker holds the whole model; fsdp: FSDP2 (fully_shard per decoder layer), weights loaded by rank 0
     and broadcast."""
-    hsdp_shard_size: int | None = None
+    hsdp_shard_size: int | Literal["auto"] | None = None
     """fsdp across nodes: shard within groups of this many workers (a node's GPUs) and replicate across groups
-    (HSDP); None shards across all workers."""
+    (HSDP); None shards across all workers; `auto`: a node's GPUs when the workers span several nodes, else None."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
     layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
@@ -273,7 +275,9 @@ class SpinConfig:
         return dataclasses.replace(self, iteration=t, train=train)
 
     def validate(self) -> None:
-        """Range checks that types alone cannot express; raises ConfigError naming the field."""
+        """Range checks that types alone cannot express; raises ConfigError naming the field. The rules on a worker
+        count wait for `auto` to be resolved (plan.preflight validates again after)."""
+        auto_workers = self.train.num_workers == "auto"
         checks = [
             ("iteration", self.iteration >= 0, "must be >= 0"),
             ("resources", not (self.resources == "cpu" and self.train.use_gpu),
@@ -297,20 +301,23 @@ class SpinConfig:
             ("generate.dtype", self.generate.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1 or null"),
             ("train.weight_decay", self.train.weight_decay >= 0, "must be >= 0"),
-            ("train.num_workers", self.train.num_workers >= 1, "must be >= 1"),
+            ("train.num_workers", auto_workers or self.train.num_workers >= 1, "must be >= 1 or auto"),
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.num_cpus_per_worker", self.train.num_cpus_per_worker > 0, "must be > 0"),
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, "must be >= 1"),
             ("train.micro_batch_tokens",
              self.train.micro_batch_tokens is None or self.train.micro_batch_tokens >= 2 * self.data.max_length,
              f"must be null or >= 2 x data.max_length ({2 * self.data.max_length}) so that any pair fits"),
-            ("train.hsdp_shard_size", self.train.hsdp_shard_size is None or (
+            ("train.hsdp_shard_size", self.train.hsdp_shard_size in (None, "auto") or (
                 self.train.strategy == "fsdp" and self.train.hsdp_shard_size >= 1
-                and self.train.num_workers % self.train.hsdp_shard_size == 0),
-             f"must be null, or with train.strategy = fsdp a divisor of train.num_workers ({self.train.num_workers})"),
+                and (auto_workers or self.train.num_workers % self.train.hsdp_shard_size == 0)),
+             "must be null, auto, or with train.strategy = fsdp a divisor of train.num_workers "
+             f"({self.train.num_workers})"),
             ("train.dtype", self.train.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
             ("train.global_batch_size",
-             self.train.global_batch_size >= 1 and self.train.global_batch_size % self.train.num_workers == 0,
+             self.train.global_batch_size >= 1
+             and (auto_workers or self.train.num_workers >= 1
+                  and self.train.global_batch_size % self.train.num_workers == 0),
              f"({self.train.global_batch_size}) must be a positive multiple of train.num_workers "
              f"({self.train.num_workers}): "
              "every worker trains as many pairs per step (train.micro_batch_size only caps the pairs of one "
@@ -478,7 +485,11 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
                 return _coerce(value, arg, dotted)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0])
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        alternatives = [" or ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal
+                        else getattr(a, "__name__", str(a)) for a in args]
+        raise ConfigError(f"{dotted} = {value!r}: expected {' or '.join(alternatives).replace('NoneType', 'null')}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{dotted} = {value!r}: must be one of {', '.join(map(repr, args))}"

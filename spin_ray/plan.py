@@ -1,5 +1,5 @@
-"""The one place that decides what each stage asks Ray for, checks a config against a cluster before any actor
-starts, and sizes a run without loading weights (`spin-ray plan`).
+"""The one place that decides what each stage asks Ray for and checks a config against a cluster before any actor
+starts (used at run time; `spin_ray/sizing.py` sizes a run without weights for `spin-ray plan`).
 
 Stages and what runs at the same time (loop.py):
   pairs   generation actors (or the warm EnginePool), fed by Ray Data
@@ -12,18 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
-from spin_ray.config import ConfigError, SpinConfig, resolve_dtype
-from spin_ray.template import CHUNK_TOKENS
+from spin_ray.config import ConfigError, SpinConfig
 
 Resources = Mapping[str, float]
 PHASES = ("pairs", "train")
-ASSETS = Path(__file__).parent / "assets" / "arch"
 
 
 @dataclass(frozen=True)
@@ -95,16 +91,50 @@ def actor_gpus(requested: float | None, on_gpu: float) -> float:
     return on_gpu if cluster_capacity().get("GPU", 0) > 0 else 0.0
 
 
-def resolve(cfg: SpinConfig, cluster: Resources | None = None) -> SpinConfig:
-    """`cfg` with every GPU request made explicit from `resources`: generate.num_gpus_per_actor and
-    train.use_gpu. The stages read these fields only, so what they ask for is decided here."""
+def resolve(cfg: SpinConfig, cluster: Resources | None = None, nodes: list[Resources] | None = None) -> SpinConfig:
+    """`cfg` with every resource request made explicit: generate.num_gpus_per_actor and train.use_gpu from
+    `resources`, train.num_workers and train.hsdp_shard_size from their `auto` rules (`auto_workers`,
+    `auto_shard_size`). The stages read these fields only, so what they ask for is decided here. `cluster`: the
+    total resources (default: the connected cluster's); `nodes`: each node's, where known."""
+    if cluster is None:
+        cluster, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
     gpu = uses_gpu(cfg, cluster)
-    g = cfg.generate
+    g, t = cfg.generate, cfg.train
+    workers = auto_workers(t.global_batch_size, _gpus(cluster) if gpu else 0) if t.num_workers == "auto" \
+        else t.num_workers
+    per_node = max((n.get("GPU", 0.0) for n in nodes), default=0.0) if nodes and gpu else 0.0
+    shard = auto_shard_size(t.strategy, workers, int(per_node)) if t.hsdp_shard_size == "auto" else t.hsdp_shard_size
     return dataclasses.replace(
         cfg,
         generate=dataclasses.replace(g, num_gpus_per_actor=g.num_gpus_per_actor if g.num_gpus_per_actor is not None
                                      else float(g.tensor_parallel_size) if gpu else 0.0),
-        train=dataclasses.replace(cfg.train, use_gpu=gpu))
+        train=dataclasses.replace(t, use_gpu=gpu, num_workers=workers, hsdp_shard_size=shard))
+
+
+def _gpus(cluster: Resources) -> int:
+    """The cluster's GPUs; where they are unbounded (an autoscaler that reports no node types) the live ones (none
+    up: preflight refuses `auto` for a stage that trains; generation and evaluation do not use the count)."""
+    gpus = cluster.get("GPU", 0.0)
+    if gpus == math.inf:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+    return int(gpus)
+
+
+def auto_workers(global_batch: int, gpus: int) -> int:
+    """`train.num_workers: auto`: one worker per GPU, as many as divide the global batch (each worker trains as many
+    pairs per step); 1 on a CPU cluster, where the workers would share the same cores."""
+    return max(n for n in range(1, max(1, gpus) + 1) if global_batch % n == 0)
+
+
+def auto_shard_size(strategy: str, workers: int, gpus_per_node: int) -> int | None:
+    """`train.hsdp_shard_size: auto`: under fsdp with workers on several nodes, shard within a node (NVLink) and
+    replicate across nodes (HSDP: only gradients cross the slower network); else None, one shard group. Where node
+    sizes are not known (an autoscaler that adds nodes) also None."""
+    if strategy != "fsdp" or not gpus_per_node or workers <= gpus_per_node:
+        return None
+    return math.gcd(workers, gpus_per_node)
 
 
 def requests(cfg: SpinConfig) -> dict[str, Request]:
@@ -144,7 +174,13 @@ def preflight(cfg: SpinConfig, cluster: Resources | None = None, *, stages: tupl
         capacity, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
     else:
         capacity = dict(cluster)
-    cfg = resolve(cfg, capacity)
+    if "train" in stages and cfg.train.num_workers == "auto" and capacity.get("GPU") == math.inf \
+            and uses_gpu(cfg, capacity) and not _gpus(capacity):
+        raise ConfigError("train.num_workers = 'auto': no GPU node is up and the cluster's autoscaler does not report "
+                          "how many GPUs it can add; set train.num_workers (e.g. --set train.num_workers=8 for one "
+                          "8-GPU node)")
+    cfg = resolve(cfg, capacity, nodes)
+    cfg.validate()  # the rules that need a worker count `auto` left open (global batch, HSDP shard size)
     reqs = requests(cfg)
     held = phases(cfg, warm_engines)
     for r in {name: reqs[name] for phase in stages for name in held[phase]}.values():
@@ -205,402 +241,3 @@ def _fits(members: list[Request], capacity: Resources, why: str) -> None:
         fix = ("set generate.keep_warm=false, or make room for both" if "keep_warm" in why else
                "lower " + " or ".join(r.field for r in asking) + " (or the per-actor request), or add nodes")
         raise ConfigError(f"{needs}{' (' + why + ')' if why else ''}, but the cluster has at most {have:g}; {fix}")
-
-
-# ---- `spin-ray plan`: sizing from the model's HF config, the recipe and stated hardware figures, no weights ----
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    memory_gb: float
-    """Device memory in GB (1e9 bytes); host RAM per node for CPU."""
-    peak_tflops: float
-    """Dense bf16 tensor-core peak (fp32 FMA peak for CPU)."""
-    bandwidth_tbs: float
-    """Memory bandwidth, TB/s."""
-
-
-# Vendor data-sheet figures (dense, no sparsity). CPU: AVX2, 2 FMA units x 8 fp32 lanes x 2 = 32 FLOP/cycle/core at
-# 3.0 GHz (server boost clock), per core; `cpu_device` scales it by the core count.
-DEVICES = {
-    "H100": Device("H100 SXM 80GB", 80, 989, 3.35),
-    "H200": Device("H200 SXM 141GB", 141, 989, 4.8),
-    "A100-80GB": Device("A100 SXM 80GB", 80, 312, 2.04),
-    "A100": Device("A100 SXM 40GB", 40, 312, 1.555),
-    "A100-40GB": Device("A100 SXM 40GB", 40, 312, 1.555),
-    "L40S": Device("L40S 48GB", 48, 362, 0.864),
-    "A10G": Device("A10G 24GB", 24, 70, 0.6),
-    "L4": Device("L4 24GB", 24, 121, 0.3),
-}
-CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
-CPU_BANDWIDTH_TBS = 0.02
-# Efficiencies (share of peak reached). GPU training: measured on one H200 (benchmarks/gpu.py, SmolLM2-1.7B
-# architecture, bf16, long-tailed chat lengths: the FSDP2 trainer 14.5%; results in benchmarks/results/gpu), also
-# used for the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
-# CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
-# see the README's plan section.
-MFU = {"gpu_train": 0.15, "gpu_prefill": 0.40, "cpu": 0.60}
-OVERHEAD_GB = 2.0
-"""Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
-
-
-def cpu_device(cores: int | None = None, memory_gb: float | None = None) -> Device:
-    """This machine's CPUs (or `cores`) as a device; memory defaults to this machine's RAM."""
-    cores = cores or os.cpu_count() or 1
-    if memory_gb is None:
-        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    return Device(f"CPU ({cores} cores, AVX2 fp32)", memory_gb, cores * CPU_TFLOPS_PER_CORE, CPU_BANDWIDTH_TBS)
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    nodes: int
-    gpus_per_node: int
-    device: Device
-    cpus_per_node: int
-
-    @property
-    def total(self) -> dict[str, float]:
-        return {"CPU": float(self.nodes * self.cpus_per_node), "GPU": float(self.nodes * self.gpus_per_node)}
-
-    @property
-    def node(self) -> dict[str, float]:
-        return {"CPU": float(self.cpus_per_node), "GPU": float(self.gpus_per_node)}
-
-
-def parse_cluster(spec: str, cpus_per_node: int | None = None) -> ClusterSpec:
-    """`NODESxGPUSxTYPE`, e.g. 1x8xH100, 4x8xA100-80GB, 1x0xCPU. A CPU node computes with this machine's cores and
-    offers the logical CPUs a local `spin-ray` cluster starts with (at least 4, cli.init_ray) unless cpus_per_node."""
-    m = re.fullmatch(r"(\d+)x(\d+)x([A-Za-z0-9-]+)", spec.strip())
-    if not m or int(m.group(1)) < 1:
-        raise ConfigError(f"--cluster {spec!r} must look like NODESxGPUSxTYPE, e.g. 1x8xH100, 4x8xA100-80GB or 1x0xCPU")
-    nodes, gpus, kind = int(m.group(1)), int(m.group(2)), m.group(3)
-    if kind.upper() == "CPU":
-        if gpus:
-            raise ConfigError(f"--cluster {spec!r}: a CPU node type has 0 GPUs (NODESx0xCPU)")
-        cores = os.cpu_count() or 1
-        return ClusterSpec(nodes, 0, cpu_device(cpus_per_node or cores), cpus_per_node or max(4, cores))
-    device = next((d for k, d in DEVICES.items() if k.upper() == kind.upper()), None)
-    if device is None or gpus < 1:
-        raise ConfigError(f"--cluster {spec!r}: GPU type must be one of {', '.join(DEVICES)} with >= 1 GPU per node")
-    # 12 vCPUs per GPU is the smallest share among the 8-GPU cloud types (p4de: 96 vCPUs for 8 A100s).
-    return ClusterSpec(nodes, gpus, device, cpus_per_node or 12 * gpus)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The architecture facts of a decoder-only (Llama/Mistral/Qwen-style, gated MLP) model's HF config."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def from_hf(cls, config: dict, name: str) -> Arch:
-        try:
-            heads = config["num_attention_heads"]
-            return cls(name, config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
-                       config.get("num_key_value_heads") or heads,
-                       config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
-                       bool(config.get("tie_word_embeddings", False)))
-        except KeyError as e:
-            raise ConfigError(f"model config for {name!r} lacks {e.args[0]!r}; spin-ray plan reads decoder-only HF "
-                              "configs (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
-                              "vocab_size)") from None
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @property
-    def layer_params(self) -> int:
-        q = self.heads * self.head_dim
-        # q and o projections, k and v, gate/up/down, two RMSNorm weights
-        return 2 * self.hidden * q + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.intermediate + \
-            2 * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each decoder layer's linear projections, by their Llama-style module names."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-                "up_proj": (h, i), "down_proj": (i, h)}
-
-    def lora_params(self, r: int, targets: list[str]) -> int:
-        """Adapter weights of rank `r` on the named projections of every layer: r·(in + out) each (A and B)."""
-        shapes = self.linear_shapes()
-        unknown = sorted(set(targets) - set(shapes))
-        if unknown:
-            raise ConfigError(f"train.lora.target_modules: spin-ray plan knows the sizes of {', '.join(shapes)}, "
-                              f"not {', '.join(unknown)}")
-        return self.layers * sum(r * sum(shapes[t]) for t in set(targets))
-
-    def forward_flops_per_token(self, context: int) -> float:
-        """2 FLOPs per weight of every matmul (the LM head too, tied or not) plus causal attention over `context`
-        tokens (QKᵀ and AV, each 2·q_dim per attended token, half the context on average)."""
-        matmul = self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
-        return 2 * matmul + 2 * self.layers * self.heads * self.head_dim * context
-
-
-# Model names the configs use → shipped HF config.json facts (this machine is offline).
-ARCH_FILES = {
-    "alignment-handbook/zephyr-7b-sft-full": "zephyr-7b-sft-full.json",
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "SmolLM2-1.7B-Instruct.json",
-    "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct.json",
-    "smollm2-135m": "SmolLM2-135M-Instruct.json",
-    "tiny": "tiny-llama.json",
-    "tasks-sft": "tasks-sft.json",
-}
-
-
-def load_arch(model: str, model_config: str | None = None) -> Arch:
-    """Architecture of `model` from `model_config` (a config.json or a folder holding one), a local model folder,
-    or the facts shipped for the preset configs' models."""
-    source = model_config or model
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        return Arch.from_hf(json.loads(path.read_text()), source)
-    if model_config is not None:
-        raise ConfigError(f"--model-config {model_config!r}: no config.json there; pass a model's config.json or "
-                          "the folder holding it")
-    if model in ARCH_FILES:
-        return Arch.from_hf(json.loads((ASSETS / ARCH_FILES[model]).read_text()), model)
-    raise ConfigError(f"model = {model!r}: spin-ray plan has no architecture facts for it offline; pass its HF "
-                      f"config.json with --model-config (shipped: {', '.join(sorted(ARCH_FILES))})")
-
-
-GB = 1e9
-
-
-def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per training device, by part (worst case: every sequence padded to data.max_length).
-
-    fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
-    fsdp. In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
-    MixedPrecisionPolicy (ddp as a replicate-only mesh, train.py): a layer is gathered in bf16 when it is used (two in
-    flight with prefetch) and gradients are reduced in fp32 in place, with no bucket copy. Only fp32 DDP with more than
-    one worker (Ray Train wraps no single worker) keeps DDP's fp32 gradient buckets.
-    The optimizer step's foreach kernels hold one more fp32 buffer the size of the (local) parameters (AdamW's and
-    RMSprop's sqrt of the second moment): a 7B AdamW step on one H200 peaked at 144.9 GB, 5 x 29 GB
-    (benchmarks/results/gpu). Activations and logits are freed by then, so the sum is an upper bound.
-    Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
-    q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
-    checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
-    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
-    CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
-    With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
-    state; those, the fp32 master copy and the step's buffer are the adapters' only. Each adapter also keeps its A
-    output (r values per token) and, under dropout, its dropped input.
-    """
-    t, p = cfg.train, arch.params
-    trained = p if t.lora is None else arch.lora_params(t.lora.r, t.lora.target_modules)
-    dtype = resolve_dtype(t.dtype, t.use_gpu)
-    reduced = dtype != "float32"
-    width = 2 if reduced else 4  # bytes per activation value
-    fsdp = t.strategy == "fsdp"
-    shards = t.num_workers if fsdp else 1
-    states = 2 if t.optimizer == "adamw" else 1
-    tokens = 2 * t.micro_batch_size * cfg.data.max_length
-    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
-    if t.lora is not None:
-        shapes = arch.linear_shapes()
-        per_layer += width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
-    # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
-    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
-            else arch.layers * tokens * per_layer)
-    ddp_buckets = not fsdp and not reduced and t.num_workers > 1
-    frozen = {} if t.lora is None else {f"frozen base ({dtype})": width * p / shards}  # the adapters are extra
-    return {
-        **frozen,
-        "parameters (fp32)" if t.lora is None else "adapters (fp32)": 4 * trained / shards,
-        "gradients (fp32)": 4 * trained / shards + (4 * trained if ddp_buckets else 0),
-        f"optimizer ({t.optimizer}, fp32)": 4 * states * trained / shards,
-        "optimizer step (foreach)": 4 * trained / shards,
-        "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
-        "activations": acts,
-        "logits": (10 if reduced else 8) * min(tokens, CHUNK_TOKENS) * arch.vocab,
-        "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
-    }
-
-
-def vllm_memory(arch: Arch, cfg: SpinConfig, device: Device) -> dict[str, float]:
-    """Bytes per vLLM actor's GPU: bf16 weights split over tensor_parallel_size, the KV cache gets the rest of
-    gpu_memory_utilization after 1.5 GB for activations and CUDA graphs."""
-    g = cfg.generate
-    weights = 2 * arch.params / g.tensor_parallel_size
-    budget = g.gpu_memory_utilization * device.memory_gb * GB
-    return {"weights (bf16)": weights, "activations, CUDA graphs": 1.5 * GB,
-            "KV cache": max(0.0, budget - weights - 1.5 * GB)}
-
-
-def kv_bytes_per_token(arch: Arch) -> int:
-    return 2 * arch.layers * arch.kv_dim * 2  # K and V, bf16
-
-
-def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int) -> float:
-    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward; 1x with a
-    frozen base under LoRA, whose weight gradients are never computed: the adapters' are negligible), plus the
-    recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not counted);
-    the reference pass is one forward."""
-    flops = passes * arch.forward_flops_per_token(context) * tokens
-    return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
-
-
-def _mfu(device: Device) -> float:
-    return MFU["cpu" if device.name.startswith("CPU") else "gpu_train"]
-
-
-# Prompt counts of the preset configs' data sets (rows of the split they use).
-DATASET_ROWS = {"UCLA-AGI/SPIN_iter0": 49_792, "HuggingFaceH4/ultrachat_200k": 207_865}
-VLLM_MAX_SEQS = 256
-"""vLLM's default max_num_seqs: sequences decoded together per engine."""
-
-
-@dataclass
-class Plan:
-    lines: list[str]
-    problems: list[str]
-
-    @property
-    def fits(self) -> bool:
-        return not self.problems
-
-
-def prompt_count(cfg: SpinConfig) -> int | None:
-    if cfg.data.max_rows is not None:
-        return cfg.data.max_rows
-    if cfg.data.path == "bundled":
-        import pyarrow.parquet as pq
-
-        split = pq.read_table(Path(__file__).parent / "assets" / "tasks.parquet", columns=["split"]).column("split")
-        return sum(1 for s in split.to_pylist() if cfg.data.split is None or s == cfg.data.split)
-    return DATASET_ROWS.get(cfg.data.path)
-
-
-def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int | None = None,
-              prompt_tokens: int | None = None) -> Plan:
-    """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`."""
-    problems: list[str] = []
-    try:
-        cfg = preflight(cfg, cluster.total, nodes=[cluster.node] * cluster.nodes)
-    except ConfigError as e:
-        problems.append(str(e))
-        cfg = resolve(cfg, cluster.total)
-    dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
-    prompts = prompts or prompt_count(cfg)
-    if prompts is None:
-        raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
-                          "data.max_rows or pass --prompts N")
-    p_tok = prompt_tokens or cfg.data.max_prompt_length // 2
-    g, t = cfg.generate, cfg.train
-    reqs = requests(cfg)
-    out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
-           f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
-           f"cluster {cluster.nodes} node(s) x {cluster.gpus_per_node} x {dev.name}, {cluster.cpus_per_node} CPUs per "
-           f"node: {dev.peak_tflops:g} TFLOP/s peak, {dev.bandwidth_tbs:g} TB/s, {dev.memory_gb:.4g} GB per device",
-           f"data {prompts} prompts per iteration, {p_tok} prompt tokens each (assumed), window {cfg.loop.window}",
-           "", "stages (resources per actor/worker):"]
-    for name, r in reqs.items():
-        where = f"{r.gpus:g} GPU + {r.cpus:g} CPU" if r.gpus else f"{r.cpus:g} CPU"
-        out.append(f"  {name:<9} {r.count} x {r.what} [{r.field}], {where} each")
-    out.append("at the same time:")
-    for phase, members in phases(cfg).items():
-        need = {k: sum(reqs[m].total()[k] for m in members) for k in ("GPU", "CPU")}
-        out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
-                   f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
-
-    on_gpu = cluster.gpus_per_node > 0 and t.use_gpu
-    capacity = dev.memory_gb * GB
-    train_mem = train_memory(arch, cfg)
-    if not on_gpu:
-        capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
-    lora = "" if t.lora is None else (
-        f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
-        f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
-    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}, "
-                f"{t.num_workers} worker(s), micro-batch {t.micro_batch_size} pairs x {cfg.data.max_length} tokens, "
-                f"activation checkpointing {t.activation_checkpointing}):"]
-    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
-    total = sum(train_mem.values())
-    out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
-    if total > capacity:
-        problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
-                        "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
-                        "smaller train.micro_batch_size or data.max_length, "
-                        f"{'train.lora (adapters only), ' if t.lora is None else ''}or larger devices")
-    context = p_tok + g.max_tokens
-    if reqs["generate"].gpus:
-        v = vllm_memory(arch, cfg, dev)
-        seqs = int(v["KV cache"] // (kv_bytes_per_token(arch) * context))
-        out += ["", f"memory per vLLM actor ({g.tensor_parallel_size} GPU, gpu_memory_utilization "
-                    f"{g.gpu_memory_utilization}):"]
-        out += [f"  {k:<26} {gb(val):>10}" for k, val in v.items()]
-        out.append(f"  KV cache holds {seqs} sequences of {context} tokens ({kv_bytes_per_token(arch)} B/token)")
-        if g.tensor_parallel_size > cluster.gpus_per_node:
-            problems.append(f"generate.tensor_parallel_size = {g.tensor_parallel_size} exceeds the "
-                            f"{cluster.gpus_per_node} GPUs of a node; one engine runs on one node")
-        if seqs < 1:
-            problems.append(f"a vLLM engine's bf16 weights ({gb(v['weights (bf16)'])}) leave no KV cache for one "
-                            f"{context}-token sequence in {g.gpu_memory_utilization} x {dev.memory_gb:g} GB: raise "
-                            "generate.tensor_parallel_size or generate.gpu_memory_utilization")
-    else:
-        seqs = g.batch_size
-
-    def unit_tflops(r: Request) -> float:
-        return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
-
-    cpu_mfu = MFU["cpu"]
-    gen_dev_mfu = MFU["gpu_prefill"] if reqs["generate"].gpus else cpu_mfu
-    per_actor = math.ceil(prompts / g.num_actors)
-    gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
-    concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if reqs["generate"].gpus else g.batch_size))
-    bandwidth = (dev.bandwidth_tbs if reqs["generate"].gpus else CPU_BANDWIDTH_TBS) * 1e12 * max(1, g.tensor_parallel_size
-                                                                                                  if reqs["generate"].gpus else 1)
-    step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
-    gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
-    gen_s = max(gen_compute, gen_memory)
-    window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
-    train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
-                                                       name="CPU")
-    window_tokens = window_pairs * 2 * cfg.data.max_length
-    passes = (2 if t.lora is not None else 3) + (1 if t.activation_checkpointing == "full" else 0)
-    train_s = train_seconds(arch, window_tokens * t.epochs, cfg.data.max_length, t.num_workers, train_dev, passes)
-    reference_s = train_seconds(arch, window_tokens, cfg.data.max_length, t.num_workers, train_dev, 1)
-    iteration_s = gen_s + reference_s + train_s
-    out += ["", "time per iteration (at the full window):",
-            f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
-            f"max(compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} sequences/step)",
-            f"  reference {_dur(reference_s):>9}  θ_t's log-probs of {window_pairs} pairs: one forward on the "
-            f"training workers",
-            f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {t.epochs} epochs, 2 x {cfg.data.max_length} "
-            f"tokens per pair, {t.num_workers} worker(s)",
-            f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations {_dur(iteration_s * cfg.loop.iterations)}",
-            "", "assumptions: " + "; ".join([
-                f"MFU on GPU {MFU['gpu_train']:.0%} training and its reference pass (measured, one H200, 1.7B model), "
-                f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
-                "decode reads all weights and half the KV per step (bandwidth-bound)",
-                "every answer runs to generate.max_tokens and every training sequence is padded to data.max_length "
-                "(upper bounds)", f"prompts of {p_tok} tokens (--prompt-tokens)",
-                "start-up, weight loading, checkpoints and Ray overheads excluded"])]
-    out.append("")
-    out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
-    return Plan(out, problems)
-
-
-def _dur(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -165,11 +165,12 @@ def test_a_micro_batch_larger_than_the_global_batch_is_not_refused(tmp_path):
     assert "global_batch_size" not in msg and "data.path 'missing.jsonl' not found" in msg
 
 
-def test_a_train_command_is_not_refused_for_warm_engines_it_never_starts(tiny_model, tmp_path):
+@pytest.mark.parametrize("workers", ["2", "auto"])
+def test_a_train_command_is_not_refused_for_warm_engines_it_never_starts(tiny_model, tmp_path, workers):
     # The embedded config keeps warm engines (generate.keep_warm) for `run`; `train` starts none, so 2 workers fit
-    # the local cluster, and the command goes on to look for the pairs it trains on.
+    # the local cluster, and the command goes on to look for the pairs it trains on. `auto` on this CPU cluster: 1.
     out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "train", "--set", f"model={tiny_model}",
-                          "--set", f"storage={tmp_path / 'store'}", "--set", "train.num_workers=2"],
+                          "--set", f"storage={tmp_path / 'store'}", "--set", f"train.num_workers={workers}"],
                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
                          capture_output=True, text=True, timeout=300)
     err = out.stderr.strip()

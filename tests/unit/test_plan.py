@@ -1,18 +1,15 @@
-"""spin_ray.plan: what each stage asks for, the pre-flight refusals, and `spin-ray plan`'s memory arithmetic.
+"""spin_ray.plan: what each stage asks for and the pre-flight refusals (`spin-ray plan`'s sizing: test_sizing.py).
 
 No Ray: every check takes the cluster's resources as a dict. Expected numbers are derived by hand in the comments.
 """
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.plan import (GB, load_arch, make_plan, parse_cluster, phases, preflight, requests, resolve,
-                           train_memory)
+from spin_ray.plan import auto_shard_size, auto_workers, phases, preflight, requests, resolve
+from spin_ray.sizing import load_arch, make_plan, parse_cluster
 
 CPU4 = {"CPU": 4.0}
 
@@ -20,122 +17,6 @@ CPU4 = {"CPU": 4.0}
 def cfg(*overrides: str) -> SpinConfig:
     return SpinConfig.load(None, ["model=tiny", "data.max_length=64", "data.max_prompt_length=32",
                                   "generate.max_tokens=16", *overrides])
-
-
-def test_parameter_counts_match_the_models():
-    # tiny: embed + untied head 2 x 512 x 64 = 65536; per layer q,o 2 x 64 x 64 + k,v 2 x 64 x 64 + MLP 3 x 64 x 128
-    # + norms 2 x 64 = 41088, x 2 layers = 82176; final norm 64 → 147776 (what LlamaForCausalLM reports).
-    assert load_arch("tiny").params == 147776
-    # Mistral-7B: 2 x 32000 x 4096 + 32 x (2 x 4096² + 2 x 4096 x 1024 + 3 x 4096 x 14336 + 8192) + 4096.
-    assert load_arch("alignment-handbook/zephyr-7b-sft-full").params == 7_241_732_096
-    assert load_arch("smollm2-135m").params == 134_515_008  # tied: one 49152 x 576 matrix
-
-
-def test_train_memory_by_hand():
-    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
-            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true")
-    m = train_memory(load_arch("tiny"), c)
-    p = 147776
-    assert m["parameters (fp32)"] == 4 * p / 2 == 295552
-    assert m["gradients (fp32)"] == 295552  # fsdp: sharded, no DDP buckets
-    assert m["optimizer (rmsprop, fp32)"] == 295552  # one state
-    assert m["optimizer step (foreach)"] == 295552  # the step's sqrt of the second moment, per local shard
-    assert m["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered
-    # 2 sequences x 16 tokens = 32 tokens; per token per layer 16·64 + 4·64 + 8·128 = 2304 B; 2 layers, no checkpointing
-    assert m["activations"] == 2 * 32 * 2304 == 147456
-    assert m["logits"] == 10 * 32 * 512 == 163840
-    assert m["runtime overhead"] == 2 * GB
-
-    ddp = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
-        c.train, strategy="ddp", optimizer="adamw", activation_checkpointing="full")))
-    assert ddp["parameters (fp32)"] == 4 * p
-    assert ddp["gradients (fp32)"] == 4 * p  # bf16 ddp is FSDP2 on a replicate-only mesh: no bucket copy
-    assert ddp["optimizer (adamw, fp32)"] == 8 * p
-    assert ddp["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered, not a bf16 copy of every weight
-    # checkpointing: each layer's bf16 input (2 x 32 x 64 x 2 B) + one layer recomputed (32 x 2304 B)
-    assert ddp["activations"] == 2 * 32 * 64 * 2 + 32 * 2304
-
-    # CPU, one worker: fp32 activations (twice the bytes) and logits (8 B: no bf16 copy), no DDP wrapper, no autocast
-    cpu = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
-        c.train, strategy="ddp", num_workers=1, use_gpu=False)))
-    assert cpu["gradients (fp32)"] == 4 * p and cpu["weights in use"] == 0 and cpu["runtime overhead"] == 0
-    assert cpu["activations"] == 2 * 32 * 4608 and cpu["logits"] == 8 * 32 * 512
-    # fp32 DDP with two workers: DDP's fp32 gradient buckets beside the gradients
-    cpu2 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
-        c.train, strategy="ddp", use_gpu=False)))
-    assert cpu2["gradients (fp32)"] == 8 * p and cpu2["weights in use"] == 0
-    # bf16 on CPU (train.dtype) is computed like bf16 on GPU
-    bf16 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
-        c.train, use_gpu=False, dtype="bfloat16")))
-    assert bf16["weights in use"] == 2 * 2 * 41088 and bf16["logits"] == 10 * 32 * 512
-
-
-def test_seven_b_adamw_on_one_h200_does_not_fit_as_measured():
-    """Measured (benchmarks/results/gpu): zephyr-7b, AdamW, one H200 (139.8 GiB) ran out of memory in the optimizer
-    step at 144.9 GB. Without the step's foreach buffer the plan said 131 GB, fits."""
-    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
-        "train.num_workers=1", "generate.num_actors=1", "train.optimizer=adamw"])
-    plan = make_plan(c, parse_cluster("1x1xH200"), load_arch(c.model))
-    assert any("training" in p and "GB" in p for p in plan.problems), plan.problems
-
-
-def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
-    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
-        "train.num_workers=1", "generate.num_actors=1", "train.global_batch_size=64"])
-    plan = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
-    assert not plan.fits
-    # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB, and the refusal names LoRA as a way out
-    assert any(p.startswith("training needs") and "24.0 GB" in p and "train.lora" in p for p in plan.problems), \
-        plan.problems
-
-
-def test_lora_train_memory_by_hand():
-    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
-            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true",
-            "train.lora.r=4", "train.lora.dropout=0.1", "train.lora.target_modules=[q_proj, v_proj, down_proj]")
-    m = train_memory(load_arch("tiny"), c)
-    # 4 x (in + out) per adapter: q (64 + 64), v (64 + 64), down (128 + 64); 2 layers → 3584 trained weights
-    trained = 2 * 4 * ((64 + 64) + (64 + 64) + (128 + 64))
-    assert load_arch("tiny").lora_params(4, ["q_proj", "v_proj", "down_proj"]) == trained == 3584
-    assert m["frozen base (bfloat16)"] == 2 * 147776 / 2  # every θ_t weight in bf16, sharded over 2
-    assert m["adapters (fp32)"] == m["gradients (fp32)"] == m["optimizer step (foreach)"] == 4 * trained / 2
-    assert m["optimizer (rmsprop, fp32)"] == 4 * trained / 2 and "parameters (fp32)" not in m
-    # per token per layer: 2304 B as full fine-tuning, plus each adapter's A output (4 values) and, under dropout,
-    # its dropped input (64, 64, 128 values), in bf16: 2 x (68 + 68 + 132) = 536 B; 2 layers x 32 tokens
-    assert m["activations"] == 2 * 32 * (2304 + 536)
-    with pytest.raises(ConfigError, match="train.lora.target_modules: spin-ray plan knows .* not qkv"):
-        train_memory(load_arch("tiny"), cfg("train.lora.target_modules=[qkv]"))
-
-
-def test_seven_b_lora_runs_on_one_a10g():
-    """zephyr-7b with LoRA: the frozen bf16 base (14.5 GB) and a 1-pair micro-batch fit one 24 GB GPU, and
-    generation (one engine) and training take turns on it, so one A10G runs the whole iteration."""
-    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
-        "train.num_workers=1", "generate.num_actors=1", "train.micro_batch_size=1", "train.lora.r=16"])
-    one = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
-    train = train_memory(load_arch(c.model), c)
-    assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) < 24 * GB
-    assert one.fits, one.problems
-    assert any(line.startswith("  KV cache holds") for line in one.lines)  # the engine has room for sequences
-
-
-def test_paper_recipe_fits_four_h100_nodes():
-    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml")
-    plan = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
-    assert plan.fits, plan.problems
-    text = "\n".join(plan.lines)
-    # Generation, then training (its first pass the reference log-probs): the phases take turns
-    assert "pairs   generate " in text and "train   train " in text and "score" not in text
-    assert "reference" in text
-
-
-def test_parse_cluster():
-    spec = parse_cluster("4x8xA100-80GB")
-    assert spec.total == {"CPU": 4 * 96.0, "GPU": 32.0} and spec.device.memory_gb == 80
-    assert parse_cluster("1x0xCPU", cpus_per_node=2).total == {"CPU": 2.0, "GPU": 0.0}
-    for bad in ["8xH100", "1x8xV99", "1x2xCPU", "0x8xH100"]:
-        with pytest.raises(ConfigError, match="--cluster"):
-            parse_cluster(bad)
 
 
 def test_resources_decide_the_gpu_requests():
@@ -232,28 +113,37 @@ def test_preflight_checks_only_the_phases_asked_for():
         preflight(c, CPU4, stages=("train",))
 
 
-def test_arch_from_a_local_config_json(tmp_path):
-    (tmp_path / "config.json").write_text('{"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, '
-                                          '"num_attention_heads": 2, "vocab_size": 10, "tie_word_embeddings": true}')
-    a = load_arch("some/unknown-model", str(tmp_path))
-    # embed 10 x 8 = 80; layer 2·8·8 + 2·8·8 + 3·8·16 + 2·8 = 656; final norm 8 → 744
-    assert (a.kv_heads, a.head_dim, a.params) == (2, 4, 744)
-    with pytest.raises(ConfigError, match="--model-config"):
-        load_arch("some/unknown-model")
+def test_num_workers_auto_uses_every_gpu_the_global_batch_can_feed():
+    assert auto_workers(64, 8) == 8 and auto_workers(64, 32) == 32  # 32 GPUs: 2 pairs per GPU per step
+    assert auto_workers(64, 6) == 4 and auto_workers(6, 8) == 6  # the largest count that divides the batch
+    assert auto_workers(64, 0) == 1  # CPU cluster: one worker
+    c = cfg("train.num_workers=auto", "train.strategy=fsdp", "train.hsdp_shard_size=auto", "train.micro_batch_size=1",
+            "train.global_batch_size=64")
+    node = {"CPU": 96.0, "GPU": 8.0}
+    one = preflight(c, node, nodes=[node])
+    assert (one.train.num_workers, one.train.hsdp_shard_size, one.train.use_gpu) == (8, None, True)
+    four = preflight(c, {"CPU": 4 * 96.0, "GPU": 32.0}, nodes=[node] * 4)
+    assert (four.train.num_workers, four.train.hsdp_shard_size) == (32, 8)  # HSDP: shard within a node
+    assert requests(four)["train"].total() == {"CPU": 32.0, "GPU": 32.0}
+    assert preflight(c, CPU4).train.num_workers == 1
+    assert auto_shard_size("ddp", 32, 8) is None and auto_shard_size("fsdp", 32, 0) is None  # node sizes unknown
+    # an explicit shard size is checked against the resolved count: 64 pairs on 6 GPUs → 4 workers
+    with pytest.raises(ConfigError, match=r"train.hsdp_shard_size = 3: .*divisor of train.num_workers \(4\)"):
+        preflight(cfg("train.num_workers=auto", "train.strategy=fsdp", "train.hsdp_shard_size=3",
+                      "train.global_batch_size=64"), {"CPU": 12.0, "GPU": 6.0})
+    for bad in ["autp", "2.5", "0"]:
+        with pytest.raises(ConfigError, match=f"train.num_workers = .*{bad}.*(int or 'auto'|>= 1 or auto)"):
+            cfg(f"train.num_workers={bad}")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    return subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+def test_num_workers_auto_on_an_autoscaler_that_reports_no_gpu_count(monkeypatch):
+    import ray
 
-
-def test_plan_cli_exit_codes():
-    ok = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "4x8xH100")
-    assert ok.returncode == 0, ok.stderr
-    assert "memory per training GPU" in ok.stdout and "time per iteration" in ok.stdout and "assumptions:" in ok.stdout
-    tight = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x1xA10G",
-                    "--set", "train.num_workers=1", "--set", "generate.num_actors=1")
-    assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
-    bad = run_cli("--cluster", "1x8xV99")
-    assert bad.returncode == 2 and "--cluster" in bad.stderr
+    c = cfg("train.num_workers=auto", "resources=gpu", "train.global_batch_size=64")
+    unbounded = {"CPU": float("inf"), "GPU": float("inf")}  # the cluster launcher's autoscaler (cluster_capacity)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # no GPU node up yet
+    with pytest.raises(ConfigError, match=r"train.num_workers = 'auto': no GPU node is up .*set train.num_workers"):
+        preflight(c, unbounded, stages=("train",))
+    preflight(c, unbounded, stages=("pairs",))  # generation does not need the count
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 200.0, "GPU": 16.0})  # two 8-GPU nodes up
+    assert preflight(c, unbounded).train.num_workers == 16

@@ -1,0 +1,583 @@
+"""`spin-ray plan`: sizes a run on a stated cluster from the model's HF config, the recipe, the data and stated
+hardware figures, without loading weights. What each stage asks Ray for comes from spin_ray/plan.py, the same
+rules the run applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from spin_ray.config import ConfigError, SpinConfig, TrainConfig, resolve_dtype
+from spin_ray.plan import Request, phases, preflight, requests, resolve
+from spin_ray.template import CHUNK_TOKENS
+
+ASSETS = Path(__file__).parent / "assets" / "arch"
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float
+    """Device memory in GB (1e9 bytes); host RAM per node for CPU."""
+    peak_tflops: float
+    """Dense bf16 tensor-core peak (fp32 FMA peak for CPU)."""
+    bandwidth_tbs: float
+    """Memory bandwidth, TB/s."""
+
+
+# Vendor data-sheet figures (dense, no sparsity). CPU: AVX2, 2 FMA units x 8 fp32 lanes x 2 = 32 FLOP/cycle/core at
+# 3.0 GHz (server boost clock), per core; `cpu_device` scales it by the core count.
+DEVICES = {
+    "H100": Device("H100 SXM 80GB", 80, 989, 3.35),
+    "H200": Device("H200 SXM 141GB", 141, 989, 4.8),
+    "A100-80GB": Device("A100 SXM 80GB", 80, 312, 2.04),
+    "A100": Device("A100 SXM 40GB", 40, 312, 1.555),
+    "A100-40GB": Device("A100 SXM 40GB", 40, 312, 1.555),
+    "L40S": Device("L40S 48GB", 48, 362, 0.864),
+    "A10G": Device("A10G 24GB", 24, 70, 0.6),
+    "L4": Device("L4 24GB", 24, 121, 0.3),
+}
+CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
+CPU_BANDWIDTH_TBS = 0.02
+# Efficiencies (share of peak reached). GPU training: measured on one H200 (benchmarks/gpu.py, SmolLM2-1.7B
+# architecture, bf16, long-tailed chat lengths: the FSDP2 trainer 14.5%; results in benchmarks/results/gpu), also
+# used for the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
+# CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
+# see the README's plan section.
+MFU = {"gpu_train": 0.15, "gpu_prefill": 0.40, "cpu": 0.60}
+OVERHEAD_GB = 2.0
+"""Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
+
+
+def cpu_device(cores: int | None = None, memory_gb: float | None = None) -> Device:
+    """This machine's CPUs (or `cores`) as a device; memory defaults to this machine's RAM."""
+    cores = cores or os.cpu_count() or 1
+    if memory_gb is None:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return Device(f"CPU ({cores} cores, AVX2 fp32)", memory_gb, cores * CPU_TFLOPS_PER_CORE, CPU_BANDWIDTH_TBS)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    nodes: int
+    gpus_per_node: int
+    device: Device
+    cpus_per_node: int
+
+    @property
+    def total(self) -> dict[str, float]:
+        return {"CPU": float(self.nodes * self.cpus_per_node), "GPU": float(self.nodes * self.gpus_per_node)}
+
+    @property
+    def node(self) -> dict[str, float]:
+        return {"CPU": float(self.cpus_per_node), "GPU": float(self.gpus_per_node)}
+
+
+def parse_cluster(spec: str, cpus_per_node: int | None = None) -> ClusterSpec:
+    """`NODESxGPUSxTYPE`, e.g. 1x8xH100, 4x8xA100-80GB, 1x0xCPU. A CPU node computes with this machine's cores and
+    offers the logical CPUs a local `spin-ray` cluster starts with (at least 4, cli.init_ray) unless cpus_per_node."""
+    m = re.fullmatch(r"(\d+)x(\d+)x([A-Za-z0-9-]+)", spec.strip())
+    if not m or int(m.group(1)) < 1:
+        raise ConfigError(f"--cluster {spec!r} must look like NODESxGPUSxTYPE, e.g. 1x8xH100, 4x8xA100-80GB or 1x0xCPU")
+    nodes, gpus, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+    if kind.upper() == "CPU":
+        if gpus:
+            raise ConfigError(f"--cluster {spec!r}: a CPU node type has 0 GPUs (NODESx0xCPU)")
+        cores = os.cpu_count() or 1
+        return ClusterSpec(nodes, 0, cpu_device(cpus_per_node or cores), cpus_per_node or max(4, cores))
+    device = next((d for k, d in DEVICES.items() if k.upper() == kind.upper()), None)
+    if device is None or gpus < 1:
+        raise ConfigError(f"--cluster {spec!r}: GPU type must be one of {', '.join(DEVICES)} with >= 1 GPU per node")
+    # 12 vCPUs per GPU is the smallest share among the 8-GPU cloud types (p4de: 96 vCPUs for 8 A100s).
+    return ClusterSpec(nodes, gpus, device, cpus_per_node or 12 * gpus)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The architecture facts of a decoder-only (Llama/Mistral/Qwen-style, gated MLP) model's HF config."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_hf(cls, config: dict, name: str) -> Arch:
+        try:
+            heads = config["num_attention_heads"]
+            return cls(name, config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
+                       config.get("num_key_value_heads") or heads,
+                       config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
+                       bool(config.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ConfigError(f"model config for {name!r} lacks {e.args[0]!r}; spin-ray plan reads decoder-only HF "
+                              "configs (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
+                              "vocab_size)") from None
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        q = self.heads * self.head_dim
+        # q and o projections, k and v, gate/up/down, two RMSNorm weights
+        return 2 * self.hidden * q + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.intermediate + \
+            2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each decoder layer's linear projections, by their Llama-style module names."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_params(self, r: int, targets: list[str]) -> int:
+        """Adapter weights of rank `r` on the named projections of every layer: r·(in + out) each (A and B)."""
+        shapes = self.linear_shapes()
+        unknown = sorted(set(targets) - set(shapes))
+        if unknown:
+            raise ConfigError(f"train.lora.target_modules: spin-ray plan knows the sizes of {', '.join(shapes)}, "
+                              f"not {', '.join(unknown)}")
+        return self.layers * sum(r * sum(shapes[t]) for t in set(targets))
+
+    def forward_flops_per_token(self, context: int) -> float:
+        """2 FLOPs per weight of every matmul (the LM head too, tied or not) plus causal attention over `context`
+        tokens (QKᵀ and AV, each 2·q_dim per attended token, half the context on average)."""
+        matmul = self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
+        return 2 * matmul + 2 * self.layers * self.heads * self.head_dim * context
+
+
+# Model names the configs use → shipped HF config.json facts (this machine is offline).
+ARCH_FILES = {
+    "alignment-handbook/zephyr-7b-sft-full": "zephyr-7b-sft-full.json",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "SmolLM2-1.7B-Instruct.json",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct.json",
+    "smollm2-135m": "SmolLM2-135M-Instruct.json",
+    "tiny": "tiny-llama.json",
+    "tasks-sft": "tasks-sft.json",
+}
+
+
+def load_arch(model: str, model_config: str | None = None) -> Arch:
+    """Architecture of `model` from `model_config` (a config.json or a folder holding one), a local model folder,
+    or the facts shipped for the preset configs' models."""
+    source = model_config or model
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return Arch.from_hf(json.loads(path.read_text()), source)
+    if model_config is not None:
+        raise ConfigError(f"--model-config {model_config!r}: no config.json there; pass a model's config.json or "
+                          "the folder holding it")
+    if model in ARCH_FILES:
+        return Arch.from_hf(json.loads((ASSETS / ARCH_FILES[model]).read_text()), model)
+    raise ConfigError(f"model = {model!r}: spin-ray plan has no architecture facts for it offline; pass its HF "
+                      f"config.json with --model-config (shipped: {', '.join(sorted(ARCH_FILES))})")
+
+
+GB = 1e9
+
+
+def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
+    """Bytes per training device of `cfg` (resolved: plan.resolve), by part (worst case: every sequence of a worker's largest forward, `forward_pairs`,
+    at data.max_length).
+
+    fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
+    fsdp (over a shard group of train.hsdp_shard_size under HSDP). In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
+    MixedPrecisionPolicy (ddp as a replicate-only mesh, train.py): a layer is gathered in bf16 when it is used (two in
+    flight with prefetch) and gradients are reduced in fp32 in place, with no bucket copy. Only fp32 DDP with more than
+    one worker (Ray Train wraps no single worker) keeps DDP's fp32 gradient buckets.
+    The optimizer step's foreach kernels hold one more fp32 buffer the size of the (local) parameters (AdamW's and
+    RMSprop's sqrt of the second moment): a 7B AdamW step on one H200 peaked at 144.9 GB, 5 x 29 GB
+    (benchmarks/results/gpu). Activations and logits are freed by then, so the sum is an upper bound.
+    Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
+    q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
+    checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
+    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
+    CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
+    With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
+    state; those, the fp32 master copy and the step's buffer are the adapters' only. Each adapter also keeps its A
+    output (r values per token) and, under dropout, its dropped input.
+    """
+    t, p = cfg.train, arch.params
+    trained = p if t.lora is None else arch.lora_params(t.lora.r, t.lora.target_modules)
+    dtype = resolve_dtype(t.dtype, t.use_gpu)
+    reduced = dtype != "float32"
+    width = 2 if reduced else 4  # bytes per activation value
+    fsdp = t.strategy == "fsdp"
+    shards = (t.hsdp_shard_size or t.num_workers) if fsdp else 1  # HSDP: sharded within a group, replicated across
+    states = 2 if t.optimizer == "adamw" else 1
+    tokens = 2 * forward_pairs(cfg) * cfg.data.max_length
+    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
+    if t.lora is not None:
+        shapes = arch.linear_shapes()
+        per_layer += width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
+    # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
+    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
+            else arch.layers * tokens * per_layer)
+    ddp_buckets = not fsdp and not reduced and t.num_workers > 1
+    frozen = {} if t.lora is None else {f"frozen base ({dtype})": width * p / shards}  # the adapters are extra
+    return {
+        **frozen,
+        "parameters (fp32)" if t.lora is None else "adapters (fp32)": 4 * trained / shards,
+        "gradients (fp32)": 4 * trained / shards + (4 * trained if ddp_buckets else 0),
+        f"optimizer ({t.optimizer}, fp32)": 4 * states * trained / shards,
+        "optimizer step (foreach)": 4 * trained / shards,
+        "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
+        "activations": acts,
+        "logits": (10 if reduced else 8) * min(tokens, CHUNK_TOKENS) * arch.vocab,
+        "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
+    }
+
+
+def vllm_memory(arch: Arch, cfg: SpinConfig, device: Device) -> dict[str, float]:
+    """Bytes per vLLM actor's GPU: bf16 weights split over tensor_parallel_size, the KV cache gets the rest of
+    gpu_memory_utilization after 1.5 GB for activations and CUDA graphs."""
+    g = cfg.generate
+    weights = 2 * arch.params / g.tensor_parallel_size
+    budget = g.gpu_memory_utilization * device.memory_gb * GB
+    return {"weights (bf16)": weights, "activations, CUDA graphs": 1.5 * GB,
+            "KV cache": max(0.0, budget - weights - 1.5 * GB)}
+
+
+def kv_bytes_per_token(arch: Arch) -> int:
+    return 2 * arch.layers * arch.kv_dim * 2  # K and V, bf16
+
+
+def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int) -> float:
+    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward; 1x with a
+    frozen base under LoRA, whose weight gradients are never computed: the adapters' are negligible), plus the
+    recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not counted);
+    the reference pass is one forward."""
+    flops = passes * arch.forward_flops_per_token(context) * tokens
+    return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
+
+
+def _mfu(device: Device) -> float:
+    return MFU["cpu" if device.name.startswith("CPU") else "gpu_train"]
+
+
+# Prompt counts of the preset configs' data sets (rows of the split they use).
+DATASET_ROWS = {"UCLA-AGI/SPIN_iter0": 49_792, "HuggingFaceH4/ultrachat_200k": 207_865}
+# Mean prompt and human-answer tokens of the preset configs' hub data sets, which are not at hand offline: UltraChat
+# first turns (the synthetic UltraChat-like mix of the GPU review, ~150-token prompts, ~300-token answers). Stated,
+# not measured here; --prompt-tokens/--answer-tokens replace them.
+DATASET_TOKENS = {"UCLA-AGI/SPIN_iter0": (150.0, 300.0), "HuggingFaceH4/ultrachat_200k": (150.0, 300.0)}
+SAMPLE_ROWS = 512
+"""Rows of the configured data put through the real template and truncation to size a pair."""
+VLLM_MAX_SEQS = 256
+"""Sequences one engine decodes together (vLLM's max_num_seqs as the engines are configured, generate.py)."""
+# Fixed costs per iteration, stated (not measured here): engine start and bf16 weight load per generation phase;
+# Train worker group start, weight load and broadcast, and θ_{t+1}'s export.
+ENGINE_START_S = 90.0
+TRAIN_START_S = 180.0
+GOAL_HOURS = 1.5
+"""The time goal the plan compares a GPU iteration with (the paper's recipe on one 8-GPU node); --goal-hours."""
+
+
+@dataclass
+class Plan:
+    lines: list[str]
+    problems: list[str]
+    seconds_per_iteration: float
+    gpus_by_phase: dict[str, float]
+    """GPUs each phase holds (phase name → GPUs), from the same requests the run makes."""
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """Mean tokens of one pair's parts after the template and the truncation (template.encode_pair)."""
+
+    prompt: float
+    real: float
+    generated: float
+    """y': every answer runs to generate.max_tokens plus EOS, cut to the room the prompt leaves (an upper bound)."""
+    source: str
+
+    @property
+    def pair(self) -> float:
+        """Tokens the trainer computes for one pair: two sequences sharing the prompt, no padding (pack_varlen)."""
+        return 2 * self.prompt + self.real + self.generated
+
+    @property
+    def sequence(self) -> float:
+        return self.pair / 2
+
+
+def prompt_count(cfg: SpinConfig) -> int | None:
+    if cfg.data.max_rows is not None:
+        return cfg.data.max_rows
+    if cfg.data.path == "bundled":
+        import pyarrow.parquet as pq
+
+        split = pq.read_table(Path(__file__).parent / "assets" / "tasks.parquet", columns=["split"]).column("split")
+        return sum(1 for s in split.to_pylist() if cfg.data.split is None or s == cfg.data.split)
+    return DATASET_ROWS.get(cfg.data.path)
+
+
+def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
+                answer_tokens: float | None = None) -> PairTokens:
+    """Tokens per pair: a seeded sample of the configured data through the model's tokenizer, chat template and
+    truncation where both are at hand (local data; a local model folder, or a built-in one already built); else the
+    stated figures of a preset data set; else the bounds (the whole prompt budget, answers filling data.max_length).
+    The flags replace the mean prompt or human-answer tokens, truncated by the same rule."""
+    d, g = cfg.data, cfg.generate
+    sampled = _sample(cfg)
+    if sampled is not None:
+        prompts, reals, source = *sampled, f"a sample of {len(sampled[0])} rows of {d.path} through {cfg.model}'s " \
+                                           "tokenizer, chat template and truncation"
+    elif d.path in DATASET_TOKENS:
+        prompts, reals = [DATASET_TOKENS[d.path][0]], [DATASET_TOKENS[d.path][1]]
+        source = f"stated figures for {d.path} (not measured here: pass --prompt-tokens/--answer-tokens)"
+    else:
+        prompts, reals = [float(d.max_prompt_length)], [float(d.max_length)]
+        source = (f"bounds: {d.path}'s rows or {cfg.model}'s tokenizer are not at hand (pass "
+                  "--prompt-tokens/--answer-tokens)")
+    if prompt_tokens is not None or answer_tokens is not None:
+        source = "--prompt-tokens/--answer-tokens" + ("" if prompt_tokens is not None and answer_tokens is not None
+                                                     else f", the rest from {source}")
+    if prompt_tokens is not None:
+        prompts = [float(prompt_tokens)]
+    if answer_tokens is not None:
+        reals = [float(answer_tokens)]
+    # a sample's rows keep their own prompt and answer; a flag's mean goes with each of the other part's values
+    pairs = zip(prompts, reals) if len(prompts) == len(reals) else ((p, r) for p in prompts for r in reals)
+    rows = [(min(p, d.max_prompt_length), r) for p, r in pairs]
+    n = len(rows)
+    return PairTokens(sum(p for p, _ in rows) / n, sum(min(r, d.max_length - p) for p, r in rows) / n,
+                      sum(min(g.max_tokens + 1, d.max_length - p) for p, _ in rows) / n, source)
+
+
+def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
+    """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
+    model's tokenizer is not at hand (a download, or a model still to be built)."""
+    from spin_ray.models import model_at_hand
+
+    d = cfg.data
+    model = model_at_hand(cfg.model)
+    if model is None or "://" in d.path or (d.path != "bundled" and not Path(d.path).expanduser().exists()):
+        return None
+    from spin_ray.data import load_sft
+    from spin_ray.models import load_tokenizer
+    from spin_ray.template import encode_pair
+
+    rows = load_sft(d).rows
+    rows = random.Random(cfg.seed).sample(rows, min(SAMPLE_ROWS, len(rows)))
+    tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
+    pairs = [encode_pair(tokenizer, r["prompt"], r["real"], "", max_length=d.max_length,
+                         max_prompt_length=d.max_prompt_length) for r in rows]
+    return [float(len(p["prompt_ids"])) for p in pairs], [float(len(p["real_ids"])) for p in pairs]
+
+
+def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int | None = None,
+              prompt_tokens: float | None = None, answer_tokens: float | None = None,
+              goal_hours: float = GOAL_HOURS) -> Plan:
+    """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`."""
+    problems: list[str] = []
+    asked = cfg.train
+    nodes = [cluster.node] * cluster.nodes
+    try:
+        cfg = preflight(cfg, cluster.total, nodes=nodes)
+    except ConfigError as e:
+        problems.append(str(e))
+        cfg = resolve(cfg, cluster.total, nodes)
+    dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
+    prompts = prompts or prompt_count(cfg)
+    if prompts is None:
+        raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
+                          "data.max_rows or pass --prompts N")
+    tok = pair_tokens(cfg, prompt_tokens=prompt_tokens, answer_tokens=answer_tokens)
+    g, t = cfg.generate, cfg.train
+    reqs = requests(cfg)
+    out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
+           f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
+           f"cluster {cluster.nodes} node(s) x {cluster.gpus_per_node} x {dev.name}, {cluster.cpus_per_node} CPUs per "
+           f"node: {dev.peak_tflops:g} TFLOP/s peak, {dev.bandwidth_tbs:g} TB/s, {dev.memory_gb:.4g} GB per device",
+           f"data {prompts} prompts per iteration, window {cfg.loop.window}; tokens per pair {tok.pair:.0f} = 2 x "
+           f"{tok.prompt:.0f} prompt + {tok.real:.0f} human answer + {tok.generated:.0f} generated (at most "
+           f"generate.max_tokens + EOS), from {tok.source}",
+           "", "stages (resources per actor/worker):"]
+    for name, r in reqs.items():
+        where = f"{r.gpus:g} GPU + {r.cpus:g} CPU" if r.gpus else f"{r.cpus:g} CPU"
+        out.append(f"  {name:<9} {r.count} x {r.what} [{r.field}], {where} each")
+    out += _workers_note(asked, t, cluster)
+    out.append("at the same time (the phases take turns):")
+    gpus_by_phase = {}
+    for phase, members in phases(cfg).items():
+        need = {k: sum(reqs[m].total()[k] for m in members) for k in ("GPU", "CPU")}
+        gpus_by_phase[phase] = need["GPU"]
+        out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
+                   f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
+
+    on_gpu = cluster.gpus_per_node > 0 and t.use_gpu
+    capacity = dev.memory_gb * GB
+    train_mem = train_memory(arch, cfg)
+    if not on_gpu:
+        capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
+    lora = "" if t.lora is None else (
+        f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
+        f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
+    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}"
+                f"{f', HSDP shards of {t.hsdp_shard_size}' if t.hsdp_shard_size else ''}, {t.num_workers} worker(s), "
+                f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound), "
+                f"activation checkpointing {t.activation_checkpointing}):"]
+    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
+    total = sum(train_mem.values())
+    out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
+    if total > capacity:
+        problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
+                        "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
+                        "smaller train.micro_batch_size or data.max_length, "
+                        f"{'train.lora (adapters only), ' if t.lora is None else ''}or larger devices")
+    context = tok.prompt + g.max_tokens
+    if reqs["generate"].gpus:
+        v = vllm_memory(arch, cfg, dev)
+        seqs = int(v["KV cache"] // (kv_bytes_per_token(arch) * context))
+        out += ["", f"memory per vLLM actor ({g.tensor_parallel_size} GPU, gpu_memory_utilization "
+                    f"{g.gpu_memory_utilization}):"]
+        out += [f"  {k:<26} {gb(val):>10}" for k, val in v.items()]
+        out.append(f"  KV cache holds {seqs} sequences of {context:.0f} tokens ({kv_bytes_per_token(arch)} B/token)")
+        if g.tensor_parallel_size > cluster.gpus_per_node:
+            problems.append(f"generate.tensor_parallel_size = {g.tensor_parallel_size} exceeds the "
+                            f"{cluster.gpus_per_node} GPUs of a node; one engine runs on one node")
+        if seqs < 1:
+            problems.append(f"a vLLM engine's bf16 weights ({gb(v['weights (bf16)'])}) leave no KV cache for one "
+                            f"{context:.0f}-token sequence in {g.gpu_memory_utilization} x "
+                            f"{dev.memory_gb:g} GB: raise generate.tensor_parallel_size or "
+                            "generate.gpu_memory_utilization")
+    else:
+        seqs = g.batch_size
+
+    def unit_tflops(r: Request) -> float:
+        return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
+
+    gen_gpu = bool(reqs["generate"].gpus)
+    gen_dev_mfu = MFU["gpu_prefill"] if gen_gpu else MFU["cpu"]
+    per_actor = math.ceil(prompts / g.num_actors)
+    gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
+    concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if gen_gpu else g.batch_size))
+    bandwidth = (dev.bandwidth_tbs if gen_gpu else CPU_BANDWIDTH_TBS) * 1e12 * (g.tensor_parallel_size if gen_gpu
+                                                                                else 1)
+    step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
+    gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
+    gen_s = max(gen_compute, gen_memory)
+    window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
+    train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
+                                                       name="CPU")
+    window_tokens = window_pairs * tok.pair
+    passes = (2 if t.lora is not None else 3) + (1 if t.activation_checkpointing == "full" else 0)
+    train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes)
+    reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1)
+    fixed_s = (ENGINE_START_S + TRAIN_START_S) if on_gpu else 0.0
+    iteration_s = gen_s + reference_s + train_s + fixed_s
+    flops = arch.forward_flops_per_token(tok.sequence)
+    mfu = _mfu(train_dev)
+    out += ["", "time per iteration (at the full window):",
+            f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
+            f"max(prefill compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} "
+            "sequences/step)",
+            f"  reference {_dur(reference_s):>9}  θ_t's log-probs of {window_pairs} pairs: {window_tokens / 1e6:.1f} M "
+            f"tokens x 1 forward x {flops / 1e9:.3g} GFLOP/token on {t.num_workers} worker(s) at {mfu:.0%} MFU",
+            f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {tok.pair:.0f} tokens x {t.epochs} epochs = "
+            f"{window_tokens * t.epochs / 1e6:.1f} M tokens x {passes} forwards ({_passes(t)}) x {flops / 1e9:.3g} "
+            f"GFLOP/token on {t.num_workers} worker(s) x {train_dev.peak_tflops:g} TFLOP/s at {mfu:.0%} MFU"]
+    if on_gpu:
+        out.append(f"  fixed     {_dur(fixed_s):>9}  engine start and weight load {ENGINE_START_S:.0f} s, Train "
+                   f"workers' start, weight broadcast and export {TRAIN_START_S:.0f} s (stated)")
+    out.append(f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations "
+               f"{_dur(iteration_s * cfg.loop.iterations)}")
+    if on_gpu:
+        out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
+    out += ["", "assumptions: " + "; ".join([
+        f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H200 with "
+        "SmolLM2-1.7B before varlen packing and the activation checkpointing work: no newer measurement), "
+        f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
+        f"vLLM: bf16 weights, {VLLM_MAX_SEQS} sequences decoded together per engine (at most what its KV cache "
+        "holds), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
+        "generate.max_tokens",
+        "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
+        "with every sequence at data.max_length",
+        "checkpoints, held-out evaluation and Ray overheads excluded"])]
+    out.append("")
+    out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
+    return Plan(out, problems, iteration_s, gpus_by_phase)
+
+
+def forward_pairs(cfg: SpinConfig) -> int:
+    """Pairs in one worker's largest forward: train.micro_batch_size caps it, a worker's share of the global batch
+    too (`cfg` resolved)."""
+    return min(cfg.train.micro_batch_size, cfg.train.global_batch_size // cfg.train.num_workers)
+
+
+def _passes(t: TrainConfig) -> str:
+    parts = ["forward", "backward (2 forwards)" if t.lora is None else "backward (1: frozen base)"]
+    return " + ".join(parts + (["recompute"] if t.activation_checkpointing == "full" else []))
+
+
+def _workers_note(asked: TrainConfig, t: TrainConfig, cluster: ClusterSpec) -> list[str]:
+    """What `train.num_workers: auto` chose, and where the global batch is too small to feed every GPU."""
+    gpus = int(cluster.total["GPU"]) if t.use_gpu else 0
+    per_worker = t.global_batch_size // t.num_workers
+    lines = []
+    if asked.num_workers == "auto":
+        chose = f"  train.num_workers auto = {t.num_workers}"
+        if gpus and t.num_workers < gpus:
+            chose += (f": train.global_batch_size {t.global_batch_size} feeds at most {t.num_workers} of the "
+                      f"{gpus} GPUs (each worker trains the same number of pairs per step), {gpus - t.num_workers} "
+                      "idle while training")
+        elif gpus:
+            chose += f": every GPU, {per_worker} pair(s) each per optimizer step"
+        else:
+            chose += ": one worker on a CPU cluster"
+        if asked.hsdp_shard_size == "auto" and t.hsdp_shard_size:
+            chose += f"; HSDP: shards of {t.hsdp_shard_size} (a node's GPUs), replicated across nodes"
+        lines.append(chose)
+    if gpus and per_worker < t.micro_batch_size:
+        lines.append(f"  the global batch is small for {t.num_workers} GPUs: {t.global_batch_size} pairs per step = "
+                     f"{per_worker} per GPU, below train.micro_batch_size {t.micro_batch_size}, so each forward holds "
+                     f"{per_worker} pair(s) (~{per_worker * 2} sequences) and the stated MFU may not be reached; kept "
+                     f"(a larger train.global_batch_size departs from the paper's recipe, fewer train.num_workers "
+                     f"leave GPUs idle)")
+    return lines
+
+
+def _goal(goal_hours: float, iteration_s: float, trainer_s: float, mfu: float) -> list[str]:
+    """The iteration against the time goal; where it misses, the term that does and the MFU that would meet it."""
+    goal_s = goal_hours * 3600
+    if iteration_s <= goal_s:
+        return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): met, {_dur(iteration_s)}"]
+    rest = iteration_s - trainer_s
+    need = mfu * trainer_s / (goal_s - rest) if goal_s > rest else math.inf
+    needs = (f"{need:.0%} MFU on them (peers report 40-57% for FSDP 7B); measure with benchmarks/gpu.py" if need <= 1
+             else "more than their peak: more or larger GPUs")
+    return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): NOT met, {_dur(iteration_s)}; the Train "
+            f"workers' training and reference pass take {_dur(trainer_s)} of it at the stated {mfu:.0%} MFU, a "
+            f"figure measured before varlen packing and the activation checkpointing work; the goal needs {needs}"]
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

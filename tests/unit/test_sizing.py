@@ -1,0 +1,228 @@
+"""spin_ray.sizing: `spin-ray plan`'s memory and time arithmetic on stated clusters, and its CLI.
+
+No Ray, no weights. Expected numbers are derived by hand in the comments.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.plan import resolve
+from spin_ray.sizing import GB, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
+
+
+def cfg(*overrides: str) -> SpinConfig:
+    return SpinConfig.load(None, ["model=tiny", "data.max_length=64", "data.max_prompt_length=32",
+                                  "generate.max_tokens=16", *overrides])
+
+
+def test_parameter_counts_match_the_models():
+    # tiny: embed + untied head 2 x 512 x 64 = 65536; per layer q,o 2 x 64 x 64 + k,v 2 x 64 x 64 + MLP 3 x 64 x 128
+    # + norms 2 x 64 = 41088, x 2 layers = 82176; final norm 64 → 147776 (what LlamaForCausalLM reports).
+    assert load_arch("tiny").params == 147776
+    # Mistral-7B: 2 x 32000 x 4096 + 32 x (2 x 4096² + 2 x 4096 x 1024 + 3 x 4096 x 14336 + 8192) + 4096.
+    assert load_arch("alignment-handbook/zephyr-7b-sft-full").params == 7_241_732_096
+    assert load_arch("smollm2-135m").params == 134_515_008  # tied: one 49152 x 576 matrix
+
+
+def test_train_memory_by_hand():
+    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
+            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true")
+    m = train_memory(load_arch("tiny"), c)
+    p = 147776
+    assert m["parameters (fp32)"] == 4 * p / 2 == 295552
+    assert m["gradients (fp32)"] == 295552  # fsdp: sharded, no DDP buckets
+    assert m["optimizer (rmsprop, fp32)"] == 295552  # one state
+    assert m["optimizer step (foreach)"] == 295552  # the step's sqrt of the second moment, per local shard
+    assert m["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered
+    # 2 sequences x 16 tokens = 32 tokens; per token per layer 16·64 + 4·64 + 8·128 = 2304 B; 2 layers, no checkpointing
+    assert m["activations"] == 2 * 32 * 2304 == 147456
+    assert m["logits"] == 10 * 32 * 512 == 163840
+    assert m["runtime overhead"] == 2 * GB
+
+    ddp = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, strategy="ddp", optimizer="adamw", activation_checkpointing="full")))
+    assert ddp["parameters (fp32)"] == 4 * p
+    assert ddp["gradients (fp32)"] == 4 * p  # bf16 ddp is FSDP2 on a replicate-only mesh: no bucket copy
+    assert ddp["optimizer (adamw, fp32)"] == 8 * p
+    assert ddp["weights in use"] == 2 * 2 * 41088  # two bf16 layers gathered, not a bf16 copy of every weight
+    # checkpointing: each layer's bf16 input (2 x 32 x 64 x 2 B) + one layer recomputed (32 x 2304 B)
+    assert ddp["activations"] == 2 * 32 * 64 * 2 + 32 * 2304
+
+    # CPU, one worker: fp32 activations (twice the bytes) and logits (8 B: no bf16 copy), no DDP wrapper, no autocast
+    cpu = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, strategy="ddp", num_workers=1, use_gpu=False)))
+    assert cpu["gradients (fp32)"] == 4 * p and cpu["weights in use"] == 0 and cpu["runtime overhead"] == 0
+    assert cpu["activations"] == 2 * 32 * 4608 and cpu["logits"] == 8 * 32 * 512
+    # fp32 DDP with two workers: DDP's fp32 gradient buckets beside the gradients
+    cpu2 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, strategy="ddp", use_gpu=False)))
+    assert cpu2["gradients (fp32)"] == 8 * p and cpu2["weights in use"] == 0
+    # bf16 on CPU (train.dtype) is computed like bf16 on GPU
+    bf16 = train_memory(load_arch("tiny"), dataclasses.replace(c, train=dataclasses.replace(
+        c.train, use_gpu=False, dtype="bfloat16")))
+    assert bf16["weights in use"] == 2 * 2 * 41088 and bf16["logits"] == 10 * 32 * 512
+
+
+def test_seven_b_adamw_on_one_h200_does_not_fit_as_measured():
+    """Measured (benchmarks/results/gpu): zephyr-7b, AdamW, one H200 (139.8 GiB) ran out of memory in the optimizer
+    step at 144.9 GB. Without the step's foreach buffer the plan said 131 GB, fits."""
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        "train.num_workers=1", "generate.num_actors=1", "train.optimizer=adamw"])
+    plan = make_plan(c, parse_cluster("1x1xH200"), load_arch(c.model))
+    assert any("training" in p and "GB" in p for p in plan.problems), plan.problems
+
+
+def test_seven_b_full_fine_tuning_does_not_fit_one_a10g():
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        "train.num_workers=1", "generate.num_actors=1", "train.global_batch_size=64"])
+    plan = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
+    assert not plan.fits
+    # 7.24 B fp32 parameters alone are 29 GB: training exceeds 24 GB, and the refusal names LoRA as a way out
+    assert any(p.startswith("training needs") and "24.0 GB" in p and "train.lora" in p for p in plan.problems), \
+        plan.problems
+    assert plan.gpus_by_phase == {"pairs": 1.0, "train": 1.0}
+
+
+def test_lora_train_memory_by_hand():
+    c = cfg("train.strategy=fsdp", "train.num_workers=2", "train.micro_batch_size=1", "train.global_batch_size=2",
+            "data.max_length=16", "data.max_prompt_length=8", "generate.max_tokens=4", "train.use_gpu=true",
+            "train.lora.r=4", "train.lora.dropout=0.1", "train.lora.target_modules=[q_proj, v_proj, down_proj]")
+    m = train_memory(load_arch("tiny"), c)
+    # 4 x (in + out) per adapter: q (64 + 64), v (64 + 64), down (128 + 64); 2 layers → 3584 trained weights
+    trained = 2 * 4 * ((64 + 64) + (64 + 64) + (128 + 64))
+    assert load_arch("tiny").lora_params(4, ["q_proj", "v_proj", "down_proj"]) == trained == 3584
+    assert m["frozen base (bfloat16)"] == 2 * 147776 / 2  # every θ_t weight in bf16, sharded over 2
+    assert m["adapters (fp32)"] == m["gradients (fp32)"] == m["optimizer step (foreach)"] == 4 * trained / 2
+    assert m["optimizer (rmsprop, fp32)"] == 4 * trained / 2 and "parameters (fp32)" not in m
+    # per token per layer: 2304 B as full fine-tuning, plus each adapter's A output (4 values) and, under dropout,
+    # its dropped input (64, 64, 128 values), in bf16: 2 x (68 + 68 + 132) = 536 B; 2 layers x 32 tokens
+    assert m["activations"] == 2 * 32 * (2304 + 536)
+    with pytest.raises(ConfigError, match="train.lora.target_modules: spin-ray plan knows .* not qkv"):
+        train_memory(load_arch("tiny"), cfg("train.lora.target_modules=[qkv]"))
+
+
+def test_seven_b_lora_runs_on_one_a10g():
+    """zephyr-7b with LoRA: the frozen bf16 base (14.5 GB) and a 1-pair micro-batch fit one 24 GB GPU, and
+    generation (one engine) and training take turns on it, so one A10G runs the whole iteration."""
+    c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
+        "train.num_workers=1", "generate.num_actors=1", "train.micro_batch_size=1", "train.lora.r=16"])
+    one = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
+    train = train_memory(load_arch(c.model), resolve(c, parse_cluster("1x1xA10G").total))
+    assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) < 24 * GB
+    assert one.fits, one.problems
+    assert any(line.startswith("  KV cache holds") for line in one.lines)  # the engine has room for sequences
+
+
+PAPER = "jobs/configs/paper_zephyr7b.yaml"
+
+
+@pytest.mark.parametrize("cluster", ["1x8xH100", "1x8xA100-80GB"])
+def test_paper_recipe_fits_one_eight_gpu_node_as_shipped(cluster):
+    """Generation, then training (its first pass the reference log-probs): the phases take turns on all 8 GPUs."""
+    c = SpinConfig.load(PAPER)
+    plan = make_plan(c, parse_cluster(cluster), load_arch(c.model))
+    assert plan.fits, plan.problems
+    assert plan.gpus_by_phase == {"pairs": 8.0, "train": 8.0}
+    text = "\n".join(plan.lines)
+    assert "pairs   generate " in text and "train   train " in text and "score" not in text
+    assert "train.num_workers auto = 8: every GPU, 8 pair(s) each" in text and "HSDP" not in text
+    assert "  goal      1.5 h per iteration" in text and "vLLM: bf16 weights, 256 sequences" in text
+
+
+def test_paper_iteration_time_by_hand():
+    """1x8xH100: 49,792 prompts x window 2 = 99,584 pairs of 2 x 150 + 300 + 257 = 857 tokens (the stated UltraChat
+    figures; answers run to 256 new tokens + EOS); 14.33 GFLOP per token per forward; 4 forwards under full
+    checkpointing; 2 epochs; 8 x 989 TFLOP/s at 15%."""
+    c = SpinConfig.load(PAPER)
+    arch = load_arch(c.model)
+    plan = make_plan(c, parse_cluster("1x8xH100"), arch)
+    tokens = 99_584 * 857
+    flops = arch.forward_flops_per_token(857 / 2)
+    rate = 8 * 989e12 * 0.15
+    train, reference = tokens * 2 * 4 * flops / rate, tokens * flops / rate  # 2.3 h and 17 min
+    generate = next(float(line.split()[1]) for line in plan.lines if line.startswith("  generate ")
+                    and line.endswith("sequences/step)"))  # "92.5 s": the engines' share, bandwidth and prefill
+    assert plan.seconds_per_iteration == pytest.approx(train + reference + generate + 90 + 180, abs=0.1)
+    assert 2.5 * 3600 < plan.seconds_per_iteration < 3 * 3600
+    # the goal is missed, and the plan says which term and what MFU would meet it
+    goal = next(line for line in plan.lines if line.startswith("  goal "))
+    assert "NOT met" in goal and "15% MFU" in goal and "the goal needs 28% MFU" in goal
+
+
+def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
+    c = SpinConfig.load(PAPER)
+    one = make_plan(c, parse_cluster("1x8xH100"), load_arch(c.model))
+    four = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
+    assert four.fits, four.problems
+    assert four.gpus_by_phase == {"pairs": 8.0, "train": 32.0}
+    text = "\n".join(four.lines)
+    assert "32 x Train workers" in text and "HSDP: shards of 8" in text
+    # 64 pairs per step on 32 GPUs: the plan says so with the figures, and what it kept
+    assert "64 pairs per step = 2 per GPU, below train.micro_batch_size 8" in text and "kept" in text
+    assert "micro-batch 2 pairs x 1024 tokens" in text  # the memory bound follows the worker's share
+    params = next(line for line in four.lines if line.startswith("  parameters (fp32)"))
+    assert params.split()[-2] == f"{4 * 7_241_732_096 / 8 / 1e9:.1f}"  # HSDP: sharded over a node's 8, not all 32
+    assert four.seconds_per_iteration < one.seconds_per_iteration / 3  # 4x the trainer GPUs; generation unchanged
+    assert "goal      1.5 h per iteration (--goal-hours): met" in text
+
+
+def test_pair_tokens_from_a_sample_the_flags_and_bounds():
+    # bundled data through tasks-sft's (character-level) tokenizer and chat template: short sampled rows
+    c = SpinConfig.load("jobs/configs/cpu_default.yaml")
+    sampled = pair_tokens(c)
+    assert sampled.source.startswith("a sample of 512 rows of bundled")
+    assert 0 < sampled.prompt <= c.data.max_prompt_length and 0 < sampled.real
+    assert sampled.prompt + max(sampled.real, sampled.generated) <= c.data.max_length
+    # flags: the prompt keeps its last 512 tokens, each answer the 1024 - 512 left
+    p = SpinConfig.load(PAPER)
+    flags = pair_tokens(p, prompt_tokens=600, answer_tokens=2000)
+    assert (flags.prompt, flags.real, flags.generated, flags.pair) == (512, 512, 257, 2 * 512 + 512 + 257)
+    assert pair_tokens(p).source.startswith("stated figures for UCLA-AGI/SPIN_iter0")
+    unknown = pair_tokens(SpinConfig.load(PAPER, ["data.path=some/hub-data"]))
+    assert (unknown.prompt, unknown.real, unknown.generated) == (512, 512, 257) and unknown.source.startswith("bounds")
+
+
+def test_parse_cluster():
+    spec = parse_cluster("4x8xA100-80GB")
+    assert spec.total == {"CPU": 4 * 96.0, "GPU": 32.0} and spec.device.memory_gb == 80
+    assert parse_cluster("1x0xCPU", cpus_per_node=2).total == {"CPU": 2.0, "GPU": 0.0}
+    for bad in ["8xH100", "1x8xV99", "1x2xCPU", "0x8xH100"]:
+        with pytest.raises(ConfigError, match="--cluster"):
+            parse_cluster(bad)
+
+
+def test_arch_from_a_local_config_json(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, '
+                                          '"num_attention_heads": 2, "vocab_size": 10, "tie_word_embeddings": true}')
+    a = load_arch("some/unknown-model", str(tmp_path))
+    # embed 10 x 8 = 80; layer 2·8·8 + 2·8·8 + 3·8·16 + 2·8 = 656; final norm 8 → 744
+    assert (a.kv_heads, a.head_dim, a.params) == (2, 4, 744)
+    with pytest.raises(ConfigError, match="--model-config"):
+        load_arch("some/unknown-model")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    return subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_plan_cli_exit_codes():
+    ok = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x8xH100")
+    assert ok.returncode == 0, ok.stderr
+    assert "memory per training GPU" in ok.stdout and "time per iteration" in ok.stdout and "assumptions:" in ok.stdout
+    out = json.loads(ok.stdout[ok.stdout.index("\n{") + 1:])  # the trailing JSON, for scripts
+    assert out["fits"] is True and out["problems"] == [] and out["gpus_by_phase"] == {"pairs": 8, "train": 8}
+    iteration = next(line for line in ok.stdout.splitlines() if line.startswith("  iteration "))
+    assert f"{out['seconds_per_iteration'] / 3600:.1f} h" in iteration
+    tight = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x1xA10G",
+                    "--set", "train.num_workers=1", "--set", "generate.num_actors=1")
+    assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
+    bad = run_cli("--cluster", "1x8xV99")
+    assert bad.returncode == 2 and "--cluster" in bad.stderr
