@@ -378,7 +378,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.models import build_tiny_model
+    from spin_ray.builder import build_tiny_model
 
     return {"model": build_tiny_model(args.out, seed=args.seed)}
 

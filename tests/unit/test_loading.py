@@ -14,7 +14,8 @@ import torch
 
 import spin_ray
 from spin_ray.config import ConfigError
-from spin_ray.models import build_tiny_model, load_config, load_model, load_tokenizer
+from spin_ray.builder import build_tiny_model
+from spin_ray.models import load_config, load_model, load_tokenizer
 
 # Imported by transformers only when remote code is allowed: it leaves a file behind to prove it ran.
 CUSTOM_CODE = '''
