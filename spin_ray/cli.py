@@ -304,6 +304,15 @@ class CommandCluster:
         return self.watch is not None and self.watch.gone()
 
 
+def _prepare(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.prepare import prepare
+
+    out = prepare(cfg).summary()
+    if cfg.eval.enabled:  # what `run` evaluates on, refused now if bad
+        out["eval"] = prepare(cfg, heldout=True).summary()
+    return out
+
+
 def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.loop import make_pairs
 
@@ -401,7 +410,9 @@ def _serve(args: argparse.Namespace, ray_cluster: CommandCluster) -> dict[str, A
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spin-ray", description="SPIN self-play fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in [("generate", "θ_t answers every prompt and scores both answers: iter_<t>/pairs parquet"),
+    for name, text in [("prepare", "read, check, normalise and de-duplicate the data on the cluster: <storage>/prompts "
+                                    "(and prompts_eval); the first step of generate and run"),
+                       ("generate", "θ_t answers every prompt and scores both answers: iter_<t>/pairs parquet"),
                        ("train", "train θ_{t+1} from θ_t on iter_<t>'s pairs window: iter_<t>/model"),
                        ("run", "the self-play loop: loop.iterations x (generate, score, train); resumes finished work")]:
         c = sub.add_parser(name, help=text, description=text)
@@ -452,9 +463,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": _generate, "train": _train, "run": _run, "plan": _plan}
+COMMANDS = {"prepare": _prepare, "generate": _generate, "train": _train, "run": _run, "plan": _plan}
 # Commands that start Ray: their Ray/vLLM/worker logs go to a file unless --verbose.
-QUIET = ("generate", "train", "run")
+QUIET = ("prepare", "generate", "train", "run")
 
 
 def main(argv: list[str] | None = None) -> int:
