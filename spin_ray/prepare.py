@@ -19,6 +19,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,9 +256,11 @@ def _pipeline(cfg: DataConfig, parts: list[Part], prompts: Source, tally: Any) -
         node = ray.get_runtime_context().get_node_id() if "://" not in parts[0].uri else None
         here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)} if node else {}
         ds = ray.data.from_items([{"file": i} for i in range(len(parts))], override_num_blocks=len(parts))
-        ds = ds.map_batches(_read_files, batch_size=1, batch_format="numpy", num_cpus=1, ray_remote_args_fn=lambda: here,
-                            fn_kwargs=dict(parts=parts, split=cfg.split, on_bad_rows=cfg.on_bad_rows,
-                                           n_parts=n_parts, tally=tally))
+        with warnings.catch_warnings():  # Ray 2.60 has no other way to pass a scheduling strategy (pinned < 2.61)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(_read_files, batch_size=1, batch_format="numpy", num_cpus=1, **here,
+                                fn_kwargs=dict(parts=parts, split=cfg.split, on_bad_rows=cfg.on_bad_rows,
+                                               n_parts=n_parts, tally=tally))
     else:
         n_parts = 2 * cpus
         ds = prompts if isinstance(prompts, ray.data.Dataset) else ray.data.from_arrow(prompts)
