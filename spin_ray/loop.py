@@ -19,7 +19,7 @@ from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.generate import EnginePool, generate
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
-from spin_ray.prepare import Prepared, prepare
+from spin_ray.prepare import Prepared, data_config, data_parts, prepare
 from spin_ray.score import rescore_window, score
 from spin_ray.tracking import Tracker, check_backend
 
@@ -203,8 +203,6 @@ def check_inputs(cfg: SpinConfig, command: str) -> None:
     """What the user supplies for `command` (prepare, generate, train, run), refused in one paragraph before Ray
     starts: storage, tracking, θ_0's folder and where the data files are. Their rows are read on the cluster by the
     prepare stage, the first step of generate and run, which refuses bad rows before any GPU work."""
-    from spin_ray.prepare import data_config, data_parts
-
     if command != "train":  # lists the files only: a wrong path or split is refused now
         data_parts(cfg.data)
     if command in ("prepare", "run") and cfg.eval.enabled:
@@ -220,8 +218,9 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
         on_iteration: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
     """The self-play loop: iterations 0..T−1, each starting from the last one's θ, resuming finished work.
 
-    `prompts` default to `cfg.data` (see `as_prompts`; prepared once for every iteration). `on_iteration` is called after each iteration (progress).
-    Needs Ray to be initialised (the CLI does it; inside a Ray program it is already up).
+    `prompts` default to `cfg.data` (see `as_prompts`; prepared once for every iteration). `on_iteration` is
+    called after each iteration (progress). Needs Ray to be initialised (the CLI does it; inside a Ray program it is
+    already up).
     """
     from spin_ray.manifest import Manifest
 

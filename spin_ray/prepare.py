@@ -138,7 +138,7 @@ def _from_marker(dest: str, marker: dict[str, Any], *, skipped: bool) -> Prepare
                     skipped=skipped)
 
 
-# --- where the rows are ------------------------------------------------------------------------------------------------
+# --- where the rows are -----------------------------------------------------------------------------------------------
 
 
 def data_config(cfg: SpinConfig, heldout: bool = False) -> DataConfig:
@@ -216,7 +216,7 @@ def _chunks(part: Part) -> Iterator[tuple[list[Any], list[int]]]:
         raise data.unreadable_parquet(part.label, e) from None
 
 
-# --- the pipeline ------------------------------------------------------------------------------------------------------
+# --- the pipeline -----------------------------------------------------------------------------------------------------
 
 
 class Tally:
@@ -379,7 +379,7 @@ def _digest(table: pa.Table, *, tally: Any) -> pa.Table:
     return table.select(PROMPT_SCHEMA.names).cast(PROMPT_SCHEMA)
 
 
-# --- checks and the write ----------------------------------------------------------------------------------------------
+# --- checks and the write ---------------------------------------------------------------------------------------------
 
 
 def _check(tally: dict[str, Any], cfg: DataConfig, parts: list[Part]) -> None:

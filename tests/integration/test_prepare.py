@@ -65,7 +65,8 @@ def test_cli_prepares_a_folder_with_repeats_across_files_and_a_bad_row_in_the_la
     out = cli(tmp_path, f"data.path={data}", "data.on_bad_rows=skip")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
-    assert result["rows"] == 62 and result["duplicates"] == 4 and result["bad_rows"] == {"empty content in `messages`": 1}
+    assert result["rows"] == 62 and result["duplicates"] == 4
+    assert result["bad_rows"] == {"empty content in `messages`": 1}
     oracle = load_sft(DataConfig(path=str(data), on_bad_rows="skip"))
     assert written(result["prompts"]) == sorted(r["prompt_id"] for r in oracle.rows)
     assert "dropped 4 duplicate rows of 67" in out.stdout
@@ -115,3 +116,26 @@ def test_a_finished_folder_is_reused_and_an_interrupted_one_redone(ray_cluster, 
     (data / "a.jsonl").write_text(json.dumps(chat("new", "row")) + "\n")  # other data: prepared again
     changed = prepare(cfg)
     assert not changed.skipped and changed.rows == 34
+
+
+def test_every_local_shape_streams_the_records_the_driver_reader_sees(tmp_path):
+    # No Ray: the listing and the chunked reads the read tasks run, against data.read_records.
+    import datasets
+
+    from spin_ray.data import read_records
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(7)]
+    (tmp_path / "d.jsonl").write_text("\n" + "\n".join(json.dumps(r) for r in rows))  # line numbers count blanks
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:3]), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), tmp_path / "pq" / "b.parquet")
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
+    for path in ["d.jsonl", "d.json", "pq", "hf"]:
+        cfg = DataConfig(path=str(tmp_path / path), split="train_sft" if path == "hf" else None)
+        streamed, where = [], []
+        for part in prepare_module.data_parts(cfg):
+            for records, ats in prepare_module._chunks(part):
+                streamed += records
+                where += [part.where(at) for at in ats]
+        assert (streamed, where) == read_records(cfg.path, cfg.split), path
