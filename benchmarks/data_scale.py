@@ -49,7 +49,8 @@ def write_data(folder: Path, rows: int, files: int, seed: int = 0) -> dict[str, 
         return " ".join(text[start:start + n])
 
     per_file = -(-rows // files)
-    kept: list[str] = []  # a sample of lines to repeat in later files
+    kept: list[str] = []  # good lines written so far (the first 10k), to repeat later
+    counts = {"rows": 0, "bad": 0, "distinct_good": 0, "duplicates": 0}
     written = 0
     folder.mkdir(parents=True)
     for f in range(files):
@@ -58,29 +59,20 @@ def write_data(folder: Path, rows: int, files: int, seed: int = 0) -> dict[str, 
                 # Spread evenly by index, so every file has some of each kind.
                 r = (i * 7919) % 1000
                 if BAD * 1000 <= r < (BAD + DUPLICATES) * 1000 and kept:
-                    line = kept[rng.randrange(len(kept))]
+                    line, kind = kept[rng.randrange(len(kept))], "duplicates"
                 elif r < BAD * 1000:
-                    line = json.dumps({"messages": [{"role": "user", "content": words(20, 200)},
-                                                    {"role": "assistant", "content": 7}]})
-                else:
+                    line, kind = json.dumps({"messages": [{"role": "user", "content": words(20, 200)},
+                                                          {"role": "assistant", "content": 7}]}), "bad"
+                else:  # unique by its leading index
                     line = json.dumps({"messages": [{"role": "user", "content": f"{i}: {words(20, 200)}"},
                                                     {"role": "assistant", "content": words(50, 400)}]})
+                    kind = "distinct_good"
                     if len(kept) < 10_000:
                         kept.append(line)
                 out.write(line + "\n")
+                counts[kind] += 1
+                counts["rows"] += 1
         written = min(rows, written + per_file)
-    # Count what was written (the rule above is approximate): good rows are unique by their leading index.
-    counts = {"rows": 0, "bad": 0, "distinct_good": 0}
-    seen: set[str] = set()
-    for path in sorted(folder.iterdir()):
-        for line in open(path):
-            counts["rows"] += 1
-            if '"content": 7}' in line:
-                counts["bad"] += 1
-            elif line not in seen:
-                seen.add(line)
-                counts["distinct_good"] += 1
-    counts["duplicates"] = counts["rows"] - counts["bad"] - counts["distinct_good"]
     return counts
 
 
