@@ -164,18 +164,19 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
     architecture with the one-token-per-character tokenizer. The same arguments give the same model."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from spin_ray.models import load_model, load_tokenizer
     from spin_ray.template import IGNORE, prompt_ids, response_ids
 
-    tokenizer = _char_tokenizer() if start is None else AutoTokenizer.from_pretrained(start)
+    tokenizer = _char_tokenizer() if start is None else load_tokenizer(str(start))
     examples = [(prompt_ids(tokenizer, r["prompt"]), response_ids(tokenizer, r["real"])) for r in rows]
     warmup = max(1, steps // 10) if warmup is None else warmup
     losses = []
     with torch.random.fork_rng(devices=[]):  # seeding here must not reset the caller's global torch RNG
         torch.manual_seed(seed)
         model = (LlamaForCausalLM(_tasks_llama_config(tokenizer)) if start is None
-                 else AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, use_safetensors=True))
+                 else load_model(str(start), dtype=torch.float32))
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else (
