@@ -252,9 +252,10 @@ def _pipeline(cfg: DataConfig, parts: list[Part], prompts: Source, tally: Any) -
     if prompts is None:
         n_parts = max(1, math.ceil(sum(p.size for p in parts) / PARTITION_BYTES))
         # Local files are read on this node: the workers of other nodes do not see them.
-        # Local files are read on this node: the workers of other nodes may not see them.
+        # Local files are read on this node when it has CPUs: other nodes may not see them (a shared mount is fine
+        # anywhere). Soft, so that a head started with --num-cpus=0 does not leave the reads unscheduled forever.
         node = ray.get_runtime_context().get_node_id() if "://" not in parts[0].uri else None
-        here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)} if node else {}
+        here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
         ds = ray.data.from_items([{"file": i} for i in range(len(parts))], override_num_blocks=len(parts))
         with warnings.catch_warnings():  # Ray 2.60 has no other way to pass a scheduling strategy (pinned < 2.61)
             warnings.simplefilter("ignore", DeprecationWarning)
