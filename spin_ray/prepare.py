@@ -223,12 +223,12 @@ class Tally:
     """What the tasks tell the driver: a few numbers per file, partition and block, never rows."""
 
     def __init__(self) -> None:
-        self.files: dict[int, dict[str, Any]] = {}
+        self.files: dict[int | str, dict[str, Any]] = {}  # by file index, or by a Dataset block's id
         self.duplicates, self.first_duplicate = 0, None
         self.digests: list[int] = []
         self.rows = 0
 
-    def file(self, i: int, summary: dict[str, Any]) -> None:
+    def file(self, i: int | str, summary: dict[str, Any]) -> None:
         self.files[i] = summary
 
     def duplicate(self, n: int, earliest: tuple[int, int, int, int]) -> None:
@@ -251,7 +251,6 @@ def _pipeline(cfg: DataConfig, parts: list[Part], prompts: Source, tally: Any) -
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     if prompts is None:
         n_parts = max(1, math.ceil(sum(p.size for p in parts) / PARTITION_BYTES))
-        # Local files are read on this node: the workers of other nodes do not see them.
         # Local files are read on this node when it has CPUs: other nodes may not see them (a shared mount is fine
         # anywhere). Soft, so that a head started with --num-cpus=0 does not leave the reads unscheduled forever.
         node = ray.get_runtime_context().get_node_id() if "://" not in parts[0].uri else None
@@ -269,7 +268,7 @@ def _pipeline(cfg: DataConfig, parts: list[Part], prompts: Source, tally: Any) -
         normalised = set(PROMPT_SCHEMA.names) <= set(columns)
         shape = None if normalised else data.detect_shape(columns, DATASET)
         ds = ds.map_batches(_read_dataset, batch_format="pyarrow",
-                            fn_kwargs=dict(shape=shape, on_bad_rows=cfg.on_bad_rows, n_parts=n_parts, tally=tally))
+                            fn_kwargs=dict(shape=shape, n_parts=n_parts, tally=tally))
     ds = ds.groupby("part", num_partitions=min(n_parts, 4 * cpus)).map_groups(
         _first_of_each, batch_format="pyarrow", fn_kwargs=dict(tally=tally))
     if cfg.max_rows is not None:  # the first N distinct good rows, in the data's order
@@ -319,7 +318,7 @@ def _read_files(batch: dict[str, Any], *, parts: list[Part], split: str | None, 
             yield ROW.empty_table()
 
 
-def _read_dataset(table: pa.Table, *, shape: str | None, on_bad_rows: str, n_parts: int, tally: Any) -> pa.Table:
+def _read_dataset(table: pa.Table, *, shape: str | None, n_parts: int, tally: Any) -> pa.Table:
     """One block of a caller's Dataset: its rows have no file or line, so a bad one is named by its content."""
     import ray
 
