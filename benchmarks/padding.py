@@ -53,7 +53,7 @@ def bundled_pairs(max_length: int, max_prompt_length: int) -> list[dict[str, lis
 
     from spin_ray.config import DataConfig
     from spin_ray.data import load_sft
-    from spin_ray.models import build_tiny_model
+    from spin_ray.builder import build_tiny_model
     from spin_ray.template import encode_pair
 
     tok = AutoTokenizer.from_pretrained(build_tiny_model(tempfile.mkdtemp(prefix="spin-bench-pad-") + "/tiny"))

@@ -99,7 +99,7 @@ def train_rows(n: int) -> list[dict[str, Any]]:
 
 def build_sft_models(sizes: Sizes, seed: int, out: Path) -> dict[str, Any]:
     """θ_0 of both regimes: (a), then (b) continued from (a) with the lr decayed to 0. Built models are reused."""
-    from spin_ray.models import sft
+    from spin_ray.builder import sft
 
     done = out / "sft.json"
     if done.is_file():
@@ -153,7 +153,7 @@ def run_more_sft(cfg: "SpinConfig", sizes: Sizes, spin_rows: list[dict[str, Any]
     """More SFT from θ_0 on the SPIN prompts' human answers: segment t has SPIN iteration t's steps, batch, optimizer,
     peak lr and schedule (warmup then linear decay, restarted each iteration as spin_ray.train does)."""
     from spin_ray.evaluate import RESULT, SAMPLES, eval_dir, evaluate
-    from spin_ray.models import sft
+    from spin_ray.builder import sft
 
     sft_cfg = dataclasses.replace(cfg, storage=str(storage))
     # θ_0 is the same model on the same prompts: its evaluation (and sampled answers, for the reward accuracy of

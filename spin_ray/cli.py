@@ -316,6 +316,15 @@ class CommandCluster:
         return self.watch is not None and self.watch.gone()
 
 
+def _prepare(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from spin_ray.prepare import prepare
+
+    out = prepare(cfg).summary()
+    if cfg.eval.enabled:  # what `run` evaluates on, refused now if bad
+        out["eval"] = prepare(cfg, heldout=True).summary()
+    return out
+
+
 def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.loop import make_pairs
 
@@ -392,7 +401,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.models import build_tiny_model
+    from spin_ray.builder import build_tiny_model
 
     return {"model": build_tiny_model(args.out, seed=args.seed)}
 
@@ -415,7 +424,9 @@ def _serve(args: argparse.Namespace, ray_cluster: CommandCluster) -> dict[str, A
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spin-ray", description="SPIN self-play fine-tuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in [("generate", "θ_t answers every prompt: iter_<t>/pairs parquet"),
+    for name, text in [("prepare", "read, check, normalise and de-duplicate the data on the cluster: <storage>/prompts "
+                                    "(and prompts_eval); the first step of generate and run"),
+                       ("generate", "θ_t answers every prompt: iter_<t>/pairs parquet"),
                        ("train", "θ_t's reference log-probs, then train θ_{t+1} on iter_<t>'s pairs window: iter_<t>/model"),
                        ("run", "the self-play loop: loop.iterations x (generate, train); resumes finished work")]:
         c = sub.add_parser(name, help=text, description=text)
@@ -471,9 +482,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"generate": _generate, "train": _train, "run": _run, "plan": _plan}
+COMMANDS = {"prepare": _prepare, "generate": _generate, "train": _train, "run": _run, "plan": _plan}
 # Commands that start Ray: their Ray/vLLM/worker logs go to a file unless --verbose.
-QUIET = ("generate", "train", "run")
+QUIET = ("prepare", "generate", "train", "run")
 
 
 def main(argv: list[str] | None = None) -> int:

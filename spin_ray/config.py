@@ -384,12 +384,13 @@ def resolve_dtype(dtype: str, on_gpu: bool) -> str:
     return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
 
 
-def decode_utf8(raw: bytes, what: str) -> str:
-    """`raw` as text, or a ConfigError naming `what`, the line and the byte that is not UTF-8, and the fix."""
+def decode_utf8(raw: bytes, what: str, first_line: int = 1) -> str:
+    """`raw` (starting at line `first_line` of `what`) as text, or a ConfigError naming `what`, the line and the byte
+    that is not UTF-8, and the fix."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[:e.start].count(b"\n") + first_line
         raise ConfigError(f"{what} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}): save it as UTF-8 "
                           "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`)") from None
 

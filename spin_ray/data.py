@@ -8,7 +8,6 @@ Accepted shapes (detected from the columns):
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
@@ -17,7 +16,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -26,6 +25,9 @@ import pyarrow.fs as pafs
 from spin_ray.config import ConfigError, DataConfig, decode_utf8
 from spin_ray.models import looks_like_hub_id
 from spin_ray.schemas import PROMPT_SCHEMA
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -61,35 +63,13 @@ def prompt_id(prompt: list[dict[str, str]], real: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# The CLI reads the data before Ray starts (to refuse bad input early); the stage's own load_sft of the same config
-# and unchanged files takes that result instead of reading again. Each entry is dropped when taken.
-_kept: dict[tuple, SFTData] = {}
-
-
-def load_sft(cfg: DataConfig, *, keep: bool = False) -> SFTData:
-    """Read `cfg.path`, keep `cfg.split`, normalise: bad rows raise or are skipped and counted (data.on_bad_rows),
-    repeated pairs are dropped and counted or raise (data.duplicates). `keep`: hold the result for the next call
-    with the same config while the local files are unchanged."""
-    key = (dataclasses.astuple(cfg), _signature(cfg.path))
-    if key in _kept:
-        return _kept.pop(key)
-    for stale in [k for k in _kept if k[0] == key[0]]:  # kept before its files changed
-        del _kept[stale]
+def load_sft(cfg: DataConfig) -> SFTData:
+    """Read `cfg.path` into the driver, keep `cfg.split`, normalise: bad rows raise or are skipped and counted
+    (data.on_bad_rows), repeated pairs are dropped and counted or raise (data.duplicates). For small data (the bundled
+    tasks, tests); the stages read through prepare.py, which keeps the rows out of the driver."""
     records, where = read_records(cfg.path, cfg.split)
-    data = normalize(records, on_bad_rows=cfg.on_bad_rows, duplicates=cfg.duplicates, max_rows=cfg.max_rows,
+    return normalize(records, on_bad_rows=cfg.on_bad_rows, duplicates=cfg.duplicates, max_rows=cfg.max_rows,
                      source=cfg.path, where=where)
-    if keep and key[1] is not None:
-        _kept[key] = data
-    return data
-
-
-def _signature(path: str) -> tuple | None:
-    """Names, sizes and mtimes of the local files under `path` (None for URIs and hub names: not kept)."""
-    local = BUNDLED if path == "bundled" else Path(path)
-    if "://" in path or not local.exists():
-        return None
-    files = sorted(local.rglob("*")) if local.is_dir() else [local]
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
 
 
 def read_records(path: str, split: str | None = "train") -> tuple[list[Any], list[str]]:
@@ -103,11 +83,9 @@ def read_records(path: str, split: str | None = "train") -> tuple[list[Any], lis
     elif os.path.exists(path):
         parts = _read_local(Path(path), split)
     elif looks_like_hub_id(path):
-        parts = [(path, _read_hub(path, split), None)]
+        parts = [(path, load_hub(path, split).to_list(), None)]
     else:
-        raise ConfigError(f"data.path {path!r} not found (relative to {os.getcwd()}): give a parquet/jsonl file or "
-                          "folder, a datasets save_to_disk folder, an s3:// or gs:// URI, a hub name (org/name), or "
-                          "'bundled'")
+        raise not_found(path)
     _one_shape(parts)
     records, where = [], []
     for source, rows, lines in parts:
@@ -117,7 +95,7 @@ def read_records(path: str, split: str | None = "train") -> tuple[list[Any], lis
     if split is not None and any(isinstance(r, dict) and "split" in r for r in records):
         present = {r.get("split") for r in records if isinstance(r, dict)}
         if split not in present:
-            raise _no_split(split, sorted(str(s) for s in present if s is not None), path)
+            raise no_split(split, sorted(str(s) for s in present if s is not None), path)
         keep = [i for i, r in enumerate(records) if isinstance(r, dict) and r.get("split") == split]
         records, where = [records[i] for i in keep], [where[i] for i in keep]
     return records, where
@@ -129,50 +107,94 @@ def _one_shape(parts: list[tuple[str, list[Any], list[int] | None]]) -> None:
     for source, rows, _ in parts:
         first = next((r for r in rows if isinstance(r, dict)), None)
         if first is not None:
-            shapes.setdefault(_detect_shape(first.keys(), source), source)
+            shapes.setdefault(detect_shape(first.keys(), source), source)
     if len(shapes) > 1:
-        (a, fa), (b, fb) = list(shapes.items())[:2]
-        raise ConfigError(f"data files of different shapes under data.path: {fa!r} is {_SHAPE_NAMES[a]}, {fb!r} is "
-                          f"{_SHAPE_NAMES[b]}. Keep one shape per folder (convert one of them, or point data.path at "
-                          "one file)")
+        raise mixed_shapes(shapes)
+
+
+def not_found(path: str) -> ConfigError:
+    return ConfigError(f"data.path {path!r} not found (relative to {os.getcwd()}): give a parquet/jsonl file or "
+                       "folder, a datasets save_to_disk folder, an s3:// or gs:// URI, a hub name (org/name), or "
+                       "'bundled'")
+
+
+def mixed_shapes(shapes: dict[str, str]) -> ConfigError:
+    """`shapes`: shape -> the first file of that shape, in file order."""
+    (a, fa), (b, fb) = list(shapes.items())[:2]
+    return ConfigError(f"data files of different shapes under data.path: {fa!r} is {_SHAPE_NAMES[a]}, {fb!r} is "
+                       f"{_SHAPE_NAMES[b]}. Keep one shape per folder (convert one of them, or point data.path at "
+                       "one file)")
+
+
+def unreadable_parquet(source: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ConfigError(f"data file {source!r} is not a readable parquet file ({type(e).__name__}: {first}); "
+                       "re-export it, or move it out of data.path")
 
 
 def _arrow(read: Callable[[], pa.Table], source: str) -> list[dict[str, Any]]:
     try:
         return read().to_pylist()
     except (pa.ArrowException, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"data file {source!r} is not a readable parquet file ({type(e).__name__}: {first}); "
-                          "re-export it, or move it out of data.path") from None
+        raise unreadable_parquet(source, e) from None
 
 
 def _read_local(path: Path, split: str | None) -> list[tuple[str, list[Any], list[int] | None]]:
     """(file, its records, the jsonl line number of each record or None) per data file under `path`."""
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        import datasets  # only for save_to_disk folders: it is slow to import
+    if is_saved_dataset(path):
+        return [(str(path), load_saved(path, split).to_list(), None)]
+    return [(str(p), *read_file(p)) for p in data_files(path)]
 
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[_pick_split(list(ds), split, str(path))]
-        return [(str(path), ds.to_list(), None)]
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def load_saved(path: Path, split: str | None) -> "datasets.Dataset":
+    """A `save_to_disk` folder's split, memory-mapped (its rows are not read)."""
+    import datasets  # only for save_to_disk folders: it is slow to import
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[pick_split(list(ds), split, str(path))]
+    return ds
+
+
+def data_files(path: Path) -> list[Path]:
+    """The data files of a local file or folder, in the order their rows count (sorted names)."""
     if path.is_file() and path.suffix not in SUFFIXES:
         raise ConfigError(f"data file {str(path)!r} is not .parquet, .jsonl or .json; convert it to one of those")
     # Like pyarrow datasets, skip _-/.-prefixed files (markers such as _SUCCESS.json, hidden temp files).
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(("_", "."))) \
         if path.is_dir() else [path]
-    parts = [(str(p), *_read_file(p)) for p in files if p.suffix in SUFFIXES]
-    if not parts:
+    files = [p for p in files if p.suffix in SUFFIXES]
+    if not files:
         raise ConfigError(f"data.path {str(path)!r} holds no .parquet, .jsonl or .json files")
-    return parts
+    return files
 
 
-def _read_file(path: Path) -> tuple[list[Any], list[int] | None]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of each non-empty line, streamed; a line that is not UTF-8 or not JSON is an error
+    naming it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = decode_utf8(raw, f"data file {str(path)!r}", first_line=n)
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"data file {str(path)!r} is not valid JSONL: line {n}: {e}; fix that line (one "
+                                  "JSON object per line)") from None
+
+
+def read_file(path: Path) -> tuple[list[Any], list[int] | None]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return _arrow(lambda: pq.read_table(path), str(path)), None
-    text = decode_utf8(path.read_bytes(), f"data file {str(path)!r}")
     if path.suffix == ".json":
+        text = decode_utf8(path.read_bytes(), f"data file {str(path)!r}")
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
@@ -180,20 +202,12 @@ def _read_file(path: Path) -> tuple[list[Any], list[int] | None]:
         if not isinstance(records, list):
             raise ConfigError(f"data file {str(path)!r} must hold a JSON list of records")
         return records, None
-    records, lines = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"data file {str(path)!r} is not valid JSONL: line {n}: {e}; fix that line (one JSON "
-                              "object per line)") from None
-        lines.append(n)
-    return records, lines
+    numbered = list(iter_jsonl(path))
+    return [r for _, r in numbered], [n for n, _ in numbered]
 
 
-def _read_hub(name: str, split: str | None) -> list[dict[str, Any]]:
+def load_hub(name: str, split: str | None) -> "datasets.Dataset":
+    """A hub dataset's split, downloaded to the HF cache and memory-mapped (its rows are not read)."""
     import datasets
 
     try:
@@ -203,18 +217,18 @@ def _read_hub(name: str, split: str | None) -> list[dict[str, Any]]:
         raise ConfigError(f"data.path {name!r} is not a local file or folder (nothing at {os.path.abspath(name)}) "
                           f"and loading it as a hub dataset failed ({type(e).__name__}: {first}); fix the path, or "
                           "the dataset name, network or HF token") from None
-    return ds[_pick_split(list(ds), split, name)].to_list()
+    return ds[pick_split(list(ds), split, name)]
 
 
-def _pick_split(available: list[str], split: str | None, source: str) -> str:
+def pick_split(available: list[str], split: str | None, source: str) -> str:
     if split in available:
         return split
     if split is None and len(available) == 1:
         return available[0]
-    raise _no_split(split, available, source)
+    raise no_split(split, available, source)
 
 
-def _no_split(split: str | None, available: list[str], source: str) -> ConfigError:
+def no_split(split: str | None, available: list[str], source: str) -> ConfigError:
     close = difflib.get_close_matches(str(split), available, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"data.split {split!r} not in {source!r}, which has splits {available}; set data.split{hint}")
@@ -230,44 +244,64 @@ def normalize(records: Iterable[Any], *, on_bad_rows: str = "error", duplicates:
     first = next((r for r in records if isinstance(r, dict)), None)
     if first is None:
         raise ConfigError(f"{source!r} holds no records (JSON objects / table rows); check data.path")
-    shape = _detect_shape(first.keys(), source)
+    shape = detect_shape(first.keys(), source)
     rows, bad, seen, dropped = [], Counter(), {}, 0
     for i, record in enumerate(records):
         at = where[i] if where is not None else f"{source!r} row {i}"
         try:
-            prompt, real = _split_pair(record, shape)
+            prompt, real = split_pair(record, shape)
         except ValueError as e:
             if on_bad_rows == "error":
-                raise BadRowError(f"{at}: {e}. Fix the row, or set data.on_bad_rows=skip to drop such rows (they are "
-                                  "counted)") from None
-            bad[str(e).split(" (")[0]] += 1  # count by kind, without the values
+                raise bad_row(at, e) from None
+            bad[bad_kind(e)] += 1
             continue
         pid = prompt_id(prompt, real)
         if pid in seen:
             if duplicates == "error":
-                raise BadRowError(f"{at} repeats {seen[pid]} (same prompt and answer). Remove the repeat, or set "
-                                  "data.duplicates=drop to keep the first of each (the count is reported)")
+                raise repeated_row(at, seen[pid])
             dropped += 1
             continue
         seen[pid] = at
         rows.append({"prompt_id": pid, "prompt": prompt, "real": real})
         if max_rows is not None and len(rows) >= max_rows:
             break
+    report_dropped(source, len(records), bad, dropped)
+    if not rows:
+        raise all_bad(source, bad)
+    return SFTData(rows=rows, n_input=len(records), bad=bad, duplicates=dropped)
+
+
+def bad_kind(e: ValueError) -> str:
+    """A bad row's problem without the values, to count rows by kind."""
+    return str(e).split(" (")[0]
+
+
+def bad_row(at: str, e: ValueError) -> BadRowError:
+    return BadRowError(f"{at}: {e}. Fix the row, or set data.on_bad_rows=skip to drop such rows (they are counted)")
+
+
+def repeated_row(at: str, first: str) -> BadRowError:
+    return BadRowError(f"{at} repeats {first} (same prompt and answer). Remove the repeat, or set "
+                       "data.duplicates=drop to keep the first of each (the count is reported)")
+
+
+def all_bad(source: str, bad: Counter) -> ConfigError:
+    return ConfigError(f"every row of {source!r} is bad ({dict(bad)}); nothing to train on")
+
+
+def report_dropped(source: str, n_input: int, bad: Counter, dropped: int) -> None:
     if dropped:
         log.warning("dropped %d duplicate rows of %d in %r (same prompt and answer as an earlier row; "
-                    "data.duplicates=error stops at them instead)", dropped, len(records), source)
+                    "data.duplicates=error stops at them instead)", dropped, n_input, source)
     if bad:
-        log.warning("skipped %d bad rows of %d in %r: %s", sum(bad.values()), len(records), source, dict(bad))
-    if not rows:
-        raise ConfigError(f"every row of {source!r} is bad ({dict(bad)}); nothing to train on")
-    return SFTData(rows=rows, n_input=len(records), bad=bad, duplicates=dropped)
+        log.warning("skipped %d bad rows of %d in %r: %s", sum(bad.values()), n_input, source, dict(bad))
 
 
 _SHAPE_NAMES = {"messages": "chat (`messages`)", "trl": "TRL (`prompt` + `completion`)",
                 "spin": "uclaml/SPIN (`real` + `generated`)"}
 
 
-def _detect_shape(columns: Iterable[str], source: str) -> str:
+def detect_shape(columns: Iterable[str], source: str) -> str:
     columns = set(columns)
     for shape, needed in SHAPES.items():
         if set(needed) <= columns:
@@ -276,7 +310,7 @@ def _detect_shape(columns: Iterable[str], source: str) -> str:
                       "`prompt` + `completion` (TRL), or `real` (uclaml/SPIN message lists)")
 
 
-def _split_pair(record: Any, shape: str) -> tuple[list[dict[str, str]], str]:
+def split_pair(record: Any, shape: str) -> tuple[list[dict[str, str]], str]:
     if not isinstance(record, dict):
         raise ValueError(f"not a record but {_kind(record)}")
     missing = [c for c in SHAPES[shape] if c not in record]

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.data import load_sft
+from spin_ray.prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def _kind(prompt: list[dict[str, str]]) -> str | None:
 
 
 def heldout_prompts(cfg: SpinConfig) -> pa.Table:
-    table = load_sft(dataclasses.replace(cfg.data, split=cfg.eval.split, max_rows=cfg.eval.rows)).to_arrow()
+    """The held-out prompts (at most eval.rows), prepared once into `<storage>/prompts_eval`."""
+    table = prepare(cfg, heldout=True).table()
     if table.num_rows == 0:
         raise ConfigError(f"eval.split = {cfg.eval.split!r}: {cfg.data.path} has no rows in that split; name a held-out "
                           "split that exists, or set eval.enabled=false")

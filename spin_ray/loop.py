@@ -3,8 +3,8 @@ reference log-probs) → evaluate."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import math
 import os
 import re
 import tempfile
@@ -17,11 +17,10 @@ import pyarrow as pa
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.data import load_sft, normalize
-from spin_ray.schemas import PROMPT_SCHEMA
 from spin_ray.generate import EnginePool, generate
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
+from spin_ray.prepare import Prepared, data_config, data_parts, prepare
 from spin_ray.tracking import Tracker, check_backend
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def _busy_seconds(stats: str) -> dict[str, float]:
     return out
 
 
-Prompts = Union[pa.Table, "ray.data.Dataset", None]
+Prompts = Union[Prepared, pa.Table, "ray.data.Dataset", None]
 Model = Union[str, "ray.train.Checkpoint", None]
 
 
@@ -74,21 +73,11 @@ def model_path(model: Model, cfg: SpinConfig) -> str:
     return path
 
 
-def as_prompts(prompts: Prompts, cfg: SpinConfig) -> tuple[pa.Table, dict[str, int]]:
-    """Normalised prompt rows and the bad-row counts, from `cfg.data` (None), a Ray Dataset or a pyarrow table of
-    SFT rows in any accepted shape (data.py); an already normalised table is taken as it is."""
-    if prompts is None:
-        sft = load_sft(cfg.data)
-        return sft.to_arrow(), dict(sft.bad)
-    if not isinstance(prompts, pa.Table):
-        import ray
-
-        refs = prompts.to_arrow_refs()
-        prompts = pa.concat_tables(ray.get(refs)) if refs else pa.table({})
-    if set(PROMPT_SCHEMA.names) <= set(prompts.column_names):
-        return prompts.select(PROMPT_SCHEMA.names), {}
-    sft = normalize(prompts.to_pylist(), on_bad_rows=cfg.data.on_bad_rows, source="prompts")
-    return sft.to_arrow(), dict(sft.bad)
+def as_prompts(prompts: Prompts, cfg: SpinConfig) -> Prepared:
+    """The prepared prompts folder (prepare.py) of `cfg.data` (None), a Ray Dataset or a pyarrow table of SFT rows
+    in any accepted shape (data.py; an already normalised one is taken as it is). The rows go through Ray Data,
+    never through the driver; an already prepared folder is passed on."""
+    return prompts if isinstance(prompts, Prepared) else prepare(cfg, prompts)
 
 
 def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
@@ -105,23 +94,21 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
         log.info("iteration %d: pairs already at %s (%d rows); skipping generation", cfg.iteration, dest, rows)
         return PairsResult(dest, rows, skipped=True)
 
+    prompts = as_prompts(prompts, cfg)  # CPU only: bad data is refused before any engine starts
     model = model_path(model, cfg)
-    prompts, bad = as_prompts(prompts, cfg)
     g = cfg.generate
 
-    import ray.data
-
-    log.info("iteration %d: generating answers to %d prompts with %s", cfg.iteration, prompts.num_rows, model)
+    log.info("iteration %d: generating answers to %d prompts with %s", cfg.iteration, prompts.rows, model)
     start = time.perf_counter()
-    # One block per generation batch, so every actor in the pool has work queued.
-    ds = ray.data.from_arrow([prompts.slice(i, g.batch_size) for i in range(0, prompts.num_rows, g.batch_size)])
+    # Streamed from the prepared folder, at least one block per generation batch so every actor has work queued.
+    ds = prompts.dataset(blocks=math.ceil(prompts.rows / g.batch_size))
     lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     trust = dict(trust_remote_code=cfg.trust_remote_code)
     ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths, **trust)
-    stats = records.write_pairs(ds, dest, expected_ids=set(prompts.column("prompt_id").to_pylist()))
+    stats = records.write_pairs(ds, dest, expected_ids=prompts.ids())
     seconds = {"pairs": time.perf_counter() - start, **_busy_seconds(ds.stats())}
     log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest, seconds["pairs"])
-    return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=bad)
+    return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=prompts.bad)
 
 
 @dataclass
@@ -209,15 +196,17 @@ def check_storage_writable(storage: str) -> None:
 
 
 def check_inputs(cfg: SpinConfig, command: str) -> None:
-    """What the user supplies for `command` (generate, train, run), refused in one paragraph before Ray starts:
-    storage, the data (held for the stage's own read, so it is read once) and θ_0's folder."""
-    if command in ("generate", "run"):
-        load_sft(cfg.data, keep=True)
+    """What the user supplies for `command` (prepare, generate, train, run), refused in one paragraph before Ray
+    starts: storage, tracking, θ_0's folder and where the data files are. Their rows are read on the cluster by the
+    prepare stage, the first step of generate and run, which refuses bad rows before any GPU work."""
+    if command != "train":  # lists the files only: a wrong path or split is refused now
+        data_parts(cfg.data)
+    if command in ("prepare", "run") and cfg.eval.enabled:
+        data_parts(data_config(cfg, heldout=True))
     if command == "run":
         check_backend(cfg.tracking)
-    if command == "run" and cfg.eval.enabled:
-        load_sft(dataclasses.replace(cfg.data, split=cfg.eval.split, max_rows=cfg.eval.rows), keep=True)
-    check_model(resolve_model(cfg.model), cfg.trust_remote_code)
+    if command != "prepare":
+        check_model(resolve_model(cfg.model), cfg.trust_remote_code)
     check_storage_writable(cfg.storage)  # last: it creates the folder
 
 
@@ -225,18 +214,21 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
         on_iteration: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
     """The self-play loop: iterations 0..T−1, each starting from the last one's θ, resuming finished work.
 
-    `prompts` (normalised rows) default to `cfg.data`. `on_iteration` is called after each iteration (progress).
-    Needs Ray to be initialised (the CLI does it; inside a Ray program it is already up).
+    `prompts` default to `cfg.data` (see `as_prompts`; prepared once for every iteration). `on_iteration` is
+    called after each iteration (progress). Needs Ray to be initialised (the CLI does it; inside a Ray program it is
+    already up).
     """
-    from spin_ray.manifest import Manifest, fingerprint
+    from spin_ray.manifest import Manifest
 
     # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
     resolved = preflight(cfg)
     check_storage(cfg)
     check_storage_writable(cfg.storage)  # library callers skip the CLI's check_inputs
-    prompts, _ = as_prompts(prompts, cfg)
+    prompts = as_prompts(prompts, cfg)
+    if cfg.eval.enabled:
+        prepare(cfg, heldout=True)  # its bad rows, too, before any GPU work
     manifest = Manifest(cfg.storage)
-    manifest.check(cfg, fingerprint(prompts.column("prompt_id").to_pylist()), force=force)
+    manifest.check(cfg, prompts.fingerprint, force=force)
     tracker = Tracker(cfg) if cfg.tracking.backend != "none" else None
     model, previous, results, pool, ok = model_path(None, cfg), None, [], None, False
     try:
@@ -280,7 +272,7 @@ def at_fixed_point(reward_accuracy: float | None, epsilon: float | None) -> bool
     return epsilon is not None and reward_accuracy is not None and abs(reward_accuracy - 0.5) <= epsilon
 
 
-def _iteration(c: SpinConfig, prompts: pa.Table, model: str, previous: str | None, pool: EnginePool | None,
+def _iteration(c: SpinConfig, prompts: Prepared, model: str, previous: str | None, pool: EnginePool | None,
                manifest: "Manifest") -> tuple[IterationResult | None, EnginePool | None]:
     """One step of `run`: the early-stop check, warm engines brought to θ_t, the iteration, its manifest entries."""
     from spin_ray.evaluate import read_eval

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
@@ -33,9 +33,15 @@ def config_hash(cfg: SpinConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fingerprint(prompt_ids: list[str]) -> str:
-    """The data's identity: prompt ids are content hashes, so this changes when any pair does."""
-    return hashlib.sha256("\n".join(sorted(prompt_ids)).encode()).hexdigest()[:16]
+def block_digest(prompt_ids: Iterable[str]) -> int:
+    """One block's share of the fingerprint: the sum of its prompt ids' 64-bit hashes (order-free)."""
+    return sum(int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") for p in prompt_ids) % 2**64
+
+
+def fingerprint(block_digests: Iterable[int], rows: int) -> str:
+    """The data's identity, from per-block digests (prepare.py): their sum does not depend on how the rows fell into
+    blocks, and prompt ids are content hashes, so this changes when any prompt does."""
+    return hashlib.sha256(f"{sum(block_digests) % 2**64}:{rows}".encode()).hexdigest()[:16]
 
 
 class Manifest:

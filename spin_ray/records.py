@@ -1,6 +1,8 @@
 """Where records live and how they are written: atomically, so a crash never leaves half a stage behind.
 
 Layout under `storage` (a local path or an s3:// / gs:// URI):
+    prompts/*.parquet + _SUCCESS.json             the normalised prompts (prepare.py), read by every iteration
+    prompts_eval/                                 the same for the held-out split
     iter_<t>/pairs/*.parquet + _SUCCESS.json      one iteration's SPIN pairs, with their token ids
     iter_<t>/reference/*.parquet + _SUCCESS.json  θ_t's log-probs of the window's pairs (train.py's reference pass)
     iter_<t>/model/                               θ_{t+1} in HF format

@@ -1,6 +1,7 @@
 """Input that real users have (issue 10 §1), written to real files and given to the real CLI: each case ends in one
-paragraph naming the file, row or field and the fix, exit code 2, before Ray starts, with nothing already written
-touched. No Ray cluster is needed: every case is refused before ray.init."""
+paragraph naming the file, row or field and the fix, exit code 2, with nothing already written touched. Config,
+storage and model problems are refused before ray.init; the data is read by the prepare stage on the cluster (the
+session's, `ray_cluster`), which refuses bad rows before any GPU work and leaves only its log behind."""
 
 import json
 import os
@@ -17,29 +18,42 @@ CHAT = {"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assi
 SENTINEL = "finished work of an earlier run\n"
 
 
+def spin_ray(tmp_path: Path, *sets: str, command: str, storage: Path,
+             config: Path | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "spin_ray.cli", command, *(["--config", str(config)] if config else [])]
+    for s in (f"storage={storage}", *sets):
+        args += ["--set", s]
+    # The session's cluster where a test has one (the data cases); else, should a case get past the checks, it
+    # starts its own cluster instead of joining another.
+    env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
 def refused(tmp_path: Path, *sets: str, command: str = "generate", config: Path | None = None,
             storage: Path | None = None, whole: bool = False) -> str:
     """Run `spin-ray COMMAND` in tmp_path over a storage that already holds a file; return the error paragraph
-    (`whole`: all of stderr, which holds the log lines before it)."""
+    (`whole`: all of the output, which holds the progress and warning lines before it)."""
     if storage is None:
         storage = tmp_path / "store"
         storage.mkdir(exist_ok=True)
         (storage / "keep.txt").write_text(SENTINEL)
-    args = [sys.executable, "-m", "spin_ray.cli", command, *(["--config", str(config)] if config else [])]
-    for s in (f"storage={storage}", *sets):
-        args += ["--set", s]
-    # RAY_ADDRESS=local: should a case get past the checks, it starts its own cluster instead of joining another.
-    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = spin_ray(tmp_path, *sets, command=command, storage=storage, config=config)
     err = out.stderr.strip()
     assert out.returncode == 2, err[-3000:]
-    assert "Traceback" not in err and "Ray" not in err, err[-3000:]  # refused before ray.init
+    assert "Traceback" not in err and "Ray" not in err, err[-3000:]  # one paragraph: Ray's output is in the log
     paragraph = err.splitlines()[-1]
     assert paragraph.startswith(f"spin-ray {command}: error: "), err[-3000:]
-    if storage.is_dir():  # nothing written: no logs folder, the earlier file as it was
-        assert sorted(p.name for p in storage.iterdir()) == ["keep.txt"]
+    if storage.is_dir():  # nothing written but the command's log: no prompts, the earlier file as it was
+        assert sorted(p.name for p in storage.iterdir() if p.name != "logs") == ["keep.txt"]
         assert (storage / "keep.txt").read_text() == SENTINEL
-    return err if whole else paragraph
+    return out.stdout + err if whole else paragraph
+
+
+def prepared(tmp_path: Path, *sets: str) -> tuple[dict, str]:
+    """`spin-ray prepare`'s result, which must succeed, and its terminal output (progress and warnings)."""
+    out = spin_ray(tmp_path, *sets, "eval.enabled=false", command="prepare", storage=tmp_path / "prepared")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return json.loads(out.stdout[out.stdout.index("\n{") + 1:]), out.stdout
 
 
 def jsonl(path: Path, rows: list) -> str:
@@ -51,7 +65,7 @@ def jsonl(path: Path, rows: list) -> str:
 
 
 @pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
-def test_number_content_row(tmp_path, on_bad_rows):
+def test_number_content_row(ray_cluster, tmp_path, on_bad_rows):
     bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 42}]}
     path = jsonl(tmp_path / "d.jsonl", [CHAT, bad] if on_bad_rows == "error" else [bad])
     msg = refused(tmp_path, f"data.path={path}", f"data.on_bad_rows={on_bad_rows}")
@@ -63,28 +77,28 @@ def test_number_content_row(tmp_path, on_bad_rows):
 
 
 @pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
-def test_mixed_string_and_list_prompts_are_read_and_a_later_bad_row_is_named(tmp_path, on_bad_rows):
+def test_mixed_string_and_list_prompts_are_read_and_a_later_bad_row_is_named(ray_cluster, tmp_path, on_bad_rows):
     """pyarrow could not build one column of both (ArrowInvalid); the rows are read as Python objects, so the good
-    ones pass and the run goes on to the next check (here a model path that does not exist)."""
+    ones pass."""
     rows = [{"prompt": "Sort: cab", "completion": "abc"},
             {"prompt": [{"role": "user", "content": "Count: aa"}], "completion": "2"},
             {"prompt": "Say hi", "completion": 3}]
     path = jsonl(tmp_path / "mixed.jsonl", rows)
-    msg = refused(tmp_path, f"data.path={path}", f"data.on_bad_rows={on_bad_rows}", "model=./no-model")
     if on_bad_rows == "error":
-        assert "mixed.jsonl' line 3: `completion` is a number (3)" in msg
+        assert "mixed.jsonl' line 3: `completion` is a number (3)" in refused(tmp_path, f"data.path={path}")
     else:
-        assert "model './no-model' not found" in msg
+        result, _ = prepared(tmp_path, f"data.path={path}", "data.on_bad_rows=skip")
+        assert result["rows"] == 2 and result["bad_rows"] == {"`completion` is a number": 1}
 
 
-def test_non_utf8_bytes(tmp_path):
+def test_non_utf8_bytes(ray_cluster, tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(CHAT).encode() + b"\n" + '{"prompt": "café", "completion": "x"}\n'.encode("latin-1"))
     msg = refused(tmp_path, f"data.path={path}")
     assert "latin1.jsonl' line 2 is not UTF-8 (byte 0xe9)" in msg and "iconv" in msg
 
 
-def test_corrupt_parquet(tmp_path):
+def test_corrupt_parquet(ray_cluster, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist([CHAT]), folder / "a.parquet")
@@ -93,7 +107,7 @@ def test_corrupt_parquet(tmp_path):
     assert "b.parquet' is not a readable parquet file" in msg and "re-export it" in msg
 
 
-def test_folder_of_files_with_different_shapes(tmp_path):
+def test_folder_of_files_with_different_shapes(ray_cluster, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     jsonl(folder / "chat.jsonl", [CHAT])
@@ -102,23 +116,21 @@ def test_folder_of_files_with_different_shapes(tmp_path):
     assert "chat.jsonl' is chat (`messages`)" in msg and "trl.jsonl' is TRL" in msg and "one shape per folder" in msg
 
 
-def test_duplicate_rows_are_dropped_and_counted_but_broken_rows_still_stop(tmp_path):
-    """uclaml/SPIN's SPIN_iter0 shape with every row twice (uclaml/SPIN#10): read, the repeats dropped and counted,
-    and the run goes on to its next check; a really broken row still follows data.on_bad_rows."""
+def test_duplicate_rows_are_dropped_and_counted_but_broken_rows_still_stop(ray_cluster, tmp_path):
+    """uclaml/SPIN's SPIN_iter0 shape with every row twice (uclaml/SPIN#10): read, the repeats dropped and counted;
+    a really broken row still follows data.on_bad_rows."""
     rows = [{"real": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
              "generated": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "g"}]}
             for i in range(4)]
     pq.write_table(pa.Table.from_pylist(rows + rows), tmp_path / "spin.parquet")
-    err = refused(tmp_path, "data.path=spin.parquet", "model=./no-model", whole=True)
-    assert "dropped 4 duplicate rows of 8 in 'spin.parquet'" in err
-    assert err.splitlines()[-1].endswith("model './no-model' not found: " + str(tmp_path / "no-model") +
-                                         ' does not exist. Build one with `spin-ray tiny-model OUT`, or use "tiny" or '
-                                         '"smollm2-135m".')
+    result, output = prepared(tmp_path, "data.path=spin.parquet")
+    assert result["rows"] == 4 and result["duplicates"] == 4
+    assert "dropped 4 duplicate rows of 8 in 'spin.parquet'" in output
     msg = refused(tmp_path, "data.path=spin.parquet", "data.duplicates=error")
     assert "spin.parquet' row 4 repeats 'spin.parquet' row 0 (same prompt and answer)" in msg
     broken = rows + rows + [{"real": [{"role": "user", "content": "q"}], "generated": []}]
     pq.write_table(pa.Table.from_pylist(broken), tmp_path / "spin.parquet")
-    msg = refused(tmp_path, "data.path=spin.parquet", "model=./no-model")
+    msg = refused(tmp_path, "data.path=spin.parquet")
     assert "spin.parquet' row 8: no final assistant turn" in msg and "data.on_bad_rows=skip" in msg
 
 

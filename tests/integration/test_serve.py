@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory, tiny_model):
-    from spin_ray.models import build_tiny_model
+    from spin_ray.builder import build_tiny_model
 
     root = tmp_path_factory.mktemp("served_run")
     theta1 = build_tiny_model(root / "iter_0" / "model", seed=1)

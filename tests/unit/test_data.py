@@ -5,7 +5,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.config import ConfigError, DataConfig
-from spin_ray import data as data_module
 from spin_ray.data import BadRowError, load_sft, normalize, prompt_id
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -173,14 +172,3 @@ def test_missing_relative_paths_are_not_taken_for_hub_names(tmp_path, monkeypatc
     for path in ["data/train", "mydata/train.jsonl"]:
         with pytest.raises(ConfigError, match=rf"data.path '{path}' not found \(relative to"):
             load_sft(DataConfig(path=path))
-
-
-def test_kept_data_is_taken_once_and_not_when_the_file_changed(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [CHAT])
-    kept = load_sft(DataConfig(path=path), keep=True)
-    assert load_sft(DataConfig(path=path)) is kept
-    assert load_sft(DataConfig(path=path)) is not kept  # taken: read again
-    load_sft(DataConfig(path=path), keep=True)
-    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "new", "completion": "file, same size?"}])
-    assert load_sft(DataConfig(path=path)).rows[0]["real"] == "file, same size?"
-    assert not data_module._kept

@@ -22,7 +22,7 @@ def test_best_by_nll_without_task_scores_and_none_without_evaluations():
 
 
 def test_the_kept_iterate_is_served_as_best_and_named_in_the_report(tiny_model, tmp_path):
-    from spin_ray.models import build_tiny_model
+    from spin_ray.builder import build_tiny_model
     from spin_ray.report import table
     from spin_ray.serve import ServeConfig, resolve
 
