@@ -118,12 +118,14 @@ def resolve_model(spec: str, cache_dir: str | None = None) -> str:
 def model_at_hand(spec: str, cache_dir: str | None = None) -> str | None:
     """The local folder of `spec` where it is there already, with nothing to build, convert or download (for
     `spin-ray plan`, which loads no weights); else None."""
-    built = {"tiny": cache_root(cache_dir) / TINY_DIRNAME, "smollm2-135m": cache_root(cache_dir) / SMOLLM2_DIRNAME,
-             "tasks-sft": TASKS_SFT_SHIPPED}
+    from spin_ray import builder  # where the named models are built (it imports this module)
+
+    built = {"tiny": cache_root(cache_dir) / builder.TINY_DIRNAME,
+             "smollm2-135m": cache_root(cache_dir) / builder.SMOLLM2_DIRNAME, "tasks-sft": builder.TASKS_SFT_SHIPPED}
     path = built.get(spec) or Path(spec).expanduser()
-    if spec == "tasks-sft" and not _is_model_dir(path):
-        path = cache_root(cache_dir) / TASKS_SFT_DIRNAME
-    return str(path.resolve()) if "://" not in spec and _is_model_dir(path) else None
+    if spec == "tasks-sft" and not is_model_dir(path):
+        path = cache_root(cache_dir) / builder.TASKS_SFT_DIRNAME
+    return str(path.resolve()) if "://" not in spec and is_model_dir(path) else None
 
 
 # Suffixes of data, weight and config files: `runs/model.safetensors` is a mistyped path, never a hub id.
