@@ -1,10 +1,12 @@
 """Peak memory of one training forward + backward: full-vocabulary logits at every position (before) against the
-chunked LM head at the labelled positions only (spin_ray.template.label_logps, after), same model, same micro-batch.
+chunked LM head at the labelled positions only in the trainer's flattened layout (template.pack_varlen +
+varlen_logps, what Trainer.train_step runs; after), same model, same micro-batch.
 
 Model: a random Llama with SmolLM2-135M's widths (576 hidden, 9/3 heads, 1536 MLP), --layers layers and a --vocab
-vocabulary (default 32000), float32 on CPU. Micro-batch: --tokens tokens (default 8192) of packed pairs
-(template.pack_pairs), each row a prompt of --prompt tokens twice and two answers filling the rest of --row tokens,
-so answers are (row − 2·prompt)/row of the tokens, as in SPIN pairs.
+vocabulary (default 32000), float32 on CPU; --recompute turns on full activation checkpointing on both sides.
+Micro-batch: --tokens tokens (default 8192) of pairs (before: template.pack_pairs rows; after: flattened), each pair a
+prompt of --prompt tokens twice and two answers filling the rest of --row tokens, so answers are (row − 2·prompt)/row
+of the tokens, as in SPIN pairs.
 
 Each variant runs in a fresh spawned process, --repeats times, one after the other: peak step memory = the process's
 peak RSS (ru_maxrss) after the step − its RSS just before it (model, optimizer-free, and the batch already built).
@@ -12,6 +14,7 @@ torch's CPU allocator returns large blocks to the OS, so RSS follows the tensors
 of the medians.
 
     python benchmarks/logits_memory.py                    # 32k vocabulary, 8k tokens, 4 layers
+    python benchmarks/logits_memory.py --recompute --out benchmarks/results/logits_memory_recompute.json
     python benchmarks/logits_memory.py --tokens 1024 --vocab 4096 --layers 1 --repeats 1 --out /tmp/m.json  # quick
 """
 
@@ -51,20 +54,24 @@ def step_memory(variant: str, args: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spin_ray.loss import spin_loss
-    from spin_ray.template import pack_pairs, packed_logps
+    from spin_ray.template import pack_pairs, pack_varlen, varlen_logps
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args["vocab"], hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=args["layers"], num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=max(2048, args["row"]), tie_word_embeddings=True)
     model = LlamaForCausalLM(config).float().train()
+    if args["recompute"]:  # train.activation_checkpointing=full, on both sides: each layer keeps only its input
+        model.gradient_checkpointing_enable()
     answer = (args["row"] - 2 * args["prompt"]) // 2
     ids = torch.randint(3, args["vocab"], (args["tokens"],)).tolist()
     pairs = [{"prompt_ids": ids[:args["prompt"]], "real_ids": ids[args["prompt"]:args["prompt"] + answer],
               "generated_ids": ids[args["prompt"] + answer:args["prompt"] + 2 * answer]}
              for _ in range(args["tokens"] // args["row"])]
-    batch = pack_pairs(pairs, 0)
-    logps = packed_logps if variant == "after" else full_logits_packed_logps
+    if variant == "after":  # the trainer's layout (Trainer.train_step): flattened sequences, no mask
+        batch, logps = pack_varlen(pairs), varlen_logps
+    else:
+        batch, logps = pack_pairs(pairs, 0), full_logits_packed_logps
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     real, generated = logps(model, batch)
@@ -89,6 +96,8 @@ def main() -> None:
     ap.add_argument("--row", type=int, default=1024, help="tokens per packed row (one pair)")
     ap.add_argument("--prompt", type=int, default=200, help="prompt tokens of each pair")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--recompute", action="store_true",
+                    help="full activation checkpointing on both sides, so the logits' share of the peak shows")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "logits_memory.json"))
     args = ap.parse_args()
