@@ -1,6 +1,6 @@
-"""Peak memory of one training forward + backward: full-vocabulary logits at every position (before) against the
-chunked LM head at the labelled positions only in the trainer's flattened layout (template.pack_varlen +
-varlen_logps, what Trainer.train_step runs; after), same model, same micro-batch.
+"""Peak memory of one training step: full-vocabulary logits at every position (before, the former path's own forward
+and backward, then AdamW's step) against the trainer's own Trainer.train_step (after: flattened sequences, the LM head
+at the labelled positions only, in chunks), same model, same micro-batch.
 
 Model: a random Llama with SmolLM2-135M's widths (576 hidden, 9/3 heads, 1536 MLP), --layers layers and a --vocab
 vocabulary (default 32000), float32 on CPU; --recompute turns on full activation checkpointing on both sides.
@@ -9,7 +9,7 @@ prompt of --prompt tokens twice and two answers filling the rest of --row tokens
 of the tokens, as in SPIN pairs.
 
 Each variant runs in a fresh spawned process, --repeats times, one after the other: peak step memory = the process's
-peak RSS (ru_maxrss) after the step − its RSS just before it (model, optimizer-free, and the batch already built).
+peak RSS (ru_maxrss) after the step − its RSS just before it (model built, AdamW's state not yet allocated).
 torch's CPU allocator returns large blocks to the OS, so RSS follows the tensors held. The ratio is after / before
 of the medians.
 
@@ -45,44 +45,62 @@ def full_logits_packed_logps(model, batch):
 
 
 def step_memory(variant: str, args: dict) -> dict:
-    """One forward + backward of the SPIN loss in this (fresh) process: RSS before, peak RSS after, seconds."""
+    """One optimizer step of the SPIN loss in this (fresh) process: RSS before, peak RSS after, seconds. `after` is
+    the trainer's own Trainer.train_step; `before` the former full-logits forward and backward, then the same AdamW
+    step."""
     import resource
+    import tempfile
     import time
 
     import psutil
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from spin_ray.config import TrainConfig
     from spin_ray.loss import spin_loss
-    from spin_ray.template import pack_pairs, pack_varlen, varlen_logps
+    from spin_ray.template import pack_pairs
+    from spin_ray.trainer import Trainer
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args["vocab"], hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=args["layers"], num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=max(2048, args["row"]), tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).float().train()
-    if args["recompute"]:  # train.activation_checkpointing=full, on both sides: each layer keeps only its input
-        model.gradient_checkpointing_enable()
+    model = LlamaForCausalLM(config).float()
     answer = (args["row"] - 2 * args["prompt"]) // 2
     ids = torch.randint(3, args["vocab"], (args["tokens"],)).tolist()
     pairs = [{"prompt_ids": ids[:args["prompt"]], "real_ids": ids[args["prompt"]:args["prompt"] + answer],
-              "generated_ids": ids[args["prompt"] + answer:args["prompt"] + 2 * answer]}
+              "generated_ids": ids[args["prompt"] + answer:args["prompt"] + 2 * answer],
+              "ref_logp_real": 0.0, "ref_logp_generated": 0.0}
              for _ in range(args["tokens"] // args["row"])]
-    if variant == "after":  # the trainer's layout (Trainer.train_step): flattened sequences, no mask
-        batch, logps = pack_varlen(pairs), varlen_logps
+    # train.activation_checkpointing=full (--recompute), on both sides: each layer keeps only its input.
+    tc = TrainConfig(optimizer="adamw", beta=0.1, micro_batch_size=len(pairs), global_batch_size=len(pairs),
+                     activation_checkpointing="full" if args["recompute"] else "none")
+    if variant == "after":
+        source = tempfile.mkdtemp(prefix="logits-memory-")
+        model.save_pretrained(source)
+        del model
+        trainer = Trainer(source, tc, total_steps=1)
+        trainer.setup()
     else:
-        batch, logps = pack_pairs(pairs, 0), full_logits_packed_logps
+        model.train()
+        if args["recompute"]:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    real, generated = logps(model, batch)
-    zero = torch.zeros_like(real)
-    loss, _ = spin_loss(real, generated, zero, zero, 0.1)
-    loss.backward()
+    if variant == "after":
+        trainer.train_step([pairs])
+    else:
+        real, generated = full_logits_packed_logps(model, pack_pairs(pairs, 0))
+        zero = torch.zeros_like(real)
+        loss, _ = spin_loss(real, generated, zero, zero, tc.beta)
+        loss.backward()
+        optimizer.step()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"rss_before_mib": before / 2**20, "peak_rss_mib": peak / 2**20, "step_mib": (peak - before) / 2**20,
-            "seconds": seconds, "tokens": int((batch["segment"] > 0).sum()),
-            "labelled": int((batch["labels"] != -100).sum())}
+            "seconds": seconds, "tokens": sum(2 * len(p["prompt_ids"]) + 2 * answer for p in pairs),
+            "labelled": 2 * answer * len(pairs)}
 
 
 def _entry(conn, variant: str, args: dict) -> None:
