@@ -9,7 +9,8 @@ its min-max spread. Ratios are formed inside each repeat (pipeline / its own bas
     python benchmarks/run_all.py --quick    # a smoke run of every stage (a few minutes), repeats 1, tiny sizes
 
 Stages: generate (generate.py: pipeline vs direct vLLM, warm EnginePool), reference (reference.py: the trainer's
-reference pass vs a direct transformers forward, and vs training), train (train.py: Ray Train vs a plain torch loop, precomputed vs in-memory reference), padding
+reference pass vs a direct transformers forward, and vs training), seeds (seeds.py: vLLM with a seed per request vs one
+per batch, and which answers survive another batching), train (train.py: Ray Train vs a plain torch loop, precomputed vs in-memory reference), padding
 (padding.py: padded vs padding-free micro-batches), iteration (iteration.py: the embedded default split by stage,
 prompts x1, x2, x4). No GPU section: it needs a lent GPU (issue 9 §2), and it says so in the results.
 """
@@ -49,6 +50,8 @@ STAGES: dict[str, tuple[str, list[str], list[str]]] = {
               ["--model", "tasks-sft", "--pairs-count", "64", "--response-tokens", "8", "--micro-batch", "8",
                "--global-batch", "16", "--max-length", "96", "--max-prompt-length", "64", "--lr", "3e-4",
                "--workers", "1,2"]),
+    "seeds": ("seeds.py", ["--prompts", "256", "--max-tokens", "32", "--repeats", "3"],
+              ["--prompts", "32", "--max-tokens", "8", "--repeats", "1"]),
     "padding": ("padding.py", ["--layers", "1", "--vocab", "8192", "--steps", "3", "--global-batch", "32"],
                 ["--layers", "1", "--vocab", "4096", "--steps", "2", "--global-batch", "16"]),
     # The same plans' padding shares from the lengths alone: exact (one run is enough), independent of the load.
@@ -118,6 +121,14 @@ def reference_figures(j: dict) -> dict[str, float]:
         f[f"reference / training seconds, same pairs (threads={threads})"] = r["reference_over_train_seconds"]
         f["max |logp - direct|"] = r["max_abs_logp_diff"]
     return f
+
+
+def seeds_figures(j: dict) -> dict[str, float]:
+    same = j["same_answers_one_call_vs_batches"]
+    return {"per-request seeds tok/s": j["tokens_per_s"]["seeded"], "one seed per batch tok/s":
+            j["tokens_per_s"]["unseeded"], "seeded / unseeded speed": j["seeded_over_unseeded"],
+            "seeded answers equal across batchings (share)": same["seeded"] / same["of"],
+            "unseeded answers equal across batchings (share)": same["unseeded"] / same["of"]}
 
 
 def train_figures(j: dict) -> dict[str, float]:
@@ -211,7 +222,8 @@ def process_kind(label: str) -> str:
     return name.split(".")[0] + " (actor)"
 
 
-FIGURES = {"generate": generate_figures, "reference": reference_figures, "train": train_figures,
+FIGURES = {"generate": generate_figures, "reference": reference_figures, "seeds": seeds_figures,
+           "train": train_figures,
            "padding": padding_figures, "padding-plan": padding_figures, "iteration": iteration_figures}
 
 

@@ -49,14 +49,17 @@ class DataConfig:
 class GenerateConfig:
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto` uses vLLM wherever it is installed, else transformers `generate`."""
-    num_actors: int = 1
-    """Generation actors (one engine each)."""
+    num_actors: int | Literal["auto"] = 1
+    """Generation actors (one engine each); auto = one per tensor_parallel_size GPUs of the cluster (generation has
+    every GPU while it runs: the phases take turns), 1 on CPU."""
     num_gpus_per_actor: float | None = None
     """GPUs per actor; None means tensor_parallel_size on a GPU cluster, 0 on CPU."""
     num_cpus_per_actor: float = 1.0
     tensor_parallel_size: int = 1
     batch_size: int = 64
-    """Prompts per map_batches call: large enough for vLLM's continuous batching to fill the engine."""
+    """Prompts per engine call (one Ray Data batch). vLLM decodes up to its max_num_seqs of them together (1024 on
+    H100/H200, 256 on smaller GPUs) and refills as answers finish, but a call's last answers run on a part-empty
+    engine: on GPUs use several times max_num_seqs (the presets: 2048-4096). Answers do not depend on it."""
     max_tokens: int = 256
     """New tokens per answer (uclaml/SPIN: 256)."""
     temperature: float = 1.0
@@ -286,7 +289,8 @@ class SpinConfig:
             ("data.max_length", self.data.max_length >= 2, "must be >= 2 (tokens of prompt + answer)"),
             ("data.max_prompt_length", 0 < self.data.max_prompt_length < self.data.max_length,
              "must be > 0 and below data.max_length"),
-            ("generate.num_actors", self.generate.num_actors >= 1, "must be >= 1"),
+            ("generate.num_actors", self.generate.num_actors == "auto" or self.generate.num_actors >= 1,
+             "must be >= 1 or auto"),
             ("generate.tensor_parallel_size", self.generate.tensor_parallel_size >= 1, "must be >= 1"),
             ("generate.batch_size", self.generate.batch_size >= 1, "must be >= 1"),
             ("generate.max_tokens", self.generate.max_tokens >= 1, "must be >= 1"),

@@ -4,7 +4,6 @@ reference log-probs) → evaluate."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import tempfile
@@ -100,12 +99,12 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
 
     log.info("iteration %d: generating answers to %d prompts with %s", cfg.iteration, prompts.rows, model)
     start = time.perf_counter()
-    # Streamed from the prepared folder, at least one block per generation batch so every actor has work queued.
-    ds = prompts.dataset(blocks=math.ceil(prompts.rows / g.batch_size))
+    # Streamed from the prepared folder in blocks of one generation batch, so that every engine has work queued.
+    ds = prompts.dataset(rows_per_block=g.batch_size)
     lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     trust = dict(trust_remote_code=cfg.trust_remote_code)
     ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths, **trust)
-    stats = records.write_pairs(ds, dest, expected_ids=prompts.ids())
+    stats = records.write_pairs(ds, dest, expected_rows=prompts.rows)
     seconds = {"pairs": time.perf_counter() - start, **_busy_seconds(ds.stats())}
     log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest, seconds["pairs"])
     return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=prompts.bad)

@@ -93,8 +93,8 @@ def actor_gpus(requested: float | None, on_gpu: float) -> float:
 
 def resolve(cfg: SpinConfig, cluster: Resources | None = None, nodes: list[Resources] | None = None) -> SpinConfig:
     """`cfg` with every resource request made explicit: generate.num_gpus_per_actor and train.use_gpu from
-    `resources`, train.num_workers and train.hsdp_shard_size from their `auto` rules (`auto_workers`,
-    `auto_shard_size`). The stages read these fields only, so what they ask for is decided here. `cluster`: the
+    `resources`, generate.num_actors, train.num_workers and train.hsdp_shard_size from their `auto` rules
+    (`auto_actors`, `auto_workers`, `auto_shard_size`). The stages read these fields only, so what they ask for is decided here. `cluster`: the
     total resources (default: the connected cluster's); `nodes`: each node's, where known."""
     if cluster is None:
         cluster, nodes = cluster_capacity(), fixed_nodes() if nodes is None else nodes
@@ -104,9 +104,11 @@ def resolve(cfg: SpinConfig, cluster: Resources | None = None, nodes: list[Resou
         else t.num_workers
     per_node = max((n.get("GPU", 0.0) for n in nodes), default=0.0) if nodes and gpu else 0.0
     shard = auto_shard_size(t.strategy, workers, int(per_node)) if t.hsdp_shard_size == "auto" else t.hsdp_shard_size
+    actors = auto_actors(g.tensor_parallel_size, _gpus(cluster) if gpu else 0) if g.num_actors == "auto" \
+        else g.num_actors
     return dataclasses.replace(
         cfg,
-        generate=dataclasses.replace(g, num_gpus_per_actor=g.num_gpus_per_actor if g.num_gpus_per_actor is not None
+        generate=dataclasses.replace(g, num_actors=actors, num_gpus_per_actor=g.num_gpus_per_actor if g.num_gpus_per_actor is not None
                                      else float(g.tensor_parallel_size) if gpu else 0.0),
         train=dataclasses.replace(t, use_gpu=gpu, num_workers=workers, hsdp_shard_size=shard))
 
@@ -120,6 +122,12 @@ def _gpus(cluster: Resources) -> int:
 
         gpus = ray.cluster_resources().get("GPU", 0.0)
     return int(gpus)
+
+
+def auto_actors(tensor_parallel_size: int, gpus: int) -> int:
+    """`generate.num_actors: auto`: one engine per tensor_parallel_size GPUs, every GPU used; 1 on a CPU cluster,
+    where engines would share the same cores."""
+    return max(1, gpus // tensor_parallel_size)
 
 
 def auto_workers(global_batch: int, gpus: int) -> int:

@@ -78,12 +78,14 @@ class Prepared:
     """True when a finished folder from the same data was reused."""
     seconds: float = 0.0
 
-    def dataset(self, blocks: int | None = None) -> "ray.data.Dataset":
-        """The prompts, streamed from the folder (`blocks`: at least that many blocks, to spread work)."""
+    def dataset(self, rows_per_block: int | None = None) -> "ray.data.Dataset":
+        """The prompts, streamed from the folder; with `rows_per_block`, in blocks of at most that many rows (the
+        parquet reader merges a small folder into one block, which would feed a single generation engine)."""
         import ray.data
 
-        return ray.data.read_parquet(self.path, file_extensions=["parquet"], columns=PROMPT_SCHEMA.names,
-                                     schema=PROMPT_SCHEMA, override_num_blocks=blocks)
+        ds = ray.data.read_parquet(self.path, file_extensions=["parquet"], schema=PROMPT_SCHEMA).select_columns(
+            PROMPT_SCHEMA.names)
+        return ds if rows_per_block is None else ds.repartition(target_num_rows_per_block=rows_per_block)
 
     def table(self) -> pa.Table:
         """All rows in the driver, in prompt-id order: only for small sets (the held-out prompts)."""
@@ -92,13 +94,6 @@ class Prepared:
         fs, path = records.filesystem(self.path)
         table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
         return table.select(PROMPT_SCHEMA.names).cast(PROMPT_SCHEMA).sort_by("prompt_id")
-
-    def ids(self) -> set[str]:
-        fs, path = records.filesystem(self.path)
-        import pyarrow.dataset as pads
-
-        ds = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
-        return set(ds.to_table(columns=["prompt_id"]).column(0).to_pylist())
 
     def summary(self) -> dict[str, Any]:
         return {"prompts": self.path, "rows": self.rows, "fingerprint": self.fingerprint, "bad_rows": self.bad,
@@ -324,7 +319,7 @@ def _read_dataset(table: pa.Table, *, shape: str | None, n_parts: int, tally: An
 
     if shape is None:  # already normalised: the ids are taken as they are
         ids = table.column("prompt_id").to_pylist()
-        rows = [{"prompt_id": p, "prompt": m, "real": r, "file": 0, "at": 0, "part": _part_of(p, n_parts)}
+        rows = [{"prompt_id": p, "prompt": m, "real": r, "file": 0, "at": 0, "part": records.id_part(p, n_parts)}
                 for p, m, r in zip(ids, table.column("prompt").to_pylist(), table.column("real").to_pylist())]
         summary = {"rows": len(rows), "records": len(rows), "bad": {}, "first_bad": None}
     else:
@@ -345,11 +340,8 @@ def _read_dataset(table: pa.Table, *, shape: str | None, n_parts: int, tally: An
 
 def _row(prompt: list[dict[str, str]], real: str, file: int, at: int, n_parts: int) -> dict[str, Any]:
     pid = data.prompt_id(prompt, real)
-    return {"prompt_id": pid, "prompt": prompt, "real": real, "file": file, "at": at, "part": _part_of(pid, n_parts)}
-
-
-def _part_of(prompt_id: str, n_parts: int) -> int:
-    return int.from_bytes(prompt_id.encode()[-8:], "little") % n_parts
+    return {"prompt_id": pid, "prompt": prompt, "real": real, "file": file, "at": at,
+            "part": records.id_part(pid, n_parts)}
 
 
 def _first_of_each(table: pa.Table, *, tally: Any) -> pa.Table:

@@ -109,18 +109,53 @@ def _finish(fs: pafs.FileSystem, path: str, work: str, stats: dict[str, Any]) ->
         fs.move(work, path)
 
 
-def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_ids: set[str]) -> dict[str, Any]:
-    """Run the pipeline into `dest` and check that every expected prompt is there exactly once; the marker, holding
-    the row count, is written last (`_begin`, `_finish`)."""
+def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_rows: int) -> dict[str, Any]:
+    """Run the pipeline into `dest` and check that every prompt is there exactly once; the marker, holding the row
+    count, is written last (`_begin`, `_finish`).
+
+    The pairs' ids come from the `expected_rows` distinct prompts, so equal counts of rows, distinct ids and prompts
+    mean exactly once; Ray tasks count them (count_ids), the driver never holds the ids.
+    """
     fs, path, work = _begin(dest)
     ds.write_parquet(work if "://" not in dest else dest)
-    ids = pads.dataset(work, filesystem=fs, format="parquet").to_table(columns=["prompt_id"]).column(0).to_pylist()
-    if len(ids) != len(set(ids)) or set(ids) != expected_ids:
-        missing, extra = len(expected_ids - set(ids)), len(ids) - len(set(ids))
-        raise RuntimeError(f"pairs written to {dest} do not match the prompts: {missing} missing, {extra} duplicated")
-    stats = {"rows": len(ids)}
+    rows, distinct = count_ids(dest if work == path else work, expected_rows)
+    if rows != distinct or distinct != expected_rows:
+        raise RuntimeError(f"pairs written to {dest} do not match the prompts: {expected_rows - distinct} missing, "
+                           f"{rows - distinct} duplicated")
+    stats = {"rows": rows}
     _finish(fs, path, work, stats)
     return stats
+
+
+IDS_PER_TASK = 2_000_000
+"""Distinct ids one counting task holds (a few hundred MB of Python strings)."""
+
+
+def id_part(prompt_id: str, parts: int) -> int:
+    """A prompt id's hash partition, the same in every process (Python's own str hash is salted per process)."""
+    return int.from_bytes(prompt_id.encode()[-8:], "little") % parts
+
+
+def _count_part(uri: str, part: int, parts: int) -> tuple[int, int]:
+    fs, path = filesystem(uri)
+    rows, seen = 0, set()
+    for batch in pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=["prompt_id"]):
+        ids = batch.column(0).to_pylist()
+        ids = [i for i in ids if id_part(i, parts) == part] if parts > 1 else ids
+        rows += len(ids)
+        seen.update(ids)
+    return rows, len(seen)
+
+
+def count_ids(uri: str, expected_rows: int) -> tuple[int, int]:
+    """(rows, distinct prompt ids) of the parquet folder `uri`, counted by one Ray task per hash partition of
+    IDS_PER_TASK ids. num_cpus=0: warm generation engines may hold every CPU."""
+    import ray
+
+    parts = max(1, -(-expected_rows // IDS_PER_TASK))
+    task = ray.remote(num_cpus=0)(_count_part)
+    counts = ray.get([task.remote(uri, part, parts) for part in range(parts)])
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def write_table(dest: str, table: pa.Table, stats: dict[str, Any]) -> None:

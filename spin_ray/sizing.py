@@ -281,8 +281,13 @@ DATASET_ROWS = {"UCLA-AGI/SPIN_iter0": 49_792, "HuggingFaceH4/ultrachat_200k": 2
 DATASET_TOKENS = {"UCLA-AGI/SPIN_iter0": (150.0, 300.0), "HuggingFaceH4/ultrachat_200k": (150.0, 300.0)}
 SAMPLE_ROWS = 512
 """Rows of the configured data put through the real template and truncation to size a pair."""
-VLLM_MAX_SEQS = 256
-"""Sequences one engine decodes together (vLLM's max_num_seqs as the engines are configured, generate.py)."""
+
+
+def vllm_max_num_seqs(dev: Device) -> int:
+    """vLLM's default max_num_seqs for its offline `LLM`, which the engines keep (generate.py sets none): 1024 on
+    GPUs of 70 GiB or more other than the A100, 256 elsewhere (vLLM's engine arguments, 0.32-0.33)."""
+    return 1024 if dev.memory_gb * 1e9 >= 70 * 2**30 and "A100" not in dev.name else 256
+
 # Fixed costs per iteration, stated (not measured here): engine start and bf16 weight load per generation phase;
 # Train worker group start, weight load and broadcast, and θ_{t+1}'s export.
 ENGINE_START_S = 90.0
@@ -475,7 +480,9 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     gen_dev_mfu = MFU["gpu_prefill"] if gen_gpu else MFU["cpu"]
     per_actor = math.ceil(prompts / g.num_actors)
     gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
-    concurrency = max(1, min(per_actor, seqs, VLLM_MAX_SEQS if gen_gpu else g.batch_size))
+    # One engine call of generate.batch_size prompts at a time: vLLM decodes at most that many together.
+    max_seqs = vllm_max_num_seqs(dev) if gen_gpu else g.batch_size
+    concurrency = max(1, min(per_actor, seqs, max_seqs, g.batch_size))
     bandwidth = (dev.bandwidth_tbs if gen_gpu else CPU_BANDWIDTH_TBS) * 1e12 * (g.tensor_parallel_size if gen_gpu
                                                                                 else 1)
     step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
@@ -506,14 +513,18 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                    f"workers' start, weight broadcast and export {TRAIN_START_S:.0f} s (stated)")
     out.append(f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations "
                f"{_dur(iteration_s * cfg.loop.iterations)}")
+    if gen_gpu and g.batch_size < min(per_actor, seqs, max_seqs):
+        out.append(f"  generate.batch_size = {g.batch_size} keeps at most {g.batch_size} sequences decoding per engine "
+                   f"where vLLM would run {min(seqs, max_seqs)} ({dev.name}: max_num_seqs {max_seqs}, KV cache "
+                   f"{seqs}); a generate.batch_size of {4 * max_seqs} keeps it full")
     if on_gpu:
         out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
     out += ["", "assumptions: " + "; ".join([
         f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H200 with "
         "SmolLM2-1.7B before varlen packing and the activation checkpointing work: no newer measurement), "
         f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
-        f"vLLM: bf16 weights, {VLLM_MAX_SEQS} sequences decoded together per engine (at most what its KV cache "
-        "holds), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
+        f"vLLM: bf16 weights, {concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
+        "KV cache holds and generate.batch_size bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
         "generate.max_tokens",
         "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
         "with every sequence at data.max_length",

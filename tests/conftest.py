@@ -80,7 +80,7 @@ class RayHead:
         procs = [p for p in psutil.process_iter(["cmdline"]) if any(self.tmp in a for a in p.info["cmdline"] or [])]
         for p in procs:
             p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=3)  # then killed: a cluster that goes away need not go quietly
         for p in alive:
             p.kill()
         time.sleep(1)

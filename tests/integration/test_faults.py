@@ -342,17 +342,22 @@ out = {}
 thread = threading.Thread(target=lambda: out.update(result=make_pairs(cfg)), daemon=True)
 thread.start()
 
-def generating_on(node):
+def engine_on_a_worker():
+    # An engine actor placed on a worker node, found while it still loads (seconds of vLLM start) so the removal does
+    # not depend on catching a short window of decoding on a loaded machine.
     for a in state.actors().values():
-        if "Generator" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Address"]["NodeID"] == node.node_id:
+        node = a["Address"]["NodeID"]
+        if "Generator" in a["ActorClassName"] and a["State"] in ("PENDING_CREATION", "ALIVE") and node in on_workers:
             return a
 
+on_workers = {w.node_id: w for w in workers}
 deadline = time.time() + 300
-while time.time() < deadline and not any(generating_on(w) for w in workers):
-    time.sleep(0.1)
-victim = next(w for w in workers if generating_on(w))
-engine = generating_on(victim)["ActorID"]
-time.sleep(1.0)  # inside its first batches
+while time.time() < deadline and not (found := engine_on_a_worker()):
+    time.sleep(0.05)
+assert found, "no generation engine was placed on a worker node"
+engine, victim = found["ActorID"], on_workers[found["Address"]["NodeID"]]
+while time.time() < deadline and state.actors(engine)["State"] != "ALIVE":  # loaded: its first batch starts now
+    time.sleep(0.02)
 assert thread.is_alive(), "the stage ended before the node was removed"
 cluster.remove_node(victim)
 thread.join(timeout=600)

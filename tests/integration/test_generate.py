@@ -113,3 +113,30 @@ def test_actor_pools_release_their_resources(pairs, ray_cluster):
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_pairs_not_exactly_once_are_refused_unfinished(ray_cluster, tmp_path, monkeypatch):
+    # Ray tasks count the written ids per hash partition (here 4 partitions of at most 3 ids each): a lost or a
+    # repeated row (a retried batch written twice) fails the stage and leaves no finished folder.
+    import ray.data
+
+    rows = [{"prompt_id": f"p{i:02d}", "x": i} for i in range(10)]
+    monkeypatch.setattr(records, "IDS_PER_TASK", 3)
+    assert records.write_pairs(ray.data.from_items(rows), str(tmp_path / "ok"), expected_rows=10) == {"rows": 10}
+    for name, written, message in (("lost", rows[:9], "1 missing, 0 duplicated"),
+                                   ("twice", rows + rows[3:5], "0 missing, 2 duplicated"),
+                                   ("swapped", rows[:9] + rows[:1], "1 missing, 1 duplicated")):
+        with pytest.raises(RuntimeError, match=message):
+            records.write_pairs(ray.data.from_items(written), str(tmp_path / name), expected_rows=10)
+        assert not records.is_complete(str(tmp_path / name)) and not (tmp_path / name).exists()
+
+
+def test_prompts_reach_the_engines_in_blocks_of_one_batch(ray_cluster, tmp_path):
+    # Read as it is, the prepared folder is one block here, which Ray Data would hand to a single engine of the pool.
+    from spin_ray.loop import as_prompts
+
+    prompts = as_prompts(None, config(tmp_path, "data.max_rows=20"))
+    assert prompts.dataset().materialize().num_blocks() == 1
+    blocks = prompts.dataset(rows_per_block=8).materialize()
+    assert blocks.num_blocks() == 3 and sorted(r["prompt_id"] for r in blocks.take_all()) == \
+        prompts.table().column("prompt_id").to_pylist()

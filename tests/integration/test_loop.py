@@ -171,11 +171,13 @@ def wait_for(predicate, timeout=300):
 
 
 def test_resume_after_kills_inside_and_between_stages(tiny_model, ray_cluster, tmp_path):
-    sets = [f"model={tiny_model}", f"storage={tmp_path}", *TINY, "train.epochs=30", "train.checkpoint_every=10"]
+    # loop.window=1: iteration 1 trains on its own pairs only (the window's reference is test_faults.py's).
+    sets = [f"model={tiny_model}", f"storage={tmp_path}", *TINY, "train.epochs=20", "train.checkpoint_every=10",
+            "loop.window=1"]
     cmd = spin_ray_cli("run", *sum((["--set", s] for s in sets), []))
     metrics0 = tmp_path / "iter_0" / "train_metrics.jsonl"
 
-    # Kill 1: inside iteration 0's training (60 steps), after a checkpoint.
+    # Kill 1: inside iteration 0's training (40 steps), after a checkpoint.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     assert wait_for(lambda: metrics0.exists() and len(metrics0.read_text().splitlines()) >= 25)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -193,13 +195,13 @@ def test_resume_after_kills_inside_and_between_stages(tiny_model, ray_cluster, t
     assert done.returncode == 0, done.stderr[-3000:]
     saved = (len(before) - 1) // 10 * 10
     steps = [json.loads(line)["step"] for line in metrics0.read_text().splitlines()]
-    assert steps == list(range(1, 61)) and metrics0.read_text().splitlines()[:saved] == before[:saved]
+    assert steps == list(range(1, 41)) and metrics0.read_text().splitlines()[:saved] == before[:saved]
     assert {f: os.path.getmtime(tmp_path / "iter_0" / "pairs" / f) for f in pairs0} == pairs0
     for t in (0, 1):
         ids = pq.read_table(tmp_path / f"iter_{t}" / "pairs").column("prompt_id").to_pylist()
         assert len(ids) == len(set(ids)) == 16
     assert [json.loads(line)["step"] for line in (tmp_path / "iter_1" / "train_metrics.jsonl").read_text()
-            .splitlines()] == list(range(1, 121))
+            .splitlines()] == list(range(1, 41))
     assert "iter  pairs" in done.stdout and os.path.join(str(tmp_path), "iter_1", "model") in done.stdout
     # The terminal gets progress, the table and the report; Ray's, vLLM's and the workers' logs go to the file.
     assert "full log in" in done.stdout and "train step" in done.stdout and "report:" in done.stdout

@@ -34,6 +34,18 @@ def test_resources_decide_the_gpu_requests():
         cfg("resources=cpu", "train.use_gpu=true")
 
 
+def test_auto_engines_take_every_gpu_in_tensor_parallel_groups():
+    # 8 GPUs / tp 2 = 4 engines of 2 GPUs; 8 / tp 3 = 2 engines (6 GPUs, the rest cannot hold one); CPU: 1 engine.
+    gpu_cluster = {"CPU": 32.0, "GPU": 8.0}
+    for tp, engines in ((1, 8), (2, 4), (3, 2)):
+        g = resolve(cfg("generate.num_actors=auto", f"generate.tensor_parallel_size={tp}"), gpu_cluster).generate
+        assert (g.num_actors, g.num_gpus_per_actor) == (engines, float(tp))
+    assert resolve(cfg("generate.num_actors=auto"), CPU4).generate.num_actors == 1
+    assert resolve(cfg("generate.num_actors=3"), gpu_cluster).generate.num_actors == 3  # an int is kept
+    with pytest.raises(ConfigError, match="generate.num_actors = 0: must be >= 1 or auto"):
+        cfg("generate.num_actors=0")
+
+
 def test_preflight_refuses_max_tokens_that_leave_no_prompt():
     with pytest.raises(ConfigError, match=r"generate.max_tokens = 64 .*data.max_length = 64"):
         preflight(cfg("generate.max_tokens=64"), CPU4)

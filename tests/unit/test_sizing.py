@@ -132,7 +132,28 @@ def test_paper_recipe_fits_one_eight_gpu_node_as_shipped(cluster):
     text = "\n".join(plan.lines)
     assert "pairs   generate " in text and "train   train " in text and "score" not in text
     assert "train.num_workers auto = 8: every GPU, 8 pair(s) each" in text and "HSDP" not in text
-    assert "  goal      1.5 h per iteration" in text and "vLLM: bf16 weights, 256 sequences" in text
+    assert "  goal      1.5 h per iteration" in text
+    # vLLM's max_num_seqs: 1024 on H100, bound here by the KV cache (977); 256 on A100s. The preset's calls of 4096
+    # prompts do not bind it, so the plan has no batch-size advice.
+    assert f"vLLM: bf16 weights, {977 if cluster == '1x8xH100' else 256} sequences" in text
+    assert "keeps at most" not in text
+
+
+def test_a_small_engine_call_binds_generation():
+    """generate.batch_size caps the sequences an engine decodes at once (one call at a time): 256 of the 977 the H100's
+    KV cache holds; the plan says so and what keeps it full, and its decode term counts 256 sequences per step."""
+    c = SpinConfig.load(PAPER)
+    small = dataclasses.replace(c, generate=dataclasses.replace(c.generate, batch_size=256))
+    arch, cluster = load_arch(c.model), parse_cluster("1x8xH100")
+    shipped, capped = make_plan(c, cluster, arch), make_plan(small, cluster, arch)
+    text = "\n".join(capped.lines)
+    assert ("generate.batch_size = 256 keeps at most 256 sequences decoding per engine where vLLM would run 977" in text
+            and "a generate.batch_size of 4096" in text)
+
+    def generate_line(plan):
+        return next(line for line in plan.lines if line.startswith("  generate ") and "new tokens" in line)
+    assert generate_line(capped).endswith("at 256 sequences/step)")
+    assert generate_line(shipped).endswith("at 977 sequences/step)")
 
 
 def test_paper_iteration_time_by_hand():
@@ -160,7 +181,7 @@ def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
     one = make_plan(c, parse_cluster("1x8xH100"), load_arch(c.model))
     four = make_plan(c, parse_cluster("4x8xH100"), load_arch(c.model))
     assert four.fits, four.problems
-    assert four.gpus_by_phase == {"pairs": 8.0, "train": 32.0}
+    assert four.gpus_by_phase == {"pairs": 32.0, "train": 32.0}  # an engine per GPU, then a Train worker per GPU
     text = "\n".join(four.lines)
     assert "32 x Train workers" in text and "HSDP: shards of 8" in text
     # 64 pairs per step on 32 GPUs: the plan says so with the figures, and what it kept
@@ -168,7 +189,7 @@ def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
     assert "micro-batch 2 pairs x 1024 tokens" in text  # the memory bound follows the worker's share
     params = next(line for line in four.lines if line.startswith("  parameters (fp32)"))
     assert params.split()[-2] == f"{4 * 7_241_732_096 / 8 / 1e9:.1f}"  # HSDP: sharded over a node's 8, not all 32
-    assert four.seconds_per_iteration < one.seconds_per_iteration / 3  # 4x the trainer GPUs; generation unchanged
+    assert four.seconds_per_iteration < one.seconds_per_iteration / 3  # 4x the GPUs for every phase
     assert "goal      1.5 h per iteration (--goal-hours): met" in text
 
 
