@@ -187,14 +187,15 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: Literal["none", "mlflow", "tensorboard"] = "none"
+    backend: Literal["none", "mlflow", "wandb", "tensorboard"] = "none"
     """Mirror the run's records into an experiment tracker (spin_ray/tracking.py): per-step training metrics,
     held-out evaluation per model, seconds per stage, the config as params; one tracker run per `storage`."""
     uri: str | None = None
-    """mlflow: the tracking URI (default: sqlite:///<storage>/mlflow.db, a local storage only); tensorboard: the
-    event folder (default <storage>/tensorboard/<run_name>)."""
+    """mlflow: the tracking URI (default: sqlite:///<storage>/mlflow.db, a local storage only); wandb: the local
+    folder of its run files (default <storage>, or W&B's own default for a remote storage; online or offline by
+    W&B's WANDB_MODE); tensorboard: the event folder (default <storage>/tensorboard/<run_name>)."""
     project: str = "spin_ray"
-    """mlflow: the experiment's name."""
+    """mlflow: the experiment's name; wandb: the project's."""
     run_name: str | None = None
     """The tracker run's name; None: the storage folder's name."""
 

@@ -1,4 +1,4 @@
-"""Experiment tracking (`tracking.backend`: mlflow, tensorboard): a run's records mirrored into a tracker.
+"""Experiment tracking (`tracking.backend`: mlflow, wandb, tensorboard): a run's records mirrored into a tracker.
 
 Like the report, it reads only what the stages wrote (manifest.json, iter_<t>/train_metrics.jsonl, base/eval.json,
 iter_<t>/eval.json), so the tracker shows exactly what is on storage, whichever process trained. `sync` logs what is
@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ from spin_ray.config import ConfigError, SpinConfig, TrackingConfig
 from spin_ray.evaluate import read_eval
 
 STATE = "tracking.json"
-PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny sqlalchemy alembic"), "tensorboard": ("tensorboardX", "pip install tensorboardX")}
+PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny sqlalchemy alembic"), "wandb": ("wandb", "pip install wandb"),
+            "tensorboard": ("tensorboardX", "pip install tensorboardX")}
+AXES = {"train": "train/step", "eval": "eval/theta", "seconds": "seconds/iteration"}
+"""W&B: each metric family's x-axis, logged as a metric of its own (a W&B run has one monotonic step)."""
 EVAL_KEYS = ("task_score", "nll_per_token", "reward_accuracy", "reward_margin", "answer_tokens", "truncated_share")
 
 
@@ -34,6 +38,25 @@ def check_backend(tc: TrackingConfig) -> None:
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"tracking.backend = {tc.backend} needs the {module} package, which is not installed here: "
                           f"{install} (in the environment of the command), or set tracking.backend=none")
+    if tc.backend == "wandb" and not _wandb_can_log():
+        raise ConfigError("tracking.backend = wandb needs a W&B login for this command: set WANDB_API_KEY (or run "
+                          "`wandb login`), or WANDB_MODE=offline to keep the run's files locally for `wandb sync` "
+                          "later, or set tracking.backend=none")
+
+
+def _wandb_can_log() -> bool:
+    """Offline, or a key for W&B's host in the environment or ~/.netrc (where `wandb login` writes it)."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -75,6 +98,17 @@ class Tracker:
                 self.state["run_id"] = self.client.create_run(experiment_id, run_name=name).info.run_id
             else:
                 self.client.update_run(self.state["run_id"], status="RUNNING")
+        elif self.tc.backend == "wandb":
+            import wandb
+
+            # Our own id, kept in tracking.json: a rerun resumes the same W&B run.
+            run_id = self.state.setdefault("run_id", uuid.uuid4().hex[:12])
+            local = "://" not in self.root
+            self.run = wandb.init(project=self.tc.project, name=name, id=run_id, resume="allow",
+                                  dir=self.tc.uri or (self.root if local else None))
+            for family, axis in AXES.items():
+                self.run.define_metric(axis)
+                self.run.define_metric(f"{family}/*", step_metric=axis)
         else:
             from tensorboardX import SummaryWriter
 
@@ -119,6 +153,8 @@ class Tracker:
     def close(self, ok: bool = True) -> None:
         if self.tc.backend == "mlflow":
             self.client.set_terminated(self.state["run_id"], status="FINISHED" if ok else "FAILED")
+        elif self.tc.backend == "wandb":
+            self.run.finish(exit_code=0 if ok else 1)
         else:
             self.writer.close()
 
@@ -130,6 +166,9 @@ class Tracker:
 
             now = int(time.time() * 1000)
             self.client.log_batch(self.state["run_id"], metrics=[Metric(k, v, now, step) for k, v in numbers.items()])
+        elif self.tc.backend == "wandb" and numbers:
+            families = {k.split("/", 1)[0] for k in numbers}
+            self.run.log({**numbers, **{AXES[f]: step for f in families}})
         else:
             for k, v in numbers.items():
                 self.writer.add_scalar(k, v, step)
@@ -142,6 +181,8 @@ class Tracker:
             items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.state["run_id"], params=items[i:i + 100])
+        elif self.tc.backend == "wandb":
+            self.run.config.update(params, allow_val_change=True)
         else:
             self.writer.add_text("config", "\n".join(f"    {k}: {json.dumps(v)}" for k, v in params.items()), 0)
 

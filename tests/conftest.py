@@ -110,3 +110,26 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
                 if v.HasField("simple_value"):
                     out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
+
+
+def wandb_records(folder: Path) -> list[tuple[str, object]]:
+    """(file, Record) of every W&B run file (`run-<id>.wandb`) under `folder`, in file order: W&B's log framing
+    (a 7-byte `:W&B` header, then 32 KiB blocks of records, each with a 7-byte header: CRC, length, type
+    full/first/middle/last) around its Record protos."""
+    from wandb.proto import wandb_internal_pb2
+
+    out = []
+    for path in sorted(folder.rglob("run-*.wandb")):
+        data, at, chunk = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        while at + 7 <= len(data):
+            if 32768 - at % 32768 < 7:  # a block's tail too short for a header is padding
+                at += 32768 - at % 32768
+                continue
+            length, kind = struct.unpack("<HB", data[at + 4:at + 7])
+            chunk += data[at + 7:at + 7 + length]
+            at += 7 + length
+            if kind in (1, 4):  # full, or the last piece of a split record
+                out.append((path.name, wandb_internal_pb2.Record.FromString(chunk)))
+                chunk = b""
+    return out

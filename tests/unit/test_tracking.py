@@ -12,7 +12,7 @@ import pytest
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.tracking import Tracker, check_backend
 
-from conftest import tensorboard_scalars
+from conftest import tensorboard_scalars, wandb_records
 
 
 def write_iteration(storage: Path, t: int, steps: int) -> None:
@@ -86,6 +86,56 @@ def test_tensorboard_events_hold_each_step_once_across_reruns(tmp_path):
     assert series("train/loss") == ([1, 2, 3], [0.6, 0.5, -0.4])
     assert series("train/rewards/accuracies") == ([1, 2, 3], [0.5, 0.5, 0.5])
     assert series("eval/task_score") == ([1, 2], [0.3, 0.4])
+
+
+def test_wandb_offline_run_continues_across_reruns_and_logs_nothing_twice(tmp_path, monkeypatch):
+    # W&B offline (no account here): the run files are read back; `wandb sync` would upload them as one run.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    storage = tmp_path / "run"
+    base_eval(storage)
+    write_iteration(storage, 0, steps=3)
+    tracker = Tracker(cfg(storage, "wandb", "train.beta=0.3"))
+    tracker.sync()
+    tracker.close()
+    write_iteration(storage, 1, steps=2)
+    again = Tracker(cfg(storage, "wandb", "train.beta=0.3"))
+    again.sync()
+    again.sync()
+    again.close()
+
+    run_id = json.loads((storage / "tracking.json").read_text())["run_id"]
+    records = wandb_records(storage / "wandb")
+    assert {f for f, _ in records} == {f"run-{run_id}.wandb"}  # both sessions: one W&B run, resumed
+    runs = [r.run for _, r in records if r.WhichOneof("record_type") == "run"]
+    assert {(r.run_id, r.project, r.display_name) for r in runs} == {(run_id, "spin_ray", "run")}
+    def key(item):  # W&B writes a key either whole or as its path
+        return item.key or "/".join(item.nested_key)
+
+    config = {key(i): json.loads(i.value_json) for _, r in records if r.WhichOneof("record_type") == "config"
+              for i in r.config.update}
+    assert config["train.beta"] == 0.3 and config["tracking.backend"] == "wandb"
+    rows = [{key(i): json.loads(i.value_json) for i in r.history.item} for _, r in records
+            if r.WhichOneof("record_type") == "history"]
+
+    def series(metric, axis):
+        return [(row[axis], pytest.approx(row[metric])) for row in rows if metric in row]
+
+    assert series("train/loss", "train/step") == [(1, 0.6), (2, 0.5), (3, 0.4), (4, -0.4), (5, -0.5)]
+    assert series("eval/task_score", "eval/theta") == [(0, 0.25), (1, 0.3), (2, 0.4)]
+    assert series("eval/reward_accuracy", "eval/theta") == [(1, 0.6), (2, 0.6)]  # θ_0 has none
+    assert series("seconds/pairs", "seconds/iteration") == [(0, 10.0), (1, 11.0)]
+
+
+def test_wandb_without_a_login_is_refused_before_any_work(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="tracking.backend = wandb needs a W&B login.*WANDB_MODE=offline"):
+        check_backend(cfg(tmp_path, "wandb").tracking)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    check_backend(cfg(tmp_path, "wandb").tracking)
 
 
 def test_a_missing_package_or_a_switched_backend_is_refused(tmp_path, monkeypatch):
