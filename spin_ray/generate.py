@@ -17,12 +17,12 @@ import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
-from spin_ray.schemas import IDS
+from spin_ray.schemas import IDS, TOKENS
 from spin_ray.template import answer_ids, prompt_ids, truncate_prompt
 
 log = logging.getLogger(__name__)
 
-ADDS = ("generated", "finish_reason", "generated_tokens", "iteration", *IDS)
+ADDS = ("generated", "finish_reason", "generated_tokens", "iteration", *IDS, TOKENS)
 
 
 def sample_seed(seed: int, prompt_id: str, iteration: int) -> int:
@@ -200,7 +200,8 @@ class Generator:
                  .append_column("iteration", pa.array([self.iteration] * len(answers), pa.int32())))
         for key in IDS:
             batch = batch.append_column(key, pa.array([e[key] for e in encoded], pa.list_(pa.int32())))
-        return batch
+        tokens = [2 * len(e["prompt_ids"]) + len(e["real_ids"]) + len(e["generated_ids"]) for e in encoded]
+        return batch.append_column(TOKENS, pa.array(tokens, pa.int32()))
 
 
 class EnginePool:

@@ -174,19 +174,32 @@ def read_table(uri: str) -> pa.Table:
     return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
 
 
+def pairs_files(uri: str, columns: list[str] | None = None) -> list[str]:
+    """A complete pairs folder's parquet files (URIs, by name); an unfinished folder or a missing column is an error
+    naming it."""
+    import pyarrow.parquet as pq
+
+    if not is_complete(uri):
+        raise ConfigError(f"no finished pairs at {uri}: `spin-ray generate --set iteration=<t>` writes "
+                          "iter_<t>/pairs; run it for that iteration, with the same storage, first")
+    fs, path = filesystem(uri)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.endswith(".parquet"))
+    files = [join(uri, name) for name in names]
+    for name in names:
+        stored = pq.read_schema(join(path, name), filesystem=fs).names
+        missing = [c for c in (columns or PAIRS_COLUMNS) if c not in stored]
+        if missing:
+            raise ConfigError(f"pairs at {uri} lack column(s) {missing}; regenerate them with `spin-ray generate`")
+    return files
+
+
 def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
     """Complete pairs folders as one table, each in prompt-id order; a missing column or an unfinished folder is an
     error naming it."""
     tables = []
     for uri in uris:
-        if not is_complete(uri):
-            raise ConfigError(f"no finished pairs at {uri}: `spin-ray generate --set iteration=<t>` writes "
-                              "iter_<t>/pairs; run it for that iteration, with the same storage, first")
-        table = read_table(uri)
-        missing = [c for c in (columns or PAIRS_COLUMNS) if c not in table.column_names]
-        if missing:
-            raise ConfigError(f"pairs at {uri} lack column(s) {missing}; regenerate them with `spin-ray generate`")
+        pairs_files(uri, columns)
         # In prompt-id order, not in the order the pipeline happened to write the rows: training's seeded batches
-        # and the window's scoring batches are then the same in every run (a resumed run trains the same model).
-        tables.append(table.sort_by("prompt_id").select(columns or list(PAIRS_COLUMNS)))
+        # are then the same in every run (a resumed run trains the same model).
+        tables.append(read_table(uri).sort_by("prompt_id").select(columns or list(PAIRS_COLUMNS)))
     return pa.concat_tables(tables)

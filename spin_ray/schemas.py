@@ -14,6 +14,9 @@ IDS = ("prompt_ids", "real_ids", "generated_ids")
 PAIRS_COLUMNS = ("prompt_id", "prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids", "iteration",
                  "finish_reason", "generated_tokens")
 """One SPIN pair per prompt, as `iter_<t>/pairs/` holds it."""
+TOKENS = "pair_tokens"
+"""A pair's tokens in a training micro-batch, the prompt twice and both answers (train.packed_lengths): written with
+the pairs so that the trainer's driver plans batches from this column alone, never reading the token ids."""
 LOGPS = ("ref_logp_real", "ref_logp_generated")
 """θ_t's summed log-probs of the real and the generated answer: the reference of iteration t."""
 REFERENCE_COLUMNS = ("iteration", "prompt_id", *LOGPS)

@@ -28,7 +28,7 @@ from spin_ray import records
 from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.plan import preflight
-from spin_ray.schemas import IDS, LOGPS
+from spin_ray.schemas import IDS, LOGPS, TOKENS
 from spin_ray.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -160,21 +160,78 @@ class PairArrays:
         return [{**self.pair(row), LOGPS[0]: float(ref[row, 0]), LOGPS[1]: float(ref[row, 1])} for row in rows]
 
 
-def _take_rows(table: pa.Table, rows: list[int]) -> pa.Table:
-    return table.take(rows)
+@dataclass
+class PairsIndex:
+    """The training table without its token ids: the window's pairs folder by folder, each in prompt-id order, every
+    row located in its parquet file. The driver builds it from the small columns (index_pairs); each worker reads
+    only its own rows' ids from storage (load_share)."""
+
+    files: list[str]
+    file: np.ndarray
+    """Per row: its file in `files`."""
+    at: np.ndarray
+    """Per row: its row number in that file."""
+    lengths: np.ndarray
+    """Per row: the pair's tokens in a micro-batch (packed_lengths)."""
 
 
-def _load_share(table_ref: Any, rows: list[int]) -> PairArrays:
-    """This worker's rows of the pairs table in the object store, cut out by a task placed where the table is (Ray
-    prefers the node holding a task's large arguments), so only those rows travel to the worker. num_cpus=0: the
-    Train workers may hold every CPU."""
-    import ray
+def index_pairs(uris: list[str]) -> tuple[PairsIndex, pa.Table]:
+    """The window's pairs folders as one PairsIndex, and their KEYS in the same order. Lengths come from the pairs'
+    `pair_tokens` column; pairs written before it existed are measured here, one record batch at a time."""
+    import pyarrow.parquet as pq
 
-    rows = sorted(rows)
-    return PairArrays(ray.get(ray.remote(num_cpus=0)(_take_rows).remote(table_ref, rows)), rows)
+    files: list[str] = []
+    folders = []
+    for uri in uris:
+        parts = []
+        for file in records.pairs_files(uri, [*KEYS, *IDS]):
+            fs, path = records.filesystem(file)
+            with fs.open_input_file(path) as handle:
+                pf = pq.ParquetFile(handle)
+                stored = TOKENS in pf.schema_arrow.names
+                at = 0
+                for batch in pf.iter_batches(columns=[*KEYS, TOKENS] if stored else [*KEYS, *IDS], batch_size=65536):
+                    t = pa.Table.from_batches([batch])
+                    tokens = t.column(TOKENS).to_numpy() if stored else packed_lengths(t)
+                    parts.append(t.select(KEYS).append_column(TOKENS, pa.array(tokens, pa.int64()))
+                                 .append_column("file", pa.array(np.full(t.num_rows, len(files)), pa.int32()))
+                                 .append_column("at", pa.array(np.arange(at, at + t.num_rows))))
+                    at += t.num_rows
+            files.append(file)
+        if parts:
+            folders.append(pa.concat_tables(parts).sort_by("prompt_id"))
+    if not folders:  # no pairs at all: train() refuses, with the count
+        folders = [pa.table({"iteration": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.string()),
+                             TOKENS: pa.array([], pa.int64()), "file": pa.array([], pa.int32()),
+                             "at": pa.array([], pa.int64())})]
+    table = pa.concat_tables(folders)
+    index = PairsIndex(files, table.column("file").to_numpy(), table.column("at").to_numpy(),
+                       table.column(TOKENS).to_numpy())
+    return index, table.select(KEYS)
 
 
-def reference_pass(trainer: Trainer, table_ref: Any, lengths: Sequence[int], budget: dict[str, Any], rank: int,
+def load_share(index: PairsIndex, rows: Sequence[int]) -> PairArrays:
+    """The token ids of `rows` (whole-table row numbers), read from their parquet files by the worker that trains on
+    them: only the row groups holding them, so a worker holds its own rows and one row group at a time."""
+    import pyarrow.parquet as pq
+
+    rows = np.asarray(sorted(rows), dtype=np.int64)
+    parts, held = [], []
+    for f in np.unique(index.file[rows]):
+        mine = rows[index.file[rows] == f]
+        fs, path = records.filesystem(index.files[f])
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle)
+            starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+            group = np.searchsorted(starts, index.at[mine], side="right") - 1
+            for g in np.unique(group):
+                parts.append(pf.read_row_group(int(g), columns=list(IDS)).take(index.at[mine[group == g]] - starts[g]))
+                held.append(mine[group == g])
+    order = np.argsort(np.concatenate(held), kind="stable")
+    return PairArrays(pa.concat_tables(parts).take(order), rows)
+
+
+def reference_pass(trainer: Trainer, index: PairsIndex, lengths: Sequence[int], budget: dict[str, Any], rank: int,
                    world: int) -> np.ndarray:
     """θ_t's log-probs (real, generated) of every row, one row per pair: each worker takes a length-balanced share
     (worker_shares) in the training step's micro-batches, then every worker gets every result."""
@@ -184,7 +241,7 @@ def reference_pass(trainer: Trainer, table_ref: Any, lengths: Sequence[int], bud
     size = max(map(len, shares))
     padded = [share + shares[0][:size - len(share)] for share in shares]
     plan = even_micro_batches(padded, lengths, **budget)[rank]
-    pairs = _load_share(table_ref, sorted(set(padded[rank])))
+    pairs = load_share(index, sorted(set(padded[rank])))
     mine = set(shares[rank])
     rows, values = [], []
     for idx in plan:
@@ -258,6 +315,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     total = len(steps) * tc.epochs
     trainer = Trainer(source, tc, total_steps=total, rank=rank, world=world, device=device, **trust)
     lengths = c["lengths"]
+    index = ray.get(c["pairs"])
     # The trainer's micro-batches are flattened whole sequences (template.pack_varlen): a budget counts real tokens.
     budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens,
                   padded=False)
@@ -270,7 +328,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     trainer.setup(load_weights=checkpoint is None or ref is None)
     if ref is None:
         t0 = time.perf_counter()
-        ref = reference_pass(trainer, c["pairs"], lengths, budget, rank, world)
+        ref = reference_pass(trainer, index, lengths, budget, rank, world)
         if rank == 0:
             keys = ray.get(c["keys"])
             table = keys.append_column(LOGPS[0], pa.array(ref[:, 0])).append_column(LOGPS[1], pa.array(ref[:, 1]))
@@ -293,7 +351,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             # Every worker derives the epoch's seeded plan from the row lengths alone, then fetches only the rows of
             # its own shares: N workers see the same global batches as one, and a resumed epoch the same batches.
             order, plan = epoch_plan(lengths, steps, cfg.seed, epoch, world)
-            pairs = _load_share(c["pairs"], sorted({i for shares in plan for i in shares[rank]}))
+            pairs = load_share(index, sorted({i for shares in plan for i in shares[rank]}))
         begin = sum(steps[:k])
         micro = even_micro_batches(plan[k], lengths, **budget)[rank]
         metrics = trainer.train_step([pairs.micro_batch(idx, ref) for idx in micro])
@@ -377,20 +435,21 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         return TrainResult(out, records.read_json(records.join(out, records.MARKER)), skipped=True)
     model = resolve_model(model or cfg.model)
     check_model(model, cfg.trust_remote_code)
-    table = records.read_pairs_table(pairs or pairs_uris(cfg), columns=[*KEYS, *IDS])
+    index, keys = index_pairs(pairs or pairs_uris(cfg))
+    n_rows = len(index.lengths)
     tc = cfg.train
-    if not plan_steps(table.num_rows, tc.global_batch_size, tc.num_workers):
-        raise ConfigError(f"{table.num_rows} pairs give no optimizer step with train.num_workers = {tc.num_workers}")
+    if not plan_steps(n_rows, tc.global_batch_size, tc.num_workers):
+        raise ConfigError(f"{n_rows} pairs give no optimizer step with train.num_workers = {tc.num_workers}")
     metrics_uri = records.join(here, "train_metrics.jsonl")
     log.info("iteration %d: training θ_%d on %d pairs with %d worker(s)", cfg.iteration, cfg.iteration + 1,
-             table.num_rows, tc.num_workers)
+             n_rows, tc.num_workers)
 
     t0 = time.perf_counter()
-    # The workers get the row lengths (to plan the batches) and the table in the object store, from which each
-    # fetches only the rows it trains on (_load_share).
-    config = {"cfg": cfg, "model": model, "n_rows": table.num_rows, "metrics_uri": metrics_uri, "out": out,
-              "lengths": packed_lengths(table).tolist(), "pairs": ray.put(table.select(IDS)),
-              "keys": ray.put(table.select(KEYS)), "reference": records.join(here, REFERENCE)}
+    # The workers get the row lengths (to plan the batches) and where each row is stored: each reads only the rows it
+    # trains on (load_share). The token ids never pass through this process.
+    config = {"cfg": cfg, "model": model, "n_rows": n_rows, "metrics_uri": metrics_uri, "out": out,
+              "lengths": index.lengths.tolist(), "pairs": ray.put(index), "keys": ray.put(keys),
+              "reference": records.join(here, REFERENCE)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -408,7 +467,7 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     final = records.read_json(records.join(out, records.MARKER))
     if final["pairs_not_used_epochs_times"]:
         log.warning("iteration %d: %d of %d pairs were not used train.epochs = %d times", cfg.iteration,
-                    final["pairs_not_used_epochs_times"], table.num_rows, tc.epochs)
+                    final["pairs_not_used_epochs_times"], n_rows, tc.epochs)
     _drop_resumable_state(here)
     reference = records.read_json(records.join(config["reference"], records.MARKER))
     log.info("iteration %d: θ_%d saved to %s (%.1f s, of which %.1f s for θ_%d's reference log-probs of %d pairs)",

@@ -329,8 +329,9 @@ from spin_ray.data import load_sft
 from spin_ray.loop import make_pairs
 
 model, storage = sys.argv[1:3]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+# The head runs no engine (0 CPUs): every engine is on a worker node, so the first one loaded decides the victim.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+workers = {n.node_id: n for n in (cluster.add_node(num_cpus=2) for _ in range(2))}
 ray.init(address=cluster.address, log_to_driver=False)
 cluster.wait_for_nodes()
 cfg = SpinConfig.load(None, [f"model={model}", f"storage={storage}", "storage_shared=true", "data.max_rows=48",
@@ -342,22 +343,17 @@ out = {}
 thread = threading.Thread(target=lambda: out.update(result=make_pairs(cfg)), daemon=True)
 thread.start()
 
-def engine_on_a_worker():
-    # An engine actor placed on a worker node, found while it still loads (seconds of vLLM start) so the removal does
-    # not depend on catching a short window of decoding on a loaded machine.
-    for a in state.actors().values():
-        node = a["Address"]["NodeID"]
-        if "Generator" in a["ActorClassName"] and a["State"] in ("PENDING_CREATION", "ALIVE") and node in on_workers:
-            return a
+def loaded_engine():
+    # The first engine up: it takes the first of the 6 queued batches at once, so the stage cannot end before it
+    # has been seen here (whatever the machine's load), and it is busy when its node goes.
+    return next((a for a in state.actors().values() if "Generator" in a["ActorClassName"] and a["State"] == "ALIVE"),
+                None)
 
-on_workers = {w.node_id: w for w in workers}
 deadline = time.time() + 300
-while time.time() < deadline and not (found := engine_on_a_worker()):
-    time.sleep(0.05)
-assert found, "no generation engine was placed on a worker node"
-engine, victim = found["ActorID"], on_workers[found["Address"]["NodeID"]]
-while time.time() < deadline and state.actors(engine)["State"] != "ALIVE":  # loaded: its first batch starts now
+while time.time() < deadline and not (found := loaded_engine()):
     time.sleep(0.02)
+assert found, ("no generation engine came up", state.actors())
+engine, victim = found["ActorID"], workers[found["Address"]["NodeID"]]
 assert thread.is_alive(), "the stage ended before the node was removed"
 cluster.remove_node(victim)
 thread.join(timeout=600)

@@ -335,23 +335,41 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
     assert not witness.exists()
 
 
-def test_workers_fetch_only_their_rows(pairs, ray_cluster):
-    import ray
+def test_workers_read_only_their_rows_from_storage(pairs, tmp_path):
+    from spin_ray.train import epoch_plan, index_pairs, load_share, packed_lengths, plan_steps
 
-    from spin_ray.train import _load_share, epoch_plan, packed_lengths, plan_steps
-
-    table = pq.read_table(pairs, columns=list(schemas.IDS))
-    lengths = packed_lengths(table).tolist()
+    columns = ["iteration", "prompt_id", *schemas.IDS]
+    table = records.read_pairs_table([pairs], columns=columns)  # the training table, in prompt-id order
+    # The driver's index: keys in the table's order, lengths from the stored pair_tokens (no token ids read).
+    index, keys = index_pairs([pairs])
+    assert keys.column("prompt_id").to_pylist() == table.column("prompt_id").to_pylist()
+    assert index.lengths.tolist() == packed_lengths(table).tolist()
+    lengths = index.lengths.tolist()
     steps = plan_steps(table.num_rows, 8, 2)
     order, plan = epoch_plan(lengths, steps, 42, 0, 2)
     mine = [sorted(i for shares in plan for i in shares[rank]) for rank in range(2)]
     # Each step's global batch is split between the two workers; together they hold each row once.
     assert [sorted(a + b) for a, b in plan] == [sorted(order[8 * k:8 * k + 8]) for k in range(len(steps))]
     assert sorted(mine[0] + mine[1]) == list(range(table.num_rows)) and len(mine[0]) == table.num_rows // 2
-    share = _load_share(ray.put(table), mine[1])
+    share = load_share(index, mine[1])
     assert len(share) == len(mine[1]) and len(share.ids["real_ids"][0]) < len(table.column("real_ids").combine_chunks().values)
-    row = mine[1][3]
-    assert share.pair(row)["real_ids"] == table.column("real_ids")[row].as_py()
+    for row in mine[1]:
+        assert share.pair(row) == {k: table.column(k)[row].as_py() for k in schemas.IDS}
+
+    # Pairs written before the pair_tokens column, in two files of several row groups each, not in prompt-id order:
+    # the same rows, lengths and shares.
+    old = tmp_path / "old_pairs"
+    old.mkdir()
+    shuffled = table.take(list(reversed(range(table.num_rows))))
+    half = table.num_rows // 2
+    pq.write_table(shuffled.slice(0, half), old / "a.parquet", row_group_size=5)
+    pq.write_table(shuffled.slice(half), old / "b.parquet", row_group_size=3)
+    (old / records.MARKER).write_text("{}")
+    index2, keys2 = index_pairs([str(old)])
+    assert keys2 == keys and index2.lengths.tolist() == lengths and len(index2.files) == 2
+    share2 = load_share(index2, mine[0])
+    for row in mine[0]:
+        assert share2.pair(row) == {k: table.column(k)[row].as_py() for k in schemas.IDS}
 
 
 def test_model_is_exported_in_its_own_dtype(tiny_model, pairs, tmp_path):
