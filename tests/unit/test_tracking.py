@@ -39,20 +39,26 @@ def cfg(storage: Path, backend: str, *extra: str) -> SpinConfig:
     return SpinConfig.load(None, [f"storage={storage}", f"tracking.backend={backend}", *extra])
 
 
+def two_sessions(storage: Path, backend: str, *extra: str) -> None:
+    """A run tracked by one command (θ_0's evaluation, iteration 0), then by its rerun after iteration 1 was added
+    (synced twice: the second sync must log nothing)."""
+    base_eval(storage)
+    write_iteration(storage, 0, steps=3)
+    tracker = Tracker(cfg(storage, backend, *extra))
+    tracker.sync()
+    tracker.close()
+    write_iteration(storage, 1, steps=2)  # the rerun resumes: iteration 1 is new
+    again = Tracker(cfg(storage, backend, *extra))
+    again.sync()
+    again.sync()
+    again.close()
+
+
 def test_mlflow_run_continues_across_reruns_and_logs_nothing_twice(tmp_path):
     from mlflow import MlflowClient
 
     storage, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base_eval(storage)
-    write_iteration(storage, 0, steps=3)
-    tracker = Tracker(cfg(storage, "mlflow", f"tracking.uri={uri}", "train.beta=0.3"))
-    tracker.sync()
-    tracker.close()
-    write_iteration(storage, 1, steps=2)  # the rerun resumes: iteration 1 is new
-    again = Tracker(cfg(storage, "mlflow", f"tracking.uri={uri}", "train.beta=0.3"))
-    again.sync()
-    again.sync()
-    again.close()
+    two_sessions(storage, "mlflow", f"tracking.uri={uri}", "train.beta=0.3")
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("spin_ray").experiment_id])
@@ -93,16 +99,7 @@ def test_wandb_offline_run_continues_across_reruns_and_logs_nothing_twice(tmp_pa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     storage = tmp_path / "run"
-    base_eval(storage)
-    write_iteration(storage, 0, steps=3)
-    tracker = Tracker(cfg(storage, "wandb", "train.beta=0.3"))
-    tracker.sync()
-    tracker.close()
-    write_iteration(storage, 1, steps=2)
-    again = Tracker(cfg(storage, "wandb", "train.beta=0.3"))
-    again.sync()
-    again.sync()
-    again.close()
+    two_sessions(storage, "wandb", "train.beta=0.3")
 
     run_id = json.loads((storage / "tracking.json").read_text())["run_id"]
     records = wandb_records(storage / "wandb")
