@@ -115,8 +115,12 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def wandb_records(folder: Path) -> list[tuple[str, object]]:
     """(file, Record) of every W&B run file (`run-<id>.wandb`) under `folder`, in file order: W&B's log framing
     (a 7-byte `:W&B` header, then 32 KiB blocks of records, each with a 7-byte header: CRC, length, type
-    full/first/middle/last) around its Record protos."""
+    full/first/middle/last) around its Record protos. Read after W&B's service has stopped, as at a process's exit:
+    `run.finish()` only informs the service, which closes the file a moment later."""
+    import wandb
     from wandb.proto import wandb_internal_pb2
+
+    wandb.teardown()
 
     out = []
     for path in sorted(folder.rglob("run-*.wandb")):
