@@ -7,6 +7,8 @@ Model: a standard architecture with random weights (only speed and memory are me
 shipped config (the gpu_mid preset's model), saved as safetensors and loaded through spin_ray.models like any θ_t.
 Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts and answers, data.max_length's rule).
 
+0. kernel   template.VARLEN (torch's fused varlen flash attention on CUDA) against VARLEN_SDPA (one SDPA call per
+            sequence) on one micro-batch: log-probs, gradients, forward + backward seconds
 1. reference  Trainer.logps over every pair before the first step (spin_ray.train's reference pass: the policy is
             θ_t), length-grouped micro-batches of micro_batch_size pairs: tokens/s and MFU (one forward's FLOPs)
 2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the same forward, so 0 up to rounding)
@@ -151,6 +153,39 @@ def sdpa_probe(trainer, pairs: list, idx: list[int], device: torch.device) -> di
     return out
 
 
+def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> dict:
+    """Fused varlen attention (template.VARLEN: one flash-attention call per layer on CUDA) against one SDPA call per
+    sequence (VARLEN_SDPA) on one micro-batch, same bf16 model: the pairs' log-probs and the gradient of their sum,
+    then the time of a forward + backward under each."""
+    from spin_ray.template import VARLEN, VARLEN_SDPA, pack_varlen, varlen_logps
+
+    batch = {k: v.to(device) for k, v in pack_varlen([pairs[i] for i in idx]).items()}
+    logps, seconds, ref_grads, sq_diff, sq_ref = {}, {}, [], 0.0, 0.0
+    for impl in (VARLEN_SDPA, VARLEN, VARLEN_SDPA, VARLEN):  # the second round is timed
+        trainer.model.set_attn_implementation(impl)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t0 = time.perf_counter()
+        real, generated = varlen_logps(trainer.model, batch)
+        (real.sum() + generated.sum()).backward()
+        sync(device)
+        seconds[impl] = time.perf_counter() - t0
+        logps[impl] = torch.cat([real, generated]).detach().double()
+        grads = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float() for p in trainer.params]
+        if impl == VARLEN_SDPA:
+            ref_grads = [g.clone() for g in grads]
+        else:
+            sq_diff = sum(float((g - r).pow(2).sum()) for g, r in zip(grads, ref_grads))
+            sq_ref = sum(float(r.pow(2).sum()) for r in ref_grads)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.set_attn_implementation(VARLEN)
+    diff = (logps[VARLEN] - logps[VARLEN_SDPA]).abs()
+    return {"tokens": batch["input_ids"].numel(), "sequences": len(batch["cu_seq_lens_q"]) - 1,
+            "logp_max_abs_diff": float(diff.max()), "logp_mean_abs": float(logps[VARLEN_SDPA].abs().mean()),
+            "grad_rel_diff": math.sqrt(sq_diff / sq_ref) if sq_ref else None,
+            "fwd_bwd_s": {"fused": seconds[VARLEN], "per_sequence_sdpa": seconds[VARLEN_SDPA]}}
+
+
 def reference(trainer, pairs: list, plan: list[list[int]], arch, peak, device: torch.device,
               results: dict) -> tuple[list, list]:
     """spin_ray.train's reference pass on one worker: Trainer.logps over `plan`'s micro-batches (every pair once),
@@ -193,6 +228,11 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
                     help="train.activation_checkpointing")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile each decoder layer")
+    ap.add_argument("--attention", choices=["varlen", "per-sequence"], default="varlen",
+                    help="the trainer's attention: template.VARLEN (fused on CUDA) or VARLEN_SDPA (one SDPA call "
+                         "per sequence)")
+    ap.add_argument("--kernel-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare the fused varlen kernel with per-sequence SDPA")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -234,7 +274,7 @@ def main() -> None:
     # The trainer's FSDP2 bf16 model, built as train_loop_per_worker builds it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    from spin_ray.train import even_micro_batches, worker_shares
+    from spin_ray.batching import even_micro_batches, worker_shares
     from spin_ray.trainer import Trainer
     cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
         "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
@@ -245,6 +285,10 @@ def main() -> None:
     # Every run of every variant is steps of one schedule: lr hardly moves (only speed and memory are measured).
     trainer = Trainer(source, cfg.train, total_steps=100 * args.steps * args.repeats, device=device)
     trainer.setup()
+    if args.attention == "per-sequence":
+        from spin_ray.template import VARLEN_SDPA
+
+        trainer.model.set_attn_implementation(VARLEN_SDPA)  # varlen_logps keeps it
     results["fsdp_build_s"] = time.perf_counter() - t0
     results["fsdp_built_allocated_gb"] = torch.cuda.memory_allocated() / 1e9 if cuda else None
     print(f"FSDP2 model built: {gpu_gb()}", flush=True)
@@ -261,6 +305,10 @@ def main() -> None:
               "budget": variants["varlen"]}
 
     chosen = {v: chosen[v] for v in args.variants}
+    if args.kernel_check and args.attention == "varlen":  # on CPU both are per-sequence SDPA: a smoke test
+        results["kernel_check"] = kernel_check(trainer, pairs, grouped[0][0], device)
+        print("kernel check:", json.dumps(results["kernel_check"]), flush=True)
+        save()
     peak = planner.DEVICES.get(next((k for k in ("H200", "H100", "A100") if k in name), ""), None)
     if not args.no_reference:
         # 1. The reference pass, then 2. step 0 on its log-probs: the same forward, so the loss is ln 2.
@@ -283,7 +331,14 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in chosen}
     for r in range(args.repeats):
         for variant, (plan, layout) in chosen.items():
-            out = run_steps(trainer, pairs, plan, device, layout)
+            try:
+                out = run_steps(trainer, pairs, plan, device, layout)
+            except torch.OutOfMemoryError as e:  # a padded baseline may not fit where varlen does: keep the rest
+                trainer.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                runs[variant].append({"oom": str(e)[:300]})
+                print(f"repeat {r} {variant:<7} out of memory", flush=True)
+                continue
             flops = 3 * arch.forward_flops_per_token(out["mean_seq_len"]) * out["timed_tokens"]
             out["mfu"] = flops / out["timed_seconds"] / (peak.peak_tflops * 1e12) if peak else None
             runs[variant].append(out)
@@ -293,19 +348,23 @@ def main() -> None:
         save()
 
     summary = {}
-    for variant, rs in runs.items():
+    fit = {v: [x for x in rs if "oom" not in x] for v, rs in runs.items()}
+    for variant, rs in fit.items():
+        if not rs:
+            summary[variant] = "out of memory"
+            continue
         tps = sorted(x["real_tok_s"] for x in rs)
         summary[variant] = {"real_tok_s_median": statistics.median(tps), "min": tps[0], "max": tps[-1],
                             "mfu_median": statistics.median(x["mfu"] or 0 for x in rs),
                             "peak_allocated_gb": max(x.get("peak_allocated_gb", 0) for x in rs),
                             "vs_before": statistics.median(tps) / statistics.median(
-                                x["real_tok_s"] for x in runs["before"]) if "before" in runs else None}
+                                x["real_tok_s"] for x in fit["before"]) if fit.get("before") else None}
     results["summary"] = summary
 
     # 4. What spin-ray plan says for this config on this device.
     mem = planner.train_memory(arch, cfg)
-    b = runs["varlen" if "varlen" in runs else args.variants[0]][-1]
-    results["plan"] = {
+    b = (fit.get("varlen") or next((rs for rs in fit.values() if rs), [None]))[-1]
+    results["plan"] = {} if b is None else {
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
         "train_seconds_for_timed_tokens": planner.train_seconds(
             arch, b["timed_tokens"], int(b["mean_seq_len"]), 1, peak,

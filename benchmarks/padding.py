@@ -2,11 +2,11 @@
 
 before          the old rule: each worker's pairs in random order, micro_batch_size pairs per forward, padded to the
                 longest of the 2B sequences (template.collate)
-grouped         length grouping (spin_ray.train.worker_shares + even_micro_batches) at the same micro_batch_size, still
+grouped         length grouping (spin_ray.batching.worker_shares + even_micro_batches) at the same micro_batch_size, still
                 2B padded sequences: what grouping alone buys
 packed          the rule before flattening: each pair packed in one row (template.pack_pairs: both sequences side by
                 side, own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
-                train.micro_batch_tokens with at most spin_ray.train.MAX_PADDING of a forward's tokens padding
+                train.micro_batch_tokens with at most spin_ray.batching.MAX_PADDING of a forward's tokens padding
 varlen          spin_ray.train today: Trainer.train_step on flattened micro-batches (template.pack_varlen: whole
                 sequences one after another, per-sequence attention, no padding, no mask), as many pairs per forward
                 as fit train.micro_batch_tokens
@@ -40,7 +40,6 @@ import os
 import random
 import time
 
-import pyarrow as pa
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,15 +92,15 @@ def padded_step(trainer, micro_batches: list[list[dict[str, list[int]]]], layout
     tokens = processed = 0
     for pairs in micro_batches:
         if layout == "pack_pairs":
-            batch = pack_pairs(pairs, 0)
+            batch = {k: v.to(trainer.device) for k, v in pack_pairs(pairs, 0).items()}
             real, generated = packed_logps(trainer.model, batch)
             present = batch["segment"] > 0
         else:
-            batch = collate(pairs, 0)
+            batch = {k: v.to(trainer.device) for k, v in collate(pairs, 0).items()}
             logps = sequence_logps(trainer.model, batch)
             real, generated = logps[:len(pairs)], logps[len(pairs):]
             present = batch["attention_mask"] > 0
-        zero = torch.zeros(len(pairs), dtype=torch.float64)
+        zero = torch.zeros(len(pairs), dtype=torch.float64, device=trainer.device)
         loss, _ = spin_loss(real, generated, zero, zero, trainer.tc.beta)
         (loss * len(pairs) / n).backward()
         tokens += int(present.sum())
@@ -148,10 +147,10 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     """Each variant's micro-batches for the same seeded global batches (one worker), and its layout."""
     import torch
 
-    from spin_ray.train import even_micro_batches, packed_lengths, worker_shares
+    from spin_ray.batching import even_micro_batches, worker_shares
 
     padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
-    packed = packed_lengths(pa.Table.from_pylist(pairs)).tolist()  # the trainer's own lengths
+    packed = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     batches = [order[k * global_batch:(k + 1) * global_batch] for k in range(steps)]
     grouped = [even_micro_batches(worker_shares(b, padded, 1), padded, max_pairs=micro, max_tokens=None)[0]

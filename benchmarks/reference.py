@@ -55,7 +55,7 @@ def main() -> None:
     from spin_ray.config import TrainConfig
     from spin_ray.models import load_model, resolve_model
     from spin_ray.template import encode_pair
-    from spin_ray.train import even_micro_batches, worker_shares
+    from spin_ray.batching import even_micro_batches, worker_shares
     from spin_ray.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,7 +6,7 @@ spin_ray.score.score_encoded (timed: it is the work the trainer no longer does p
 (--pairs, e.g. from `spin-ray generate`).
 
 Plain loop: one spawned process running spin_ray's own step (spin_ray.trainer.Trainer.train_step) over
-spin_ray.train's batches (plan_steps, epoch_plan, even_micro_batches): the same seeded batch order, micro/global
+spin_ray.batching's batches (plan_steps, epoch_plan, even_micro_batches): the same seeded batch order, micro/global
 batch, AdamW, lr schedule and grad clipping as the Ray Train workers. Two variants:
   precomputed  reference log-probs read from the pairs, as spin_ray does (one model);
   ref-model    a second copy of the model (Trainer.logps, no grad) scores every micro-batch (as uclaml/SPIN did).
@@ -47,7 +47,8 @@ def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: i
     import torch
 
     from spin_ray.config import TrainConfig
-    from spin_ray.train import epoch_plan, even_micro_batches, packed_lengths, plan_steps
+    from spin_ray.batching import epoch_plan, even_micro_batches, plan_steps
+    from spin_ray.train import packed_lengths
     from spin_ray.trainer import Trainer
 
     t_start = time.time()

@@ -10,6 +10,9 @@ references and benchmark baselines), and `label_logps` (the LM head at the label
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from typing import Any
 
 import torch
@@ -173,27 +176,74 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 VARLEN = "spin_varlen"
 """The attention implementation (transformers' AttentionInterface) that `pack_varlen` batches need: set it with
-`model.set_attn_implementation(VARLEN)`."""
+`model.set_attn_implementation(VARLEN)`. On CUDA it runs torch's fused varlen kernel over the whole flattened batch;
+elsewhere, and under VARLEN_SDPA, one SDPA call per sequence."""
+VARLEN_SDPA = "spin_varlen_sdpa"
+"""The per-sequence SDPA form of VARLEN on every device: the exact reference the fused kernel is checked against."""
+
+
+@functools.cache
+def _fused_varlen() -> Any:
+    """Causal varlen attention over (tokens, heads, dim) tensors by torch's flash-attention kernel
+    (`torch.nn.attention.varlen.varlen_attn`), or None where torch has none. Its releases differ: a causal window or
+    `is_causal`, grouped key/value heads and a scale taken or not (None where the scale is needed and not taken)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+               scale: float | None) -> torch.Tensor | None:
+        extra = {}
+        if "scale" in params:
+            extra["scale"] = scale
+        elif scale is not None and not math.isclose(scale, q.shape[-1] ** -0.5):
+            return None
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in params:
+                extra["enable_gqa"] = True
+            else:
+                k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)
+
+    return attend
 
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
-                     cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                     fused: bool = True, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention within each sequence of a flattened batch, the sequences delimited by `cu_seq_lens_q` (their
-    cumulative lengths from 0): transformers' own SDPA call on each, so no mask exists and no query meets another
-    sequence's keys. Without `cu_seq_lens_q` it is transformers' SDPA attention: a 4D mask (pack_pairs) is used as
-    given; for a 2D padding mask transformers builds none under a custom attention, and causal attention never
-    reaches a right-padded batch's padding (collate), so such batches compute as before."""
+    cumulative lengths from 0; `max_length_q` the longest), so no mask exists and no query meets another sequence's
+    keys: on CUDA (with `fused`) one varlen flash-attention call for the batch, else transformers' own SDPA call on each sequence. Without
+    `cu_seq_lens_q` it is transformers' SDPA attention: a 4D mask (pack_pairs) is used as given; for a 2D padding mask
+    transformers builds none under a custom attention, and causal attention never reaches a right-padded batch's
+    padding (collate), so such batches compute as before."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    kernel = _fused_varlen() if fused and query.is_cuda and dropout == 0.0 else None
+    if kernel is not None:
+        # (1, heads, tokens, dim) -> (tokens, heads, dim)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        longest = max_length_q or int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        out = kernel(q, k, v, cu_seq_lens_q, longest, scaling)
+        if out is not None:
+            return out.unsqueeze(0), None
     bounds = cu_seq_lens_q.tolist()
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
                                     scaling=scaling)[0] for a, b in zip(bounds, bounds[1:])]
     return torch.cat(parts, dim=1), None
 
 
+def varlen_sdpa_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    return varlen_attention(*args, **kwargs, fused=False)
+
+
 AttentionInterface.register(VARLEN, varlen_attention)
+AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
 
 
 def pack_varlen(pairs: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -218,12 +268,14 @@ def pack_varlen(pairs: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
 
 def varlen_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log π(response | prompt) of each pair's real and generated sequence in a `pack_varlen` batch, float32.
-    The model's attention becomes VARLEN if it is not already (it computes padded batches as SDPA did)."""
+    The model's attention becomes VARLEN unless it is VARLEN or VARLEN_SDPA (both compute padded batches as SDPA did)."""
     hf = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if hf.config._attn_implementation != VARLEN:
+    if hf.config._attn_implementation not in (VARLEN, VARLEN_SDPA):
         hf.set_attn_implementation(VARLEN)
+    cu = batch["cu_seq_lens_q"]
     token_logps = label_logps(model, batch["labels"], input_ids=batch["input_ids"],
-                              position_ids=batch["position_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"])[0]
+                              position_ids=batch["position_ids"], cu_seq_lens_q=cu,
+                              max_length_q=int((cu[1:] - cu[:-1]).max()))[0]
     segment, pair = batch["segment"][0, 1:], batch["pair"][0, 1:]
     n = int(batch["pair"].max()) + 1
     return tuple(torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(

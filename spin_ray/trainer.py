@@ -42,7 +42,20 @@ SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.
              torch.ops.aten._scaled_dot_product_flash_attention.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default,
              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, torch.ops.aten._flash_attention_forward.default}
+
+
+def _fused_varlen_ops() -> set:
+    """The op of torch's varlen attention (template.varlen_attention on CUDA), where this torch has it."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers the torch_attn ops)
+
+        return {torch.ops.torch_attn._varlen_attn.default}
+    except (ImportError, AttributeError):
+        return set()
+
+
+SAVED_OPS |= _fused_varlen_ops()
 
 
 def _selective_context() -> tuple[Any, Any]:

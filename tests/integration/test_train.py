@@ -336,7 +336,8 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
 
 
 def test_workers_read_only_their_rows_from_storage(pairs, tmp_path):
-    from spin_ray.train import epoch_plan, index_pairs, load_share, packed_lengths, plan_steps
+    from spin_ray.batching import epoch_plan, plan_steps
+    from spin_ray.train import index_pairs, load_share, packed_lengths
 
     columns = ["iteration", "prompt_id", *schemas.IDS]
     table = records.read_pairs_table([pairs], columns=columns)  # the training table, in prompt-id order

@@ -89,3 +89,47 @@ def test_flattened_varlen_batches_equal_the_dense_block_mask(tiny_model):
                                    sequence_logps(dense_model, collate(PAIRS, 0)), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed_logps(varlen_model, pack_pairs(PAIRS, 0)), packed_logps(
             dense_model, pack_pairs(PAIRS, 0)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused varlen kernel runs on CUDA only")
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped key/value heads, as Mistral's
+def test_fused_varlen_on_cuda_is_as_close_to_fp32_as_per_sequence_sdpa(kv_heads):
+    """On CUDA, VARLEN is one flash-attention call over the flattened batch. In bf16 it cannot equal anything
+    exactly, so both bf16 paths are held against fp32 per-sequence SDPA: the fused one may err by as much as
+    per-sequence SDPA does, within the spread of bf16 rounding (a few times), in the log-probs and the gradients."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from spin_ray.template import VARLEN, VARLEN_SDPA, pack_varlen, varlen_logps
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, head_dim=64, vocab_size=1024, max_position_embeddings=2048)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda()
+    gen = torch.Generator().manual_seed(1)
+    lengths = [(37, 200, 150), (5, 900, 3), (300, 64, 640), (1, 2, 1)]
+    pairs = [{k: torch.randint(3, 1024, (n,), generator=gen).tolist()
+              for k, n in zip(("prompt_ids", "real_ids", "generated_ids"), ls)} for ls in lengths]
+    batch = {k: v.cuda() for k, v in pack_varlen(pairs).items()}
+
+    def run(impl: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).cuda()
+        model.load_state_dict(base.state_dict())
+        model.set_attn_implementation(impl)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            real, generated = varlen_logps(model, batch)
+        fused_ops = [e.key for e in prof.key_averages() if "varlen_attn" in e.key]  # torch_attn::_varlen_attn
+        assert bool(fused_ops) == (impl == VARLEN), fused_ops  # the fused kernel ran, or did not
+        (real.sum() - 2 * generated.sum()).backward()
+        assert model.config._attn_implementation == impl
+        grad = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        return torch.cat([real, generated]).double(), grad
+
+    truth, truth_grad = run(VARLEN_SDPA, torch.float32)
+    sdpa, sdpa_grad = run(VARLEN_SDPA, torch.bfloat16)
+    fused, fused_grad = run(VARLEN, torch.bfloat16)
+    sdpa_err, fused_err = ((x - truth).abs().max().item() for x in (sdpa, fused))
+    scale = truth.abs().max().item()  # sums of up to ~1000 tokens' log-probs: thousands of nats
+    assert fused_err <= 4 * sdpa_err + 1e-5 * scale, (fused_err, sdpa_err, scale)
+    rel = [float((g - truth_grad).norm() / truth_grad.norm()) for g in (sdpa_grad, fused_grad)]
+    assert rel[1] <= 4 * rel[0] + 1e-3, rel
