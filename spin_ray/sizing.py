@@ -45,12 +45,13 @@ DEVICES = {
 }
 CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
 CPU_BANDWIDTH_TBS = 0.02
-# Efficiencies (share of peak reached). GPU training: measured on one H200 (benchmarks/gpu.py, SmolLM2-1.7B
-# architecture, bf16, long-tailed chat lengths: the FSDP2 trainer 14.5%; results in benchmarks/results/gpu), also
-# used for the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
+# Efficiencies (share of peak reached). GPU training: measured on one H100 (benchmarks/gpu_session.sh, SmolLM2-1.7B
+# architecture, FSDP2 bf16, long-tailed chat lengths, flattened micro-batches through per-sequence SDPA): 17.4-17.9%
+# of peak without recompute, 17.2% of the computed FLOPs with full recompute (benchmarks/results/gpu); also used for
+# the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
 # CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
 # see the README's plan section.
-MFU = {"gpu_train": 0.15, "gpu_prefill": 0.40, "cpu": 0.60}
+MFU = {"gpu_train": 0.17, "gpu_prefill": 0.40, "cpu": 0.60}
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
@@ -520,8 +521,8 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     if on_gpu:
         out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
     out += ["", "assumptions: " + "; ".join([
-        f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H200 with "
-        "SmolLM2-1.7B before varlen packing and the activation checkpointing work: no newer measurement), "
+        f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H100 with "
+        "SmolLM2-1.7B, flattened micro-batches through per-sequence SDPA; the fused varlen kernel not yet timed), "
         f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
         f"vLLM: bf16 weights, {concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
         "KV cache holds and generate.batch_size bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
@@ -583,7 +584,8 @@ def _goal(goal_hours: float, iteration_s: float, trainer_s: float, mfu: float) -
              else "more than their peak: more or larger GPUs")
     return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): NOT met, {_dur(iteration_s)}; the Train "
             f"workers' training and reference pass take {_dur(trainer_s)} of it at the stated {mfu:.0%} MFU, a "
-            f"figure measured before varlen packing and the activation checkpointing work; the goal needs {needs}"]
+            f"figure measured with per-sequence attention (the fused varlen kernel not yet timed); the goal needs "
+            f"{needs}"]
 
 
 def _dur(seconds: float) -> str:
