@@ -2,7 +2,7 @@
 
 Pairs: synthesized from the bundled prompts (real/generated answers filled to --response-tokens tokens, so sequences
 have a realistic length rather than the tasks' 2-token answers), with reference log-probs precomputed by
-spin_ray.score.score_encoded (timed: it is the work the trainer no longer does per step); or an existing pairs folder
+spin_ray.trainer.pair_logps (the trainer's own forward, timed: the work the Ray run's reference pass does once); or an existing pairs folder
 (--pairs, e.g. from `spin-ray generate`).
 
 Plain loop: one spawned process running spin_ray's own step (spin_ray.trainer.Trainer.train_step) over
@@ -38,7 +38,7 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"
 
 def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: int, epochs: int, lr: float,
                beta: float, warmup_ratio: float, max_grad_norm: float, seed: int, ref_model: bool) -> dict:
-    """spin_ray's own step (Trainer.train_step) over spin_ray.train's batches, single process, no Ray; `ref_model`:
+    """spin_ray's own step (Trainer.train_step) over spin_ray.batching's batches, single process, no Ray; `ref_model`:
     a second Trainer's no-grad `logps` give the reference on every micro-batch instead of the stored column."""
     import resource
     import time
@@ -142,14 +142,15 @@ if __name__ == "__main__":
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from spin_ray import records
     from spin_ray.config import SpinConfig
     from spin_ray.models import resolve_model
-    from spin_ray.score import IDS, score_encoded
+    from spin_ray.config import TrainConfig
+    from spin_ray.schemas import IDS, LOGPS
     from spin_ray.template import encode_pair
-    from spin_ray.train import COLUMNS
+    from spin_ray.trainer import frozen_model, pair_logps
 
     load_start = loadavg()
     print(f"load average at start: {load_start}")
@@ -162,24 +163,35 @@ if __name__ == "__main__":
     else:
         rows = [{**r, "iteration": 0, "finish_reason": "length", "generated_tokens": args.response_tokens}
                 for r in synthetic_pairs(tok, args.pairs_count, args.response_tokens)]
-        ref_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        # The plain loop's precomputed reference: θ_0's log-probs by the trainer's own forward (what Ray Train's
+        # reference pass computes at the start of its run).
+        ref_model = frozen_model(model, TrainConfig(), torch.device("cpu"))
         t0 = time.perf_counter()
         encoded = [encode_pair(tok, r["prompt"], r["real"], r["generated"], max_length=args.max_length,
                                max_prompt_length=args.max_prompt_length) for r in rows]
-        real, gen = score_encoded(ref_model, encoded, micro_batch_size=8)
+        logps = pair_logps(ref_model, [encoded[i:i + 8] for i in range(0, len(encoded), 8)], torch.device("cpu"))
         score_s = time.perf_counter() - t0
         for r, e in zip(rows, encoded):
             r.update({key: e[key] for key in IDS})
         del ref_model
         gc.collect()
-        for r, a, b in zip(rows, real, gen):
+        refs = [(a, b) for real, gen in logps for a, b in zip(real.tolist(), gen.tolist())]
+        for r, (a, b) in zip(rows, refs):
             r["ref_logp_real"], r["ref_logp_generated"] = a, b
         pairs_dir = os.path.join(work, "pairs")
         os.makedirs(pairs_dir)
         pq.write_table(pa.Table.from_pylist(rows), os.path.join(pairs_dir, "part-0.parquet"))
         with open(os.path.join(pairs_dir, records.MARKER), "w") as f:
             json.dump({"rows": len(rows)}, f)
-    rows = records.read_pairs_table([pairs_dir], columns=COLUMNS).to_pylist()  # the ids and refs the trainer reads
+    # the ids the trainer reads, and the synthesized pairs' reference
+    rows = records.read_pairs_table([pairs_dir], columns=list(IDS) + (list(LOGPS) if score_s else [])).to_pylist()
+    if score_s is None:  # an existing pairs folder: θ_0's log-probs as the reference, as above
+        ref_model = frozen_model(model, TrainConfig(), torch.device("cpu"))
+        logps = pair_logps(ref_model, [rows[i:i + 8] for i in range(0, len(rows), 8)], torch.device("cpu"))
+        del ref_model
+        refs = [(a, b) for real, gen in logps for a, b in zip(real.tolist(), gen.tolist())]
+        for r, (a, b) in zip(rows, refs):
+            r.update(zip(LOGPS, (a, b)))
     lens = [len(r["prompt_ids"]) + (len(r["real_ids"]) + len(r["generated_ids"])) / 2 for r in rows]
     print(f"{len(rows)} pairs, mean {sum(lens) / len(lens):.0f} tokens per sequence, model {model}"
           + (f"; reference log-probs precomputed in {score_s:.1f} s" if score_s else ""))
