@@ -12,7 +12,7 @@ Stages: generate (generate.py: pipeline vs direct vLLM, warm EnginePool), refere
 reference pass vs a direct transformers forward, and vs training), seeds (seeds.py: vLLM with a seed per request vs one
 per batch, and which answers survive another batching), train (train.py: Ray Train vs a plain torch loop, precomputed vs in-memory reference), padding
 (padding.py: padded vs padding-free micro-batches), iteration (iteration.py: the embedded default split by stage,
-prompts x1, x2, x4). No GPU section: it needs a lent GPU (issue 9 §2), and it says so in the results.
+prompts x1, x2, x4). No GPU section: the GPU figures come from benchmarks/gpu_session.sh on a lent GPU (results/gpu/README.md).
 """
 
 from __future__ import annotations

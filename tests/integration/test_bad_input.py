@@ -1,4 +1,4 @@
-"""Input that real users have (issue 10 §1), written to real files and given to the real CLI: each case ends in one
+"""Input that real users have, written to real files and given to the real CLI: each case ends in one
 paragraph naming the file, row or field and the fix, exit code 2, with nothing already written touched. Config,
 storage and model problems are refused before ray.init; the data is read by the prepare stage on the cluster (the
 session's, `ray_cluster`), which refuses bad rows before any GPU work and leaves only its log behind."""

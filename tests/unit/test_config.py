@@ -72,7 +72,7 @@ def test_fixed_point_decision():
     assert not at_fixed_point(0.5, None) and not at_fixed_point(None, 0.1)  # no ε, or θ_t not evaluated: go on
 
 
-# --- input that real users have (issue 10 §1) -----------------------------------------------------------------------
+# --- input that real users have -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text, match", [

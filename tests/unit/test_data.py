@@ -93,7 +93,7 @@ def test_bundled_split_filter():
         load_sft(DataConfig(path="bundled", split="dev"))
 
 
-# --- real files, as users have them (issue 10 §1) -------------------------------------------------------------------
+# --- real files, as users have them -------------------------------------------------------------------------------------------
 
 
 def write_jsonl(path, rows):

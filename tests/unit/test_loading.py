@@ -1,4 +1,4 @@
-"""Every stage loads θ through spin_ray.models.load_* (issue 10 §3): safetensors only, a model's own Python code only
+"""Every stage loads θ through spin_ray.models.load_*: safetensors only, a model's own Python code only
 with trust_remote_code. Real transformers on a tiny model folder; the vLLM side is checked in
 tests/integration/test_generate.py."""
 
