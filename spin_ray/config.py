@@ -118,6 +118,10 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """ddp: every worker holds the whole model; fsdp: FSDP2 (fully_shard per decoder layer), weights loaded by rank 0
     and broadcast."""
+    dist_backend: str = "auto"
+    """torch.distributed backend of the Train workers: auto = nccl when they use GPUs, else gloo; or any backend
+    torch takes (`gloo` where the workers' GPUs are not CUDA devices, e.g. Ray's logical GPUs on a CPU machine;
+    `cpu:gloo,cuda:nccl`)."""
     hsdp_shard_size: int | Literal["auto"] | None = None
     """fsdp across nodes: shard within groups of this many workers (a node's GPUs) and replicate across groups
     (HSDP); None shards across all workers; `auto`: a node's GPUs when the workers span several nodes, else None."""
@@ -334,6 +338,8 @@ class SpinConfig:
              "is best, which needs the held-out evaluation; set eval.enabled=true or loop.select=last"),
             ("train.warmup_ratio", 0 <= self.train.warmup_ratio < 1, "must be in [0, 1)"),
             ("train.max_grad_norm", self.train.max_grad_norm > 0, "must be > 0"),
+            ("train.dist_backend", bool(self.train.dist_backend.strip()),
+             "must name a torch.distributed backend (nccl, gloo, ...) or be auto"),
             ("train.checkpoint_every", self.train.checkpoint_every is None or self.train.checkpoint_every >= 1,
              "must be >= 1 or null"),
             ("train.checkpoint_every_minutes", self.train.checkpoint_every_minutes is None

@@ -385,7 +385,8 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.num_cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=tc.dist_backend if tc.dist_backend != "auto"
+                                 else "nccl" if tc.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name="train", storage_path=records.join(here, "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),

@@ -62,7 +62,8 @@ class RayHead:
         self.address = self.dashboard = ""
         self.port = 0
 
-    def start(self) -> None:
+    def start(self, num_gpus: int = 0) -> None:
+        """`num_gpus`: logical GPUs (Ray schedules on them; nothing here has CUDA)."""
         port, dashboard = free_port(), free_port()
         subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -72,7 +73,7 @@ class RayHead:
                             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                             "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
                             "object-manager-port"]),
-                        "--num-cpus=4", "--disable-usage-stats"], env=self.env, check=True, capture_output=True,
+                        "--num-cpus=4", f"--num-gpus={num_gpus}", "--disable-usage-stats"], env=self.env, check=True, capture_output=True,
                        timeout=120)
         self.port, self.address, self.dashboard = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
 

@@ -101,3 +101,34 @@ def test_a_command_finds_a_ray_start_cluster_says_so_and_resumes_after_it_goes_a
     assert records.is_complete(str(storage / "iter_0" / "model"))
     steps = [json.loads(line)["step"] for line in (storage / "iter_0" / "train_metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+ACTORS = """
+import json, sys, ray
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], log_to_driver=False)
+print(json.dumps([(a.class_name, a.required_resources) for a in list_actors(detail=True, limit=1000)]))
+"""
+
+
+def test_generation_and_training_take_turns_on_every_gpu(ray_head, tiny_model, tmp_path):
+    """Two logical GPUs: generation's engines (generate.num_actors auto: one per GPU) and then the Train workers
+    (train.num_workers auto: every GPU) each ask for both, so the run only finishes if the engines give the GPUs
+    back before training starts. Compute runs on the CPU (Ray's logical GPUs have no CUDA device; the workers'
+    process group is gloo)."""
+    ray_head.start(num_gpus=2)
+    storage = tmp_path / "run"
+    sets = [f"model={tiny_model}", f"storage={storage}", *TINY, "train.epochs=1", "resources=gpu",
+            "generate.num_actors=auto", "train.num_workers=auto", "train.dist_backend=gloo"]
+    out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "run", *sum((["--set", s] for s in sets), [])],
+                         env=ray_head.env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    assert records.is_complete(str(storage / "iter_0" / "model"))
+    listed = subprocess.run([sys.executable, "-c", ACTORS, ray_head.address], env=ray_head.env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    actors = json.loads(listed.stdout.strip().splitlines()[-1])
+    engines = [r for name, r in actors if "Generator" in name]
+    workers = [r for name, r in actors if name == "RayTrainWorker"]
+    assert len(engines) == 2 and all(r.get("GPU") == 1 for r in engines), actors
+    assert len(workers) == 2 and all(r.get("GPU") == 1 for r in workers), actors

@@ -5,8 +5,10 @@ one is redone."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -116,6 +118,37 @@ def test_a_finished_folder_is_reused_and_an_interrupted_one_redone(ray_cluster, 
     (data / "a.jsonl").write_text(json.dumps(chat("new", "row")) + "\n")  # other data: prepared again
     changed = prepare(cfg)
     assert not changed.skipped and changed.rows == 34
+
+
+def test_prepare_killed_while_writing_is_redone_by_the_rerun(ray_cluster, tmp_path):
+    """A real kill: `spin-ray prepare` is SIGKILLed while its temp folder is being written; the rerun finishes, writes
+    every distinct row once, and leaves no temp folder behind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in range(6):  # 6 files x 4000 rows, the last 500 of each repeated in the next
+        rows = [chat(f"q{i}", f"a{i}") for i in range(f * 3500, f * 3500 + 4000)]
+        (data / f"{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    distinct = 5 * 3500 + 4000
+    args = [sys.executable, "-m", "spin_ray.cli", "prepare", "--set", f"storage={tmp_path / 'store'}",
+            "--set", "eval.enabled=false", "--set", "data.max_rows=null", "--set", f"data.path={data}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    store = tmp_path / "store"
+    deadline = time.monotonic() + 240
+    while not (store.exists() and any(p.name.startswith("prompts.tmp-") for p in store.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it wrote a temp folder"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (store / "prompts").exists()  # nothing half-written under the final name
+
+    out = cli(tmp_path, f"data.path={data}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    assert result["rows"] == distinct and result["duplicates"] == 5 * 500
+    assert written(store / "prompts") == sorted(set(written(store / "prompts")))
+    assert len(written(store / "prompts")) == distinct
+    assert sorted(p.name for p in store.iterdir()) == ["prompts"]
 
 
 def test_every_local_shape_streams_the_records_the_driver_reader_sees(tmp_path):
