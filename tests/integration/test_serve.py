@@ -66,7 +66,7 @@ def server(storage, tmp_path_factory):
             if status == 200 and _http("POST", f"{url}/completions", {"model": "iter_0", "prompt": "hi",
                                                                        "max_tokens": 1}, key=KEY)[0] == 200:
                 break
-        except OSError:
+        except (OSError, ValueError):  # not listening yet, or Serve's proxy answering 503 in plain text meanwhile
             pass
         time.sleep(2)
     else:
