@@ -234,7 +234,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    # Ray names a CUDA device wherever it assigned a GPU; a logical GPU without CUDA (a CPU test cluster) computes on CPU.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
     checkpoint = ray.train.get_checkpoint()

@@ -31,6 +31,7 @@ def test_yaml_then_overrides(tmp_path):
     ("data.on_bad_rows=ignore", "data.on_bad_rows"),
     ("generate.max_tokens=many", "generate.max_tokens"),
     ("train.use_gpu=3", "train.use_gpu"),
+    ("train.dist_backend=' '", "train.dist_backend"),
     ("train.betta=1", "train.betta"),
     ("train.checkpoint_every=0", "train.checkpoint_every"),
     ("train.checkpoint_every_minutes=0", "train.checkpoint_every_minutes"),
