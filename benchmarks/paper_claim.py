@@ -1,6 +1,9 @@
 """Does SPIN beat more SFT? The SPIN paper's Table 1 and its "more SFT" ablation, on the bundled checkable tasks.
 
-    python benchmarks/paper_claim.py [--quick] [--seeds 0 1 2] --out DIR
+    python benchmarks/paper_claim.py [--quick] [--seeds 0 1 2] [--sft-weight W] [--heldout validation] --out DIR
+
+--sft-weight sets SPIN's train.sft_weight (the human answer's NLL added to the loss); --heldout validation evaluates
+every model on the validation slice of train instead of `test`, which is where such a value is chosen.
 
 Once (--sft-seed), a small char-level Llama is SFT'd offline (spin_ray.models.sft) on the first 2600 bundled train
 prompts (rows 2600-2999 of train are the validation slice the step counts were chosen on), giving two starting points:
@@ -76,18 +79,44 @@ QUICK = Sizes(sft_rows=2600, weak_steps=20, plateau_steps=20, sft_lr=2e-3, spin_
               iterations=1, epochs=1)
 
 
-def spin_config(sizes: Sizes, model: str, storage: Path, seed: int) -> "SpinConfig":
-    """The embedded CPU default with this benchmark's sizes and the small-model β and lr (module docstring)."""
+def spin_config(sizes: Sizes, model: str, storage: Path, seed: int, sft_weight: float = 0.0,
+                heldout: Path | None = None) -> "SpinConfig":
+    """The embedded CPU default with this benchmark's sizes and the small-model β and lr (module docstring);
+    `heldout`: a data file from `validation_data` (models evaluated on the validation slice, not on `test`)."""
     import spin_ray
     from spin_ray.config import SpinConfig
 
     default = Path(spin_ray.__file__).parent / "assets" / "cpu_default.yaml"
+    where = ([] if heldout is None else
+             [f"data.path={heldout}", "eval.split=validation", "eval.scorer=paper_claim:task_score"])
     return SpinConfig.load(default, [
         f"model={model}", f"storage={storage}", f"seed={seed}", f"data.max_rows={sizes.spin_prompts}",
         f"train.lr={sizes.lr}", f"train.beta={sizes.beta}", f"train.epochs={sizes.epochs}",
         f"train.global_batch_size={sizes.batch}", f"train.micro_batch_size={sizes.batch}",
-        f"loop.iterations={sizes.iterations}", "loop.window=1", f"eval.rows={sizes.eval_rows}",
-        "generate.temperature=1.0", "generate.keep_warm=true"])
+        f"train.sft_weight={sft_weight}", f"loop.iterations={sizes.iterations}", "loop.window=1",
+        f"eval.rows={sizes.eval_rows}", "generate.temperature=1.0", "generate.keep_warm=true", *where])
+
+
+VALIDATION = 2600
+"""Bundled train rows from here on are the validation slice: never SFT'd or SPIN'd on (FULL.sft_rows)."""
+
+
+def validation_data(sizes: Sizes, out: Path) -> Path:
+    """The SPIN prompts (split `train`) and the validation slice (split `validation`) as one chat jsonl, so that a
+    run can be evaluated on the slice that choices are made on instead of `test`."""
+    path = out / "validation_data.jsonl"
+    rows = train_rows(VALIDATION + sizes.eval_rows)
+    chosen = [(r, "train") for r in rows[:sizes.spin_prompts]] + [(r, "validation") for r in rows[VALIDATION:]]
+    path.write_text("".join(json.dumps({"messages": [*r["prompt"], {"role": "assistant", "content": r["real"]}],
+                                        "split": split}) + "\n" for r, split in chosen))
+    return path
+
+
+def task_score(prompt: list[dict[str, str]], reference: str, answer: str) -> float:
+    """eval.scorer for the validation data: the bundled tasks' own checker (what eval.scorer auto uses on them)."""
+    from spin_ray.assets.make_tasks import check_answer
+
+    return float(check_answer(prompt[-1]["content"], answer))
 
 
 def train_rows(n: int) -> list[dict[str, Any]]:
@@ -254,7 +283,9 @@ def write_markdown(path: Path, summary: dict[str, Any], meta: dict[str, Any]) ->
         f"Command: `{meta['command']}`; wall {wall}"
         f"{'' if meta['complete'] else ' so far (INCOMPLETE: written after each finished run)'} on {meta['machine']}, "
         f"shared: {others}{load}.", "",
-        f"Held-out: the first {n} `test` prompts of the bundled tasks (never trained on). Task score = exact match of "
+        (f"Held-out: the first {n} `test` prompts of the bundled tasks (never trained on)." if meta.get("heldout", "test")
+         == "test" else f"Held-out: the validation slice, bundled train rows {VALIDATION}..{VALIDATION + n - 1} (never "
+         "trained on; where choices are made).") + " Task score = exact match of "
         f"greedy answers; one model's score on {n} prompts has a sampling sd of up to ±{noise:.3f} "
         f"(√(p(1−p)/{n}) at p = 0.5). Cells: mean ± sd [min, max] over the seeds of SPIN and more SFT "
         f"(sampling, batch order); θ_0 is one SFT model per regime (seed {meta['sft_seed']}), so its row has sd 0. "
@@ -265,7 +296,8 @@ def write_markdown(path: Path, summary: dict[str, Any], meta: dict[str, Any]) ->
         f"{sizes['sft_lr']}; (a) {sizes['weak_steps']} steps (10% warmup, then constant), (b) (a) + "
         f"{sizes['plateau_steps']} steps with the lr decayed linearly to 0. SPIN: spin_ray.loop.run, "
         f"{sizes['spin_prompts']} prompts per iteration (the first of the SFT prompts), y' sampled at temperature 1, "
-        f"β {sizes['beta']}, AdamW lr {sizes['lr']} (10% warmup, linear decay, per iteration), {sizes['epochs']} "
+        f"β {sizes['beta']}, train.sft_weight {meta.get('sft_weight', 0.0):g}, AdamW lr {sizes['lr']} (10% warmup, "
+        f"linear decay, per iteration), {sizes['epochs']} "
         f"epoch(s), batch {sizes['batch']} pairs, window 1. More SFT: the same prompts' human answers, one segment per "
         "SPIN iteration with its optimizer steps, batch, optimizer, peak lr and schedule (the steps column).", ""]
     for regime, s in summary.items():
@@ -337,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=None,
                         help="default both (--quick: plateau)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process SFT")
+    parser.add_argument("--sft-weight", type=float, default=0.0, help="SPIN's train.sft_weight (0: the paper's loss)")
+    parser.add_argument("--heldout", choices=["test", "validation"], default="test",
+                        help="evaluate on the first eval_rows `test` prompts, or on the validation slice of train "
+                             f"(rows {VALIDATION}..., never trained on: where choices such as --sft-weight are made)")
+    parser.add_argument("--sft-dir", type=Path, default=None,
+                        help="where the SFT models are built, or reused from (default OUT/runs/sft)")
     parser.add_argument("--report-only", action="store_true",
                         help="no training: rewrite results.md/json/png from the runs finished under --out")
     args = parser.parse_args(argv)
@@ -366,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, dict[str, Any]]] = {r: {} for r in regimes}
     meta = {"command": "python benchmarks/paper_claim.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "quick": args.quick, "seeds": seeds, "sft_seed": args.sft_seed, "regimes": regimes,
+            "sft_weight": args.sft_weight, "heldout": args.heldout,
             "sizes": dataclasses.asdict(sizes), "machine": f"{os.cpu_count()} CPU cores", "loadavg_before": load_before,
             "loadavg_after": None, "timing": timing}
     warm: list[EnginePool] = []
@@ -386,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with load:
             start = time.perf_counter()
-            models = build_sft_models(sizes, args.sft_seed, out / "runs" / "sft")
+            models = build_sft_models(sizes, args.sft_seed, args.sft_dir or out / "runs" / "sft")
+            heldout = validation_data(sizes, out) if args.heldout == "validation" else None
             timing["sft"] = time.perf_counter() - start
             losses = ", ".join(f"{r} loss {m['final_loss']:.3f}" for r, m in models.items())
             print(f"[{time.perf_counter() - wall:6.0f} s] SFT models ({losses})", flush=True)
@@ -398,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                     if done.is_file():  # finished in an earlier invocation with this --out
                         runs[regime][seed] = json.loads(done.read_text())
                         continue
-                    cfg = spin_config(sizes, models[regime]["path"], where / "spin", seed)
+                    cfg = spin_config(sizes, models[regime]["path"], where / "spin", seed, args.sft_weight, heldout)
                     start = time.perf_counter()
                     spin_rows = run_spin(cfg)
                     timing[f"seed{seed}/{regime}/spin"] = time.perf_counter() - start
