@@ -134,9 +134,8 @@ def test_prepare_killed_while_writing_is_redone_by_the_rerun(ray_cluster, tmp_pa
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     store = tmp_path / "store"
-    deadline = time.monotonic() + 240
     while not (store.exists() and any(p.name.startswith("prompts.tmp-") for p in store.iterdir())):
-        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it wrote a temp folder"
+        assert proc.poll() is None, "prepare ended before it wrote a temp folder"  # a hang: pytest's timeout
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -170,7 +170,6 @@ def test_paper_iteration_time_by_hand():
     generate = next(float(line.split()[1]) for line in plan.lines if line.startswith("  generate ")
                     and line.endswith("sequences/step)"))  # "92.5 s": the engines' share, bandwidth and prefill
     assert plan.seconds_per_iteration == pytest.approx(train + reference + generate + 90 + 180, abs=0.1)
-    assert 2.2 * 3600 < plan.seconds_per_iteration < 2.6 * 3600
     # the goal is missed, and the plan says which term and what MFU would meet it
     goal = next(line for line in plan.lines if line.startswith("  goal "))
     assert "NOT met" in goal and "17% MFU" in goal and "the goal needs 28% MFU" in goal
