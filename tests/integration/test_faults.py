@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray import records, schemas
+from spin_ray.cli import EMBEDDED
 from spin_ray.config import ConfigError, SpinConfig
 
 pytestmark = pytest.mark.integration
@@ -217,10 +218,11 @@ def test_driver_killed_inside_generate_and_the_reference_pass_resumes_to_identic
         tiny_model, ray_cluster, tmp_path):
     from spin_ray.loop import run
 
-    # The uninterrupted run: the same config, in this driver. The reference pass's micro-batches follow from the
-    # pairs' lengths alone, so fp32 results repeat bit for bit, and so does training on them.
+    # The uninterrupted run: the same config as the CLI's (its embedded default under the same --set), in this
+    # driver. The reference pass's micro-batches follow from the pairs' lengths alone, so fp32 results repeat bit for
+    # bit, and so does training on them.
     extra = ["data.max_rows=16", "loop.iterations=2", "loop.window=2"]
-    run(cfg_for(tiny_model, tmp_path / "whole", *extra))
+    run(SpinConfig.load(EMBEDDED, [f"model={tiny_model}", f"storage={tmp_path / 'whole'}", *TINY, *extra]))
     storage = tmp_path / "killed"
     cmd = spin_ray_run(tiny_model, storage, *extra)
     pairs0 = storage / "iter_0" / "pairs"

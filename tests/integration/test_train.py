@@ -268,7 +268,10 @@ def test_generate_then_train_compose_at_iteration_1(tiny_model, pairs, tmp_path)
     lines = metrics(tmp_path, 1)
     assert len(lines) == 8  # (32 + 32 pairs) / 8 per step
     assert {m["beta"] for m in lines} == {2.5} and max(m["lr"] for m in lines) == pytest.approx(2e-4)
-    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # θ_1 is the reference of both iterations' pairs
+    # θ_1 is the reference of both iterations' pairs: at step 0 the policy's rewards on both answers are 0 (the loss is
+    # ln 2 plus the embedded default's SFT term, whatever its weight).
+    assert lines[0]["rewards/real"] == pytest.approx(0, abs=1e-3)
+    assert lines[0]["rewards/generated"] == pytest.approx(0, abs=1e-3)
 
 
 def test_checkpoint_cadence():
