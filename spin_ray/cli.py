@@ -355,7 +355,8 @@ def _num(x: float | None) -> str:
 # Per iteration t: loss and acc of the last training step (training pairs); task, nll and h-acc of θ_{t+1} on the
 # held-out prompts (h-acc: its reward accuracy against θ_t's answers, 0.5 at the fixed point). Seconds: handoff =
 # engine start or in-place reload; pairs = generation wall; train = fit wall, of which ref s = θ_t's reference
-# log-probs of the window's pairs; eval = held-out evaluation of θ_t (if not stored yet) and θ_{t+1}.
+# log-probs of the window's pairs; eval = held-out evaluation of θ_t (if not stored yet; its answers come from the
+# pairs' engines) and, in the last iteration, θ_{t+1}'s (the others are made by the next iteration).
 TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'beta':>5} {'loss':>7} {'acc':>6} {'task':>6} {'nll':>6} {'h-acc':>6} "
                 f"{'handoff':>7} {'pairs s':>7} {'ref s':>6} {'train s':>7} {'eval s':>6}  model")
 

@@ -8,9 +8,9 @@ For θ_k (k = 0 before any training) on the first `eval.rows` prompts of `eval.s
   the human answer above θ_{k−1}'s own sampled answer on `reward_accuracy` of the prompts; it falls toward 0.5 as
   θ_{k−1} approaches the data.
 θ_k's sampled answers and log-probs are kept in `eval_samples.parquet`, so θ_{k+1}'s discriminator view needs only
-θ_{k+1}'s forward. The engines are the loop's warm ones where it has them (greedy and sampled answers come from the
-same engines, switched in place), so an evaluation costs two generation passes and one scoring pass over the held-out
-prompts.
+θ_{k+1}'s forward. An evaluation costs two generation passes and one scoring pass over the held-out prompts. In the
+loop the answers come from the engines that write iteration k's pairs (or the warm ones), so evaluating θ_k starts no
+engine of its own; the scoring pass runs after those engines have given their devices back.
 """
 
 from __future__ import annotations
@@ -141,27 +141,31 @@ def _logps(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
     return ray.get(task.remote(cfg, model, table))
 
 
-def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[str, Any]:
-    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`.
+@dataclasses.dataclass
+class HeldoutAnswers:
+    """The engines' share of θ_k's evaluation: its greedy and sampled answers to the held-out prompts."""
+    k: int
+    prompts: pa.Table
+    greedy: pa.Table
+    sampled: pa.Table
+    seconds: float
 
-    `pool` is a warm EnginePool already holding θ_k; without one, engines are started for this evaluation and
-    stopped after it. θ_{k−1}'s evaluation, if stored, gives the discriminator view. A stored result is returned as is.
+
+def heldout_answers(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> HeldoutAnswers:
+    """θ_k's (`model`'s) greedy and sampled answers to the held-out prompts.
+
+    `pool` is an EnginePool already holding θ_k (warm, or the one that also writes iteration k's pairs: one engine
+    start for both); without one, engines are started for these answers and stopped after them.
     """
     from spin_ray.generate import EnginePool
-
     from spin_ray.plan import resolve
 
-    here = eval_dir(cfg.storage, k)
-    cached = read_eval(cfg.storage, k)
-    if cached is not None:
-        return cached
     cfg = resolve(cfg)  # GPU requests made explicit, as for the other stages
     prompts = heldout_prompts(cfg)
     start = time.perf_counter()
     own = pool is None
     if own:
-        pool = EnginePool(model, cfg.generate, iteration=k, seed=cfg.seed, max_length=cfg.data.max_length,
-                          max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code)
+        pool = EnginePool.start(cfg, model, k)
     else:
         pool.ready()  # replaces an engine that died since its last use
     try:
@@ -172,7 +176,30 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[s
             pool.shutdown()
         else:
             _restore(pool, cfg)
-    t_generate = time.perf_counter() - start
+    return HeldoutAnswers(k, prompts, greedy, sampled, time.perf_counter() - start)
+
+
+def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
+             answers: HeldoutAnswers | None = None) -> dict[str, Any]:
+    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`.
+
+    The answers are `answers` (heldout_answers, made earlier on engines that are gone now), else made here on `pool`
+    (see heldout_answers). The log-prob pass is one task with a training worker's resources. θ_{k−1}'s evaluation,
+    if stored, gives the discriminator view. A stored result is returned as is.
+    """
+    from spin_ray.plan import resolve
+
+    here = eval_dir(cfg.storage, k)
+    cached = read_eval(cfg.storage, k)
+    if cached is not None:
+        return cached
+    cfg = resolve(cfg)
+    if answers is None:
+        answers = heldout_answers(cfg, model, k, pool=pool)
+    elif answers.k != k:
+        raise ValueError(f"answers of θ_{answers.k} given to θ_{k}'s evaluation")
+    prompts, greedy, sampled = answers.prompts, answers.greedy, answers.sampled
+    start = time.perf_counter()
 
     previous = _previous_samples(cfg, k)
     base = sampled.select(["prompt_id", "prompt", "real", "generated"])
@@ -180,11 +207,11 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) -> dict[s
         [base, previous.select(["prompt_id", "prompt", "real", "generated"])])
     scored = _logps(cfg, model, to_score)
     own_rows = scored.slice(0, base.num_rows)
-    t_logps = time.perf_counter() - start - t_generate
+    t_logps = time.perf_counter() - start
 
     result = _metrics(cfg, model, k, prompts, greedy, own_rows, None if previous is None
                       else (previous, scored.slice(base.num_rows)))
-    result["seconds"] = {"generate": t_generate, "logps": t_logps}
+    result["seconds"] = {"generate": answers.seconds, "logps": t_logps}
     samples = pa.table({
         "prompt_id": prompts.column("prompt_id"), "prompt": prompts.column("prompt"), "real": prompts.column("real"),
         "greedy": greedy.column("generated"), "greedy_finish_reason": greedy.column("finish_reason"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spin_ray.config import GenerateConfig, resolve_dtype
+from spin_ray.config import GenerateConfig, SpinConfig, resolve_dtype
 from spin_ray.plan import actor_gpus
 from spin_ray.schemas import IDS, TOKENS
 from spin_ray.template import answer_ids, prompt_ids, truncate_prompt
@@ -218,6 +218,12 @@ class EnginePool:
         self.model, self.cfg, self.kwargs = model, cfg, generator_kwargs
         self.engines = [self.spawn() for _ in range(cfg.num_actors)]
         self.ready()  # up and loaded: start-up is timed where it happens
+
+    @classmethod
+    def start(cls, cfg: SpinConfig, model: str, iteration: int) -> EnginePool:
+        """`cfg.generate.num_actors` engines holding `model` (θ_`iteration`), with the run's seed and lengths."""
+        return cls(model, cfg.generate, iteration=iteration, seed=cfg.seed, max_length=cfg.data.max_length,
+                   max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code)
 
     def spawn(self) -> Any:
         """A new engine holding the pool's current model and iteration."""

@@ -1,5 +1,6 @@
-"""The SPIN recipe as a table of contents: prompts → generate (θ_t) → write pairs → train θ_{t+1} (its first pass: θ_t's
-reference log-probs) → evaluate."""
+"""The SPIN recipe as a table of contents. Iteration t: θ_t's engines write the pairs and answer the held-out prompts
+(one engine start) → θ_t's evaluation → train θ_{t+1} (its first pass: θ_t's reference log-probs). θ_{t+1} is evaluated
+on iteration t+1's engines, the last iterate on its own."""
 
 from __future__ import annotations
 
@@ -132,33 +133,71 @@ class IterationResult:
         return ray.train.Checkpoint(path, filesystem=fs)
 
 
+@dataclass
+class _Opponent:
+    """θ_t's share of iteration t: its pairs and its held-out evaluation."""
+    model: str
+    pairs: PairsResult
+    evaluation: dict[str, Any] | None
+    seconds: dict[str, float]
+
+
+def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | None) -> _Opponent:
+    """θ_t's engine work on one engine start: the held-out answers of θ_t's evaluation (unless it is stored) and the
+    iteration's pairs. Then, with those engines gone and their devices free, the evaluation's log-prob pass."""
+    from spin_ray.evaluate import evaluate, heldout_answers, read_eval
+
+    t = cfg.iteration
+    start = time.perf_counter()
+    heldout = cfg.eval.enabled and read_eval(cfg.storage, t) is None
+    own = None
+    if pool is None and heldout and not records.is_complete(records.join(records.iter_dir(cfg.storage, t), "pairs")):
+        pool = own = EnginePool.start(cfg, model, t)
+    handoff = time.perf_counter() - start
+    try:
+        answers = heldout_answers(cfg, model, t, pool=pool) if heldout else None
+        t1 = time.perf_counter()
+        pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
+        t2 = time.perf_counter()
+    finally:
+        if own is not None:
+            own.shutdown()
+    evaluation = evaluate(cfg, model, t, answers=answers) if cfg.eval.enabled else None
+    seconds = {**pairs.seconds, "handoff": handoff, "pairs": t2 - t1,
+               "eval": t1 - start - handoff + time.perf_counter() - t2}
+    return _Opponent(model, pairs, evaluation, seconds)
+
+
+def _learn(cfg: SpinConfig, opponent: _Opponent, pool: EnginePool | None, evaluate_after: bool) -> IterationResult:
+    """θ_{t+1} trained against θ_t (its first pass: θ_t's reference log-probs), and evaluated if `evaluate_after`."""
+    from spin_ray.evaluate import evaluate
+    from spin_ray.train import train
+
+    t = cfg.iteration
+    start = time.perf_counter()
+    trained = train(cfg, model=opponent.model)
+    t_train = time.perf_counter() - start
+    after = None
+    if evaluate_after and cfg.eval.enabled:
+        if pool is not None:
+            pool.reload(trained.model, t + 1)
+        after = evaluate(cfg, trained.model, t + 1, pool=pool)
+    seconds = {**opponent.seconds, "train": t_train, "reference": trained.reference_seconds,
+               "eval": opponent.seconds["eval"] + time.perf_counter() - start - t_train}
+    return IterationResult(t, trained.model, opponent.pairs, trained.metrics, seconds, after, opponent.evaluation)
+
+
 def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
                   pool: EnginePool | None = None) -> IterationResult:
     """Iteration `cfg.iteration`: θ_t (`model`, default cfg.model) → pairs → θ_{t+1} → held-out evaluation of both.
 
-    Finished stages are kept. A warm `pool` holding θ_t is left holding θ_{t+1}.
+    θ_t's engines write the pairs and answer θ_t's held-out prompts on one start; θ_{t+1}'s evaluation starts its
+    own (`run` instead evaluates it on iteration t+1's engines). Finished stages are kept. A warm `pool` holding θ_t
+    is left holding θ_{t+1}.
     """
-    from spin_ray.evaluate import evaluate
-    from spin_ray.train import train
-
     cfg = preflight(cfg)
-    t = cfg.iteration
     model = model_path(model, cfg)
-    t0 = time.perf_counter()
-    before = evaluate(cfg, model, t, pool=pool) if cfg.eval.enabled else None
-    t1 = time.perf_counter()
-    pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
-    t3 = time.perf_counter()
-    trained = train(cfg, model=model)
-    t4 = time.perf_counter()
-    after = None
-    if cfg.eval.enabled:
-        if pool is not None:
-            pool.reload(trained.model, t + 1)
-        after = evaluate(cfg, trained.model, t + 1, pool=pool)
-    seconds = {**pairs.seconds, "pairs": t3 - t1, "train": t4 - t3, "reference": trained.reference_seconds,
-               "eval": time.perf_counter() - t4 + t1 - t0}
-    return IterationResult(t, trained.model, pairs, trained.metrics, seconds, after, before)
+    return _learn(cfg, _opponent(cfg, prompts, model, pool), pool, evaluate_after=True)
 
 
 def check_storage(cfg: SpinConfig) -> None:
@@ -217,6 +256,7 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     called after each iteration (progress). Needs Ray to be initialised (the CLI does it; inside a Ray program it is
     already up).
     """
+    from spin_ray.evaluate import read_eval
     from spin_ray.manifest import Manifest
 
     # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
@@ -229,18 +269,37 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     manifest = Manifest(cfg.storage)
     manifest.check(cfg, prompts.fingerprint, force=force)
     tracker = Tracker(cfg) if cfg.tracking.backend != "none" else None
-    model, previous, results, pool, ok = model_path(None, cfg), None, [], None, False
+    model, results, pool, pending, ok = model_path(None, cfg), [], None, None, False
+
+    def finish(result: IterationResult) -> None:
+        if cfg.eval.enabled and result.evaluation is None:  # θ_{t+1}'s, made by iteration t+1 (or stored before)
+            result.evaluation = read_eval(cfg.storage, result.iteration + 1)
+        manifest.stage(f"iter_{result.iteration}", "done", model=result.model, seconds=result.seconds,
+                       metrics=result.metrics, evaluation=result.evaluation)
+        results.append(result)
+        if tracker:
+            tracker.sync()
+        if on_iteration:
+            on_iteration(result)
+
     try:
         for t in range(cfg.loop.iterations):
-            result, pool = _iteration(resolved.for_iteration(t), prompts, model, previous, pool, manifest)
-            if result is None:
+            c = resolved.for_iteration(t)
+            if _stopped(c, manifest):  # θ_t's stored evaluation is at the fixed point: no engine starts
                 break
-            results.append(result)
-            previous, model = model, result.model
-            if tracker:
-                tracker.sync()
-            if on_iteration:
-                on_iteration(result)
+            pool, handoff = _warm(c, model, pool)
+            manifest.stage(f"iter_{t}", "running", model=model)
+            opponent = _opponent(c, prompts, model, pool)
+            opponent.seconds["handoff"] += handoff
+            if pending is not None:  # iteration t−1 ends with θ_t's evaluation, made on this iteration's engines
+                finish(pending)
+                pending = None
+            if _stopped(c, manifest):  # its pairs are written, and kept for a rerun with another ε
+                break
+            pending = _learn(c, opponent, pool, evaluate_after=t == cfg.loop.iterations - 1)
+            model = pending.model
+        if pending is not None:
+            finish(pending)
         ok = True
     finally:
         if pool is not None:
@@ -271,31 +330,28 @@ def at_fixed_point(reward_accuracy: float | None, epsilon: float | None) -> bool
     return epsilon is not None and reward_accuracy is not None and abs(reward_accuracy - 0.5) <= epsilon
 
 
-def _iteration(c: SpinConfig, prompts: Prepared, model: str, previous: str | None, pool: EnginePool | None,
-               manifest: "Manifest") -> tuple[IterationResult | None, EnginePool | None]:
-    """One step of `run`: the early-stop check, warm engines brought to θ_t, the iteration, its manifest entries."""
+def _stopped(c: SpinConfig, manifest: "Manifest") -> bool:
+    """θ_t's stored held-out evaluation puts it at the fixed point (loop.early_stop_epsilon): no iteration t."""
     from spin_ray.evaluate import read_eval
 
     t = c.iteration
-    if previous is not None:
-        accuracy = (read_eval(c.storage, t) or {}).get("reward_accuracy")
-        if at_fixed_point(accuracy, c.loop.early_stop_epsilon):
-            log.info("stopping before iteration %d: θ_%d's held-out reward accuracy %.3f is within %g of 0.5", t, t,
-                     accuracy, c.loop.early_stop_epsilon)
-            manifest.stage(f"iter_{t}", "stopped", heldout_accuracy=accuracy)
-            return None, pool
-    handoff = 0.0
-    if c.generate.keep_warm and not records.is_complete(records.join(records.iter_dir(c.storage, t), "model")):
-        start = time.perf_counter()
-        if pool is None:
-            pool = EnginePool(model, c.generate, iteration=t, seed=c.seed, max_length=c.data.max_length,
-                              max_prompt_length=c.data.max_prompt_length, trust_remote_code=c.trust_remote_code)
-        elif pool.model != model:
-            pool.reload(model, t)
-        handoff = time.perf_counter() - start
-    manifest.stage(f"iter_{t}", "running", model=model)
-    result = run_iteration(c, prompts, model=model, pool=pool)
-    result.seconds["handoff"] = handoff
-    manifest.stage(f"iter_{t}", "done", model=result.model, seconds=result.seconds, metrics=result.metrics,
-                   evaluation=result.evaluation)
-    return result, pool
+    accuracy = (read_eval(c.storage, t) or {}).get("reward_accuracy")
+    if not at_fixed_point(accuracy, c.loop.early_stop_epsilon):
+        return False
+    log.info("stopping before iteration %d: θ_%d's held-out reward accuracy %.3f is within %g of 0.5", t, t, accuracy,
+             c.loop.early_stop_epsilon)
+    manifest.stage(f"iter_{t}", "stopped", heldout_accuracy=accuracy)
+    return True
+
+
+def _warm(c: SpinConfig, model: str, pool: EnginePool | None) -> tuple[EnginePool | None, float]:
+    """With generate.keep_warm, the loop's engines brought to θ_t (started once, then reloaded in place), unless
+    iteration t is finished; and the seconds that took."""
+    if not c.generate.keep_warm or records.is_complete(records.join(records.iter_dir(c.storage, c.iteration), "model")):
+        return pool, 0.0
+    start = time.perf_counter()
+    if pool is None:
+        pool = EnginePool.start(c, model, c.iteration)
+    elif pool.model != model:
+        pool.reload(model, c.iteration)
+    return pool, time.perf_counter() - start

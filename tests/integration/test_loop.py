@@ -34,10 +34,21 @@ def lines(storage, t):
         return [json.loads(line) for line in f]
 
 
+def engines():
+    """Every generation engine the test cluster has started (alive or not), by actor id: the loop's own (Generator)
+    and Ray Data's (MapWorker(MapBatches(Generator))); not the forwarding PooledGenerator actors."""
+    from ray._private import state
+
+    return {i for i, a in state.actors().items()
+            if a["ActorClassName"] == "Generator" or a["ActorClassName"].endswith("(Generator))")}
+
+
 def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
-    seen = []
+    seen, started = [], engines()
     results = run(cfg_for(tiny_model, tmp_path), on_iteration=seen.append)
     assert [r.iteration for r in results] == [0, 1] and seen == results
+    # One engine start per iteration serves its pairs and its θ_t's held-out answers; θ_2's evaluation starts one more.
+    assert len(engines() - started) == 3
     it0, it1 = (os.path.join(tmp_path, f"iter_{t}") for t in (0, 1))
     assert results[0].model == os.path.join(it0, "model") and results[1].model == os.path.join(it1, "model")
     # θ_1 generated iteration 1's pairs; θ_1's reference pass scored them and iteration 0's (the window).
