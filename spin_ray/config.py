@@ -58,8 +58,11 @@ class GenerateConfig:
     tensor_parallel_size: int = 1
     batch_size: int = 64
     """Prompts per engine call (one Ray Data batch). vLLM decodes up to its max_num_seqs of them together (1024 on
-    H100/H200, 256 on smaller GPUs) and refills as answers finish, but a call's last answers run on a part-empty
-    engine: on GPUs use several times max_num_seqs (the presets: 2048-4096). Answers do not depend on it."""
+    H100/H200, 256 on smaller GPUs) and refills as answers finish. Answers do not depend on it."""
+    batches_in_flight: int = 2
+    """Batches each engine holds at once: they share one vLLM scheduler, so while one batch's last answers decode the
+    next one's are already being scheduled and the engine stays full until its shard runs out (1: one call at a time,
+    whose last answers run on a part-empty engine). Answers do not depend on it."""
     max_tokens: int = 256
     """New tokens per answer (uclaml/SPIN: 256)."""
     temperature: float = 1.0
@@ -298,6 +301,7 @@ class SpinConfig:
              "must be >= 1 or auto"),
             ("generate.tensor_parallel_size", self.generate.tensor_parallel_size >= 1, "must be >= 1"),
             ("generate.batch_size", self.generate.batch_size >= 1, "must be >= 1"),
+            ("generate.batches_in_flight", self.generate.batches_in_flight >= 1, "must be >= 1"),
             ("generate.max_tokens", self.generate.max_tokens >= 1, "must be >= 1"),
             ("generate.temperature", self.generate.temperature >= 0, "must be >= 0 (0 = greedy)"),
             ("generate.top_p", 0 < self.generate.top_p <= 1, "must be in (0, 1]"),

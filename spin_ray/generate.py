@@ -7,9 +7,12 @@ processors have no weight-reload API, which the loop needs to swap θ_{t+1} into
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import itertools
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +61,11 @@ class Answer:
 
 
 class VllmEngine:
-    """vLLM's offline `LLM`, fed token ids so it sees exactly the prompt the trainer sees."""
+    """vLLM's engine, fed token ids so it sees exactly the prompt the trainer sees.
+
+    Calls may come from several threads at once (generate.batches_in_flight): each adds its requests to one queue and
+    a single thread steps the engine for all of them, so vLLM schedules every call's prompts together.
+    """
 
     def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, max_model_len: int,
                  trust_remote_code: bool = False):
@@ -75,20 +82,90 @@ class VllmEngine:
                        # chat-template prefix is short there.
                        **vllm_device_args(on_gpu, max_model_len),
                        **({} if on_gpu else {"enable_prefix_caching": False}))
+        self._lock = threading.Lock()  # the engine: stepped, refilled and reloaded by one thread at a time
+        self._inbox: list[tuple[str, list[int], Any, _Call, int]] = []
+        self._calls: dict[str, tuple[_Call, int]] = {}
+        self._ids = itertools.count()
+        self._stepper: threading.Thread | None = None
+        self.peak_requests = 0
+        """The most requests the engine held at once: above one call's size when batches overlapped."""
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        params = [SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                 seed=s) for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [Answer(o.outputs[0].text.strip(), o.outputs[0].finish_reason, len(o.outputs[0].token_ids))
-                for o in outs]
+        call = _Call(len(prompts))
+        with self._lock:
+            for i, (p, s) in enumerate(zip(prompts, seeds)):
+                params = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
+                                        top_p=self.cfg.top_p, seed=s, output_kind=RequestOutputKind.FINAL_ONLY)
+                self._inbox.append((str(next(self._ids)), p, params, call, i))
+            if self._stepper is None and prompts:
+                self._stepper = threading.Thread(target=self._step, name="vllm-stepper", daemon=True)
+                self._stepper.start()
+        return call.wait()
+
+    def _step(self) -> None:
+        """Step the engine until every request added so far is answered; later calls start a new stepper."""
+        engine = self.llm.llm_engine
+        while True:
+            with self._lock:
+                try:
+                    for rid, p, params, call, i in self._inbox:
+                        engine.add_request(rid, {"prompt_token_ids": p}, params)
+                        self._calls[rid] = (call, i)
+                    self._inbox.clear()
+                    if not engine.has_unfinished_requests():
+                        self._stepper = None
+                        return
+                    self.peak_requests = max(self.peak_requests, engine.get_num_unfinished_requests())
+                    for out in engine.step():
+                        if out.finished:
+                            call, i = self._calls.pop(out.request_id)
+                            o = out.outputs[0]
+                            call.put(i, Answer(o.text.strip(), o.finish_reason, len(o.token_ids)))
+                except BaseException as e:  # every waiting call fails with it, none hangs
+                    for call, _ in [*self._calls.values(), *((c, i) for *_, c, i in self._inbox)]:
+                        call.fail(e)
+                    with contextlib.suppress(Exception):
+                        engine.abort_request(list(self._calls))
+                    self._calls.clear()
+                    self._inbox.clear()
+                    self._stepper = None
+                    return
 
     def reload(self, model: str) -> None:
         """Swap new weights (same architecture) into the running engine: ~0.015 s on CPU vs ~10 s for a new one."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
-        self.llm.reset_prefix_cache()
+        with self._lock:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
+            self.llm.reset_prefix_cache()
+
+
+class _Call:
+    """One generate() call's answers, filled by the stepping thread."""
+
+    def __init__(self, n: int):
+        self.answers: list[Answer | None] = [None] * n
+        self.left, self.error = n, None
+        self.done = threading.Event()
+        if n == 0:
+            self.done.set()
+
+    def put(self, i: int, answer: Answer) -> None:
+        self.answers[i] = answer
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def wait(self) -> list[Answer]:
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"the vLLM engine failed: {self.error!r}") from self.error
+        return self.answers
 
 
 class TransformersEngine:
@@ -101,11 +178,16 @@ class TransformersEngine:
         from spin_ray.models import load_model
 
         self.cfg, self.tokenizer, self.trust_remote_code = cfg, tokenizer, trust_remote_code
+        self.lock = threading.Lock()  # one call at a time: batches in flight queue here
         self.device = "cuda" if on_gpu else "cpu"
         self.model = load_model(model, dtype=getattr(torch, resolve_dtype(cfg.dtype, on_gpu)),
                                 trust_remote_code=trust_remote_code).to(self.device).eval()
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
+        with self.lock:
+            return self._generate(prompts, seeds)
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         import torch
 
         # HF sampling has one RNG per call, so the seed is per batch: reproducible when batches are formed alike.
@@ -134,7 +216,8 @@ class TransformersEngine:
         from spin_ray.models import load_model
 
         state = load_model(model, dtype=self.model.dtype, trust_remote_code=self.trust_remote_code).state_dict()
-        self.model.load_state_dict(state)
+        with self.lock:
+            self.model.load_state_dict(state)
 
 
 def _as_list(x: Any) -> list[int]:
@@ -163,6 +246,7 @@ class Generator:
             self.engine = TransformersEngine(model, cfg, on_gpu=on_gpu, tokenizer=self.tokenizer,
                                              trust_remote_code=trust_remote_code)
         self.claimed = False
+        self.tokenizing = threading.Lock()  # calls run in several threads (batches_in_flight); the tokenizer is shared
 
     def reload(self, model: str, iteration: int) -> None:
         """Become θ_{t+1}'s engine for iteration t+1 without a restart (same architecture)."""
@@ -177,7 +261,8 @@ class Generator:
 
     def claim(self) -> bool:
         """Hand this engine to one forwarding stage actor per Ray Data execution (see EnginePool)."""
-        claimed, self.claimed = self.claimed, True
+        with self.tokenizing:  # the actor is threaded: two claims must not both win
+            claimed, self.claimed = self.claimed, True
         return not claimed
 
     def release(self) -> None:
@@ -185,15 +270,16 @@ class Generator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts, seeds = [], []
-        for pid, messages in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
-            # The trainer's prompt (template.py's one rule); an answer running past max_model_len is capped by the
-            # engine and cut to max_length − len(prompt) below, still a prefix of a sample.
-            prompts.append(truncate_prompt(prompt_ids(self.tokenizer, messages), self.max_prompt_length))
-            seeds.append(sample_seed(self.seed, pid, self.iteration))
+        with self.tokenizing:
+            for pid, messages in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
+                # The trainer's prompt (template.py's one rule); an answer running past max_model_len is capped by
+                # the engine and cut to max_length − len(prompt) below, still a prefix of a sample.
+                prompts.append(truncate_prompt(prompt_ids(self.tokenizer, messages), self.max_prompt_length))
+                seeds.append(sample_seed(self.seed, pid, self.iteration))
         answers = self.engine.generate(prompts, seeds)
-        # Tokenised once, here: the trainer reads these ids and never tokenises.
-        encoded = [answer_ids(self.tokenizer, p, real, a.text, max_length=self.max_length)
-                   for p, real, a in zip(prompts, batch.column("real").to_pylist(), answers)]
+        with self.tokenizing:  # tokenised once, here: the trainer reads these ids and never tokenises
+            encoded = [answer_ids(self.tokenizer, p, real, a.text, max_length=self.max_length)
+                       for p, real, a in zip(prompts, batch.column("real").to_pylist(), answers)]
         batch = (batch.append_column("generated", pa.array([a.text for a in answers], pa.string()))
                  .append_column("finish_reason", pa.array([a.finish_reason for a in answers], pa.string()))
                  .append_column("generated_tokens", pa.array([a.num_tokens for a in answers], pa.int32()))
@@ -229,7 +315,8 @@ class EnginePool:
         """A new engine holding the pool's current model and iteration."""
         import ray
 
-        actor = ray.remote(num_cpus=self.cfg.num_cpus_per_actor,
+        # Threaded: batches_in_flight calls share the engine, and claim/release/reload are never stuck behind them.
+        actor = ray.remote(num_cpus=self.cfg.num_cpus_per_actor, max_concurrency=self.cfg.batches_in_flight + 1,
                            num_gpus=actor_gpus(self.cfg.num_gpus_per_actor, self.cfg.tensor_parallel_size))(Generator)
         return actor.remote(self.model, self.cfg, **self.kwargs)
 
@@ -269,18 +356,23 @@ class PooledGenerator:
         self.engine = next((e for e in pool.engines if ray.get(e.claim.remote())), None)
         if self.engine is None:
             raise RuntimeError("more forwarding actors than engines in the pool")
+        self.replacing = threading.Lock()  # batches in flight see a dead engine together; one replaces it
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
+        engine = self.engine
         try:
-            return ray.get(self.engine.__call__.remote(batch))
+            return ray.get(engine.__call__.remote(batch))
         except ray.exceptions.RayActorError:
             # The engine died inside this batch: redo it on a new engine (answers are seeded per prompt, so they are
             # the same). This actor owns the new one until the execution ends; the pool replaces its own at next use.
-            log.warning("a warm generation engine died mid-batch; redoing the batch on a new engine")
-            self.engine = self.pool.spawn()
-            return ray.get(self.engine.__call__.remote(batch))
+            with self.replacing:
+                if self.engine is engine:
+                    log.warning("a warm generation engine died mid-batch; redoing the batch on a new engine")
+                    self.engine = self.pool.spawn()
+                engine = self.engine
+            return ray.get(engine.__call__.remote(batch))
 
 
 def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
@@ -292,10 +384,13 @@ def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iterati
     """
     from ray.data import ActorPoolStrategy
 
+    # batches_in_flight calls per actor at once, in threads of the actor: they share its engine's scheduler.
+    depth = dict(max_concurrent_calls_per_actor=cfg.batches_in_flight,
+                 enable_true_multi_threading=cfg.batches_in_flight > 1)
     if pool is not None:
         pool.ready()
         return ds.map_batches(PooledGenerator, fn_constructor_kwargs={"pool": pool}, batch_format="pyarrow",
-                              batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=len(pool.engines)),
+                              batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=len(pool.engines), **depth),
                               num_cpus=0)
     return ds.map_batches(
         Generator,
@@ -303,7 +398,7 @@ def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iterati
                                    max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(size=cfg.num_actors),
+        compute=ActorPoolStrategy(size=cfg.num_actors, **depth),
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=actor_gpus(cfg.num_gpus_per_actor, cfg.tensor_parallel_size),
     )

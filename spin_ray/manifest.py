@@ -15,7 +15,8 @@ from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 
 # Keys that change how fast a run goes, not what it computes.
-NOT_HASHED = ("ray", "tracking", "loop.iterations", "loop.select", "generate.num_actors", "generate.batch_size", "generate.keep_warm",
+NOT_HASHED = ("ray", "tracking", "loop.iterations", "loop.select", "generate.num_actors", "generate.batch_size",
+              "generate.batches_in_flight", "generate.keep_warm",
               "train.report_every", "train.checkpoint_every",
               "train.checkpoint_every_minutes", "train.checkpoint_every_epoch", "train.num_to_keep", "iteration")
 

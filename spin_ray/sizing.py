@@ -481,9 +481,10 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     gen_dev_mfu = MFU["gpu_prefill"] if gen_gpu else MFU["cpu"]
     per_actor = math.ceil(prompts / g.num_actors)
     gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
-    # One engine call of generate.batch_size prompts at a time: vLLM decodes at most that many together.
-    max_seqs = vllm_max_num_seqs(dev) if gen_gpu else g.batch_size
-    concurrency = max(1, min(per_actor, seqs, max_seqs, g.batch_size))
+    # An engine holds batches_in_flight calls of batch_size prompts: vLLM decodes at most that many together.
+    queued = g.batch_size * g.batches_in_flight
+    max_seqs = vllm_max_num_seqs(dev) if gen_gpu else queued
+    concurrency = max(1, min(per_actor, seqs, max_seqs, queued))
     bandwidth = (dev.bandwidth_tbs if gen_gpu else CPU_BANDWIDTH_TBS) * 1e12 * (g.tensor_parallel_size if gen_gpu
                                                                                 else 1)
     step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
@@ -514,10 +515,11 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                    f"workers' start, weight broadcast and export {TRAIN_START_S:.0f} s (stated)")
     out.append(f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations "
                f"{_dur(iteration_s * cfg.loop.iterations)}")
-    if gen_gpu and g.batch_size < min(per_actor, seqs, max_seqs):
-        out.append(f"  generate.batch_size = {g.batch_size} keeps at most {g.batch_size} sequences decoding per engine "
-                   f"where vLLM would run {min(seqs, max_seqs)} ({dev.name}: max_num_seqs {max_seqs}, KV cache "
-                   f"{seqs}); a generate.batch_size of {4 * max_seqs} keeps it full")
+    if gen_gpu and queued < min(per_actor, seqs, max_seqs):
+        out.append(f"  generate.batch_size {g.batch_size} x batches_in_flight {g.batches_in_flight} keeps at most "
+                   f"{queued} sequences decoding per engine where vLLM would run {min(seqs, max_seqs)} ({dev.name}: "
+                   f"max_num_seqs {max_seqs}, KV cache {seqs}); a generate.batch_size of "
+                   f"{math.ceil(2 * max_seqs / g.batches_in_flight)} keeps it full")
     if on_gpu:
         out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
     out += ["", "assumptions: " + "; ".join([
@@ -525,7 +527,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         "SmolLM2-1.7B, flattened micro-batches through per-sequence SDPA; the fused varlen kernel not yet timed), "
         f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
         f"vLLM: bf16 weights, {concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
-        "KV cache holds and generate.batch_size bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
+        "KV cache holds and generate.batch_size x batches_in_flight bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
         "generate.max_tokens",
         "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
         "with every sequence at data.max_length",

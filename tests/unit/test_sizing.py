@@ -133,26 +133,29 @@ def test_paper_recipe_fits_one_eight_gpu_node_as_shipped(cluster):
     assert "pairs   generate " in text and "train   train " in text and "score" not in text
     assert "train.num_workers auto = 8: every GPU, 8 pair(s) each" in text and "HSDP" not in text
     assert "  goal      1.5 h per iteration" in text
-    # vLLM's max_num_seqs: 1024 on H100, bound here by the KV cache (977); 256 on A100s. The preset's calls of 4096
-    # prompts do not bind it, so the plan has no batch-size advice.
+    # vLLM's max_num_seqs: 1024 on H100, bound here by the KV cache (977); 256 on A100s. The preset's 2 calls of 1024
+    # prompts in flight do not bind it, so the plan has no batch-size advice.
     assert f"vLLM: bf16 weights, {977 if cluster == '1x8xH100' else 256} sequences" in text
     assert "keeps at most" not in text
 
 
 def test_a_small_engine_call_binds_generation():
-    """generate.batch_size caps the sequences an engine decodes at once (one call at a time): 256 of the 977 the H100's
-    KV cache holds; the plan says so and what keeps it full, and its decode term counts 256 sequences per step."""
+    """generate.batch_size x batches_in_flight caps the sequences an engine decodes at once: 2 x 128 = 256 of the 977
+    the H100's KV cache holds; the plan says so and what keeps it full, and its decode term counts 256 sequences per
+    step. 4 calls of 128 in flight hold 512."""
     c = SpinConfig.load(PAPER)
-    small = dataclasses.replace(c, generate=dataclasses.replace(c.generate, batch_size=256))
+    small = dataclasses.replace(c, generate=dataclasses.replace(c.generate, batch_size=128, batches_in_flight=2))
+    deeper = dataclasses.replace(c, generate=dataclasses.replace(c.generate, batch_size=128, batches_in_flight=4))
     arch, cluster = load_arch(c.model), parse_cluster("1x8xH100")
     shipped, capped = make_plan(c, cluster, arch), make_plan(small, cluster, arch)
     text = "\n".join(capped.lines)
-    assert ("generate.batch_size = 256 keeps at most 256 sequences decoding per engine where vLLM would run 977" in text
-            and "a generate.batch_size of 4096" in text)
+    assert ("generate.batch_size 128 x batches_in_flight 2 keeps at most 256 sequences decoding per engine where vLLM "
+            "would run 977" in text and "a generate.batch_size of 1024 keeps it full" in text)
 
     def generate_line(plan):
         return next(line for line in plan.lines if line.startswith("  generate ") and "new tokens" in line)
     assert generate_line(capped).endswith("at 256 sequences/step)")
+    assert generate_line(make_plan(deeper, cluster, arch)).endswith("at 512 sequences/step)")
     assert generate_line(shipped).endswith("at 977 sequences/step)")
 
 
