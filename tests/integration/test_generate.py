@@ -144,38 +144,37 @@ def test_prompts_reach_the_engines_in_blocks_of_one_batch(ray_cluster, tmp_path)
         prompts.table().column("prompt_id").to_pylist()
 
 
-def _engine_in_flight(model):
-    """In a Ray worker (vLLM lowers the torch threads of its process): three calls of 8 prompts on one real vLLM
-    engine, first one at a time, then all three at once from three threads."""
-    import threading
-
-    from transformers import AutoTokenizer
-
-    from spin_ray.config import GenerateConfig
-    from spin_ray.generate import VllmEngine
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [tokenizer.encode(f"Count the letters: {'ab' * (1 + i % 5)}{i}") for i in range(24)]
-    chunks = [(prompts[i:i + 8], list(range(100 + i, 108 + i))) for i in range(0, 24, 8)]
-    engine = VllmEngine(model, GenerateConfig(max_tokens=12, temperature=1.0), on_gpu=False, max_model_len=128)
-    one_at_a_time = [engine.generate(*chunk) for chunk in chunks]
-    peak_alone = engine.peak_requests
-    together, start = [None] * 3, threading.Barrier(3)
-
-    def call(k):
-        start.wait()
-        together[k] = engine.generate(*chunks[k])
-
-    threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return one_at_a_time, together, peak_alone, engine.peak_requests
-
-
 def test_batches_in_flight_share_one_engine_and_keep_every_answer(tiny_model, ray_cluster):
     import ray
+
+    def _engine_in_flight(model):  # nested: Ray ships it by value
+        """In a Ray worker (vLLM lowers the torch threads of its process): three calls of 8 prompts on one real vLLM
+        engine, first one at a time, then all three at once from three threads."""
+        import threading
+
+        from transformers import AutoTokenizer
+
+        from spin_ray.config import GenerateConfig
+        from spin_ray.generate import VllmEngine
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        prompts = [tokenizer.encode(f"Count the letters: {'ab' * (1 + i % 5)}{i}") for i in range(24)]
+        chunks = [(prompts[i:i + 8], list(range(100 + i, 108 + i))) for i in range(0, 24, 8)]
+        engine = VllmEngine(model, GenerateConfig(max_tokens=12, temperature=1.0), on_gpu=False, max_model_len=128)
+        one_at_a_time = [engine.generate(*chunk) for chunk in chunks]
+        peak_alone = engine.peak_requests
+        together, start = [None] * 3, threading.Barrier(3)
+
+        def call(k):
+            start.wait()
+            together[k] = engine.generate(*chunks[k])
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return one_at_a_time, together, peak_alone, engine.peak_requests
 
     alone, together, peak_alone, peak = ray.get(ray.remote(num_cpus=0.5)(_engine_in_flight).remote(tiny_model))
     assert peak_alone == 8 and peak > 8  # one scheduler held more than one call's requests at once
