@@ -16,8 +16,8 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
             rank 0) and its train_step, with the trainer's micro-batching; variants of how a step's pairs are cut
             into forwards:
               before   random micro_batch_size pairs per forward, 2B sequences padded to the longest (the old rule,
-                       padding.padded_step on the same model and optimizer)
-              packed   pairs packed in padded rows with a block mask (the rule before flattening; padded_step),
+                       Trainer.train_step with only its forward swapped: padding.layout_trainer)
+              packed   pairs packed in padded rows with a block mask (the rule before flattening; the same way),
                        length-grouped, micro_batch_size rows
               varlen   spin_ray.train today: Trainer.train_step on flattened micro-batches (no padding, no mask),
                        length-grouped, micro_batch_size pairs
@@ -91,28 +91,28 @@ def trace(what: str) -> None:
 
 
 def run_steps(trainer, pairs, plan, device, layout: str, ref=None) -> dict:
-    """`plan`'s steps through the trainer's own Trainer.train_step (`varlen`) or a padded layout (padding.padded_step);
-    step 1 is warm-up, 2..N are timed. Reference log-probs: the reference pass's (`ref`), else 0 (speed does not
-    depend on them)."""
-    from padding import padded_step
+    """`plan`'s steps through the trainer's own Trainer.train_step in `layout` (`varlen`, the trainer's, or a padded
+    one: padding.layout_trainer); step 1 is warm-up, 2..N are timed. Reference log-probs: the reference pass's
+    (`ref`), else 0 (speed does not depend on them)."""
+    from padding import forward_tokens
 
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     stamps, real, first_loss, seq_lens = [], [], None, []
-    for step in plan:
-        batches = [[{**pairs[i], "ref_logp_real": ref[0][i] if ref else 0.0,
-                     "ref_logp_generated": ref[1][i] if ref else 0.0} for i in idx] for idx in step]
-        if layout == "varlen":
+    trainer.layout = layout
+    try:
+        for step in plan:
+            batches = [[{**pairs[i], "ref_logp_real": ref[0][i] if ref else 0.0,
+                         "ref_logp_generated": ref[1][i] if ref else 0.0} for i in idx] for idx in step]
             metrics = trainer.train_step(batches)
-            tokens = metrics["tokens"]
             first_loss = metrics["loss"] if first_loss is None else first_loss
-        else:
-            tokens, _ = padded_step(trainer, batches, layout)
-        trace("step")
-        seq_lens += [len(p["prompt_ids"]) + len(p[k]) for b in batches for p in b
-                     for k in ("real_ids", "generated_ids")]
-        sync(device)
-        stamps.append(time.perf_counter())
-        real.append(tokens)
+            trace("step")
+            seq_lens += [len(p["prompt_ids"]) + len(p[k]) for b in batches for p in b
+                         for k in ("real_ids", "generated_ids")]
+            sync(device)
+            stamps.append(time.perf_counter())
+            real.append(sum(forward_tokens(pairs, idx, layout)[0] for idx in step))
+    finally:
+        trainer.layout = "varlen"  # the other sections time the trainer's own layout
     seconds = stamps[-1] - stamps[0]
     out = {"real_tok_s": sum(real[1:]) / seconds if seconds else None, "timed_tokens": sum(real[1:]),
            "timed_seconds": seconds, "first_loss": first_loss,
@@ -274,8 +274,9 @@ def main() -> None:
     # The trainer's FSDP2 bf16 model, built as train_loop_per_worker builds it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    from padding import layout_trainer
+
     from spin_ray.batching import even_micro_batches, worker_shares
-    from spin_ray.trainer import Trainer
     cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
         "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
         f"train.global_batch_size={args.pairs_per_step}", f"data.max_length={args.max_length}",
@@ -283,7 +284,7 @@ def main() -> None:
         f"train.activation_checkpointing={args.activation_checkpointing}", f"train.compile={args.compile}"])
     t0 = time.perf_counter()
     # Every run of every variant is steps of one schedule: lr hardly moves (only speed and memory are measured).
-    trainer = Trainer(source, cfg.train, total_steps=100 * args.steps * args.repeats, device=device)
+    trainer = layout_trainer(source, cfg.train, total_steps=100 * args.steps * args.repeats, device=device)
     trainer.setup()
     if args.attention == "per-sequence":
         from spin_ray.template import VARLEN_SDPA

@@ -1,6 +1,6 @@
-"""Peak memory of one training step: full-vocabulary logits at every position (before, the former path's own forward
-and backward, then AdamW's step) against the trainer's own Trainer.train_step (after: flattened sequences, the LM head
-at the labelled positions only, in chunks), same model, same micro-batch.
+"""Peak memory of one training step: full-vocabulary logits at every position (before: Trainer.train_step with the former
+forward swapped in) against the trainer's own Trainer.train_step (after: flattened sequences, the LM head at the
+labelled positions only, in chunks), same model, same micro-batch, same AdamW step.
 
 Model: a random Llama with SmolLM2-135M's widths (576 hidden, 9/3 heads, 1536 MLP), --layers layers and a --vocab
 vocabulary (default 32000), float32 on CPU; --recompute turns on full activation checkpointing on both sides.
@@ -45,9 +45,8 @@ def full_logits_packed_logps(model, batch):
 
 
 def step_memory(variant: str, args: dict) -> dict:
-    """One optimizer step of the SPIN loss in this (fresh) process: RSS before, peak RSS after, seconds. `after` is
-    the trainer's own Trainer.train_step; `before` the former full-logits forward and backward, then the same AdamW
-    step."""
+    """One optimizer step of the SPIN loss in this (fresh) process: RSS before, peak RSS after, seconds. Both are
+    Trainer.train_step: `after` the trainer's own, `before` with the former full-logits forward in its place."""
     import resource
     import tempfile
     import time
@@ -57,7 +56,6 @@ def step_memory(variant: str, args: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spin_ray.config import TrainConfig
-    from spin_ray.loss import spin_loss
     from spin_ray.template import pack_pairs
     from spin_ray.trainer import Trainer
 
@@ -75,27 +73,23 @@ def step_memory(variant: str, args: dict) -> dict:
     # train.activation_checkpointing=full (--recompute), on both sides: each layer keeps only its input.
     tc = TrainConfig(optimizer="adamw", beta=0.1, micro_batch_size=len(pairs), global_batch_size=len(pairs),
                      activation_checkpointing="full" if args["recompute"] else "none")
-    if variant == "after":
-        source = tempfile.mkdtemp(prefix="logits-memory-")
-        model.save_pretrained(source)
-        del model
-        trainer = Trainer(source, tc, total_steps=1)
-        trainer.setup()
-    else:
-        model.train()
-        if args["recompute"]:
-            model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    source = tempfile.mkdtemp(prefix="logits-memory-")
+    model.save_pretrained(source)
+    del model
+
+    class FullLogits(Trainer):
+        """The former forward: pack_pairs rows, logits at every position (the rest of the step is the trainer's)."""
+
+        def forward(self, pairs):
+            batch = pack_pairs(pairs, 0)
+            real, generated = full_logits_packed_logps(self.model, batch)
+            return real, generated, batch["input_ids"].numel()
+
+    trainer = (Trainer if variant == "after" else FullLogits)(source, tc, total_steps=1)
+    trainer.setup()
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    if variant == "after":
-        trainer.train_step([pairs])
-    else:
-        real, generated = full_logits_packed_logps(model, pack_pairs(pairs, 0))
-        zero = torch.zeros_like(real)
-        loss, _ = spin_loss(real, generated, zero, zero, tc.beta)
-        loss.backward()
-        optimizer.step()
+    trainer.train_step([pairs])
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"rss_before_mib": before / 2**20, "peak_rss_mib": peak / 2**20, "step_mib": (peak - before) / 2**20,

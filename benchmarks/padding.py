@@ -12,9 +12,9 @@ varlen          spin_ray.train today: Trainer.train_step on flattened micro-batc
                 as fit train.micro_batch_tokens
 
 One process, no Ray: the same model, seeded global batches and sequences for every variant, run one after another;
-only how a step's pairs are cut into forwards differs (the loss is the same mean either way). varlen runs the
-trainer's own step (spin_ray.trainer.Trainer.train_step); the others run their layout's forward on the same model and
-optimizer (`padded_step`). Reference log-probs are 0 (speed does not depend on them). Real tokens/s = real tokens of
+only how a step's pairs are cut into forwards differs (the loss is the same mean either way). Every variant runs
+the trainer's own step (spin_ray.trainer.Trainer.train_step) on the same model and optimizer; the padded ones
+override only its forward (`layout_trainer`). Reference log-probs are 0 (speed does not depend on them). Real tokens/s = real tokens of
 steps 2..N / their wall time; padding share = 1 − real / processed tokens; "max tok/fwd" = the largest forward
 (padding included), a proxy for peak activation memory.
 
@@ -78,37 +78,30 @@ def long_tailed_pairs(n: int, vocab: int, max_length: int, max_prompt_length: in
     return out
 
 
-def padded_step(trainer, micro_batches: list[list[dict[str, list[int]]]], layout: str) -> tuple[int, int]:
-    """One optimizer step in a padded layout, on the trainer's model and optimizer: the layouts that the trainer's
-    flattened one replaced. `collate`: the 2B sequences padded to the longest; `pack_pairs`: each pair in one row
-    (both sequences side by side, block-diagonal causal mask), rows padded to the longest. Returns (real, processed)
-    tokens."""
-    import torch
-
-    from spin_ray.loss import spin_loss
+def layout_trainer(*args, **kwargs):
+    """A Trainer whose micro-batch layout is switchable (`.layout`): `varlen` is the trainer's own; `collate` (the 2B
+    sequences padded to the longest) and `pack_pairs` (each pair in one row, both sequences side by side with a
+    block-diagonal causal mask, rows padded to the longest) are the padded layouts it replaced. Only
+    Trainer.forward differs: every layout's step is Trainer.train_step (loss, accumulation, clipping, optimizer)."""
     from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
+    from spin_ray.trainer import Trainer
 
-    n = sum(map(len, micro_batches))
-    tokens = processed = 0
-    for pairs in micro_batches:
-        if layout == "pack_pairs":
-            batch = {k: v.to(trainer.device) for k, v in pack_pairs(pairs, 0).items()}
-            real, generated = packed_logps(trainer.model, batch)
-            present = batch["segment"] > 0
-        else:
-            batch = {k: v.to(trainer.device) for k, v in collate(pairs, 0).items()}
-            logps = sequence_logps(trainer.model, batch)
-            real, generated = logps[:len(pairs)], logps[len(pairs):]
-            present = batch["attention_mask"] > 0
-        zero = torch.zeros(len(pairs), dtype=torch.float64, device=trainer.device)
-        loss, _ = spin_loss(real, generated, zero, zero, trainer.tc.beta)
-        (loss * len(pairs) / n).backward()
-        tokens += int(present.sum())
-        processed += present.numel()
-    torch.nn.utils.clip_grad_norm_(trainer.params, trainer.tc.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return tokens, processed
+    class LayoutTrainer(Trainer):
+        layout = "varlen"
+
+        def forward(self, pairs):
+            if self.layout == "varlen":
+                return super().forward(pairs)
+            if self.layout == "pack_pairs":
+                batch = {k: v.to(self.device) for k, v in pack_pairs(pairs, 0).items()}
+                real, generated = packed_logps(self.model, batch)
+            else:
+                batch = {k: v.to(self.device) for k, v in collate(pairs, 0).items()}
+                logps = sequence_logps(self.model, batch)
+                real, generated = logps[:len(pairs)], logps[len(pairs):]
+            return real, generated, batch["input_ids"].numel()
+
+    return LayoutTrainer(*args, **kwargs)
 
 
 def forward_tokens(pairs: list[dict[str, list[int]]], idx: list[int], layout: str) -> tuple[int, int]:
@@ -122,19 +115,14 @@ def forward_tokens(pairs: list[dict[str, list[int]]], idx: list[int], layout: st
 
 
 def run_variant(trainer, pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], layout: str) -> dict:
-    """Every step of `plan` (micro-batches of pair indices), through Trainer.train_step (`varlen`) or a padded
-    layout (padded_step)."""
+    """Every step of `plan` (micro-batches of pair indices) through Trainer.train_step in `layout` (layout_trainer)."""
+    trainer.layout = layout
     stamps, real_per_step, processed_per_step = [], [], []
     for step in plan:
         batches = [[{**pairs[i], "ref_logp_real": 0.0, "ref_logp_generated": 0.0} for i in idx] for idx in step]
-        if layout == "varlen":
-            tokens = trainer.train_step(batches)["tokens"]
-            processed = tokens
-        else:
-            tokens, processed = padded_step(trainer, batches, layout)
+        processed_per_step.append(trainer.train_step(batches)["tokens"])
         stamps.append(time.perf_counter())
-        real_per_step.append(tokens)
-        processed_per_step.append(processed)
+        real_per_step.append(sum(forward_tokens(pairs, idx, layout)[0] for idx in step))
     seconds = stamps[-1] - stamps[0]
     return {"real_tok_s": sum(real_per_step[1:]) / seconds,
             "padding_share": 1 - sum(real_per_step) / sum(processed_per_step),
@@ -200,7 +188,6 @@ def main() -> None:
     from _common import RssSampler
 
     from spin_ray.config import TrainConfig
-    from spin_ray.trainer import Trainer
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
@@ -210,8 +197,8 @@ def main() -> None:
     if not args.plan_only:
         source = tempfile.mkdtemp(prefix="spin-bench-pad-model-")
         LlamaForCausalLM(config).save_pretrained(source)
-        trainer = Trainer(source, TrainConfig(optimizer="adamw", lr=1e-6, warmup_ratio=0.0),
-                          total_steps=8 * args.steps)  # 2 data sets x 4 variants
+        trainer = layout_trainer(source, TrainConfig(optimizer="adamw", lr=1e-6, warmup_ratio=0.0),
+                                 total_steps=8 * args.steps)  # 2 data sets x 4 variants
         trainer.setup()
     budget = args.tokens or 2 * args.micro_batch * args.max_length
     n = args.steps * args.global_batch

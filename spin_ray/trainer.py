@@ -262,6 +262,14 @@ class Trainer:
         # float64 as stored: the loss's reward difference is taken at the reference's precision
         return torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=self.device)
 
+    def forward(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The policy's summed log-probs (real, generated) of one micro-batch with gradients, and the tokens the
+        forward computed: the flattened layout. The step's one layout decision (benchmarks time the padded layouts it
+        replaced by overriding it)."""
+        batch = self._batch(pairs)
+        real, generated = varlen_logps(self.model, batch)
+        return real, generated, batch["input_ids"].numel()
+
     def train_step(self, micro_batches: Sequence[Sequence[Pair]]) -> dict[str, float]:
         """One optimizer step over this worker's micro-batches (gradients accumulated, reduced across workers
         once); the metrics are means over every worker's pairs (loss, rewards/*, logps/*) or sums (tokens)."""
@@ -270,9 +278,8 @@ class Trainer:
         t0 = time.perf_counter()
         tokens = 0
         for i, pairs in enumerate(micro_batches):
-            batch = self._batch(pairs)
             with grad_sync(self.model, i == len(micro_batches) - 1):
-                real, generated = varlen_logps(self.model, batch)
+                real, generated, computed = self.forward(pairs)
                 real_tokens = torch.tensor([len(p["real_ids"]) for p in pairs], dtype=real.dtype, device=real.device)
                 loss, m = spin_loss(real, generated, self._ref(pairs, "ref_logp_real"),
                                     self._ref(pairs, "ref_logp_generated"), tc.beta, tc.loss_type,
@@ -280,7 +287,7 @@ class Trainer:
                 (loss * len(pairs) / mine).backward()
             row = torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(pairs)
             sums = row if i == 0 else sums + row
-            tokens += batch["input_ids"].numel()
+            tokens += computed
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.scheduler.get_last_lr()[0]
