@@ -165,6 +165,7 @@ def test_bad_config_file(tmp_path, content, needle):
     ("train.lr=inf", "train.lr = inf: must be a finite number"),
     ("train.lr=.nan", "train.lr = nan: must be a finite number"),
     ("eval.split=train", "eval.split = 'train': must differ from data.split ('train')"),
+    ("generate.batches_in_flight=0", "generate.batches_in_flight = 0: must be >= 1"),
 ])
 def test_bad_set_value(tmp_path, override, needle):
     assert needle in refused(tmp_path, override, command="run")
