@@ -246,7 +246,7 @@ class Generator:
             self.engine = TransformersEngine(model, cfg, on_gpu=on_gpu, tokenizer=self.tokenizer,
                                              trust_remote_code=trust_remote_code)
         self.claimed = False
-        self.tokenizing = threading.Lock()  # calls run in several threads (batches_in_flight); the tokenizer is shared
+        self.lock = threading.Lock()  # the tokenizer and the claim, shared by the calls in flight (threads)
 
     def reload(self, model: str, iteration: int) -> None:
         """Become θ_{t+1}'s engine for iteration t+1 without a restart (same architecture)."""
@@ -261,7 +261,7 @@ class Generator:
 
     def claim(self) -> bool:
         """Hand this engine to one forwarding stage actor per Ray Data execution (see EnginePool)."""
-        with self.tokenizing:  # the actor is threaded: two claims must not both win
+        with self.lock:  # the actor is threaded: two claims must not both win
             claimed, self.claimed = self.claimed, True
         return not claimed
 
@@ -270,14 +270,14 @@ class Generator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts, seeds = [], []
-        with self.tokenizing:
+        with self.lock:
             for pid, messages in zip(batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()):
                 # The trainer's prompt (template.py's one rule); an answer running past max_model_len is capped by
                 # the engine and cut to max_length − len(prompt) below, still a prefix of a sample.
                 prompts.append(truncate_prompt(prompt_ids(self.tokenizer, messages), self.max_prompt_length))
                 seeds.append(sample_seed(self.seed, pid, self.iteration))
         answers = self.engine.generate(prompts, seeds)
-        with self.tokenizing:  # tokenised once, here: the trainer reads these ids and never tokenises
+        with self.lock:  # tokenised once, here: the trainer reads these ids and never tokenises
             encoded = [answer_ids(self.tokenizer, p, real, a.text, max_length=self.max_length)
                        for p, real, a in zip(prompts, batch.column("real").to_pylist(), answers)]
         batch = (batch.append_column("generated", pa.array([a.text for a in answers], pa.string()))
