@@ -159,7 +159,7 @@ def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> 
     then the time of a forward + backward under each."""
     from spin_ray.template import VARLEN, VARLEN_SDPA, pack_varlen, varlen_logps
 
-    batch = {k: v.to(device) for k, v in pack_varlen([pairs[i] for i in idx]).items()}
+    batch = pack_varlen([pairs[i] for i in idx]).to(device)
     logps, seconds, ref_grads, sq_diff, sq_ref = {}, {}, [], 0.0, 0.0
     for impl in (VARLEN_SDPA, VARLEN, VARLEN_SDPA, VARLEN):  # the second round is timed
         trainer.model.set_attn_implementation(impl)
@@ -180,7 +180,7 @@ def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> 
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.model.set_attn_implementation(VARLEN)
     diff = (logps[VARLEN] - logps[VARLEN_SDPA]).abs()
-    return {"tokens": batch["input_ids"].numel(), "sequences": len(batch["cu_seq_lens_q"]) - 1,
+    return {"tokens": batch.tokens, "sequences": len(batch.bounds) - 1,
             "logp_max_abs_diff": float(diff.max()), "logp_mean_abs": float(logps[VARLEN_SDPA].abs().mean()),
             "grad_rel_diff": math.sqrt(sq_diff / sq_ref) if sq_ref else None,
             "fwd_bwd_s": {"fused": seconds[VARLEN], "per_sequence_sdpa": seconds[VARLEN_SDPA]}}

@@ -16,7 +16,7 @@ LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Tensor, ref_real_logps: torch.Tensor,
               ref_generated_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", *, sft_weight: float = 0.0,
-              real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPIN loss of a batch of pairs, and its metrics.
 
         margin = (log πθ(y|x) − log π_t(y|x)) − (log πθ(y'|x) − log π_t(y'|x))
@@ -32,7 +32,8 @@ def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Ten
 
     Metrics: rewards/real = β(log πθ(y) − log π_t(y)), rewards/generated likewise for y', rewards/margins their
     difference, rewards/accuracies the share of pairs with rewards/real > rewards/generated, logps/* the policy's,
-    and nll/real_per_token where `real_tokens` is given.
+    and nll/real_per_token where `real_tokens` is given: 0-d tensors on the inputs' device, never read here, so the
+    trainer reads a whole step's metrics with one host sync.
     """
     if loss_type not in LOSSES:
         raise ValueError(f"loss_type {loss_type!r}: must be one of {sorted(LOSSES)}")
@@ -46,13 +47,13 @@ def spin_loss(policy_real_logps: torch.Tensor, policy_generated_logps: torch.Ten
         loss = loss + sft_weight * nll
     with torch.no_grad():
         metrics = {
-            "rewards/real": real_rewards.mean().item(),
-            "rewards/generated": generated_rewards.mean().item(),
-            "rewards/margins": (real_rewards - generated_rewards).mean().item(),
-            "rewards/accuracies": (real_rewards > generated_rewards).float().mean().item(),
-            "logps/real": policy_real_logps.mean().item(),
-            "logps/generated": policy_generated_logps.mean().item(),
+            "rewards/real": real_rewards.mean(),
+            "rewards/generated": generated_rewards.mean(),
+            "rewards/margins": (real_rewards - generated_rewards).mean(),
+            "rewards/accuracies": (real_rewards > generated_rewards).float().mean(),
+            "logps/real": policy_real_logps.mean(),
+            "logps/generated": policy_generated_logps.mean(),
         }
         if nll is not None:
-            metrics["nll/real_per_token"] = nll.item()
+            metrics["nll/real_per_token"] = nll.detach()
     return loss, metrics

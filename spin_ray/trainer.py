@@ -17,7 +17,7 @@ import torch
 
 from spin_ray.config import ConfigError, TrainConfig, resolve_dtype
 from spin_ray.loss import spin_loss
-from spin_ray.template import pack_varlen, varlen_logps
+from spin_ray.template import pack_varlen, to_device, varlen_logps
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -186,13 +186,12 @@ def frozen_model(source: str, tc: TrainConfig, device: torch.device,
 def pair_logps(model: torch.nn.Module, micro_batches: Sequence[Sequence[Pair]],
                device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The summed log-probs (real, generated) of each micro-batch's pairs, float64 on the CPU: `train_step`'s
-    forward (same packing, same kernels) without gradients."""
-    out = []
-    for pairs in micro_batches:
-        batch = {key: v.to(device) for key, v in pack_varlen(pairs).items()}
-        real, generated = varlen_logps(model, batch)
-        out.append((real.double().cpu(), generated.double().cpu()))
-    return out
+    forward (same packing, same kernels) without gradients, read back once for all micro-batches."""
+    out = [torch.stack(varlen_logps(model, pack_varlen(pairs).to(device))) for pairs in micro_batches]
+    if not out:
+        return []
+    host = torch.cat(out, dim=1).double().cpu()
+    return [(c[0], c[1]) for c in host.split([o.shape[1] for o in out], dim=1)]
 
 
 def grad_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager:
@@ -250,29 +249,34 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = (
             torch.optim.RMSprop(self.params, lr=tc.lr, weight_decay=tc.weight_decay) if tc.optimizer == "rmsprop"
-            else torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay))
+            # fused: one kernel for every parameter, and its step counts stay on the device (the unfused AdamW
+            # reads each parameter's step count on the host)
+            else torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True))
         warmup = math.ceil(tc.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup))
 
-    def _batch(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
-        return {key: v.to(self.device) for key, v in pack_varlen(pairs).items()}
-
-    def _ref(self, pairs: Sequence[Pair], key: str) -> torch.Tensor:
-        # float64 as stored: the loss's reward difference is taken at the reference's precision
-        return torch.tensor([p[key] for p in pairs], dtype=torch.float64, device=self.device)
+    def _pair_values(self, pairs: Sequence[Pair]) -> torch.Tensor:
+        """(3, B) float64 on the device: the reference log-probs (real, generated) as stored (the loss's reward
+        difference is taken at their precision) and the human answers' token counts."""
+        host = torch.tensor([[p["ref_logp_real"] for p in pairs], [p["ref_logp_generated"] for p in pairs],
+                             [len(p["real_ids"]) for p in pairs]], dtype=torch.float64)
+        return to_device(host, self.device)
 
     def forward(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The policy's summed log-probs (real, generated) of one micro-batch with gradients, and the tokens the
         forward computed: the flattened layout. The step's one layout decision (benchmarks time the padded layouts it
         replaced by overriding it)."""
-        batch = self._batch(pairs)
+        batch = pack_varlen(pairs).to(self.device)
         real, generated = varlen_logps(self.model, batch)
-        return real, generated, batch["input_ids"].numel()
+        return real, generated, batch.tokens
 
     def train_step(self, micro_batches: Sequence[Sequence[Pair]]) -> dict[str, float]:
         """One optimizer step over this worker's micro-batches (gradients accumulated, reduced across workers
-        once); the metrics are means over every worker's pairs (loss, rewards/*, logps/*) or sums (tokens)."""
+        once); the metrics are means over every worker's pairs (loss, rewards/*, logps/*) or sums (tokens).
+
+        The host reads the device once per step: the metrics stay device tensors, summed over micro-batches, and
+        come back in one copy after the optimizer step (benchmarks/host_syncs.py counts the reads)."""
         tc = self.tc
         mine = sum(map(len, micro_batches))
         t0 = time.perf_counter()
@@ -280,12 +284,13 @@ class Trainer:
         for i, pairs in enumerate(micro_batches):
             with grad_sync(self.model, i == len(micro_batches) - 1):
                 real, generated, computed = self.forward(pairs)
-                real_tokens = torch.tensor([len(p["real_ids"]) for p in pairs], dtype=real.dtype, device=real.device)
-                loss, m = spin_loss(real, generated, self._ref(pairs, "ref_logp_real"),
-                                    self._ref(pairs, "ref_logp_generated"), tc.beta, tc.loss_type,
+                ref_real, ref_generated, real_tokens = self._pair_values(pairs)
+                loss, m = spin_loss(real, generated, ref_real, ref_generated, tc.beta, tc.loss_type,
                                     sft_weight=tc.sft_weight, real_tokens=real_tokens)
                 (loss * len(pairs) / mine).backward()
-            row = torch.tensor([loss.item(), *m.values(), 1.0], dtype=torch.float64) * len(pairs)
+            # Per-pair means weighted by pairs; the last column counts the pairs.
+            row = torch.stack([loss.detach().double(), *(v.double() for v in m.values()),
+                               torch.ones((), dtype=torch.float64, device=loss.device)]) * len(pairs)
             sums = row if i == 0 else sums + row
             tokens += computed
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
@@ -294,13 +299,14 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.cat([sums, to_device(torch.tensor([tokens], dtype=torch.float64), sums.device)])
         if self.world > 1:
-            totals = torch.tensor([*sums.tolist(), tokens], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(totals)
-            sums, tokens = totals[:-1].cpu(), int(totals[-1])
-        metrics = {n: float(v) for n, v in zip(["loss", *m.keys()], (sums[:-1] / sums[-1]).tolist())}
+            torch.distributed.all_reduce(sums)
+        # The step's one host sync.
+        *means, tokens, grad_norm = torch.cat([sums[:-2] / sums[-2], sums[-1:], grad_norm.double().view(1)]).tolist()
+        metrics = dict(zip(["loss", *m.keys()], means))
         # padding_share: kept in the metrics for comparison with padded runs; flattened micro-batches have none.
-        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=tokens, padding_share=0.0,
+        metrics.update(lr=lr, grad_norm=grad_norm, tokens=int(tokens), padding_share=0.0,
                        tokens_per_s=tokens / (time.perf_counter() - t0))
         return metrics
 

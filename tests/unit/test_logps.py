@@ -82,7 +82,7 @@ def test_flattened_varlen_batches_equal_the_dense_block_mask(tiny_model):
                     grads(dense_model, (dense[0] - 2 * dense[1]).sum())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     batch = pack_varlen(PAIRS)
-    assert batch["input_ids"].shape == (1, sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"])
+    assert batch.input_ids.shape == (1, sum(2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"])
                                                for p in PAIRS))  # no padding
     with torch.no_grad():
         torch.testing.assert_close(sequence_logps(varlen_model, collate(PAIRS, 0)),
@@ -110,7 +110,7 @@ def test_fused_varlen_on_cuda_is_as_close_to_fp32_as_per_sequence_sdpa(kv_heads)
     lengths = [(37, 200, 150), (5, 900, 3), (300, 64, 640), (1, 2, 1)]
     pairs = [{k: torch.randint(3, 1024, (n,), generator=gen).tolist()
               for k, n in zip(("prompt_ids", "real_ids", "generated_ids"), ls)} for ls in lengths]
-    batch = {k: v.cuda() for k, v in pack_varlen(pairs).items()}
+    batch = pack_varlen(pairs).to(torch.device("cuda"))
 
     def run(impl: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).cuda()
