@@ -29,7 +29,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from jinja2 import TemplateError
@@ -264,6 +264,12 @@ class AsyncEngine:
         self.thread.shutdown(wait=False, cancel_futures=True)
 
 
+def _entry(logprobs: dict[int, Any], chosen: int, k: int) -> list[Any]:
+    """One position's vLLM log-probs as [chosen token's, [[id, log-prob] of the k most likely, by rank]]."""
+    top = sorted(((i, lp) for i, lp in logprobs.items() if lp.rank <= k), key=lambda x: x[1].rank)
+    return [logprobs[chosen].logprob, [[i, lp.logprob] for i, lp in top]]
+
+
 class ModelServer:
     """One model's engine replica. Takes token ids and checked sampling fields; yields text deltas."""
 
@@ -279,17 +285,28 @@ class ModelServer:
         return {"max_model_len": self.engine.max_model_len}
 
     async def generate(self, ids: list[int], sampling: dict[str, Any], stream: bool) -> AsyncIterator[dict[str, Any]]:
+        """Dicts of the text (a delta when `stream`, else the whole answer once), its token ids and, where asked
+        (`logprobs`, `prompt_logprobs` in `sampling`), their log-probs as [chosen, [[id, log-prob], ...top-k]]; the
+        prompt's come with the first dict, one per prompt token (None for the first, which has no context)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(**sampling, output_kind=RequestOutputKind.DELTA if stream
                                 else RequestOutputKind.FINAL_ONLY)
-        tokens = 0
+        tokens, first = 0, True
         async for out in self.engine.generate(ids, params):
             o = out.outputs[0]
             tokens += len(o.token_ids)
-            yield {"text": o.text, "finish_reason": o.finish_reason if out.finished else None,
-                   "prompt_tokens": len(ids), "completion_tokens": tokens}
+            item = {"text": o.text, "token_ids": list(o.token_ids),
+                    "finish_reason": o.finish_reason if out.finished else None,
+                    "prompt_tokens": len(ids), "completion_tokens": tokens}
+            if params.logprobs is not None:
+                item["logprobs"] = [_entry(d, t, params.logprobs) for d, t in zip(o.logprobs or [], o.token_ids)]
+            if first and params.prompt_logprobs is not None:
+                item["prompt_logprobs"] = [None if d is None else _entry(d, t, params.prompt_logprobs)
+                                           for d, t in zip(out.prompt_logprobs, ids)]
+            first = False
+            yield item
 
     def check_health(self) -> None:
         self.engine.check()
@@ -331,6 +348,13 @@ class _StreamOptions(_Strict):
     include_usage: bool = False
 
 
+MAX_LOGPROBS = 20
+"""Most alternatives per position a request may ask for (`logprobs`, `top_logprobs`): OpenAI's cap, and vLLM's
+default `max_logprobs`."""
+MAX_CHOICES = 128
+"""Most answers one request may ask for (prompts x n); each is one engine request."""
+
+
 class _Sampling(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -338,7 +362,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
@@ -349,32 +373,116 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(min_length=1)
+    # Text, texts, token ids (what lm-eval's local-completions sends), or lists of token ids: one prompt each.
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] | _TokenIds
+             | Annotated[list[_TokenIds], Field(min_length=1)])
+    max_tokens: int | None = Field(None, ge=0)
+    """0 only with `echo`: the prompt's log-probs, nothing generated (a log-likelihood request)."""
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
 
-def _usage(last: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": last["prompt_tokens"], "completion_tokens": last["completion_tokens"],
-            "total_tokens": last["prompt_tokens"] + last["completion_tokens"]}
+Prompt = tuple[list[int], str | None]
+"""A prompt's token ids and its text where the request sent text."""
 
 
-def _response(rid: str, model: str, chat: bool, last: dict[str, Any]) -> dict[str, Any]:
-    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": last["text"]}} if chat
-                              else {"index": 0, "text": last["text"], "logprobs": None})
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{**choice, "finish_reason": last["finish_reason"]}], "usage": _usage(last)}
+def _piece(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token])
 
 
-def _chunk(rid: str, model: str, created: int, chat: bool, delta: Any, finish: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": delta, "logprobs": None}
+def _completion_logprobs(tokenizer: Any, ids: list[int], entries: list[Any]) -> dict[str, Any]:
+    """The completions API's `logprobs` of `ids` (ModelServer entries: None for a prompt's first token)."""
+    tokens = [_piece(tokenizer, i) for i in ids]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {_piece(tokenizer, i): lp for i, lp in e[1]} for e in entries],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer: Any, ids: list[int], entries: list[Any]) -> dict[str, Any]:
+    """The chat API's `logprobs` of `ids`."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = _piece(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**one(i, e[0]), "top_logprobs": [one(j, lp) for j, lp in e[1]]}
+                        for i, e in zip(ids, entries)]}
+
+
+def _answer(tokenizer: Any, req: Any, chat: bool, prompt: Prompt, item: dict[str, Any],
+            first: bool) -> tuple[str, dict[str, Any] | None, int]:
+    """(text, logprobs, completion tokens so far) of one ModelServer dict for the client: the prompt echoed in
+    front of an answer's first dict with `echo`, the one token made for `max_tokens: 0` dropped."""
+    text, ids, entries = item["text"], item["token_ids"], item.get("logprobs")
+    tokens = item["completion_tokens"]
+    if not chat and req.max_tokens == 0:
+        text, ids, entries, tokens = "", [], [] if entries is not None else None, 0
+    if not chat and req.echo and first:
+        prompt_ids, prompt_text = prompt
+        text = (prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids)) + text
+        if entries is not None:
+            ids, entries = prompt_ids + ids, item["prompt_logprobs"] + entries
+    if chat:
+        return text, _chat_logprobs(tokenizer, ids, entries) if req.logprobs else None, tokens
+    return text, _completion_logprobs(tokenizer, ids, entries) if req.logprobs is not None else None, tokens
+
+
+def _usage(prompts: list[Prompt], completion_tokens: int) -> dict[str, int]:
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chunk(rid: str, model: str, created: int, chat: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [{**choice, "finish_reason": finish}]}
+            "model": model, "choices": choices}
 
 
 def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+_END = object()
+
+
+async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from several async iterators as their items arrive. The first failure is raised, and leaving
+    early cancels the rest (their engine requests are aborted)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: Any) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+            queue.put_nowait((i, _END))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is _END:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 api = FastAPI(title="spin-ray serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -469,21 +577,39 @@ class Ingress:
         if req.model not in self.handles:
             raise ApiError(404, f"model {req.model!r} is not served here; choose one of {sorted(self.handles)} "
                            "(GET /v1/models)", param="model", code="model_not_found")
-        ids = await asyncio.to_thread(self._tokenize, req, chat)
-        sampling = await self._sampling(req, len(ids), chat)
+        if chat and req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not chat and req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens = 0 generates nothing; it is for echo: true (the prompt's log-probs "
+                           "alone); ask for at least 1 token", param="max_tokens")
+        prompts = await asyncio.to_thread(self._tokenize, req, chat)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n = {req.n} asks for {len(prompts) * req.n} answers, "
+                           f"more than this server's limit of {MAX_CHOICES} per request; send fewer at once",
+                           param="n")
+        sampling = await self._sampling(req, [len(ids) for ids, _ in prompts], chat)
         handle = self.handles[req.model].options(stream=True)
-        chunks = handle.generate.remote(ids, sampling, req.stream)
+        # One engine request per answer; a seed gives answer j seed + j, as vLLM's own n does.
+        streams = [handle.generate.remote(ids, {**sampling, "seed": None if req.seed is None else req.seed + j},
+                                          req.stream) for ids, _ in prompts for j in range(req.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(self._sse(chunks, rid, req.model, chat, usage),
-                                     media_type="text/event-stream")
-        last = None
-        async for last in chunks:
-            pass
-        return JSONResponse(_response(rid, req.model, chat, last))
+            return StreamingResponse(self._sse(streams, rid, req, chat, prompts), media_type="text/event-stream")
+        finals: list[dict[str, Any]] = [{}] * len(streams)
+        async for i, item in _merged(streams):
+            finals[i] = item
+        choices, tokens = [], 0
+        for i, item in enumerate(finals):
+            text, logprobs, n = _answer(self.tokenizers[req.model], req, chat, prompts[i // req.n], item, True)
+            tokens += n
+            finish = "length" if not chat and req.max_tokens == 0 else item["finish_reason"]
+            choices.append({"index": i, **({"message": {"role": "assistant", "content": text}} if chat
+                                           else {"text": text}), "logprobs": logprobs, "finish_reason": finish})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": req.model, "choices": choices,
+                             "usage": _usage(prompts, tokens)})
 
-    def _tokenize(self, req: Any, chat: bool) -> list[int]:
+    def _tokenize(self, req: Any, chat: bool) -> list[Prompt]:
         from spin_ray.template import prompt_ids
 
         tok = self.tokenizers[req.model]
@@ -491,48 +617,75 @@ class Ingress:
             messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                          else "".join(p.text for p in m.content)} for m in req.messages]
             try:
-                return prompt_ids(tok, messages)  # the chat template training used
+                return [(prompt_ids(tok, messages), None)]  # the chat template training used
             except (TemplateError, ValueError) as e:  # e.g. a template that wants alternating user/assistant turns
                 raise ApiError(400, f"messages: the model's chat template refused them: {e}",
                                param="messages") from None
-        if isinstance(req.prompt, list) and len(req.prompt) != 1:
-            raise ApiError(400, "prompt: one prompt per request (a list of exactly one string)", param="prompt")
-        return tok(req.prompt if isinstance(req.prompt, str) else req.prompt[0])["input_ids"]
+        given = req.prompt
+        if isinstance(given, str) or isinstance(given[0], int):
+            given = [given]
+        prompts = []
+        for p in given:
+            if isinstance(p, str):
+                prompts.append((tok(p)["input_ids"], p))
+                continue
+            if max(p) >= len(tok):
+                raise ApiError(400, f"prompt: token id {max(p)} is outside this model's vocabulary of {len(tok)} "
+                               "tokens; send ids of the served model's tokenizer", param="prompt")
+            prompts.append((p, None))
+        return prompts
 
-    async def _sampling(self, req: Any, prompt_tokens: int, chat: bool) -> dict[str, Any]:
+    async def _sampling(self, req: Any, prompt_tokens: list[int], chat: bool) -> dict[str, Any]:
         if req.model not in self.context:
             self.context[req.model] = (await self.handles[req.model].info.remote())["max_model_len"]
-        context, cap = self.context[req.model], self.limits["max_tokens"]
-        if prompt_tokens > self.limits["max_prompt_tokens"]:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
+        context, cap, longest = self.context[req.model], self.limits["max_tokens"], max(prompt_tokens)
+        if longest > self.limits["max_prompt_tokens"]:
+            raise ApiError(400, f"the prompt has {longest} tokens, more than this server's limit of "
                            f"{self.limits['max_prompt_tokens']}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         asked = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
         if asked is not None and asked > cap:
             raise ApiError(400, f"max_tokens = {asked} is more than this server's limit of {cap}",
                            param="max_tokens")
-        max_tokens = asked or min(cap, context - prompt_tokens)
-        if prompt_tokens + max_tokens > context:
-            raise ApiError(400, f"the prompt's {prompt_tokens} tokens + max_tokens {max_tokens} exceed the "
+        # max_tokens 0 (echo): the engine makes one token to compute the prompt's log-probs; it is not returned.
+        max_tokens = max(asked, 1) if asked is not None else min(cap, context - longest)
+        if longest + max_tokens > context:
+            raise ApiError(400, f"the prompt's {longest} tokens + max_tokens {max_tokens} exceed the "
                            f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        if chat:
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            prompt_logprobs = None
+        else:
+            logprobs = req.logprobs
+            prompt_logprobs = req.logprobs if req.echo else None
         return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
                 "stop": stop, "presence_penalty": req.presence_penalty,
-                "frequency_penalty": req.frequency_penalty}
+                "frequency_penalty": req.frequency_penalty, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
 
-    async def _sse(self, chunks: Any, rid: str, model: str, chat: bool, usage: bool) -> AsyncIterator[str]:
-        created, last = int(time.time()), None
+    async def _sse(self, streams: list[Any], rid: str, req: Any, chat: bool,
+                   prompts: list[Prompt]) -> AsyncIterator[str]:
+        created, tok = int(time.time()), self.tokenizers[req.model]
+        tokens = [0] * len(streams)
+        seen = [False] * len(streams)
         try:
             if chat:
-                yield _event(_chunk(rid, model, created, chat, {"role": "assistant", "content": ""}, None))
-            async for last in chunks:
-                if last["text"] or last["finish_reason"]:
-                    delta = {"content": last["text"]} if chat else last["text"]
-                    yield _event(_chunk(rid, model, created, chat, delta, last["finish_reason"]))
-            if usage and last is not None:
-                yield _event({**_chunk(rid, model, created, chat, None, None), "choices": [],
-                              "usage": _usage(last)})
+                yield _event(_chunk(rid, req.model, created, chat, [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None} for i in range(len(streams))]))
+            async for i, item in _merged(streams):
+                text, logprobs, tokens[i] = _answer(tok, req, chat, prompts[i // req.n], item, not seen[i])
+                seen[i] = True
+                finish = item["finish_reason"]
+                if finish and not chat and req.max_tokens == 0:
+                    finish = "length"
+                if text or finish or (logprobs and (logprobs.get("content") or logprobs.get("tokens"))):
+                    body = {"delta": {"content": text}} if chat else {"text": text}
+                    yield _event(_chunk(rid, req.model, created, chat, [
+                        {"index": i, **body, "logprobs": logprobs, "finish_reason": finish}]))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _event({**_chunk(rid, req.model, created, chat, []), "usage": _usage(prompts, sum(tokens))})
         except Exception:  # headers are sent: report in the stream, as OpenAI does
             log.exception("stream failed")
             yield _event(ApiError(500, "generation failed; see the server's log", type="server_error").body())

@@ -133,6 +133,101 @@ def test_completions_plain_and_streamed(client):
     assert streamed == whole.choices[0].text
 
 
+@pytest.fixture(scope="module")
+def pair(storage):
+    """A held-out prompt of the bundled tasks as iter_0's trainer sees it (token ids), with two answers."""
+    from spin_ray.models import load_tokenizer
+    from spin_ray.template import prompt_ids, response_ids
+
+    tok = load_tokenizer(str(storage / "iter_0" / "model"))
+    messages = [{"role": "user", "content": "Reverse the letters: hello"}]
+    return {"prompt_ids": prompt_ids(tok, messages), "real_ids": response_ids(tok, "olleh"),
+            "generated_ids": response_ids(tok, "hello there")}
+
+
+def test_echoed_log_probs_equal_the_trainers(client, storage, pair):
+    """A log-likelihood request as lm-eval's local-completions sends it (token ids, echo, logprobs, max_tokens 0
+    or 1): the answer's log-probs equal the trainer's own forward (trainer.pair_logps, fp32) for the same ids."""
+    import torch
+
+    from spin_ray.config import TrainConfig
+    from spin_ray.trainer import frozen_model, pair_logps
+
+    model = frozen_model(str(storage / "iter_0" / "model"), TrainConfig(), torch.device("cpu"))
+    ((real, generated),) = pair_logps(model, [[pair]], torch.device("cpu"))
+    n = len(pair["prompt_ids"])
+    for answer, trainers in (("real_ids", real), ("generated_ids", generated)):
+        for max_tokens in (0, 1):
+            r = client.completions.create(model="iter_0", prompt=pair["prompt_ids"] + pair[answer], echo=True,
+                                          logprobs=1, max_tokens=max_tokens, temperature=0)
+            lp = r.choices[0].logprobs
+            assert len(lp.token_logprobs) == n + len(pair[answer]) + max_tokens
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # no context for the first token
+            assert sum(lp.token_logprobs[n:n + len(pair[answer])]) == pytest.approx(float(trainers[0]), abs=1e-4)
+            assert r.usage.completion_tokens == max_tokens
+            # The greedy token is the top one: lm-eval's is_greedy compares a token's log-prob with the top's.
+            assert all(max(top.values()) >= t - 1e-6 for t, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]))
+    # Text in, text out: the prompt echoed in front of the answer.
+    r = client.completions.create(model="iter_0", prompt="the quick brown", echo=True, max_tokens=4, temperature=0)
+    plain = client.completions.create(model="iter_0", prompt="the quick brown", max_tokens=4, temperature=0)
+    assert r.choices[0].text == "the quick brown" + plain.choices[0].text and r.choices[0].logprobs is None
+
+
+def test_chat_log_probs_and_top_log_probs(client):
+    messages = [{"role": "user", "content": "Sort the letters alphabetically: spin"}]
+    r = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+        assert t.top_logprobs[0].logprob == t.logprob  # greedy: the chosen token is the most likely
+        assert bytes(t.bytes).decode() == t.token
+    # Special tokens (the end of turn) are counted but not part of the text.
+    assert "".join(t.token for t in content).startswith(r.choices[0].message.content)
+    plain = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_n_answers_per_prompt_and_several_prompts(client, pair):
+    messages = [{"role": "user", "content": "Count the letters: abc"}]
+    r = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=MAX_TOKENS, n=3, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=MAX_TOKENS, n=3, seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+    assert len({c.message.content for c in r.choices}) > 1  # three samples of a random model, not one thrice
+    # Two prompts of token ids (lm-eval's batches) x n = 2: choice 2k + j answers prompt k; greedy answers agree.
+    prompts = [pair["prompt_ids"], pair["prompt_ids"][:-3]]
+    both = client.completions.create(model="base", prompt=prompts, n=2, max_tokens=6, temperature=0)
+    alone = [client.completions.create(model="base", prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert both.usage.prompt_tokens == sum(map(len, prompts))
+    assert both.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+
+
+def test_streaming_n_logprobs_echo_with_usage(client, pair):
+    kwargs = dict(model="iter_0", prompt="Add the numbers: 2 + 2", max_tokens=8, n=2, seed=3, logprobs=2, echo=True)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    texts, logprobs = ["", ""], [[], []]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.text
+        logprobs[choice.index] += choice.logprobs.token_logprobs if choice.logprobs else []
+    assert texts == [c.text for c in whole.choices] and all(t.startswith("Add the numbers: 2 + 2") for t in texts)
+    assert logprobs == [c.logprobs.token_logprobs for c in whole.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    messages = [{"role": "user", "content": "hi"}]
+    chat = list(client.chat.completions.create(model="iter_0", messages=messages, max_tokens=8, n=2, seed=3,
+                                               logprobs=True, stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(model="iter_0", messages=messages, max_tokens=8, n=2, seed=3)
+    for i in range(2):
+        assert "".join(c.choices[0].delta.content or "" for c in chat
+                       if c.choices and c.choices[0].index == i) == whole.choices[i].message.content
+    assert chat[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_missing_or_wrong_api_key_is_401(server):
     from openai import AuthenticationError, OpenAI
 
@@ -154,15 +249,23 @@ def test_limits_and_bad_requests_are_4xx_json(client, server):
         client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hello " * 100}])
     with pytest.raises(NotFoundError, match="not served here"):
         client.chat.completions.create(model="iter_7", messages=msg)
-    url = f"{server['url']}/chat/completions"
     oversize = {"model": "base", "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
     cases = [(oversize, None, 413), (None, b"{not json", 400), (None, b"[1, 2]", 400),
              ({"model": "base", "messages": msg, "temperature": "hot"}, None, 400),
-             ({"model": "base", "messages": msg, "n": 2}, None, 400),
+             ({"model": "base", "messages": msg, "n": 0}, None, 400),
+             ({"model": "base", "messages": msg, "n": 129}, None, 400),  # more answers than one request may ask
+             ({"model": "base", "messages": msg, "top_logprobs": 2}, None, 400),  # without logprobs: true
+             ({"model": "base", "messages": msg, "logprobs": True, "top_logprobs": 21}, None, 400),
              ({"model": "base", "messages": msg, "max_tokens": 0}, None, 400),
              ({"model": "base", "messages": msg, "tools": []}, None, 400),  # unknown field
              ({"model": "base", "messages": []}, None, 400)]
+    completions = [{"model": "base", "prompt": "hi", "max_tokens": 0},  # 0 tokens only with echo
+                   {"model": "base", "prompt": [5, 100000], "max_tokens": 1},  # a token id beyond the vocabulary
+                   {"model": "base", "prompt": [[5, 6], []], "max_tokens": 1},
+                   {"model": "base", "prompt": "hi", "logprobs": 21}]
+    cases += [(body, None, 400) for body in completions]
     for body, raw, status in cases:
+        url = f"{server['url']}/{'chat/completions' if body is None or 'messages' in body else 'completions'}"
         got, answer = _http("POST", url, body, key=KEY, raw=raw)
         assert got == status, (body, raw, answer)
         assert set(answer["error"]) >= {"message", "type"} and "Traceback" not in answer["error"]["message"]
