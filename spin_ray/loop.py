@@ -18,6 +18,8 @@ import pyarrow as pa
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.generate import EnginePool, generate
+from spin_ray.harness import check_data
+from spin_ray.failures import stage
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
 from spin_ray.prepare import Prepared, data_config, data_parts, prepare
@@ -98,14 +100,23 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     model = model_path(model, cfg)
     g = cfg.generate
 
-    log.info("iteration %d: generating answers to %d prompts with %s", cfg.iteration, prompts.rows, model)
     start = time.perf_counter()
-    # Streamed from the prepared folder in blocks of one generation batch, so that every engine has work queued.
-    ds = prompts.dataset(rows_per_block=g.batch_size)
-    lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    trust = dict(trust_remote_code=cfg.trust_remote_code)
-    ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths, **trust)
-    stats = records.write_pairs(ds, dest, expected_rows=prompts.rows)
+    own = None
+    with stage("generation"):
+        # Engines started here, not by Ray Data: one that cannot start fails once, with its cause, and is not retried.
+        if pool is None:
+            pool = own = EnginePool.start(cfg, model, cfg.iteration)
+        try:
+            log.info("iteration %d: generating answers to %d prompts with %s", cfg.iteration, prompts.rows, model)
+            # Streamed from the prepared folder in blocks of one generation batch, so every engine has work queued.
+            ds = prompts.dataset(rows_per_block=g.batch_size)
+            lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+            ds = generate(ds, model, g, iteration=cfg.iteration, seed=cfg.seed, pool=pool, **lengths,
+                          trust_remote_code=cfg.trust_remote_code)
+            stats = records.write_pairs(ds, dest, expected_rows=prompts.rows)
+        finally:
+            if own is not None:
+                own.shutdown()
     seconds = {"pairs": time.perf_counter() - start, **_busy_seconds(ds.stats())}
     log.info("iteration %d: wrote %d pairs to %s in %.1f s", cfg.iteration, stats["rows"], dest, seconds["pairs"])
     return PairsResult(dest, stats["rows"], skipped=False, seconds=seconds, bad_rows=prompts.bad)
@@ -152,17 +163,20 @@ def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | 
     heldout = cfg.eval.enabled and read_eval(cfg.storage, t) is None
     own = None
     if pool is None and heldout and not records.is_complete(records.join(records.iter_dir(cfg.storage, t), "pairs")):
-        pool = own = EnginePool.start(cfg, model, t)
+        with stage("generation"):
+            pool = own = EnginePool.start(cfg, model, t)
     handoff = time.perf_counter() - start
     try:
-        answers = heldout_answers(cfg, model, t, pool=pool) if heldout else None
+        with stage("evaluation"):
+            answers = heldout_answers(cfg, model, t, pool=pool) if heldout else None
         t1 = time.perf_counter()
         pairs = make_pairs(cfg, prompts, model=model, pool=pool)  # a finished iteration reads no prompts
         t2 = time.perf_counter()
     finally:
         if own is not None:
             own.shutdown()
-    evaluation = evaluate(cfg, model, t, answers=answers) if cfg.eval.enabled else None
+    with stage("evaluation"):
+        evaluation = evaluate(cfg, model, t, answers=answers) if cfg.eval.enabled else None
     seconds = {**pairs.seconds, "handoff": handoff, "pairs": t2 - t1,
                "eval": t1 - start - handoff + time.perf_counter() - t2}
     return _Opponent(model, pairs, evaluation, seconds)
@@ -179,9 +193,10 @@ def _learn(cfg: SpinConfig, opponent: _Opponent, pool: EnginePool | None, evalua
     t_train = time.perf_counter() - start
     after = None
     if evaluate_after and cfg.eval.enabled:
-        if pool is not None:
-            pool.reload(trained.model, t + 1)
-        after = evaluate(cfg, trained.model, t + 1, pool=pool)
+        with stage("evaluation"):
+            if pool is not None:
+                pool.reload(trained.model, t + 1)
+            after = evaluate(cfg, trained.model, t + 1, pool=pool)
     seconds = {**opponent.seconds, "train": t_train, "reference": trained.reference_seconds,
                "eval": opponent.seconds["eval"] + time.perf_counter() - start - t_train}
     return IterationResult(t, trained.model, opponent.pairs, trained.metrics, seconds, after, opponent.evaluation)
@@ -266,6 +281,7 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     prompts = as_prompts(prompts, cfg)
     if cfg.eval.enabled:
         prepare(cfg, heldout=True)  # its bad rows, too, before any GPU work
+        check_data(cfg)  # eval.lm_eval's task data, loaded on the cluster: one unreachable stops the run here
     manifest = Manifest(cfg.storage)
     manifest.check(cfg, prompts.fingerprint, force=force)
     tracker = Tracker(cfg) if cfg.tracking.backend != "none" else None
@@ -350,8 +366,9 @@ def _warm(c: SpinConfig, model: str, pool: EnginePool | None) -> tuple[EnginePoo
     if not c.generate.keep_warm or records.is_complete(records.join(records.iter_dir(c.storage, c.iteration), "model")):
         return pool, 0.0
     start = time.perf_counter()
-    if pool is None:
-        pool = EnginePool.start(c, model, c.iteration)
-    elif pool.model != model:
-        pool.reload(model, c.iteration)
+    with stage("generation"):
+        if pool is None:
+            pool = EnginePool.start(c, model, c.iteration)
+        elif pool.model != model:
+            pool.reload(model, c.iteration)
     return pool, time.perf_counter() - start

@@ -12,6 +12,7 @@ folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ import pyarrow.fs as pafs
 
 from spin_ray import data, records
 from spin_ray.config import ConfigError, DataConfig, SpinConfig
+from spin_ray.logs import QUIET_DATA, quiet
 from spin_ray.manifest import block_digest, fingerprint
 from spin_ray.schemas import PROMPT_SCHEMA
 
@@ -83,7 +85,7 @@ class Prepared:
         parquet reader merges a small folder into one block, which would feed a single generation engine)."""
         import ray.data
 
-        ds = ray.data.read_parquet(self.path, file_extensions=["parquet"], schema=PROMPT_SCHEMA).select_columns(
+        ds = quiet(ray.data.read_parquet(self.path, file_extensions=["parquet"], schema=PROMPT_SCHEMA)).select_columns(
             PROMPT_SCHEMA.names)
         return ds if rows_per_block is None else ds.repartition(target_num_rows_per_block=rows_per_block)
 
@@ -122,10 +124,33 @@ def prepare(cfg: SpinConfig, prompts: Source = None, *, heldout: bool = False) -
                 return _from_marker(dest, marker, skipped=True)
     else:
         parts, source = [], None
-    prepared = _write(dest, lambda tally: _pipeline(dcfg, parts, prompts, tally), dcfg, parts, source)
+    with _data_settings(prompts):
+        prepared = _write(dest, lambda tally: _pipeline(dcfg, parts, prompts, tally), dcfg, parts, source)
     prepared.seconds = time.perf_counter() - start
     log.info("prepared %d prompts at %s in %.1f s", prepared.rows, dest, prepared.seconds)
     return prepared
+
+
+@contextlib.contextmanager
+def _data_settings(prompts: Source) -> Iterator[None]:
+    """The dedup's shuffle runs as tasks, not the hash shuffle's aggregator actors: those take seconds to start (a
+    long wait for small data), and their reduce fails on a caller's Dataset of many small blocks ("Invalid sort key
+    column: part"); and without progress output (logs.QUIET_DATA). A Dataset carries the DataContext it was made in,
+    so the caller's is switched too, and both are restored afterwards."""
+    import ray.data
+
+    settings = {"shuffle_strategy": ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, **QUIET_DATA}
+    contexts = {id(c): c for c in (ray.data.DataContext.get_current(), getattr(prompts, "context", None)) if c}
+    saved = {k: {key: getattr(c, key) for key in settings} for k, c in contexts.items()}
+    for c in contexts.values():
+        for key, value in settings.items():
+            setattr(c, key, value)
+    try:
+        yield
+    finally:
+        for k, c in contexts.items():
+            for key, value in saved[k].items():
+                setattr(c, key, value)
 
 
 def _from_marker(dest: str, marker: dict[str, Any], *, skipped: bool) -> Prepared:
@@ -430,10 +455,6 @@ def _write(dest: str, pipeline: Any, cfg: DataConfig, parts: list[Part], source:
     import ray.data
 
     tally = ray.remote(num_cpus=0)(Tally).remote()
-    context = ray.data.DataContext.get_current()
-    strategy = context.shuffle_strategy
-    # Tasks, not the hash shuffle's aggregator actors: those take seconds to start, a long wait for small data.
-    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         pipeline(tally).write_parquet(work if local else dest)
         found = ray.get(tally.summary.remote())
@@ -450,7 +471,6 @@ def _write(dest: str, pipeline: Any, cfg: DataConfig, parts: list[Part], source:
             fs.delete_dir(work)
         raise
     finally:
-        context.shuffle_strategy = strategy
         ray.kill(tally)
     if local:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:

@@ -127,6 +127,15 @@ def write_pairs(ds: "ray.data.Dataset", dest: str, *, expected_rows: int) -> dic
     return stats
 
 
+def write_dataset(ds: "ray.data.Dataset", dest: str) -> int:
+    """A caller's Dataset of records written to `dest` as it streams (marker last, as write_pairs); its row count."""
+    fs, path, work = _begin(dest)
+    ds.write_parquet(work if "://" not in dest else dest)
+    rows = pads.dataset(work, filesystem=fs, format="parquet").count_rows()
+    _finish(fs, path, work, {"rows": rows})
+    return rows
+
+
 IDS_PER_TASK = 2_000_000
 """Distinct ids one counting task holds (a few hundred MB of Python strings)."""
 

@@ -12,13 +12,14 @@ spin_ray.trainer.Trainer (the step) and spin_ray.checkpoint (the state on disk).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,8 @@ from spin_ray import records
 from spin_ray.batching import epoch_plan, even_micro_batches, plan_steps, worker_shares
 from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
+from spin_ray.failures import stage
+from spin_ray.logs import logs_dir, output_to_file
 from spin_ray.plan import preflight
 from spin_ray.schemas import IDS, LOGPS, TOKENS
 from spin_ray.trainer import Trainer
@@ -49,6 +52,14 @@ class TrainResult:
     """The whole training stage, reference pass included."""
     reference_seconds: float = 0.0
     """The reference pass (θ_t's log-probs of the window's pairs), as recorded with them when it ran."""
+
+    @property
+    def checkpoint(self) -> "ray.train.Checkpoint":
+        """θ_{t+1} as a Ray Train Checkpoint (an HF folder), for the next step of a pipeline."""
+        import ray.train
+
+        fs, path = records.filesystem(self.model)
+        return ray.train.Checkpoint(path, filesystem=fs)
 
 
 def packed_lengths(table: pa.Table) -> np.ndarray:
@@ -234,6 +245,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    output_to_file(logs_dir(cfg.storage) / f"train-iter{cfg.iteration}-rank{rank}.log")
     # Ray names a CUDA device wherever it assigned a GPU; a logical GPU without CUDA (a CPU test cluster) computes on CPU.
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -342,9 +354,12 @@ def pairs_uris(cfg: SpinConfig) -> list[str]:
     return out
 
 
-def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None = None) -> TrainResult:
-    """Train θ_{t+1} from θ_t (`model`, default cfg.model) on `pairs` (default: the iteration's window) and save it
-    to `<storage>/iter_<t>/model`. A finished model is kept; an interrupted run continues from its last checkpoint.
+def train(cfg: SpinConfig, *, model: str | None = None,
+          pairs: str | list[str] | "ray.data.Dataset" | None = None) -> TrainResult:
+    """Train θ_{t+1} from θ_t (`model`, default cfg.model) on `pairs` and save it to `<storage>/iter_<t>/model`
+    (`.checkpoint` is it as a Ray Train Checkpoint). `pairs`: the iteration's window (None), pairs folders, or a Ray
+    Dataset of pairs (make_pairs' records, filtered or transformed upstream), written to `iter_<t>/pairs_given` as it
+    streams. A finished model is kept; an interrupted run continues from its last checkpoint.
 
     β and the peak lr are iteration t's (`train.beta_per_iteration` / `lr_per_iteration`, see
     SpinConfig.for_iteration), whichever entry point calls this.
@@ -366,7 +381,7 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         return TrainResult(out, records.read_json(records.join(out, records.MARKER)), skipped=True)
     model = resolve_model(model or cfg.model)
     check_model(model, cfg.trust_remote_code)
-    index, keys = index_pairs(pairs or pairs_uris(cfg))
+    index, keys = index_pairs(_pairs_folders(cfg, pairs))
     n_rows = len(index.lengths)
     tc = cfg.train
     if not plan_steps(n_rows, tc.global_batch_size, tc.num_workers):
@@ -391,9 +406,13 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
         run_config=ray.train.RunConfig(
             name="train", storage_path=records.join(here, "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            # The worker group's start and stop lines are the log file's, not the caller's terminal's.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
     )
-    trainer.fit()
+    with stage("training"), _health_check_interval():
+        trainer.fit()
     seconds = time.perf_counter() - t0
     # Rank 0 exported θ_{t+1} to `out` with its marker (the final metrics); the resumable state is only disk now.
     final = records.read_json(records.join(out, records.MARKER))
@@ -405,6 +424,42 @@ def train(cfg: SpinConfig, *, model: str | None = None, pairs: list[str] | None 
     log.info("iteration %d: θ_%d saved to %s (%.1f s, of which %.1f s for θ_%d's reference log-probs of %d pairs)",
              cfg.iteration, cfg.iteration + 1, out, seconds, reference["seconds"], cfg.iteration, reference["rows"])
     return TrainResult(out, final, skipped=False, seconds=seconds, reference_seconds=reference["seconds"])
+
+
+def _pairs_folders(cfg: SpinConfig, pairs: str | list[str] | "ray.data.Dataset" | None) -> list[str]:
+    """The pairs folders to train on; a Dataset is checked for the columns training reads, then written."""
+    import ray.data
+
+    if pairs is None:
+        return pairs_uris(cfg)
+    if isinstance(pairs, str):
+        return [pairs]
+    if not isinstance(pairs, ray.data.Dataset):
+        return list(pairs)
+    missing = [c for c in (*KEYS, *IDS) if c not in pairs.schema().names]
+    if missing:
+        raise ConfigError(f"the pairs Dataset given to train has no column {', '.join(missing)}: train on "
+                          "make_pairs' records (PairsResult.dataset()), filtered or transformed, keeping its columns")
+    dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs_given")
+    rows = records.write_dataset(pairs, dest)
+    log.info("iteration %d: %d given pairs written to %s", cfg.iteration, rows, dest)
+    return [dest]
+
+
+@contextlib.contextmanager
+def _health_check_interval() -> Iterator[None]:
+    """Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and each
+    report() waits for that poll, which dominates small steps. The controller reads it from the driver's environment
+    when fit() creates it, so it is set for that moment only, unless the caller set it."""
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "0.5"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _drop_resumable_state(here: str) -> None:

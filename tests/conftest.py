@@ -14,11 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-# Ray Train V2's report() waits for the controller's poll; vLLM runs in-process inside Ray actors.
+# Ray Train V2's report() waits for the controller's poll (spin_ray sets 0.5 s for its own fits; shorter here).
+# Nothing else of spin_ray's is set here: the engines and workers declare the environment they need (generate.
+# engine_env), so the tests start them as a library caller's plain ray.init() would.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from spin_ray import records, schemas
 from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.generate import engine_env
 from spin_ray.schemas import MESSAGE
 from spin_ray.loop import make_pairs
 
@@ -176,7 +177,8 @@ def test_batches_in_flight_share_one_engine_and_keep_every_answer(tiny_model, ra
             t.join()
         return one_at_a_time, together, peak_alone, engine.peak_requests
 
-    alone, together, peak_alone, peak = ray.get(ray.remote(num_cpus=0.5)(_engine_in_flight).remote(tiny_model))
+    alone, together, peak_alone, peak = ray.get(ray.remote(num_cpus=0.5, runtime_env={"env_vars": engine_env()})(
+        _engine_in_flight).remote(tiny_model))
     assert peak_alone == 8 and peak > 8  # one scheduler held more than one call's requests at once
     assert together == alone  # per-prompt seeds: the same answers, whatever else the engine was decoding
     assert all(a.num_tokens > 0 for answers in alone for a in answers)

@@ -1,0 +1,84 @@
+"""spin_ray as a step of a user's own Ray program: the README's library example, run as written in a plain Ray
+program with none of spin_ray's environment set, and the composable stages (a pairs Dataset into train)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# What the CLI used to export for its own runs; a user's program has none of it.
+SPIN_RAY_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+pytestmark = pytest.mark.integration
+
+
+def readme_example() -> str:
+    """The first python block of README.md's "As a library" section."""
+    section = (ROOT / "README.md").read_text().split("## As a library", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_readme_library_example_runs_as_written_in_a_plain_ray_program(ray_cluster, tmp_path):
+    import ray
+
+    script = tmp_path / "pipeline.py"
+    script.write_text(readme_example())
+    storage = Path("/tmp/spin-pipeline")  # the example's own storage
+    subprocess.run(["rm", "-rf", str(storage)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in SPIN_RAY_ENV}
+    # As `ray job submit` does: the program's ray.init() joins the running cluster named by RAY_ADDRESS.
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+    seen = (out.stdout + out.stderr).splitlines()
+    assert out.returncode == 0, "\n".join(seen[-60:])
+    assert re.search(r"\d+ of \d+ answers ended by the model; θ_1 at .*iter_0/model", out.stdout), out.stdout
+    # The caller's screen: spin_ray's progress, not the engines' or workers' internals (those are in the run's logs).
+    assert len(seen) <= 40, "\n".join(seen)
+    assert not any("non-default args" in line or "Loading safetensors" in line for line in seen)
+    logs = list((storage / "logs").glob("engine-*.log"))
+    assert logs and any("vllm" in p.read_text().lower() for p in logs)
+    assert list((storage / "logs").glob("train-iter0-rank0.log"))
+
+
+def test_train_takes_a_filtered_pairs_dataset_and_returns_a_checkpoint(ray_cluster, tiny_model, tmp_path):
+    """make_pairs → a downstream filter (a Dataset, never collected) → train → a Checkpoint of θ_1 trained on
+    exactly the rows that passed."""
+    import pyarrow.dataset as pads
+    import ray.data
+    import ray.train
+    from ray.data.expressions import col
+
+    from spin_ray import make_pairs, train
+    from spin_ray.config import SpinConfig
+    from spin_ray.data import BUNDLED
+
+    cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={tmp_path}", "data.max_rows=24",
+                                 "data.max_length=128", "data.max_prompt_length=64", "generate.max_tokens=8",
+                                 "generate.batch_size=8", "generate.num_cpus_per_actor=0.5",
+                                 "train.global_batch_size=4", "train.micro_batch_size=4", "eval.enabled=false"])
+    rows = ray.data.read_parquet(str(BUNDLED)).filter(expr=col("split") == "train")
+    pairs = make_pairs(cfg, rows)
+    kept = pairs.dataset().filter(lambda r: len(r["prompt_id"]) > 0 and int(r["prompt_id"][-1], 16) % 2 == 0)
+    result = train(cfg, pairs=kept)
+    assert isinstance(result.checkpoint, ray.train.Checkpoint)
+    assert (Path(result.checkpoint.path) / "config.json").exists()
+    given = pads.dataset(str(tmp_path / "iter_0" / "pairs_given"), format="parquet").to_table(columns=["prompt_id"])
+    expected = sorted(p for p in pads.dataset(pairs.path, format="parquet").to_table(columns=["prompt_id"])
+                      .column("prompt_id").to_pylist() if int(p[-1], 16) % 2 == 0)
+    assert sorted(given.column("prompt_id").to_pylist()) == expected and 0 < len(expected) < pairs.rows
+
+
+def test_pairs_dataset_without_the_training_columns_is_refused(ray_cluster, tiny_model, tmp_path):
+    import ray.data
+
+    from spin_ray import train
+    from spin_ray.config import ConfigError, SpinConfig
+
+    cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={tmp_path}"])
+    with pytest.raises(ConfigError, match="no column .*real_ids"):
+        train(cfg, pairs=ray.data.from_items([{"prompt_id": "a", "iteration": 0}]))
