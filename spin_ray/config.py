@@ -73,6 +73,10 @@ class GenerateConfig:
     max_model_len: int | None = None
     """vLLM context length; None = data.max_length."""
     gpu_memory_utilization: float = 0.85
+    """Share of each GPU's memory vLLM takes (weights + KV cache); GPUs only."""
+    cpu_kv_cache_gb: float = 1.0
+    """On CPU, the KV cache each engine reserves in host memory (GiB), whatever else the machine holds; vLLM would
+    otherwise read gpu_memory_utilization as a share of all host memory."""
     keep_warm: bool = False
     """Keep the engines between iterations and load θ_{t+1} into them, instead of starting new ones. Only where they
     do not share devices with training (they hold their GPUs/CPUs while it runs)."""
@@ -306,6 +310,7 @@ class SpinConfig:
             ("generate.temperature", self.generate.temperature >= 0, "must be >= 0 (0 = greedy)"),
             ("generate.top_p", 0 < self.generate.top_p <= 1, "must be in (0, 1]"),
             ("generate.gpu_memory_utilization", 0 < self.generate.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+            ("generate.cpu_kv_cache_gb", self.generate.cpu_kv_cache_gb > 0, "must be > 0 (GiB)"),
             ("generate.num_cpus_per_actor", self.generate.num_cpus_per_actor > 0, "must be > 0"),
             ("generate.num_gpus_per_actor", (self.generate.num_gpus_per_actor or 0) >= 0, "must be >= 0 or null"),
             ("generate.max_model_len", self.generate.max_model_len is None
