@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, SpinConfig, resolve_dtype
 from spin_ray.failures import EngineStartError
-from spin_ray.logs import logs_dir, output_to_file
+from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file
 from spin_ray.plan import actor_gpus
 from spin_ray.schemas import IDS, TOKENS
 from spin_ray.template import answer_ids, prompt_ids, truncate_prompt
@@ -37,7 +37,7 @@ def engine_env() -> dict[str, str]:
     over the job's, so `spin-ray`, `ray job submit` and a library caller's own `ray.init()` start engines alike."""
     # vLLM's engine in the actor's own process: no engine-core subprocess per actor (which also needs a __main__
     # guard in scripts), and the in-flight stepping of VllmEngine drives it directly.
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **QUIET_ENV}
 
 
 def check_host_memory(kv_cache_gb: float) -> None:

@@ -32,6 +32,9 @@ def output_to_file(path: Path) -> None:
     os.close(sink)
 
 
+QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+"""For the processes spin_ray starts: no tokenizer thread-pool warnings after a fork, no weight-loading bars."""
+
 QUIET_DATA = {"enable_progress_bars": False, "print_on_execution_start": False}
 """Ray Data settings of the executions spin_ray runs: a progress block every few seconds per execution would fill the
 caller's terminal; spin_ray's stage lines say the same."""

@@ -20,6 +20,7 @@ from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.generate import EnginePool, generate
 from spin_ray.harness import check_data
 from spin_ray.failures import stage
+from spin_ray.logs import quiet
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
 from spin_ray.prepare import Prepared, data_config, data_parts, prepare
@@ -40,7 +41,7 @@ class PairsResult:
     def dataset(self) -> "ray.data.Dataset":
         import ray.data
 
-        return ray.data.read_parquet(self.path, file_extensions=["parquet"])
+        return quiet(ray.data.read_parquet(self.path, file_extensions=["parquet"]))
 
 
 STAGES = {"Generator": "generate", "PooledGenerator": "generate"}

@@ -30,7 +30,7 @@ from spin_ray.batching import epoch_plan, even_micro_batches, plan_steps, worker
 from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.failures import stage
-from spin_ray.logs import logs_dir, output_to_file
+from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file
 from spin_ray.plan import preflight
 from spin_ray.schemas import IDS, LOGPS, TOKENS
 from spin_ray.trainer import Trainer
@@ -409,7 +409,7 @@ def train(cfg: SpinConfig, *, model: str | None = None,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             # The worker group's start and stop lines are the log file's, not the caller's terminal's.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+            worker_runtime_env={"env_vars": QUIET_ENV}),
     )
     with stage("training"), _health_check_interval():
         trainer.fit()

@@ -34,7 +34,9 @@ def test_readme_library_example_runs_as_written_in_a_plain_ray_program(ray_clust
     # As `ray job submit` does: the program's ray.init() joins the running cluster named by RAY_ADDRESS.
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
-    seen = (out.stdout + out.stderr).splitlines()
+    # Ray Train's placement-group cleaner cannot find the state API when several Ray clusters run on one machine (a
+    # test machine's other clusters): its thread dies with a traceback that is Ray's, not spin_ray's, and says so.
+    seen = [line for line in (out.stdout + out.stderr).splitlines() if "(PlacementGroupCleaner pid=" not in line]
     assert out.returncode == 0, "\n".join(seen[-60:])
     assert re.search(r"\d+ of \d+ answers ended by the model; θ_1 at .*iter_0/model", out.stdout), out.stdout
     # The caller's screen: spin_ray's progress, not the engines' or workers' internals (those are in the run's logs).
@@ -82,3 +84,42 @@ def test_pairs_dataset_without_the_training_columns_is_refused(ray_cluster, tiny
     cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={tmp_path}"])
     with pytest.raises(ConfigError, match="no column .*real_ids"):
         train(cfg, pairs=ray.data.from_items([{"prompt_id": "a", "iteration": 0}]))
+
+
+def test_an_engine_that_cannot_start_is_one_exception_with_its_cause(ray_cluster, tiny_model, tmp_path):
+    """A KV cache the node cannot hold: one StageError naming the stage, the cause and the setting, raised once (the
+    engine is not restarted), nothing written."""
+    from spin_ray import run_iteration
+    from spin_ray.config import SpinConfig
+    from spin_ray.failures import StageError
+
+    rows = [{"messages": [{"role": "user", "content": f"Reverse the letters: ab{i}"},
+                          {"role": "assistant", "content": f"{i}ba"}]} for i in range(8)]
+    import ray.data
+
+    cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={tmp_path}", "data.max_length=128",
+                                 "data.max_prompt_length=64", "generate.num_cpus_per_actor=0.5",
+                                 "generate.max_tokens=8", "generate.cpu_kv_cache_gb=100000", "eval.enabled=false"])
+    with pytest.raises(StageError) as caught:
+        run_iteration(cfg, prompts=ray.data.from_items(rows))
+    message = str(caught.value)
+    assert message.startswith("generation failed: vLLM could not reserve 100000 GiB of host memory for its KV cache")
+    assert "generate.cpu_kv_cache_gb" in message and "\n" not in message
+    assert not (tmp_path / "iter_0" / "pairs").exists()
+
+
+def test_bad_upstream_rows_are_refused_before_any_engine_starts(ray_cluster, tiny_model, tmp_path):
+    import ray.data
+    import ray.util.state
+
+    from spin_ray import run_iteration
+    from spin_ray.config import ConfigError, SpinConfig
+
+    good = {"messages": [{"role": "user", "content": "Sort the letters: cba"}, {"role": "assistant", "content": "abc"}]}
+    bad = {"messages": [{"role": "assistant", "content": "Sort the letters: cba"}, {"role": "user", "content": "abc"}]}
+    cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={tmp_path}", "data.max_length=128",
+                                 "data.max_prompt_length=64", "generate.max_tokens=8", "eval.enabled=false"])
+    engines = len(ray.util.state.list_actors(filters=[("class_name", "=", "Generator")]))
+    with pytest.raises(ConfigError, match=r"a row of .*role"):
+        run_iteration(cfg, prompts=ray.data.from_items([good, bad]))
+    assert len(ray.util.state.list_actors(filters=[("class_name", "=", "Generator")])) == engines
