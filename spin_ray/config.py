@@ -184,6 +184,27 @@ class LoopConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """EleutherAI's lm-evaluation-harness (lm-eval) on θ_0 and every θ_{t+1}, beside the held-out evaluation: its HF
+    backend in a Ray task with a training worker's resources (spin_ray/harness.py); scores in eval.json."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task or group names; empty: off. Bundled (offline): spin_tasks_gen, spin_tasks_ll (both: spin_tasks)
+    on the bundled held-out prompts; spin_open_llm_leaderboard: the paper's Table 1 tasks at the leaderboard's
+    few-shot counts (their data comes from the HF hub)."""
+    num_fewshot: int | None = None
+    """Few-shot examples for every task; null: each task's own."""
+    limit: int | None = None
+    """Documents per task (the first N); null: all."""
+    include_path: str | None = None
+    """A folder of task YAMLs of your own, besides spin_ray's bundled ones (always included)."""
+    batch_size: int = 8
+    """Requests per forward pass of the HF backend."""
+    chat_template: bool | None = None
+    """Render prompts with the model's chat template (lm-eval's --apply_chat_template); null: for the bundled
+    spin_tasks_* only (chat prompts), not for the others (the leaderboard scored plain few-shot prompts)."""
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     """Evaluate θ_0 and every θ_{t+1} on held-out prompts that are never trained on."""
@@ -194,6 +215,7 @@ class EvalConfig:
     scorer: str = "auto"
     """Task score of the model's greedy answers: `auto` (the bundled tasks' exact match when data.path is bundled,
     else none), `none` (open-ended chat), or `module:function` called as f(prompt, reference, answer) -> float."""
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass
@@ -363,6 +385,7 @@ class SpinConfig:
             ("train.epochs_per_iteration", all(e >= 1 for e in self.train.epochs_per_iteration or []),
              "must hold only values >= 1"),
             *self._lora_checks(),
+            *self._lm_eval_checks(),
             ("loop.iterations", self.loop.iterations >= 1, "must be >= 1"),
             ("loop.window", self.loop.window >= 1, "must be >= 1"),
             ("eval.rows", self.eval.rows >= 1, "must be >= 1"),
@@ -383,6 +406,23 @@ class SpinConfig:
                 value = _get(self, name)
                 hint = _did_you_mean(value, DTYPES) if name.endswith(".dtype") else ""
                 raise ConfigError(f"{name} = {value!r}: {why}{hint}")
+
+    def _lm_eval_checks(self) -> list[tuple[str, bool, str]]:
+        lm = self.eval.lm_eval
+        if not lm.tasks:
+            return []
+        from spin_ray.harness import check_tasks
+
+        checks = [("eval.lm_eval.tasks", self.eval.enabled,
+                   "needs eval.enabled=true (lm-eval scores each iterate with its held-out evaluation)"),
+                  ("eval.lm_eval.num_fewshot", lm.num_fewshot is None or lm.num_fewshot >= 0, "must be >= 0 or null"),
+                  ("eval.lm_eval.limit", lm.limit is None or lm.limit >= 1, "must be >= 1 or null"),
+                  ("eval.lm_eval.batch_size", lm.batch_size >= 1, "must be >= 1"),
+                  ("eval.lm_eval.include_path", lm.include_path is None or os.path.isdir(lm.include_path),
+                   "must be a folder of lm-eval task YAMLs (on this machine) or null")]
+        if all(ok for _, ok, _ in checks):
+            check_tasks(lm)  # the names, against lm-eval's own index (+ include_path): ConfigError naming the field
+        return checks
 
     def _lora_checks(self) -> list[tuple[str, bool, str]]:
         lora = self.train.lora

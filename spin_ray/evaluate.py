@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.logs import QUIET_ENV
 from spin_ray.prepare import prepare
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def _logps(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
     """`_score_rows` as one Ray task with a training worker's resources."""
     import ray
 
-    task = ray.remote(num_cpus=cfg.train.num_cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0)(_score_rows)
+    task = ray.remote(num_cpus=cfg.train.num_cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+                      runtime_env={"env_vars": QUIET_ENV})(_score_rows)
     return ray.get(task.remote(cfg, model, table))
 
 
@@ -181,7 +183,8 @@ def heldout_answers(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) ->
 
 def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
              answers: HeldoutAnswers | None = None) -> dict[str, Any]:
-    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`.
+    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`; with
+    eval.lm_eval, lm-eval's scores too (those missing from a stored eval.json are added to it).
 
     The answers are `answers` (heldout_answers, made earlier on engines that are gone now), else made here on `pool`
     (see heldout_answers). The log-prob pass is one task with a training worker's resources. θ_{k−1}'s evaluation,
@@ -192,7 +195,7 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
     here = eval_dir(cfg.storage, k)
     cached = read_eval(cfg.storage, k)
     if cached is not None:
-        return cached
+        return _with_lm_eval(cfg, model, k, cached)
     cfg = resolve(cfg)
     if answers is None:
         answers = heldout_answers(cfg, model, k, pool=pool)
@@ -221,6 +224,19 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
     _write_parquet(records.join(here, SAMPLES), samples)
     records.write_json_atomic(records.join(here, RESULT), result)
     log.info("θ_%d: %s", k, summary(result))
+    return _with_lm_eval(cfg, model, k, result)
+
+
+def _with_lm_eval(cfg: SpinConfig, model: str, k: int, result: dict[str, Any]) -> dict[str, Any]:
+    """θ_k's stored evaluation with the eval.lm_eval tasks it lacks scored (harness.py) and written into it."""
+    from spin_ray import harness
+
+    entry = harness.score(cfg, model, result)
+    if entry is None:
+        return result
+    result = {**result, "lm_eval": entry}
+    records.write_json_atomic(records.join(eval_dir(cfg.storage, k), RESULT), result)
+    log.info("θ_%d: lm-eval %s", k, harness.summary(entry))
     return result
 
 

@@ -75,6 +75,36 @@ def _by_kind(data: dict[str, Any]) -> list[str]:
     return rows
 
 
+def lm_eval_columns(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(configured task, result row, metric) of every lm-eval score any model has, stderr left out, in first-seen
+    order."""
+    seen: dict[tuple[str, str, str], None] = {}
+    for m in data["models"]:
+        for task, entry in ((m["evaluation"] or {}).get("lm_eval") or {}).items():
+            for row, metrics in entry["scores"].items():
+                for metric in metrics:
+                    if not metric.endswith("_stderr"):
+                        seen[(task, row, metric)] = None
+    return list(seen)
+
+
+def _lm_eval_value(m: dict[str, Any], column: tuple[str, str, str]) -> float | None:
+    task, row, metric = column
+    entry = ((m["evaluation"] or {}).get("lm_eval") or {}).get(task) or {}
+    return (entry.get("scores") or {}).get(row, {}).get(metric)
+
+
+def _lm_eval_table(data: dict[str, Any]) -> list[str]:
+    columns = lm_eval_columns(data)
+    if not columns:
+        return []
+    rows = ["| model | " + " | ".join(f"{row} {metric}" for _, row, metric in columns) + " |",
+            "|" + "---|" * (len(columns) + 1)]
+    for m in data["models"]:
+        rows.append(f"| θ_{m['theta']} | " + " | ".join(_fmt(_lm_eval_value(m, c)) for c in columns) + " |")
+    return rows
+
+
 def _plot(data: dict[str, Any]) -> tuple[bytes, bytes]:
     """PNG bytes: training loss and reward margin over steps coloured by iteration; evaluation by model."""
     import matplotlib
@@ -99,7 +129,17 @@ def _plot(data: dict[str, Any]) -> tuple[bytes, bytes]:
     models = [m for m in data["models"] if m["evaluation"]]
     panels = [("task_score", "held-out task score"), ("nll_per_token", "held-out NLL/token of human answers"),
               ("reward_accuracy", "held-out reward accuracy vs previous θ")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    # Scores on a 0..1 scale (accuracies, exact match) share one panel; perplexities and the like stay in the table.
+    columns = [c for c in lm_eval_columns(data) if all(0 <= (_lm_eval_value(m, c) or 0) <= 1 for m in models)]
+    fig, axes = plt.subplots(1, 3 + bool(columns), figsize=(12 + 4 * bool(columns), 3.6))
+    if columns:
+        for column in columns:
+            points = [(m["theta"], v) for m in models if (v := _lm_eval_value(m, column)) is not None]
+            axes[3].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=" ".join(column[1:]))
+        axes[3].set_title("lm-eval", fontsize=10)
+        axes[3].set_xlabel("θ_k (k = iterations of SPIN)")
+        axes[3].set_xticks([m["theta"] for m in models])
+        axes[3].legend(fontsize=7)
     for ax, (key, title) in zip(axes, panels):
         points = [(m["theta"], m["evaluation"][key]) for m in models if m["evaluation"].get(key) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
@@ -141,6 +181,9 @@ def write_report(storage: str) -> str:
     kinds = _by_kind(data)
     if kinds:
         lines += ["Task score by kind:", "", *kinds, ""]
+    harness = _lm_eval_table(data)
+    if harness:
+        lines += ["lm-eval (EleutherAI's harness, eval.lm_eval; settings in each eval.json):", "", *harness, ""]
     lines += ["![training](report_training.png)", "", "![evaluation](report_eval.png)", ""]
     uri = records.join(root, "report.md")
     records.write_bytes_atomic(uri, "\n".join(lines).encode())

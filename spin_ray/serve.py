@@ -175,9 +175,11 @@ class AsyncEngine:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        # On CPU without a prefix cache, as the generation engines: an answer does not depend on what was served
+        # before, so the served greedy answers are spin_ray.evaluate's.
         args = EngineArgs(model=model, dtype=resolve_dtype(dtype, on_gpu), load_format="safetensors",
                           trust_remote_code=trust_remote_code, max_model_len=max_model_len, disable_log_stats=True,
-                          **vllm_device_args(on_gpu, max_model_len))
+                          **vllm_device_args(on_gpu, max_model_len), **({} if on_gpu else {"enable_prefix_caching": False}))
         self.engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
         self.max_model_len: int = self.engine.model_config.max_model_len
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")  # the engine's only user

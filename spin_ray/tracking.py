@@ -86,6 +86,7 @@ class Tracker:
         self.state.setdefault("steps", {})  # iteration -> training steps logged
         self.state.setdefault("evals", [])  # θ indices whose evaluation was logged
         self.state.setdefault("seconds", [])  # iterations whose stage timings were logged
+        self.state.setdefault("lm_eval", {})  # θ index -> eval.lm_eval tasks whose scores were logged
         name = self.tc.run_name or Path(self.root.rstrip("/")).name
         if self.tc.backend == "mlflow":
             import mlflow
@@ -141,6 +142,15 @@ class Tracker:
             if evaluation is not None and k not in self.state["evals"]:
                 self._metrics({f"eval/{key}": evaluation.get(key) for key in EVAL_KEYS}, k)
                 self.state["evals"].append(k)
+            # lm-eval's scores may be added to a stored evaluation later (eval.lm_eval set on a rerun): logged apart.
+            harness = (evaluation or {}).get("lm_eval") or {}
+            logged = self.state["lm_eval"].setdefault(str(k), [])
+            new = [task for task in harness if task not in logged]
+            if new:
+                self._metrics({f"eval/lm_eval/{row}/{metric}": value for task in new
+                               for row, metrics in harness[task]["scores"].items()
+                               for metric, value in metrics.items()}, k)
+                logged += new
         manifest = records.join(self.root, "manifest.json")
         stages = records.read_json(manifest).get("stages", {}) if records.exists(manifest) else {}
         for name, stage in stages.items():
