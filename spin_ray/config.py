@@ -137,7 +137,8 @@ class TrainConfig:
     layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
     recomputes only the element-wise ops between them (little extra compute); `none` keeps everything."""
     compile: bool = False
-    """torch.compile each decoder layer (fused element-wise kernels; the first steps pay the compilation)."""
+    """torch.compile each decoder layer with dynamic shapes (fused element-wise kernels; the first step pays the
+    compilation, micro-batches of new lengths reuse its graph)."""
     dtype: str = "auto"
     """Compute dtype: auto = bfloat16 on GPU, float32 on CPU. Below float32, parameters stay fp32 and are computed in
     this dtype with fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; ddp then runs as replicate-only FSDP2).

@@ -72,8 +72,9 @@ def prepare_blocks(model: torch.nn.Module, tc: TrainConfig) -> None:
 
     full: each layer keeps only its input and recomputes the rest in the backward pass; selective: each layer also
     keeps its matmul and attention outputs (SAVED_OPS) and recomputes only the cheap ops between them; none: every
-    activation is kept. compile: each layer's forward goes through torch.compile (in place, so FSDP2 and the
-    checkpoint wrappers see the same modules)."""
+    activation is kept. compile: each layer's forward goes through torch.compile with dynamic shapes (in place, so
+    FSDP2 and the checkpoint wrappers see the same modules): one graph serves every micro-batch length, and the
+    varlen attention is a registered op (template.varlen_attention), so dynamo traces each block whole."""
     if tc.activation_checkpointing != "none":
         kwargs = (None if tc.activation_checkpointing == "full"  # transformers' own default
                   else {"use_reentrant": False, "context_fn": _selective_context})
@@ -81,7 +82,7 @@ def prepare_blocks(model: torch.nn.Module, tc: TrainConfig) -> None:
         model.config.use_cache = False
     if tc.compile:
         for layer in model.model.layers:
-            layer.compile()
+            layer.compile(dynamic=True)
 
 
 def add_lora(model: torch.nn.Module, tc: TrainConfig, dtype: str) -> None:
