@@ -7,8 +7,9 @@ Model: a standard architecture with random weights (only speed and memory are me
 shipped config (the gpu_mid preset's model), saved as safetensors and loaded through spin_ray.models like any θ_t.
 Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts and answers, data.max_length's rule).
 
-0. kernel   template.VARLEN (torch's fused varlen flash attention on CUDA) against VARLEN_SDPA (one SDPA call per
-            sequence) on one micro-batch: log-probs, gradients, forward + backward seconds
+0. kernel   the attention ops' test at the op (benchmarks/attention_check.py: fused and per-sequence kernels against
+            fp32, bounded by naive bf16, with negative controls), then template.VARLEN (torch's fused varlen flash
+            attention on CUDA) against VARLEN_SDPA (one SDPA call per sequence) on one micro-batch: seconds
 1. reference  Trainer.logps over every pair before the first step (spin_ray.train's reference pass: the policy is
             θ_t), length-grouped micro-batches of micro_batch_size pairs: tokens/s and MFU (one forward's FLOPs)
 2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the same forward, so 0 up to rounding)
@@ -154,13 +155,19 @@ def sdpa_probe(trainer, pairs: list, idx: list[int], device: torch.device) -> di
 
 
 def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> dict:
-    """Fused varlen attention (template.VARLEN: one flash-attention call per layer on CUDA) against one SDPA call per
-    sequence (VARLEN_SDPA) on one micro-batch, same bf16 model: the pairs' log-probs and the gradient of their sum,
-    then the time of a forward + backward under each."""
+    """The attention ops' own test (benchmarks/attention_check.py: output and dq, dk, dv of every kernel against fp32,
+    bounded by naive bf16's error, negative controls), then the time of one micro-batch's forward + backward under
+    template.VARLEN (the fused kernel on CUDA) and VARLEN_SDPA (one SDPA call per sequence), same bf16 model. The
+    trainer keeps VARLEN: a model the fused kernel cannot serve falls back by itself, and says so in the log."""
+    from attention_check import run
+
     from spin_ray.template import VARLEN, VARLEN_SDPA, pack_varlen, varlen_logps
 
+    t0 = time.perf_counter()
+    op_test = run(device)
+    op_test["seconds"] = time.perf_counter() - t0
     batch = pack_varlen([pairs[i] for i in idx]).to(device)
-    logps, seconds, ref_grads, sq_diff, sq_ref = {}, {}, [], 0.0, 0.0
+    seconds = {}
     for impl in (VARLEN_SDPA, VARLEN, VARLEN_SDPA, VARLEN):  # the second round is timed
         trainer.model.set_attn_implementation(impl)
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -170,19 +177,9 @@ def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> 
         (real.sum() + generated.sum()).backward()
         sync(device)
         seconds[impl] = time.perf_counter() - t0
-        logps[impl] = torch.cat([real, generated]).detach().double()
-        grads = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float() for p in trainer.params]
-        if impl == VARLEN_SDPA:
-            ref_grads = [g.clone() for g in grads]
-        else:
-            sq_diff = sum(float((g - r).pow(2).sum()) for g, r in zip(grads, ref_grads))
-            sq_ref = sum(float(r.pow(2).sum()) for r in ref_grads)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.model.set_attn_implementation(VARLEN)
-    diff = (logps[VARLEN] - logps[VARLEN_SDPA]).abs()
-    return {"tokens": batch.tokens, "sequences": len(batch.bounds) - 1,
-            "logp_max_abs_diff": float(diff.max()), "logp_mean_abs": float(logps[VARLEN_SDPA].abs().mean()),
-            "grad_rel_diff": math.sqrt(sq_diff / sq_ref) if sq_ref else None,
+    return {"op_test": op_test, "tokens": batch.tokens, "sequences": len(batch.bounds) - 1,
             "fwd_bwd_s": {"fused": seconds[VARLEN], "per_sequence_sdpa": seconds[VARLEN_SDPA]}}
 
 
@@ -306,7 +303,7 @@ def main() -> None:
               "budget": variants["varlen"]}
 
     chosen = {v: chosen[v] for v in args.variants}
-    if args.kernel_check and args.attention == "varlen":  # on CPU both are per-sequence SDPA: a smoke test
+    if args.kernel_check and args.attention == "varlen":  # on CPU both are per-sequence SDPA: a smoke test of it
         results["kernel_check"] = kernel_check(trainer, pairs, grouped[0][0], device)
         print("kernel check:", json.dumps(results["kernel_check"]), flush=True)
         save()

@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD:$PWD/build/gpu_site TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/nvidia-smi.txt 2>&1
 $PY -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
     > $OUT/env.txt 2>&1
-timeout 60 $PY -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_logps.py -k fused_varlen_on_cuda \
+timeout 120 $PY -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_attention_op.py \
     > $OUT/kernel_test.log 2>&1
 common="--max-length 2048 --max-prompt-length 1024 --steps 4 --repeats 2 --no-sdpa-probe"
 run() {  # name, seconds, gpu.py arguments

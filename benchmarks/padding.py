@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-prompt-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", default=["before", "grouped", "packed", "varlen"],
+                    help="which variants to time (the trainer's own is varlen)")
     ap.add_argument("--plan-only", action="store_true",
                     help="padding shares from the plans alone (exact, seconds): no model, no timed steps")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -218,10 +220,10 @@ def main() -> None:
             runs = {}
             for variant, (plan, layout) in plans(pairs, steps=args.steps, global_batch=args.global_batch,
                                                  micro=args.micro_batch, budget=budget, seed=args.seed).items():
-                if args.plan_only:
+                if args.plan_only or variant not in args.variants:
                     continue
                 runs[variant] = r = run_variant(trainer, pairs, plan, layout)
-                ratio = r["real_tok_s"] / runs["before"]["real_tok_s"]
+                ratio = r["real_tok_s"] / runs["before"]["real_tok_s"] if "before" in runs else float("nan")
                 print(f"{name:<12} {variant:<13} {r['real_tok_s']:>10.0f} {r['padding_share']:>8.1%} "
                       f"{r['forwards_per_step']:>8.1f} {r['max_tokens_per_forward']:>11} {ratio:>8.2f}x", flush=True)
             if runs:
