@@ -56,8 +56,8 @@ def test_a_varlen_model_on_cuda_runs_the_fused_kernel_for_plain_and_grouped_head
     assert "instead of the fused varlen kernel" not in caplog.text
 
 
-def test_a_cuda_fallback_is_named_per_model_in_the_log():
-    """Where the fused kernel cannot serve a call (here: float32), the reason and the model are logged once."""
+def test_the_fused_path_names_why_it_cannot_serve_a_call():
+    """The reasons a CUDA call falls back to per-sequence attention (logged once per model by varlen_attention)."""
     from spin_ray.template import _fused_unsupported
 
     q = torch.zeros(3, 4, 64, dtype=torch.float32)
