@@ -87,64 +87,6 @@ def quiet_output(log_path: Path) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-class TrainProgress:
-    """Prints training steps as the workers write them (`iter_<t>/train_metrics.jsonl`), and the end of each reference
-    pass (`iter_<t>/reference`), so training is not minutes of silence."""
-
-    def __init__(self, storage: str, every_s: float = 5.0):
-        self.storage, self.every_s = storage, every_s
-        self.seen: dict[str, int] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> "TrainProgress":
-        from spin_ray import records
-
-        for t in range(1000):  # steps from an earlier, resumed run are not news
-            uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
-            if not records.exists(records.iter_dir(self.storage, t)):
-                break
-            self.seen[uri] = len(records.read_lines(uri))
-            self.seen[self._reference(t)] = int(records.is_complete(self._reference(t)))
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._poll()
-
-    def _watch(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self._poll()
-
-    def _poll(self) -> None:
-        from spin_ray import records
-
-        for t in range(1000):
-            if not records.exists(records.iter_dir(self.storage, t)):
-                break
-            reference = self._reference(t)  # the reference pass ends before the first step's line is written
-            if not self.seen.get(reference) and records.is_complete(reference):
-                done = records.read_json(records.join(reference, records.MARKER))
-                log.info("iteration %d: θ_%d's reference log-probs of %d pairs in %.1f s (%s)", t, t, done["rows"],
-                         done["seconds"], reference)
-                self.seen[reference] = 1
-            uri = records.join(records.iter_dir(self.storage, t), "train_metrics.jsonl")
-            lines = records.read_lines(uri)
-            for line in lines[self.seen.get(uri, 0):]:
-                m = json.loads(line)
-                log.info("iteration %d: train step %d/%s loss %.4f reward acc %.3f margin %.3f (%.0f tokens/s)", t,
-                         m["step"], m.get("total_steps", "?"), m["loss"], m["rewards/accuracies"],
-                         m["rewards/margins"], m.get("tokens_per_s", 0))
-            self.seen[uri] = len(lines)
-
-    def _reference(self, t: int) -> str:
-        from spin_ray import records
-
-        return records.join(records.iter_dir(self.storage, t), "reference")
-
-
 @dataclass(frozen=True)
 class Cluster:
     """The Ray cluster a command uses: `address` to join, or None for a local cluster of its own."""
@@ -361,8 +303,7 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.manifest import Manifest
     from spin_ray.report import write_report
 
-    with TrainProgress(cfg.storage):
-        results = run(cfg, force=args.force, on_iteration=lambda r: say(TABLE_HEADER, iteration_row(r)))
+    results = run(cfg, force=args.force, on_iteration=lambda r: say(TABLE_HEADER, iteration_row(r)))
     base = read_eval(cfg.storage, 0)
     if base is not None:
         say(f"θ_0 (before SPIN): {summary(base)}")

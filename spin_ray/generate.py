@@ -426,14 +426,30 @@ class PooledGenerator:
         try:
             return ray.get(engine.__call__.remote(batch))
         except ray.exceptions.RayActorError:
-            # The engine died inside this batch: redo it on a new engine (answers are seeded per prompt, so they are
-            # the same). This actor owns the new one until the execution ends; the pool replaces its own at next use.
+            # The engine died inside this batch: redo it (answers are seeded per prompt, so they are the same) on
+            # another engine of the pool, or on a new one when none is left. A new engine takes a CPU or GPU, which
+            # after a lost node may be the last one the stage's reads and writes had. This actor keeps the engine
+            # until the execution ends; the pool replaces its dead one at next use.
             with self.replacing:
                 if self.engine is engine:
-                    log.warning("a warm generation engine died mid-batch; redoing the batch on a new engine")
-                    self.engine = self.pool.spawn()
+                    self.engine = self._survivor(engine)
                 engine = self.engine
             return ray.get(engine.__call__.remote(batch))
+
+    def _survivor(self, dead: Any) -> Any:
+        import ray
+
+        for other in self.pool.engines:
+            if other._actor_id == dead._actor_id:
+                continue
+            try:
+                ray.get(other.__ray_ready__.remote())
+            except ray.exceptions.RayActorError:
+                continue
+            log.warning("a generation engine died mid-batch; redoing the batch on another engine of the pool")
+            return other
+        log.warning("a generation engine died mid-batch; redoing the batch on a new engine")
+        return self.pool.spawn()
 
 
 def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -275,8 +276,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         if rank == 0:
             keys = ray.get(c["keys"])
             table = keys.append_column(LOGPS[0], pa.array(ref[:, 0])).append_column(LOGPS[1], pa.array(ref[:, 1]))
-            records.write_table(c["reference"], table, {"rows": len(ref), "seconds": time.perf_counter() - t0,
-                                                        "workers": world})
+            done = {"rows": len(ref), "seconds": time.perf_counter() - t0, "workers": world}
+            records.write_table(c["reference"], table, done)
+            c["progress"].add.remote({"reference": done, "time": time.time()})
     start = 0
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:  # local storage: the folder itself; a URI: one download per node
@@ -309,6 +311,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         metrics.update(pairs=order[begin:begin + steps[k]], step=step + 1, total_steps=total, epoch=epoch,
                        beta=tc.beta, iteration=cfg.iteration, time=time.time())
         lines.append(json.dumps(metrics))
+        if rank == 0:
+            c["progress"].add.remote(metrics)  # to the driver's log now; the file below at report_every
         if rank == 0 and ((step + 1) % tc.report_every == 0 or save or done):
             records.write_bytes_atomic(c["metrics_uri"], ("\n".join(lines) + "\n").encode())
         if save:
@@ -391,11 +395,12 @@ def train(cfg: SpinConfig, *, model: str | None = None,
              n_rows, tc.num_workers)
 
     t0 = time.perf_counter()
+    progress = ray.remote(num_cpus=0)(Progress).remote()
     # The workers get the row lengths (to plan the batches) and where each row is stored: each reads only the rows it
     # trains on (load_share). The token ids never pass through this process.
     config = {"cfg": cfg, "model": model, "n_rows": n_rows, "metrics_uri": metrics_uri, "out": out,
               "lengths": index.lengths.tolist(), "pairs": ray.put(index), "keys": ray.put(keys),
-              "reference": records.join(here, REFERENCE)}
+              "reference": records.join(here, REFERENCE), "progress": progress}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -411,7 +416,7 @@ def train(cfg: SpinConfig, *, model: str | None = None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": QUIET_ENV}),
     )
-    with stage("training"), _health_check_interval():
+    with stage("training"), _health_check_interval(), _logging_progress(progress, cfg.iteration):
         trainer.fit()
     seconds = time.perf_counter() - t0
     # Rank 0 exported θ_{t+1} to `out` with its marker (the final metrics); the resumable state is only disk now.
@@ -424,6 +429,67 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     log.info("iteration %d: θ_%d saved to %s (%.1f s, of which %.1f s for θ_%d's reference log-probs of %d pairs)",
              cfg.iteration, cfg.iteration + 1, out, seconds, reference["seconds"], cfg.iteration, reference["rows"])
     return TrainResult(out, final, skipped=False, seconds=seconds, reference_seconds=reference["seconds"])
+
+
+class Progress:
+    """Rank 0's training events (each step's metrics, the end of the reference pass), held for the driver, which
+    logs them as they come: the metrics file is written only every train.report_every steps."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def since(self, k: int) -> list[dict[str, Any]]:
+        return self.events[k:]
+
+
+@contextlib.contextmanager
+def _logging_progress(progress: Any, t: int, every_s: float = 0.5) -> Iterator[None]:
+    """Log rank 0's events through the `spin_ray` logger while training runs, each stamped with its own time; the
+    last ones before returning, so that every step's line comes before the "saved" line."""
+    import ray
+
+    seen, last_step, stop = 0, 0, threading.Event()
+
+    def drain() -> None:
+        nonlocal seen, last_step
+        for event in ray.get(progress.since.remote(seen)):
+            seen += 1
+            if "reference" in event:
+                r = event["reference"]
+                _log_at(event["time"], "iteration %d: θ_%d's reference log-probs of %d pairs in %.1f s", t, t,
+                        r["rows"], r["seconds"])
+            elif event["step"] > last_step:  # a restarted worker group redoes the steps after its checkpoint
+                last_step = event["step"]
+                _log_at(event["time"], "iteration %d: train step %d/%d loss %.4f reward acc %.3f margin %.3f "
+                        "(%.0f tokens/s)", t, event["step"], event["total_steps"], event["loss"],
+                        event["rewards/accuracies"], event["rewards/margins"], event.get("tokens_per_s", 0))
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(ray.exceptions.RayError):  # the group is restarting; the next poll catches up
+                drain()
+
+    thread = threading.Thread(target=watch, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(ray.exceptions.RayError):
+            drain()
+        ray.kill(progress)
+
+
+def _log_at(when: float, message: str, *args: Any) -> None:
+    """An INFO line of this module's logger dated `when` (the event's time, not the time it reached the driver)."""
+    if log.isEnabledFor(logging.INFO):
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, args, None)
+        record.created, record.msecs = when, (when % 1) * 1000
+        log.handle(record)
 
 
 def _pairs_folders(cfg: SpinConfig, pairs: str | list[str] | "ray.data.Dataset" | None) -> list[str]:

@@ -216,6 +216,16 @@ def test_resume_after_kills_inside_and_between_stages(tiny_model, ray_cluster, t
     assert "iter  pairs" in done.stdout and os.path.join(str(tmp_path), "iter_1", "model") in done.stdout
     # The terminal gets progress, the table and the report; Ray's, vLLM's and the workers' logs go to the file.
     assert "full log in" in done.stdout and "train step" in done.stdout and "report:" in done.stdout
+    # Every step of iteration 1 (trained by this run) is a line stamped with the step's own time, before θ_2's
+    # "saved" line.
+    lines = done.stdout.splitlines()
+    saved_at = next(i for i, line in enumerate(lines) if "iteration 1: θ_2 saved" in line)
+    step_lines = [(i, line) for i, line in enumerate(lines) if "iteration 1: train step" in line]
+    assert [int(line.split("train step ")[1].split("/")[0]) for _, line in step_lines] == list(range(1, 41))
+    assert max(i for i, _ in step_lines) < saved_at
+    step_times = [time.strftime("%H:%M:%S", time.localtime(json.loads(line)["time"]))
+                  for line in (tmp_path / "iter_1" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [line.split()[0] for _, line in step_lines] == step_times
     for noise in ("(pid=", "Failed to query", "INFO worker.py", "vllm", "Traceback"):
         assert noise not in done.stdout + done.stderr, noise
     log_file = done.stdout.split("full log in ")[1].split()[0]
