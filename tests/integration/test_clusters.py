@@ -88,7 +88,7 @@ def test_a_command_finds_a_ray_start_cluster_says_so_and_resumes_after_it_goes_a
     assert re.search(rf"The Ray cluster at [\d.]+:{ray_head.port} \(named by `ray start`", err), err
     assert "went away while: iteration 0: train" in err, err
     assert f"Finished stages are kept under {storage}; rerun the same command to resume" in err, err
-    log = storage / "logs" / sorted(os.listdir(storage / "logs"))[-1]
+    log = sorted((storage / "logs").glob("run-*.log"))[-1]  # the command's own log, beside the engines' and workers'
     assert f"Details in {log}." in err
     # Ray's placement-group cleaner could query the state API all along (the head runs the dashboard).
     assert "Failed to query Ray Train Controller actor state" not in log.read_text()
