@@ -128,7 +128,7 @@ def test_generation_and_training_take_turns_on_every_gpu(ray_head, tiny_model, t
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr[-2000:]
     actors = json.loads(listed.stdout.strip().splitlines()[-1])
-    engines = [r for name, r in actors if "Generator" in name]
+    engines = [r for name, r in actors if name == "Generator"]  # the engines (Ray Data's stage actors forward to them)
     workers = [r for name, r in actors if name == "RayTrainWorker"]
 
 
