@@ -109,7 +109,7 @@ def test_engine_killed_mid_batch_is_replaced_and_the_batch_redone(tiny_model, ra
     killed = {}
 
     def kill_inside_a_batch():
-        alive = [a for a in actors("Generator") if a["State"] == "ALIVE"]
+        alive = [a for a in actors("Generator") if a["ActorClassName"] == "Generator" and a["State"] == "ALIVE"]
         if not alive:
             return False
         # ALIVE means the engine is loaded; the process burning CPU now means it is generating a batch.
@@ -351,7 +351,7 @@ thread.start()
 def loaded_engine():
     # The first engine up: it takes the first of the 6 queued batches at once, so the stage cannot end before it
     # has been seen here (whatever the machine's load), and it is busy when its node goes.
-    return next((a for a in state.actors().values() if "Generator" in a["ActorClassName"] and a["State"] == "ALIVE"),
+    return next((a for a in state.actors().values() if a["ActorClassName"] == "Generator" and a["State"] == "ALIVE"),
                 None)
 
 deadline = time.time() + 300
