@@ -362,8 +362,9 @@ class EnginePool:
         import time
 
         n = cfg.generate.num_actors
-        log.info("starting %d %s engine%s for θ_%d (output: %s)", n, resolve_backend(cfg.generate.backend), "s" * (n > 1),
-                 iteration, logs_dir(cfg.storage))
+        backend = {"vllm": "vLLM", "transformers": "transformers"}[resolve_backend(cfg.generate.backend)]
+        log.info("starting %d %s engine%s for θ_%d (output: %s)", n, backend, "s" * (n > 1), iteration,
+                 logs_dir(cfg.storage))
         start = time.perf_counter()
         pool = cls(model, cfg.generate, iteration=iteration, seed=cfg.seed, max_length=cfg.data.max_length,
                    max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code,
