@@ -49,6 +49,8 @@ def task_manager(lm: LmEvalConfig) -> Any:
 
 def check_tasks(lm: LmEvalConfig) -> None:
     """ConfigError naming eval.lm_eval.tasks for a name lm-eval does not know (with the closest known names)."""
+    if not lm.tasks:
+        return
     tm = task_manager(lm)
     for name in lm.tasks:
         if name not in tm.all_tasks:

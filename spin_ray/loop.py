@@ -18,7 +18,7 @@ import pyarrow as pa
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.generate import EnginePool, generate
-from spin_ray.harness import check_data
+from spin_ray.harness import check_data, check_tasks
 from spin_ray.failures import stage
 from spin_ray.logs import quiet
 from spin_ray.models import check_model, resolve_model
@@ -259,6 +259,7 @@ def check_inputs(cfg: SpinConfig, command: str) -> None:
         data_parts(data_config(cfg, heldout=True))
     if command == "run":
         check_backend(cfg.tracking)
+        check_tasks(cfg.eval.lm_eval)
     if command != "prepare":
         check_model(resolve_model(cfg.model), cfg.trust_remote_code)
     check_storage_writable(cfg.storage)  # last: it creates the folder
@@ -279,6 +280,7 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     resolved = preflight(cfg)
     check_storage(cfg)
     check_storage_writable(cfg.storage)  # library callers skip the CLI's check_inputs
+    check_tasks(cfg.eval.lm_eval)
     prompts = as_prompts(prompts, cfg)
     if cfg.eval.enabled:
         prepare(cfg, heldout=True)  # its bad rows, too, before any GPU work
