@@ -50,7 +50,7 @@ CPU_BANDWIDTH_TBS = 0.02
 # of peak without recompute, 17.2% of the computed FLOPs with full recompute (benchmarks/results/gpu); also used for
 # the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
 # CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
-# see the README's plan section.
+# see docs/plan.md ("Checked against measured runs").
 MFU = {"gpu_train": 0.17, "gpu_prefill": 0.40, "cpu": 0.60}
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
