@@ -113,9 +113,10 @@ def main() -> None:
             data_mib = sum(f.stat().st_size for f in (work / "data").iterdir()) / 2**20
             print(f"{size} rows: {data_mib:.0f} MiB of jsonl written in {time.perf_counter() - t:.0f} s {counts}",
                   flush=True)
-            run = measure([sys.executable, "-m", "spin_ray.cli", "prepare", "--set", f"storage={work / 'store'}",
-                           "--set", f"data.path={work / 'data'}", "--set", "data.max_rows=null", "--set",
-                           "data.on_bad_rows=skip", "--set", "eval.enabled=false"], env)
+            run = measure([sys.executable, "-m", "spin_ray.cli", "prepare", "--json",
+                           "--set", f"storage={work / 'store'}", "--set", f"data.path={work / 'data'}",
+                           "--set", "data.max_rows=null", "--set", "data.on_bad_rows=skip",
+                           "--set", "eval.enabled=false"], env)
             out = _result(run)
             assert out["rows"] == counts["distinct_good"], (out, counts)
             assert out["duplicates"] == counts["duplicates"] and sum(out["bad_rows"].values()) == counts["bad"]
@@ -150,9 +151,8 @@ def main() -> None:
 
 
 def _result(run: dict) -> dict:
-    """The JSON the CLI prints last."""
-    out = run.pop("stdout")
-    return json.loads(out[out.index("\n{") + 1:])
+    """The object `spin-ray prepare --json` prints, alone on stdout."""
+    return json.loads(run.pop("stdout"))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """One full SPIN iteration of the embedded default, split by stage, and how each stage's time grows with the prompts.
 
 `spin_ray.loop.run` with spin_ray/assets/cpu_default.yaml (model tasks-sft, warm engines, 2-CPU Train worker) and
-loop.iterations=2, loop.window=2, so that iteration 1 has every stage: handoff (θ_1 reloaded into the warm engines),
+loop.iterations=2, loop.window=2, so that iteration 1 has every stage: engines (θ_1 reloaded into the warm engines),
 evaluation of θ_1 and θ_2, generation + write of its pairs, training, whose first pass is θ_1's reference log-probs
-of both iterations' pairs. Iteration 0's handoff is the engines' start instead of a reload, and its reference pass
-covers its own pairs only. Per stage, from IterationResult.seconds: `handoff`, `eval` (before + after), `generate`
-(the pairs stage's wall), `reference` (the reference pass, as the workers timed it), `train` (the rest of the fit).
+of both iterations' pairs. Iteration 0's `engines` is their start instead of a reload, and its reference pass
+covers its own pairs only. Per stage, from IterationResult.seconds: `engines` (`handoff` in results before
+2026-12-07), `eval` (before + after), `generate` (the pairs stage's wall), `reference` (the reference pass, as the
+workers timed it), `train` (the rest of the fit).
 
 Growth: data.max_rows = N, 2N, 4N prompts (--prompts N); seconds per prompt for generate, reference and train at each size,
 and the ratio of 4N's to N's (flat = 1.0; a fixed start-up cost makes it fall below 1). Evaluation uses a fixed
@@ -21,12 +22,12 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"
                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                   RAY_worker_niceness="0")
 
-STAGES = ("handoff", "eval", "generate", "reference", "train")
+STAGES = ("engines", "eval", "generate", "reference", "train")
 
 
 def split(seconds: dict) -> dict:
     """IterationResult.seconds as the stages of one iteration; the fit's wall is the reference pass + the rest."""
-    out = {"handoff": seconds.get("handoff", 0.0), "eval": seconds["eval"], "generate": seconds["pairs"],
+    out = {"engines": seconds.get("engines", 0.0), "eval": seconds["eval"], "generate": seconds["pairs"],
            "reference": seconds["reference"], "train": seconds["train"] - seconds["reference"]}
     out["total"] = sum(out.values())
     out["busy_generate"] = seconds.get("generate", 0.0)

@@ -23,7 +23,7 @@ from spin_ray.config import ConfigError, SpinConfig
 EMBEDDED = str(Path(__file__).parent / "assets" / "cpu_default.yaml")
 
 if TYPE_CHECKING:
-    from spin_ray.loop import IterationResult
+    from spin_ray.serve import ServeConfig
 
 log = logging.getLogger("spin_ray")
 
@@ -31,12 +31,15 @@ log = logging.getLogger("spin_ray")
 # The terminal, kept when quiet mode points fd 1 and 2 (and sys.stdout/stderr) at the log file; None: not quiet.
 _console: IO[str] | None = None
 _console_err: IO[str] | None = None
+# --json: stdout carries the result object alone, so progress and the summary go to stderr.
+_json = False
 
 
 def say(*lines: str) -> None:
-    """Print progress and results to the terminal."""
+    """Print progress and results to the terminal (stderr under --json)."""
+    stream = (_console_err or sys.stderr) if _json else (_console or sys.stdout)
     for line in lines:
-        print(line, file=_console or sys.stdout, flush=True)
+        print(line, file=stream, flush=True)
 
 
 def complain(text: str) -> None:
@@ -77,7 +80,7 @@ def quiet_output(log_path: Path) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stdout, force=True)
-    terminal = logging.StreamHandler(_console)
+    terminal = logging.StreamHandler(_console_err if _json else _console)
     terminal.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     terminal.addFilter(_ConsoleFilter())
     logging.getLogger().addHandler(terminal)
@@ -276,45 +279,58 @@ def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     return {"model": result.model, "skipped": result.skipped, "seconds": result.seconds, "metrics": result.metrics}
 
 
-def iteration_row(r: "IterationResult") -> str:
-    m, sec, ev = r.metrics, r.seconds, r.evaluation or {}
-    return (f"{r.iteration:>4} {r.pairs.rows:>6} {m.get('beta', float('nan')):>5.2g} {m.get('loss', float('nan')):>7.4f} "
-            f"{m.get('rewards/accuracies', 0):>6.3f} {_num(ev.get('task_score')):>6} {_num(ev.get('nll_per_token')):>6} "
-            f"{_num(ev.get('reward_accuracy')):>6} {sec.get('handoff', 0):>7.1f} {sec.get('pairs', 0):>7.1f} "
-            f"{sec.get('reference', 0):>6.1f} {sec.get('train', 0):>7.1f} {sec.get('eval', 0):>6.1f}  {r.model}")
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-# Per iteration t: loss and acc of the last training step (training pairs); task, nll and h-acc of θ_{t+1} on the
-# held-out prompts (h-acc: its reward accuracy against θ_t's answers, 0.5 at the fixed point). Seconds: handoff =
-# engine start or in-place reload; pairs = generation wall; train = fit wall, of which ref s = θ_t's reference
-# log-probs of the window's pairs; eval = held-out evaluation of θ_t (if not stored yet; its answers come from the
-# pairs' engines) and, in the last iteration, θ_{t+1}'s (the others are made by the next iteration).
-TABLE_HEADER = (f"{'iter':>4} {'pairs':>6} {'beta':>5} {'loss':>7} {'acc':>6} {'task':>6} {'nll':>6} {'h-acc':>6} "
-                f"{'handoff':>7} {'pairs s':>7} {'ref s':>6} {'train s':>7} {'eval s':>6}  model")
+# The phases of an iteration (IterationResult.seconds) in the order they run, as the last screen names them.
+# `train` includes `reference` (θ_t's log-probs of the window's pairs, computed inside the fit).
+PHASES = {"engines": "engine start", "pairs": "generation", "train": "training", "reference": "of which reference",
+          "eval": "evaluation"}
 
 
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.evaluate import read_eval, summary
+    from spin_ray.evaluate import read_eval
     from spin_ray.loop import run
     from spin_ray.manifest import Manifest
     from spin_ray.report import write_report
 
-    results = run(cfg, force=args.force, on_iteration=lambda r: say(TABLE_HEADER, iteration_row(r)))
-    base = read_eval(cfg.storage, 0)
-    if base is not None:
-        say(f"θ_0 (before SPIN): {summary(base)}")
-    for r in results:
-        if r.evaluation:
-            say(f"θ_{r.iteration + 1} (after iteration {r.iteration}): {summary(r.evaluation)}")
+    results = run(cfg, force=args.force)
     report = write_report(cfg.storage)
-    say(f"report: {report}")
-    selected = Manifest(cfg.storage).state.get("selected", {})
+    state = Manifest(cfg.storage).state
+    selected = state.get("selected", {})
+    thetas = [{"theta": 0, "model": state.get("model"), "evaluation": read_eval(cfg.storage, 0), "train": None}]
+    thetas += [{"theta": r.iteration + 1, "model": r.model, "evaluation": r.evaluation, "train": r.metrics}
+               for r in results]
+    phases = {k: round(sum(r.seconds.get(k, 0.0) for r in results), 1) for k in PHASES}
     return {"storage": cfg.storage, "iterations": len(results), "model": selected.get("model"), "selected": selected,
-            "report": report, "seconds": [r.seconds for r in results]}
+            "report": report, "thetas": thetas, "phases": phases, "seconds": [r.seconds for r in results]}
+
+
+def _run_screen(out: dict[str, Any]) -> list[str]:
+    """The run's last screen: each θ on the held-out prompts (h-acc: its reward accuracy against the θ before it, 0.5
+    at the fixed point; loss and acc: the last training step that made it), the θ kept, the report, the time."""
+    kept = out["selected"] or {}
+    lines = [f"{'':>2}{'θ':<4} {'task':>6} {'nll':>6} {'h-acc':>6} {'loss':>7} {'acc':>6}  model"]
+    for row in out["thetas"]:
+        ev, tr = row["evaluation"] or {}, row["train"] or {}
+        lines.append(f"{'* ' if kept.get('theta') == row['theta'] else '  '}{'θ_' + str(row['theta']):<4} "
+                     f"{_num(ev.get('task_score')):>6} {_num(ev.get('nll_per_token')):>6} "
+                     f"{_num(ev.get('reward_accuracy')):>6} {_num(tr.get('loss'), '.4f'):>7} "
+                     f"{_num(tr.get('rewards/accuracies')):>6}  {row['model']}")
+    if kept:
+        by = f"best held-out {kept['by'].replace('_', ' ')}" if kept.get("by") else f"loop.select = {kept['rule']}"
+        lines.append(f"kept (*): θ_{kept['theta']} ({by}) at {kept['model']}")
+    lines.append(f"report: {out['report']}")
+    lines.append(_time_line(out))
+    return lines
+
+
+def _time_line(out: dict[str, Any]) -> str:
+    phases = out["phases"]
+    other = out["total_seconds"] - sum(v for k, v in phases.items() if k != "reference")
+    split = [f"{name} {phases[k]:.1f}" for k, name in PHASES.items()]
+    return f"total {out['total_seconds']:.1f} s: " + ", ".join(split) + f"; Ray start, data and report {max(other, 0):.1f}"
+
+
+def _num(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -323,7 +339,7 @@ def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(cfg, parse_cluster(args.cluster, args.cpus_per_node), load_arch(cfg.model, args.model_config),
                      prompts=args.prompts, prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
                      goal_hours=args.goal_hours)
-    print("\n".join(plan.lines), flush=True)
+    say(*plan.lines)
     return {"fits": plan.fits, "problems": plan.problems, "seconds_per_iteration": round(plan.seconds_per_iteration, 1),
             "gpus_by_phase": plan.gpus_by_phase}
 
@@ -336,14 +352,38 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
     return {"report": path}
 
 
+def _prepared_line(what: str, out: dict[str, Any]) -> str:
+    bad = sum(out["bad_rows"].values())
+    done = "already there" if out["skipped"] else f"in {out['seconds']:.1f} s"
+    return (f"{what}: {out['rows']} at {out['prompts']} ({done}; {out['duplicates']} duplicates dropped, {bad} bad "
+            "rows skipped)")
+
+
+# What each command leaves on the terminal without --json: a few lines for a person. (run: _run_screen; plan and
+# report have printed theirs already.)
+SCREENS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "prepare": lambda out: [_prepared_line("prompts", out)] + ([_prepared_line("held-out prompts", out["eval"])]
+                                                               if "eval" in out else []),
+    "generate": lambda out: [f"pairs: {out['rows']} at {out['pairs']}" + (" (already there)" if out["skipped"] else
+                                                                          f" in {out['seconds']:.1f} s")],
+    "train": lambda out: [f"model: {out['model']}" + (" (already there)" if out["skipped"] else
+                                                      f", trained in {out['seconds']:.1f} s")],
+    "run": lambda out: _run_screen(out),
+    "plan": lambda out: [],
+    "report": lambda out: [f"report: {out['report']}"],
+    "tiny-model": lambda out: [f"model: {out['model']}"],
+    "serve": lambda out: [f"stopped serving {', '.join(out['served'])}"],
+}
+
+
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
     from spin_ray.builder import build_tiny_model
 
     return {"model": build_tiny_model(args.out, seed=args.seed)}
 
 
-def _serve(args: argparse.Namespace, ray_cluster: CommandCluster) -> dict[str, Any]:
-    from spin_ray.serve import ServeConfig, resolve, serve_until_stopped
+def _serve_config(args: argparse.Namespace) -> "ServeConfig":
+    from spin_ray.serve import ServeConfig, resolve
 
     iterations = [i.strip() for i in args.iterations.split(",") if i.strip()] if args.iterations else None
     cfg = ServeConfig(target=args.target, iterations=iterations, host=args.host, port=args.port, api_key=args.api_key,
@@ -353,8 +393,16 @@ def _serve(args: argparse.Namespace, ray_cluster: CommandCluster) -> dict[str, A
                       trust_remote_code=args.trust_remote_code)
     cfg.validate()
     cfg.models = resolve(cfg)  # refuse bad targets before Ray starts
-    ray_cluster.start(SpinConfig(), None, None)
-    return serve_until_stopped(cfg)
+    return cfg
+
+
+def _serve_log(target: str) -> Path:
+    """A run's `<storage>/logs/serve-<time>.log`; a model folder is not written to, so ~/.cache/spin_ray/logs."""
+    from spin_ray.models import cache_root
+
+    if (Path(target).expanduser() / "manifest.json").is_file():
+        return log_file_for(target, "serve")
+    return cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -369,7 +417,6 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--config", help="YAML config; see jobs/configs/")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set train.beta=1.0 (repeatable; wins over the file)")
-        c.add_argument("--debug", action="store_true", help="show tracebacks")
         c.add_argument("--verbose", action="store_true",
                        help="show Ray's, vLLM's and the workers' logs here too (always in <storage>/logs/)")
         if name == "run":
@@ -388,7 +435,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--goal-hours", type=float, default=1.5,
                    help="the time per iteration a GPU plan is compared with (default 1.5)")
     c.add_argument("--cpus-per-node", type=int, help="CPUs per node (default: 12 per GPU; CPU nodes: this machine's)")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
     text = "serve a run's models (base, iter_0, ...) or one model folder over an OpenAI-compatible HTTP API"
     c = sub.add_parser("serve", help=text, description=text)
     c.add_argument("target", help="a run's storage (serves `base` and each iter_<t>/model as iter_<t>) or a model folder")
@@ -406,15 +452,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", help="engine dtype (default: float32 on CPU, bfloat16 on GPU)")
     c.add_argument("--trust-remote-code", action="store_true",
                    help="let a model's own Python code (config.json auto_map) run; off by default")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.add_argument("--verbose", action="store_true",
+                   help="show Ray's, Serve's and vLLM's logs here too, with a line per request (always in the log file)")
     text = "a run's held-out evaluation per model, training curves and plots: <storage>/report.md + PNGs"
     c = sub.add_parser("report", help=text, description=text)
     c.add_argument("storage", help="a run's storage (local path or s3:// / gs:// URI)")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
     t = sub.add_parser("tiny-model", help="build a tiny random Llama + tokenizer with a chat template, offline")
     t.add_argument("out")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--debug", action="store_true")
+    for c in sub.choices.values():
+        c.add_argument("--debug", action="store_true", help="show tracebacks")
+        c.add_argument("--json", action="store_true",
+                       help="print the result as one JSON object on stdout (progress and summary go to stderr)")
     return p
 
 
@@ -424,7 +473,10 @@ QUIET = ("prepare", "generate", "train", "run")
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _json
+    started = time.perf_counter()
     args = parser().parse_args(argv)
+    _json = args.json
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ray_cluster = CommandCluster(args.command)
     log_path = None
@@ -434,7 +486,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             out = _report(args)
         elif args.command == "serve":
-            out = _serve(args, ray_cluster)
+            from spin_ray.serve import serve_until_stopped
+
+            serve_cfg = _serve_config(args)
+            if not args.verbose:  # Ray's, Serve's and vLLM's lines (and one per request) go to the file
+                log_path = _serve_log(args.target)
+                quiet_output(log_path)
+            ray_cluster.start(SpinConfig(), None, log_path)
+            if log_path is not None:
+                say(f"spin-ray serve: full log in {log_path} (--verbose shows it here, with a line per request)")
+            out = serve_until_stopped(serve_cfg, on_ready=say)
         else:
             # No --config: the embedded CPU default (small real model, bundled data), so `spin-ray run` just works.
             cfg = SpinConfig.load(args.config or EMBEDDED, args.overrides)
@@ -477,7 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray_cluster.stop_watching()
         _logs_only()
-    say(json.dumps(out, indent=2, default=str))
+    if args.command == "run":
+        out["total_seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str), file=_console or sys.stdout, flush=True)
+    else:
+        say(*SCREENS[args.command](out))
     return 1 if out.get("fits") is False else 0  # `plan`: the cluster cannot hold the run
 
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from spin_ray import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.logs import QUIET_ENV
+from spin_ray.logs import QUIET_ENV, quiet_ray_data
 from spin_ray.prepare import prepare
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,9 @@ def _kind(prompt: list[dict[str, str]]) -> str | None:
 
 
 def heldout_prompts(cfg: SpinConfig) -> pa.Table:
-    """The held-out prompts (at most eval.rows), prepared once into `<storage>/prompts_eval`."""
-    table = prepare(cfg, heldout=True).table()
+    """The held-out prompts (at most eval.rows), prepared once into `<storage>/prompts_eval` (a run prepares them at
+    its start, so each θ's evaluation only checks they are still its data's)."""
+    table = prepare(cfg, heldout=True, say_reused=False).table()
     if table.num_rows == 0:
         raise ConfigError(f"eval.split = {cfg.eval.split!r}: {cfg.data.path} has no rows in that split; name a held-out "
                           "split that exists, or set eval.enabled=false")
@@ -181,6 +182,7 @@ def heldout_answers(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) ->
     return HeldoutAnswers(k, prompts, greedy, sampled, time.perf_counter() - start)
 
 
+@quiet_ray_data
 def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
              answers: HeldoutAnswers | None = None) -> dict[str, Any]:
     """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`; with

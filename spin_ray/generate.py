@@ -415,10 +415,28 @@ class PooledGenerator:
         import ray
 
         self.pool = pool
-        self.engine = next((e for e in pool.engines if ray.get(e.claim.remote())), None)
-        if self.engine is None:
-            raise RuntimeError("more forwarding actors than engines in the pool")
+        self.engine = self._claim()
         self.replacing = threading.Lock()  # batches in flight see a dead engine together; one replaces it
+
+    def _claim(self) -> Any:
+        """An unclaimed engine of the pool. Ray Data restarts a stage actor whose node was lost, and by then its engine
+        may be gone with the node and the others claimed: it then shares a live engine (batches on one engine share
+        its scheduler), or starts a new one when none is left."""
+        import ray
+
+        live = []
+        for engine in self.pool.engines:
+            try:
+                if ray.get(engine.claim.remote()):
+                    return engine
+                live.append(engine)
+            except ray.exceptions.RayActorError:
+                continue
+        if live:
+            log.warning("a generation stage actor restarted; sharing a live engine of the pool")
+            return live[0]
+        log.warning("a generation stage actor restarted and no engine of the pool is alive; starting a new one")
+        return self.pool.spawn()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray

@@ -4,9 +4,14 @@ forwarding, whoever started Ray (`spin-ray`, `ray job submit`, or a program that
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def logs_dir(storage: str) -> Path:
@@ -45,3 +50,35 @@ def quiet(ds: "ray.data.Dataset") -> "ray.data.Dataset":
     for key, value in QUIET_DATA.items():
         setattr(ds.context, key, value)
     return ds
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_ray_data(fn: F) -> F:
+    """Run `fn` (a library entry point) with Ray Data's console lines limited to errors.
+
+    Ray Data logs each execution's end ("Dataset … execution finished", "Data sink Parquet finished") and a note that
+    progress bars are off to the driver's console; spin_ray runs several executions per stage and says the same in
+    its own stage lines. Only the console handlers are filtered, only while `fn` runs: Ray Data's log file in the
+    Ray session keeps every line, and the caller's own Datasets log as before once `fn` returns.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import ray.data  # noqa: F401  (configures the "ray.data" logger's handlers)
+
+        consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)
+                    and not isinstance(h, logging.FileHandler)]
+        only_errors = _ErrorsOnly()
+        for handler in consoles:
+            handler.addFilter(only_errors)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for handler in consoles:
+                handler.removeFilter(only_errors)
+
+    return wrapper  # type: ignore[return-value]

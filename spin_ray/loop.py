@@ -20,7 +20,7 @@ from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.generate import EnginePool, generate
 from spin_ray.harness import check_data, check_tasks
 from spin_ray.failures import stage
-from spin_ray.logs import quiet
+from spin_ray.logs import quiet, quiet_ray_data
 from spin_ray.models import check_model, resolve_model
 from spin_ray.plan import preflight
 from spin_ray.prepare import Prepared, data_config, data_parts, prepare
@@ -83,6 +83,7 @@ def as_prompts(prompts: Prompts, cfg: SpinConfig) -> Prepared:
     return prompts if isinstance(prompts, Prepared) else prepare(cfg, prompts)
 
 
+@quiet_ray_data
 def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
                pool: EnginePool | None = None) -> PairsResult:
     """One iteration's pairs under `<storage>/iter_<t>/pairs`: θ_t answers every prompt (with the pair's token ids).
@@ -166,7 +167,7 @@ def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | 
     if pool is None and heldout and not records.is_complete(records.join(records.iter_dir(cfg.storage, t), "pairs")):
         with stage("generation"):
             pool = own = EnginePool.start(cfg, model, t)
-    handoff = time.perf_counter() - start
+    engines = time.perf_counter() - start  # starting them, as iteration t's first stage
     try:
         with stage("evaluation"):
             answers = heldout_answers(cfg, model, t, pool=pool) if heldout else None
@@ -178,8 +179,8 @@ def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | 
             own.shutdown()
     with stage("evaluation"):
         evaluation = evaluate(cfg, model, t, answers=answers) if cfg.eval.enabled else None
-    seconds = {**pairs.seconds, "handoff": handoff, "pairs": t2 - t1,
-               "eval": t1 - start - handoff + time.perf_counter() - t2}
+    seconds = {**pairs.seconds, "engines": engines, "pairs": t2 - t1,
+               "eval": t1 - start - engines + time.perf_counter() - t2}
     return _Opponent(model, pairs, evaluation, seconds)
 
 
@@ -203,6 +204,7 @@ def _learn(cfg: SpinConfig, opponent: _Opponent, pool: EnginePool | None, evalua
     return IterationResult(t, trained.model, opponent.pairs, trained.metrics, seconds, after, opponent.evaluation)
 
 
+@quiet_ray_data
 def run_iteration(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
                   pool: EnginePool | None = None) -> IterationResult:
     """Iteration `cfg.iteration`: θ_t (`model`, default cfg.model) → pairs → θ_{t+1} → held-out evaluation of both.
@@ -265,6 +267,7 @@ def check_inputs(cfg: SpinConfig, command: str) -> None:
     check_storage_writable(cfg.storage)  # last: it creates the folder
 
 
+@quiet_ray_data
 def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
         on_iteration: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
     """The self-play loop: iterations 0..T−1, each starting from the last one's θ, resuming finished work.
@@ -306,10 +309,10 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
             c = resolved.for_iteration(t)
             if _stopped(c, manifest):  # θ_t's stored evaluation is at the fixed point: no engine starts
                 break
-            pool, handoff = _warm(c, model, pool)
+            pool, warming = _warm(c, model, pool)
             manifest.stage(f"iter_{t}", "running", model=model)
             opponent = _opponent(c, prompts, model, pool)
-            opponent.seconds["handoff"] += handoff
+            opponent.seconds["engines"] += warming
             if pending is not None:  # iteration t−1 ends with θ_t's evaluation, made on this iteration's engines
                 finish(pending)
                 pending = None

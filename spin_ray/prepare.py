@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from spin_ray import data, records
 from spin_ray.config import ConfigError, DataConfig, SpinConfig
-from spin_ray.logs import QUIET_DATA, quiet
+from spin_ray.logs import QUIET_DATA, quiet, quiet_ray_data
 from spin_ray.manifest import block_digest, fingerprint
 from spin_ray.schemas import PROMPT_SCHEMA
 
@@ -105,11 +105,13 @@ class Prepared:
 Source = Union["ray.data.Dataset", pa.Table, None]
 
 
-def prepare(cfg: SpinConfig, prompts: Source = None, *, heldout: bool = False) -> Prepared:
+@quiet_ray_data
+def prepare(cfg: SpinConfig, prompts: Source = None, *, heldout: bool = False, say_reused: bool = True) -> Prepared:
     """`<storage>/prompts` from `cfg.data` (None) or a Ray Dataset / pyarrow table of SFT rows in any accepted shape
     (an already normalised one is taken as it is); `heldout`: `<storage>/prompts_eval` from cfg.data's eval split.
-    A finished folder made from the same files and data settings is reused; a Dataset is always prepared again (it
-    has no identity to compare). Needs Ray."""
+    A finished folder made from the same files and data settings is reused (said unless `say_reused` is False: a
+    stage reading what its run prepared at the start); a Dataset is always prepared again (it has no identity to
+    compare). Needs Ray."""
     dcfg = data_config(cfg, heldout)
     dest = records.join(records.absolute(cfg.storage), HELDOUT if heldout else TRAIN)
     start = time.perf_counter()
@@ -120,7 +122,8 @@ def prepare(cfg: SpinConfig, prompts: Source = None, *, heldout: bool = False) -
         if records.is_complete(dest):
             marker = records.read_json(records.join(dest, records.MARKER))
             if marker.get("source") == source:
-                log.info("prompts already at %s (%d rows, same data); reusing them", dest, marker["rows"])
+                if say_reused:
+                    log.info("prompts already at %s (%d rows, same data); reusing them", dest, marker["rows"])
                 return _from_marker(dest, marker, skipped=True)
     else:
         parts, source = [], None

@@ -31,7 +31,7 @@ from spin_ray.batching import epoch_plan, even_micro_batches, plan_steps, worker
 from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.failures import stage
-from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file
+from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file, quiet_ray_data
 from spin_ray.plan import preflight
 from spin_ray.schemas import IDS, LOGPS, TOKENS
 from spin_ray.trainer import Trainer
@@ -358,6 +358,7 @@ def pairs_uris(cfg: SpinConfig) -> list[str]:
     return out
 
 
+@quiet_ray_data
 def train(cfg: SpinConfig, *, model: str | None = None,
           pairs: str | list[str] | "ray.data.Dataset" | None = None) -> TrainResult:
     """Train θ_{t+1} from θ_t (`model`, default cfg.model) on `pairs` and save it to `<storage>/iter_<t>/model`

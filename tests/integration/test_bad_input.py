@@ -18,9 +18,10 @@ CHAT = {"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assi
 SENTINEL = "finished work of an earlier run\n"
 
 
-def spin_ray(tmp_path: Path, *sets: str, command: str, storage: Path,
-             config: Path | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "spin_ray.cli", command, *(["--config", str(config)] if config else [])]
+def spin_ray(tmp_path: Path, *sets: str, command: str, storage: Path, config: Path | None = None,
+             as_json: bool = False) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "spin_ray.cli", command, *(["--config", str(config)] if config else []),
+            *(["--json"] if as_json else [])]
     for s in (f"storage={storage}", *sets):
         args += ["--set", s]
     # The session's cluster where a test has one (the data cases); else, should a case get past the checks, it
@@ -51,9 +52,10 @@ def refused(tmp_path: Path, *sets: str, command: str = "generate", config: Path 
 
 def prepared(tmp_path: Path, *sets: str) -> tuple[dict, str]:
     """`spin-ray prepare`'s result, which must succeed, and its terminal output (progress and warnings)."""
-    out = spin_ray(tmp_path, *sets, "eval.enabled=false", command="prepare", storage=tmp_path / "prepared")
+    out = spin_ray(tmp_path, *sets, "eval.enabled=false", command="prepare", storage=tmp_path / "prepared",
+                   as_json=True)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    return json.loads(out.stdout[out.stdout.index("\n{") + 1:]), out.stdout
+    return json.loads(out.stdout), out.stderr  # --json: the result alone on stdout, progress on stderr
 
 
 def jsonl(path: Path, rows: list) -> str:

@@ -349,10 +349,13 @@ thread = threading.Thread(target=lambda: out.update(result=make_pairs(cfg)), dae
 thread.start()
 
 def loaded_engine():
-    # The first engine up: it takes the first of the 6 queued batches at once, so the stage cannot end before it
-    # has been seen here (whatever the machine's load), and it is busy when its node goes.
-    return next((a for a in state.actors().values() if a["ActorClassName"] == "Generator" and a["State"] == "ALIVE"),
-                None)
+    # The engines are up before the stage starts (the pool waits for them); once a stage actor is up, the batches
+    # flow, so the first engine takes the first of the 6 queued batches at once: the stage cannot end before it has
+    # been seen here (whatever the machine's load), and it is busy when its node goes.
+    actors = list(state.actors().values())
+    if not any("PooledGenerator" in a["ActorClassName"] and a["State"] == "ALIVE" for a in actors):
+        return None
+    return next((a for a in actors if a["ActorClassName"] == "Generator" and a["State"] == "ALIVE"), None)
 
 deadline = time.time() + 300
 while time.time() < deadline and not (found := loaded_engine()):

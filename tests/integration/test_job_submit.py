@@ -48,4 +48,5 @@ def test_ray_job_submit_runs_the_loop(ray_head, tiny_model, tmp_path, monkeypatc
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
     assert records.is_complete(str(tmp_path / "iter_0" / "pairs"))
     assert records.is_complete(str(tmp_path / "iter_0" / "model"))
-    assert "iter  pairs" in logs and str(tmp_path / "iter_0" / "model") in logs
+    # The run's last screen, in the job's logs: θ_1 kept at its folder.
+    assert f"kept (*): θ_1 (loop.select = last) at {tmp_path / 'iter_0' / 'model'}" in logs, logs[-3000:]

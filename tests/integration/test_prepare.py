@@ -47,7 +47,8 @@ def written(path) -> list[str]:
 
 
 def cli(tmp_path, *sets: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "spin_ray.cli", "prepare", "--set", f"storage={tmp_path / 'store'}",
+    """`spin-ray prepare --json`: the result alone on stdout, progress and warnings on stderr."""
+    args = [sys.executable, "-m", "spin_ray.cli", "prepare", "--json", "--set", f"storage={tmp_path / 'store'}",
             "--set", "eval.enabled=false", "--set", "data.max_rows=null"]
     for s in sets:
         args += ["--set", s]
@@ -66,12 +67,12 @@ def test_cli_prepares_a_folder_with_repeats_across_files_and_a_bad_row_in_the_la
     assert not (tmp_path / "store" / "prompts").exists()
     out = cli(tmp_path, f"data.path={data}", "data.on_bad_rows=skip")
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    result = json.loads(out.stdout)
     assert result["rows"] == 62 and result["duplicates"] == 4
     assert result["bad_rows"] == {"empty content in `messages`": 1}
     oracle = load_sft(DataConfig(path=str(data), on_bad_rows="skip"))
     assert written(result["prompts"]) == sorted(r["prompt_id"] for r in oracle.rows)
-    assert "dropped 4 duplicate rows of 67" in out.stdout
+    assert "dropped 4 duplicate rows of 67" in out.stderr
 
 
 def test_many_partitions_keep_the_first_of_each_and_the_first_n(ray_cluster, tmp_path, monkeypatch):
@@ -143,7 +144,7 @@ def test_prepare_killed_while_writing_is_redone_by_the_rerun(ray_cluster, tmp_pa
 
     out = cli(tmp_path, f"data.path={data}")
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    result = json.loads(out.stdout)
     assert result["rows"] == distinct and result["duplicates"] == 5 * 500
     assert written(store / "prompts") == sorted(set(written(store / "prompts")))
     assert len(written(store / "prompts")) == distinct

@@ -371,6 +371,17 @@ def wait_logged(storage, text, proc, timeout=300) -> bool:
     return False
 
 
+def test_the_terminal_shows_the_cluster_the_models_and_the_url_and_the_log_file_the_rest(server):
+    # After the requests above (and a replica killed): still only spin_ray's lines on the terminal.
+    lines = server["log"].read_text().splitlines()
+    assert lines[0].startswith("spin-ray serve: a local Ray cluster of its own"), lines[:5]
+    assert lines[1].startswith("spin-ray serve: full log in ") and "--verbose" in lines[1]
+    assert any(f"serving base, iter_0 at http://127.0.0.1:{server['port']}/v1" in line for line in lines), lines
+    assert len(lines) == 3, "\n".join(lines)
+    full = open(lines[1].split("full log in ")[1].split()[0]).read()
+    assert "ServeReplica" in full and "/v1/completions" in full  # Serve's and the replicas' lines, one per request
+
+
 def test_beyond_loopback_without_a_key_is_refused(storage):
     out = subprocess.run([sys.executable, "-m", "spin_ray.cli", "serve", str(storage), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=120)

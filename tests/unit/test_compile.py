@@ -11,6 +11,8 @@ import torch
 from spin_ray.config import TrainConfig
 from spin_ray.trainer import Trainer
 
+pytestmark = pytest.mark.integration  # torch.compile takes minutes on 2 CPUs: not the fast tier
+
 
 def pairs_of(n: int, seed: int) -> list[dict]:
     """Three pairs whose two sequences total about n tokens each, with reference log-probs away from the policy's."""

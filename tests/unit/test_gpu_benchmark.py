@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.integration  # a subprocess of a whole benchmark: not the fast tier
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):

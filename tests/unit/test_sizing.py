@@ -236,11 +236,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=120)
 
 
+@pytest.mark.integration  # the real CLI in subprocesses: not the fast tier
 def test_plan_cli_exit_codes():
     ok = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x8xH100")
     assert ok.returncode == 0, ok.stderr
     assert "memory per training GPU" in ok.stdout and "time per iteration" in ok.stdout and "assumptions:" in ok.stdout
-    out = json.loads(ok.stdout[ok.stdout.index("\n{") + 1:])  # the trailing JSON, for scripts
+    assert "{" not in ok.stdout  # the plan is for people; --json is for scripts
+    scripted = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x8xH100", "--json")
+    out = json.loads(scripted.stdout)  # the object alone on stdout; the plan's lines went to stderr
+    assert scripted.stderr.strip() == ok.stdout.strip()
     assert out["fits"] is True and out["problems"] == [] and out["gpus_by_phase"] == {"pairs": 8, "train": 8}
     iteration = next(line for line in ok.stdout.splitlines() if line.startswith("  iteration "))
     assert f"{out['seconds_per_iteration'] / 3600:.1f} h" in iteration
