@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 CHAT = {"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]}
+pytestmark = pytest.mark.integration  # the real CLI in subprocesses, some on the session's Ray cluster
 SENTINEL = "finished work of an earlier run\n"
 
 
