@@ -20,6 +20,7 @@ from spin_ray.template import CHUNK_TOKENS
 
 ASSETS = Path(__file__).parent / "assets" / "arch"
 
+
 @dataclass(frozen=True)
 class Device:
     name: str
@@ -45,13 +46,11 @@ DEVICES = {
 }
 CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
 CPU_BANDWIDTH_TBS = 0.02
-# Efficiencies (share of peak reached). GPU training: measured on one H100 (benchmarks/gpu_session.sh, SmolLM2-1.7B
-# architecture, FSDP2 bf16, long-tailed chat lengths, flattened micro-batches through per-sequence SDPA): 17.4-17.9%
-# of peak without recompute, 17.2% of the computed FLOPs with full recompute (benchmarks/results/gpu); also used for
-# the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
-# CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
-# see docs/plan.md ("Checked against measured runs").
-MFU = {"gpu_train": 0.17, "gpu_prefill": 0.40, "cpu": 0.60}
+# Efficiencies (share of peak reached) that are not the training step's, which comes from measured_steps.json
+# (train_efficiency). GPU prefill in vLLM: stated, not measured here. CPU: calibrated on this machine's SmolLM2-135M
+# Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see docs/plan.md ("Checked against measured runs").
+MFU = {"gpu_prefill": 0.40, "cpu": 0.60}
+MEASURED_STEPS = Path(__file__).parent / "assets" / "measured_steps.json"
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
@@ -62,6 +61,78 @@ def cpu_device(cores: int | None = None, memory_gb: float | None = None) -> Devi
     if memory_gb is None:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     return Device(f"CPU ({cores} cores, AVX2 fp32)", memory_gb, cores * CPU_TFLOPS_PER_CORE, CPU_BANDWIDTH_TBS)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured training step (an entry of measured_steps.json)."""
+
+    device: str
+    """Its key in DEVICES."""
+    date: str
+    model: str
+    attention: str
+    activation_checkpointing: str
+    compile: bool
+    mfu: float
+    """Model FLOPs of the real tokens (3 forwards, recompute not counted) over the device's dense bf16 peak."""
+    source: str
+    figure: str
+
+    @property
+    def utilisation(self) -> float:
+        """Share of peak in computed FLOPs, the figure train_seconds divides by: full recompute computes a fourth
+        forward (selective recomputes element-wise ops only, not counted)."""
+        return self.mfu * (4 if self.activation_checkpointing == "full" else 3) / 3
+
+    def describe(self) -> str:
+        policy = self.activation_checkpointing + (" + compile" if self.compile else "")
+        return (f"measured on {DEVICES[self.device].name} on {self.date} ({self.model}, {self.attention}, "
+                f"activation checkpointing {policy}: {self.mfu:.1%} MFU; {self.source})")
+
+
+def load_measurements(path: Path | None = None) -> list[Measurement]:
+    """The measured training steps in `path`, by default those shipped with the package (MEASURED_STEPS)."""
+    entries = json.loads(Path(path or MEASURED_STEPS).read_text())["measurements"]
+    return [Measurement(**e) for e in entries]
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The share of peak the plan's training and reference time assume, and where it comes from."""
+
+    utilisation: float
+    """Of the computed FLOPs (recompute included)."""
+    measurement: Measurement
+    note: str
+    """How the measurement applies: as measured, under another recompute policy, or from another device."""
+    extrapolated: bool
+    """The device itself was never measured."""
+
+
+def train_efficiency(device: Device, activation_checkpointing: str, compile: bool,
+                     measurements: list[Measurement] | None = None) -> Efficiency:
+    """The training step's share of peak on `device`: its own measurement with the same recompute policy (and
+    train.compile) where one exists, else its closest one (carried over per computed FLOP); a device never measured
+    takes the measured device nearest in peak FLOPs, the same share of its own peak: an extrapolation, said so."""
+    measurements = load_measurements() if measurements is None else measurements
+    if not measurements:
+        raise ConfigError(f"{MEASURED_STEPS}: no measured training step to take the GPU efficiency from")
+    own = [m for m in measurements if DEVICES[m.device] == device]
+    if own:
+        pool, note = own, "as measured on this device"
+    else:
+        nearest = max(measurements, key=lambda m: (-abs(DEVICES[m.device].peak_tflops - device.peak_tflops), m.date))
+        pool = [m for m in measurements if m.device == nearest.device]
+        note = (f"no measurement on {device.name}: {DEVICES[nearest.device].name}'s share of peak applied to "
+                f"{device.peak_tflops:g} TFLOP/s (scaled by peak FLOPs), an extrapolation")
+    m = max(pool, key=lambda m: (m.activation_checkpointing == activation_checkpointing, m.compile == compile,
+                                 m.date))
+    if m.activation_checkpointing != activation_checkpointing or m.compile != compile:
+        note += (f"; train.activation_checkpointing {activation_checkpointing}"
+                 f"{' + compile' if compile else ''} not measured there: the closest measured policy's share of "
+                 "the computed FLOPs")
+    return Efficiency(m.utilisation, m, note, not own)
 
 
 @dataclass(frozen=True)
@@ -261,17 +332,14 @@ def kv_bytes_per_token(arch: Arch) -> int:
     return 2 * arch.layers * arch.kv_dim * 2  # K and V, bf16
 
 
-def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int) -> float:
-    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward; 1x with a
-    frozen base under LoRA, whose weight gradients are never computed: the adapters' are negligible), plus the
-    recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not counted);
-    the reference pass is one forward."""
+def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int,
+                  utilisation: float) -> float:
+    """`passes` forwards' FLOPs over `tokens` at `utilisation` of the device's peak: training is forward + backward
+    (2x forward; 1x with a frozen base under LoRA, whose weight gradients are never computed: the adapters' are
+    negligible), plus the recompute forward under full activation checkpointing (selective recomputes only
+    element-wise ops: not counted); the reference pass is one forward."""
     flops = passes * arch.forward_flops_per_token(context) * tokens
-    return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
-
-
-def _mfu(device: Device) -> float:
-    return MFU["cpu" if device.name.startswith("CPU") else "gpu_train"]
+    return flops / (workers * device.peak_tflops * 1e12 * utilisation)
 
 
 # Prompt counts of the preset configs' data sets (rows of the split they use).
@@ -495,12 +563,13 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                                                        name="CPU")
     window_tokens = window_pairs * tok.pair
     passes = (2 if t.lora is not None else 3) + (1 if t.activation_checkpointing == "full" else 0)
-    train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes)
-    reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1)
+    eff = train_efficiency(dev, t.activation_checkpointing, t.compile) if on_gpu else None
+    mfu = eff.utilisation if eff else MFU["cpu"]
+    train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes, mfu)
+    reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1, mfu)
     fixed_s = (ENGINE_START_S + TRAIN_START_S) if on_gpu else 0.0
     iteration_s = gen_s + reference_s + train_s + fixed_s
     flops = arch.forward_flops_per_token(tok.sequence)
-    mfu = _mfu(train_dev)
     out += ["", "time per iteration (at the full window):",
             f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
             f"max(prefill compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} "
@@ -521,11 +590,13 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                    f"max_num_seqs {max_seqs}, KV cache {seqs}); a generate.batch_size of "
                    f"{math.ceil(2 * max_seqs / g.batches_in_flight)} keeps it full")
     if on_gpu:
-        out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
+        out += _goal(goal_hours, iteration_s, train_s + reference_s, eff)
+    trainer = (f"training and its reference pass (the same forward) at {mfu:.0%} of peak in computed FLOPs, from "
+               f"the step {eff.measurement.describe()}, {eff.note}" if eff else
+               f"training at {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU (calibrated on a measured CPU run)")
     out += ["", "assumptions: " + "; ".join([
-        f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H100 with "
-        "SmolLM2-1.7B, flattened micro-batches through per-sequence SDPA; the fused varlen kernel not yet timed), "
-        f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
+        trainer, f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated)" if gen_gpu
+        else f"generation at {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
         f"vLLM: bf16 weights, {concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
         "KV cache holds and generate.batch_size x batches_in_flight bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
         "generate.max_tokens",
@@ -569,25 +640,26 @@ def _workers_note(asked: TrainConfig, t: TrainConfig, cluster: ClusterSpec) -> l
     if gpus and per_worker < t.micro_batch_size:
         lines.append(f"  the global batch is small for {t.num_workers} GPUs: {t.global_batch_size} pairs per step = "
                      f"{per_worker} per GPU, below train.micro_batch_size {t.micro_batch_size}, so each forward holds "
-                     f"{per_worker} pair(s) (~{per_worker * 2} sequences) and the stated MFU may not be reached; kept "
-                     f"(a larger train.global_batch_size departs from the paper's recipe, fewer train.num_workers "
-                     f"leave GPUs idle)")
+                     f"{per_worker} pair(s) (~{per_worker * 2} sequences) and the measured MFU may not be reached; "
+                     "kept (a larger train.global_batch_size departs from the paper's recipe, fewer "
+                     "train.num_workers leave GPUs idle)")
     return lines
 
 
-def _goal(goal_hours: float, iteration_s: float, trainer_s: float, mfu: float) -> list[str]:
+def _goal(goal_hours: float, iteration_s: float, trainer_s: float, eff: Efficiency) -> list[str]:
     """The iteration against the time goal; where it misses, the term that does and the MFU that would meet it."""
     goal_s = goal_hours * 3600
     if iteration_s <= goal_s:
         return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): met, {_dur(iteration_s)}"]
     rest = iteration_s - trainer_s
-    need = mfu * trainer_s / (goal_s - rest) if goal_s > rest else math.inf
+    need = eff.utilisation * trainer_s / (goal_s - rest) if goal_s > rest else math.inf
     needs = (f"{need:.0%} MFU on them (peers report 40-57% for FSDP 7B); measure with benchmarks/gpu.py" if need <= 1
              else "more than their peak: more or larger GPUs")
+    m = eff.measurement
+    source = f"extrapolated from {DEVICES[m.device].name}" if eff.extrapolated else "measured on this device"
     return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): NOT met, {_dur(iteration_s)}; the Train "
-            f"workers' training and reference pass take {_dur(trainer_s)} of it at the stated {mfu:.0%} MFU, a "
-            f"figure measured with per-sequence attention (the fused varlen kernel not yet timed); the goal needs "
-            f"{needs}"]
+            f"workers' training and reference pass take {_dur(trainer_s)} of it at {eff.utilisation:.0%} MFU, "
+            f"{source} ({m.date}, {m.attention.split(' (')[0]}); the goal needs {needs}"]
 
 
 def _dur(seconds: float) -> str:

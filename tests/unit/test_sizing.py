@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from spin_ray import sizing
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.plan import resolve
 from spin_ray.sizing import GB, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
@@ -159,23 +160,72 @@ def test_a_small_engine_call_binds_generation():
     assert generate_line(shipped).endswith("at 977 sequences/step)")
 
 
-def test_paper_iteration_time_by_hand():
+def fake_measurements(tmp_path, monkeypatch, *entries: dict) -> None:
+    """spin-ray plan reads `entries` instead of the shipped measured_steps.json."""
+    base = dict(date="2030-01-02", model="Fake-1B", attention="fake attention", compile=False, source="fake.json",
+                figure="summary")
+    path = tmp_path / "measured_steps.json"
+    path.write_text(json.dumps({"measurements": [{**base, **e} for e in entries]}))
+    monkeypatch.setattr(sizing, "MEASURED_STEPS", path)
+
+
+def test_paper_iteration_time_follows_the_measured_step(tmp_path, monkeypatch):
     """1x8xH100: 49,792 prompts x window 2 = 99,584 pairs of 2 x 150 + 300 + 257 = 857 tokens (the stated UltraChat
     figures; answers run to 256 new tokens + EOS); 14.33 GFLOP per token per forward; 4 forwards under full
-    checkpointing; 2 epochs; 8 x 989 TFLOP/s at 17%."""
-    c = SpinConfig.load(PAPER)
+    checkpointing; 2 epochs; 8 x 989 TFLOP/s at the measured step's share of peak: 15% MFU measured with full
+    recompute counts 3 forwards, so 15% x 4/3 = 20% of the computed FLOPs."""
+    fake_measurements(tmp_path, monkeypatch, dict(device="H100", activation_checkpointing="full", mfu=0.15),
+                      dict(device="H100", activation_checkpointing="none", mfu=0.30))
+    c = SpinConfig.load(PAPER, ["train.activation_checkpointing=full"])
     arch = load_arch(c.model)
     plan = make_plan(c, parse_cluster("1x8xH100"), arch)
     tokens = 99_584 * 857
     flops = arch.forward_flops_per_token(857 / 2)
-    rate = 8 * 989e12 * 0.17
-    train, reference = tokens * 2 * 4 * flops / rate, tokens * flops / rate  # 2.0 h and 15 min
+    rate = 8 * 989e12 * 0.20
+    train, reference = tokens * 2 * 4 * flops / rate, tokens * flops / rate  # 1.7 h and 12.9 min
     generate = next(float(line.split()[1]) for line in plan.lines if line.startswith("  generate ")
                     and line.endswith("sequences/step)"))  # "92.5 s": the engines' share, bandwidth and prefill
     assert plan.seconds_per_iteration == pytest.approx(train + reference + generate + 90 + 180, abs=0.1)
-    # the goal is missed, and the plan says which term and what MFU would meet it
+    # the goal is missed, and the plan says which term, from which measurement, and what MFU would meet it:
+    # 1.5 h - 270 s fixed - 92.5 s generation leaves 5037.5 s for 6957 s (train + reference) at 20%: 27.6%
     goal = next(line for line in plan.lines if line.startswith("  goal "))
-    assert "NOT met" in goal and "17% MFU" in goal and "the goal needs 28% MFU" in goal
+    assert "NOT met" in goal and "20% MFU, measured on this device (2030-01-02, fake attention)" in goal
+    assert "the goal needs 28% MFU" in goal
+    assumptions = next(line for line in plan.lines if line.startswith("assumptions: "))
+    assert ("at 20% of peak in computed FLOPs, from the step measured on H100 SXM 80GB on 2030-01-02 (Fake-1B, fake "
+            "attention, activation checkpointing full: 15.0% MFU; fake.json), as measured on this device"
+            ) in assumptions
+    # without recompute the plan takes the none measurement: 3 forwards at 30%
+    none = make_plan(SpinConfig.load(PAPER, ["train.activation_checkpointing=none"]), parse_cluster("1x8xH100"), arch)
+    assert none.seconds_per_iteration == pytest.approx(
+        tokens * (2 * 3 + 1) * flops / (8 * 989e12 * 0.30) + generate + 90 + 180, abs=0.1)
+
+
+def test_an_unmeasured_device_says_so_and_extrapolates_by_peak(tmp_path, monkeypatch):
+    """No A100 measurement: the measured device nearest in peak FLOPs (H100 and H200 both 989 TFLOP/s: the newer
+    measurement) lends its share of peak, applied to the A100's 312 TFLOP/s, and the plan says so."""
+    fake_measurements(tmp_path, monkeypatch, dict(device="H100", activation_checkpointing="none", mfu=0.30),
+                      dict(device="H200", activation_checkpointing="none", mfu=0.20, date="2029-01-01"))
+    eff = sizing.train_efficiency(parse_cluster("1x8xA100-80GB").device, "none", False)
+    assert eff.extrapolated and eff.measurement.device == "H100" and eff.utilisation == 0.30
+    assert eff.note == ("no measurement on A100 SXM 80GB: H100 SXM 80GB's share of peak applied to 312 TFLOP/s "
+                        "(scaled by peak FLOPs), an extrapolation")
+    own = sizing.train_efficiency(parse_cluster("1x8xH200").device, "full", False)
+    # the H200's own measurement, without recompute, carried over per computed FLOP: 20% x 3/3
+    assert not own.extrapolated and own.utilisation == pytest.approx(0.20) and "full not measured there" in own.note
+    c = SpinConfig.load(PAPER, ["train.activation_checkpointing=none"])
+    plan = make_plan(c, parse_cluster("1x8xA100-80GB"), load_arch(c.model))
+    text = "\n".join(plan.lines)
+    assert "no measurement on A100 SXM 80GB" in text and "an extrapolation" in text
+    assert "extrapolated from H100 SXM 80GB (2030-01-02, fake attention)" in text
+
+
+def test_shipped_measurements_are_the_benchmark_files_figures():
+    """Every shipped figure is in the results file it names, for a device the plan knows."""
+    for m in sizing.load_measurements():
+        text = open(m.source).read()
+        assert m.device in sizing.DEVICES and m.source.startswith("benchmarks/results/gpu/")
+        assert repr(m.mfu) in text or f"MFU {m.mfu:.1%}" in text, m
 
 
 def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
