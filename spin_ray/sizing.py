@@ -267,8 +267,8 @@ GB = 1e9
 
 
 def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per training device of `cfg` (resolved: plan.resolve), by part (worst case: every sequence of a worker's largest forward, `forward_pairs`,
-    at data.max_length).
+    """Bytes per training device of `cfg` (resolved: plan.resolve and fit_memory), by part (worst case: a worker's
+    largest forward, `forward_tokens`, full).
 
     fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
     fsdp (over a shard group of train.hsdp_shard_size under HSDP). In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
@@ -280,7 +280,9 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     (benchmarks/results/gpu). Activations and logits are freed by then, so the sum is an upper bound.
     Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
     q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
-    checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
+    checkpointing only each layer's input is kept, plus one layer's activations during recompute; with selective
+    checkpointing each layer's input and the outputs it keeps (trainer.SAVED_OPS: q, k, v, attention, o, gate, up,
+    down), 5·hidden + 2·kv_dim + 2·intermediate values, plus one layer's recompute. Logits: bf16, their
     fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
     CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
     With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
@@ -288,6 +290,8 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     output (r values per token) and, under dropout, its dropped input.
     """
     t, p = cfg.train, arch.params
+    if "auto" in (t.micro_batch_tokens, t.activation_checkpointing):
+        raise ValueError("train_memory takes a config whose `auto` memory settings are chosen: fit_memory")
     trained = p if t.lora is None else arch.lora_params(t.lora.r, t.lora.target_modules)
     dtype = resolve_dtype(t.dtype, t.use_gpu)
     reduced = dtype != "float32"
@@ -295,14 +299,17 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     fsdp = t.strategy == "fsdp"
     shards = (t.hsdp_shard_size or t.num_workers) if fsdp else 1  # HSDP: sharded within a group, replicated across
     states = 2 if t.optimizer == "adamw" else 1
-    tokens = 2 * forward_pairs(cfg) * cfg.data.max_length
-    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
+    tokens = forward_tokens(cfg)
+    adapters = 0
     if t.lora is not None:
         shapes = arch.linear_shapes()
-        per_layer += width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
-    # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
-    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
-            else arch.layers * tokens * per_layer)
+        adapters = width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
+    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2 + adapters
+    kept = {"none": arch.layers * per_layer,
+            "selective": arch.layers * (width * (5 * arch.hidden + 2 * arch.kv_dim + 2 * arch.intermediate)
+                                        + adapters) + per_layer,
+            "full": arch.layers * arch.hidden * width + per_layer}[t.activation_checkpointing]
+    acts = tokens * kept
     ddp_buckets = not fsdp and not reduced and t.num_workers > 1
     frozen = {} if t.lora is None else {f"frozen base ({dtype})": width * p / shards}  # the adapters are extra
     return {
@@ -476,6 +483,8 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         problems.append(str(e))
         cfg = resolve(cfg, cluster.total, nodes)
     dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
+    on_gpu = cluster.gpus_per_node > 0 and cfg.train.use_gpu
+    cfg = fit_memory(cfg, arch, dev.memory_gb * GB if on_gpu else None)
     prompts = prompts or prompt_count(cfg)
     if prompts is None:
         raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
@@ -503,20 +512,21 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
                    f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
 
-    on_gpu = cluster.gpus_per_node > 0 and t.use_gpu
     capacity = dev.memory_gb * GB
     train_mem = train_memory(arch, cfg)
     if not on_gpu:
         capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
+    micro = (f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound)"
+             if t.micro_batch_tokens is None else f"micro-batch {forward_tokens(cfg)} tokens")
     lora = "" if t.lora is None else (
         f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
         f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
     out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}"
                 f"{f', HSDP shards of {t.hsdp_shard_size}' if t.hsdp_shard_size else ''}, {t.num_workers} worker(s), "
-                f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound), "
-                f"activation checkpointing {t.activation_checkpointing}):"]
-    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
+                f"{micro}, activation checkpointing {t.activation_checkpointing}):"]
     total = sum(train_mem.values())
+    out += _memory_note(asked, cfg, on_gpu, capacity, total <= capacity)
+    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
     out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
     if total > capacity:
         problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
@@ -601,11 +611,63 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         "KV cache holds and generate.batch_size x batches_in_flight bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
         "generate.max_tokens",
         "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
-        "with every sequence at data.max_length",
+        "with a worker's largest forward full (train.micro_batch_tokens, else train.micro_batch_size pairs at "
+        "data.max_length)",
         "checkpoints, held-out evaluation and Ray overheads excluded"])]
     out.append("")
     out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
     return Plan(out, problems, iteration_s, gpus_by_phase)
+
+
+def forward_tokens(cfg: SpinConfig) -> int:
+    """Tokens in one worker's largest forward (`cfg` resolved): train.micro_batch_tokens, else train.micro_batch_size
+    pairs (`forward_pairs`) at data.max_length; never more than the worker's share of a step at data.max_length."""
+    t, length = cfg.train, cfg.data.max_length
+    if t.micro_batch_tokens is None:
+        return 2 * forward_pairs(cfg) * length
+    return min(t.micro_batch_tokens, 2 * (t.global_batch_size // t.num_workers) * length)
+
+
+RECOMPUTE = ("none", "selective", "full")
+"""train.activation_checkpointing from the least compute to the least memory: `auto` takes the first that fits."""
+
+
+def fit_memory(cfg: SpinConfig, arch: Arch, capacity: float | None) -> SpinConfig:
+    """`cfg` (resolved: plan.resolve) with `auto` train.activation_checkpointing and train.micro_batch_tokens chosen
+    for `capacity` bytes per Train worker by train_memory: the rule spin-ray plan prints and the Train workers apply
+    with their device's memory (train.fit_device_memory).
+
+    The cheapest recompute policy (RECOMPUTE) under which a forward of the smallest budget, 2 x data.max_length (any
+    pair fits), fits; under it the largest budget that fits, up to the worker's share of a step. Where none fits:
+    full recompute at the smallest budget (spin-ray plan reports the shortfall). `capacity` None, a CPU worker, whose
+    host RAM the node's other processes share: no recompute and micro_batch_size pairs at data.max_length, fixed.
+    """
+    t = cfg.train
+    if "auto" not in (t.micro_batch_tokens, t.activation_checkpointing):
+        return cfg
+
+    def sized(policy: str, tokens: int | None) -> SpinConfig:
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, activation_checkpointing=policy,
+                                                                  micro_batch_tokens=tokens))
+
+    def fits(policy: str, tokens: int | None) -> bool:
+        return sum(train_memory(arch, sized(policy, tokens)).values()) <= capacity
+
+    policies = RECOMPUTE if t.activation_checkpointing == "auto" else (t.activation_checkpointing,)
+    if capacity is None:
+        return sized(policies[0], 2 * forward_pairs(cfg) * cfg.data.max_length if t.micro_batch_tokens == "auto"
+                     else t.micro_batch_tokens)
+    if t.micro_batch_tokens != "auto":
+        return sized(next((p for p in policies if fits(p, t.micro_batch_tokens)), policies[-1]), t.micro_batch_tokens)
+    smallest = 2 * cfg.data.max_length
+    policy = next((p for p in policies if fits(p, smallest)), None)
+    if policy is None:
+        return sized(policies[-1], smallest)
+    low, high = smallest, 2 * (t.global_batch_size // t.num_workers) * cfg.data.max_length + 1
+    while high - low > 1:  # fits(policy, low) holds; memory grows with the budget: bisect to the last that fits
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(policy, mid) else (low, mid)
+    return sized(policy, low)
 
 
 def forward_pairs(cfg: SpinConfig) -> int:
@@ -644,6 +706,26 @@ def _workers_note(asked: TrainConfig, t: TrainConfig, cluster: ClusterSpec) -> l
                      "kept (a larger train.global_batch_size departs from the paper's recipe, fewer "
                      "train.num_workers leave GPUs idle)")
     return lines
+
+
+def _memory_note(asked: TrainConfig, cfg: SpinConfig, on_gpu: bool, capacity: float, fits: bool) -> list[str]:
+    """What `auto` chose for train.activation_checkpointing and train.micro_batch_tokens (fit_memory), and why."""
+    t = cfg.train
+    chose = [f"train.{k} auto = {getattr(t, k)}" for k in ("activation_checkpointing", "micro_batch_tokens")
+             if getattr(asked, k) == "auto"]
+    if not chose:
+        return []
+    share = 2 * (t.global_batch_size // t.num_workers) * cfg.data.max_length
+    if not on_gpu:
+        why = "fixed on CPU, not sized from host RAM: no recompute, train.micro_batch_size pairs at data.max_length"
+    elif fits:
+        why = (f"the cheapest recompute (none, selective, full) and the largest token budget (at most a worker's "
+               f"share of a step at data.max_length, {share}) that fit {capacity / GB:.1f} GB, by the memory below; "
+               "each Train worker applies the same rule to the memory its device reports")
+    else:
+        why = (f"nothing fits {capacity / GB:.1f} GB, not even full recompute at the smallest budget "
+               "(2 x data.max_length)")
+    return [f"  {', '.join(chose)}: {why}"]
 
 
 def _goal(goal_hours: float, iteration_s: float, trainer_s: float, eff: Efficiency) -> list[str]:

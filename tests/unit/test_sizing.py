@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from spin_ray import sizing
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.plan import resolve
-from spin_ray.sizing import GB, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
+from spin_ray.sizing import GB, Arch, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
 
 
 def cfg(*overrides: str) -> SpinConfig:
@@ -70,6 +71,66 @@ def test_train_memory_by_hand():
     assert bf16["weights in use"] == 2 * 2 * 41088 and bf16["logits"] == 10 * 32 * 512
 
 
+# 8 layers of tiny's shape (hidden 64 = 4 heads x 16, kv 64, MLP 128, vocab 512, untied): layer 41088 weights,
+# 2 x 512 x 64 + 8 x 41088 + 64 = 394304 parameters.
+EIGHT = Arch("eight", hidden=64, intermediate=128, layers=8, heads=4, kv_heads=4, head_dim=16, vocab=512, tied=False)
+# bf16 ddp, one worker, RMSprop: parameters, gradients, one state and the step's buffer (16 B per parameter), two
+# gathered bf16 layers (4 B x 41088) and 2 GB of runtime overhead, whatever the forward.
+FIXED = 16 * 394304 + 4 * 41088 + 2e9
+# Per token in bf16 (B): logits 10 x 512 = 5120 (below CHUNK_TOKENS = 1024 tokens); activations per layer
+# 16·64 + 4·64 + 8·128 = 2304 kept whole (none: 8 x 2304), or the layer input and its matmul and attention outputs,
+# 2 x (5·64 + 2·64 + 2·128) = 1408, plus one layer's recompute (selective: 8 x 1408 + 2304), or the input alone
+# (full: 8 x 2 x 64 + 2304).
+NONE, SELECTIVE, FULL = 8 * 2304 + 5120, 8 * 1408 + 2304 + 5120, 8 * 128 + 2304 + 5120  # 23552, 18688, 8448
+
+
+@pytest.mark.parametrize("capacity, chosen", [
+    (FIXED + NONE * 300, ("none", 300)),             # no recompute, 300 tokens fit
+    (FIXED + SELECTIVE * 150, ("selective", 150)),   # none needs 23552 x 128 at the smallest budget (2 x 64): no
+    (FIXED + FULL * 200, ("full", 200)),             # selective needs 18688 x 128: no
+    (FIXED + FULL * 100, ("full", 128)),             # nothing fits: full at the smallest budget (plan: does NOT fit)
+    (80 * GB, ("none", 8192)),                       # a worker's whole share: 64 pairs x 2 x 64 tokens
+])
+def test_auto_memory_settings_by_hand(capacity, chosen):
+    c = resolve(cfg("train.use_gpu=true", "train.num_workers=1", "train.micro_batch_tokens=auto",
+                    "train.activation_checkpointing=auto"), {"CPU": 8.0, "GPU": 1.0})
+    t = fit_memory(c, EIGHT, capacity).train
+    assert (t.activation_checkpointing, t.micro_batch_tokens) == chosen
+
+
+def test_auto_memory_settings_keep_what_is_stated():
+    c = resolve(cfg("train.use_gpu=true", "train.num_workers=1"), {"CPU": 8.0, "GPU": 1.0})
+
+    def fit(capacity, **train):
+        t = fit_memory(dataclasses.replace(c, train=dataclasses.replace(c.train, **train)), EIGHT, capacity).train
+        return t.activation_checkpointing, t.micro_batch_tokens
+
+    # a stated policy takes the largest budget under it, even where none would fit (it recomputes as asked)
+    assert fit(FIXED + NONE * 300, activation_checkpointing="full", micro_batch_tokens="auto") == ("full", 836)
+    # a stated budget (or micro_batch_size pairs, None) takes the cheapest policy it fits under: 150 tokens need
+    # 150 x 23552 without recompute, 150 x 18688 selective; 8 pairs x 2 x 64 = 1024 tokens fit without it in 80 GB
+    assert fit(FIXED + SELECTIVE * 150, activation_checkpointing="auto", micro_batch_tokens=150) == ("selective", 150)
+    assert fit(80 * GB, activation_checkpointing="auto", micro_batch_tokens=None) == ("none", None)
+    # on CPU (no device memory): no recompute and micro_batch_size (8) pairs at data.max_length, fixed
+    assert fit(None, activation_checkpointing="auto", micro_batch_tokens="auto") == ("none", 8 * 2 * 64)
+    assert fit(FIXED, activation_checkpointing="none", micro_batch_tokens=300) == ("none", 300)  # nothing auto
+
+
+def test_plan_prints_what_auto_chose():
+    c = SpinConfig.load(PAPER)  # auto recompute and token budget
+    text = "\n".join(make_plan(c, parse_cluster("1x8xH100"), load_arch(c.model)).lines)
+    # fits without recompute on an 80 GB H100: it does not recompute
+    assert "train.activation_checkpointing auto = none, train.micro_batch_tokens auto = " in text
+    assert "activation checkpointing none):" in text and "3 forwards (forward + backward (2 forwards))" in text
+    small = make_plan(c, parse_cluster("1x8xA10G"), load_arch(c.model))  # 24 GB: full recompute
+    assert any(line.startswith("  train.activation_checkpointing auto = full") for line in small.lines)
+    cpu = make_plan(SpinConfig.load(None, ["model=tiny", "train.activation_checkpointing=auto",
+                                           "train.micro_batch_tokens=auto"]), parse_cluster("1x0xCPU"),
+                    load_arch("tiny"), prompts=64)
+    assert ("train.activation_checkpointing auto = none, train.micro_batch_tokens auto = 16384: fixed on CPU, not "
+            "sized from host RAM") in "\n".join(cpu.lines)
+
+
 def test_seven_b_adamw_on_one_h200_does_not_fit_as_measured():
     """Measured (benchmarks/results/gpu): zephyr-7b, AdamW, one H200 (139.8 GiB) ran out of memory in the optimizer
     step at 144.9 GB. Without the step's foreach buffer the plan said 131 GB, fits."""
@@ -109,13 +170,15 @@ def test_lora_train_memory_by_hand():
 
 
 def test_seven_b_lora_runs_on_one_a10g():
-    """zephyr-7b with LoRA: the frozen bf16 base (14.5 GB) and a 1-pair micro-batch fit one 24 GB GPU, and
+    """zephyr-7b with LoRA: the frozen bf16 base (14.5 GB) and a forward under full recompute fit one 24 GB GPU, and
     generation (one engine) and training take turns on it, so one A10G runs the whole iteration."""
     c = SpinConfig.load("jobs/configs/paper_zephyr7b.yaml", [
         "train.num_workers=1", "generate.num_actors=1", "train.micro_batch_size=1", "train.lora.r=16"])
     one = make_plan(c, parse_cluster("1x1xA10G"), load_arch(c.model))
-    train = train_memory(load_arch(c.model), resolve(c, parse_cluster("1x1xA10G").total))
-    assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) < 24 * GB
+    sized = fit_memory(resolve(c, parse_cluster("1x1xA10G").total), load_arch(c.model), 24 * GB)
+    train = train_memory(load_arch(c.model), sized)
+    assert train["frozen base (bfloat16)"] == 2 * 7_241_732_096 and sum(train.values()) <= 24 * GB
+    assert sized.train.activation_checkpointing == "full" and sized.train.micro_batch_tokens > 2 * 1024
     assert one.fits, one.problems
     assert any(line.startswith("  KV cache holds") for line in one.lines)  # the engine has room for sequences
 
@@ -238,7 +301,9 @@ def test_paper_recipe_trains_on_every_gpu_of_four_nodes():
     assert "32 x Train workers" in text and "HSDP: shards of 8" in text
     # 64 pairs per step on 32 GPUs: the plan says so with the figures, and what it kept
     assert "64 pairs per step = 2 per GPU, below train.micro_batch_size 8" in text and "kept" in text
-    assert "micro-batch 2 pairs x 1024 tokens" in text  # the memory bound follows the worker's share
+    # the token budget is the worker's whole share, 2 pairs x 2 sequences x 1024 tokens, and fits without recompute
+    assert "micro-batch 4096 tokens, activation checkpointing none" in text
+    assert "train.activation_checkpointing auto = none, train.micro_batch_tokens auto = 4096" in text
     params = next(line for line in four.lines if line.startswith("  parameters (fp32)"))
     assert params.split()[-2] == f"{4 * 7_241_732_096 / 8 / 1e9:.1f}"  # HSDP: sharded over a node's 8, not all 32
     assert four.seconds_per_iteration < one.seconds_per_iteration / 3  # 4x the GPUs for every phase
@@ -303,3 +368,18 @@ def test_plan_cli_exit_codes():
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
     bad = run_cli("--cluster", "1x8xV99")
     assert bad.returncode == 2 and "--cluster" in bad.stderr
+
+
+def test_a_cpu_train_worker_takes_the_fixed_choice(tmp_path):
+    """The Train worker's side of the rule (train.fit_device_memory): a CPU device has no memory to size from, so no
+    recompute and micro_batch_size (8) pairs at data.max_length (64) = 1024 tokens; a Trainer refuses an unchosen
+    `auto` rather than reading it as some policy."""
+    from spin_ray.train import fit_device_memory
+    from spin_ray.trainer import Trainer
+
+    (tmp_path / "config.json").write_text((sizing.ASSETS / "tiny-llama.json").read_text())
+    c = resolve(cfg("train.activation_checkpointing=auto", "train.micro_batch_tokens=auto"), {"CPU": 4.0})
+    t = fit_device_memory(c, str(tmp_path), torch.device("cpu"), rank=0, world=1).train
+    assert (t.activation_checkpointing, t.micro_batch_tokens) == ("none", 1024)
+    with pytest.raises(ValueError, match="chosen from the device's memory"):
+        Trainer(str(tmp_path), c.train, total_steps=1)
