@@ -138,7 +138,7 @@ class TrainConfig:
     """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
     layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
     recomputes only the element-wise ops between them (little extra compute); `none` keeps everything. `auto`: the
-    first of none, selective, full whose memory fits the worker's device (sizing.fit_memory); none on CPU."""
+    none if its memory fits 85% of the worker's device, else full (sizing.fit_memory); none on CPU."""
     compile: bool = False
     """torch.compile each decoder layer with dynamic shapes (fused element-wise kernels; the first step pays the
     compilation, micro-batches of new lengths reuse its graph)."""

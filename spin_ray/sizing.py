@@ -628,8 +628,14 @@ def forward_tokens(cfg: SpinConfig) -> int:
     return min(t.micro_batch_tokens, 2 * (t.global_batch_size // t.num_workers) * length)
 
 
-RECOMPUTE = ("none", "selective", "full")
-"""train.activation_checkpointing from the least compute to the least memory: `auto` takes the first that fits."""
+RECOMPUTE = ("none", "full")
+"""What `auto` tries for train.activation_checkpointing, the faster first: by the measured steps (measured_steps.json)
+full recompute ran at 12.9% MFU on the H100 and selective at 8.8%, and selective keeps more memory than full, so
+`auto` never picks it (it stays available when stated)."""
+AUTO_FILL = 0.85
+"""The share of a device `auto` fills by train_memory: PyTorch's caching allocator reserved 7% (H100, 36.7 of 34.3 GB
+allocated, benchmarks/results/gpu/h100-per-sequence-sdpa/compile.json) to 15% (H200, 97.5 of 85.2 GB,
+benchmarks/results/gpu/h200-smollm2-1.7b.json) more than the peak allocated."""
 
 
 def fit_memory(cfg: SpinConfig, arch: Arch, capacity: float | None) -> SpinConfig:
@@ -637,8 +643,9 @@ def fit_memory(cfg: SpinConfig, arch: Arch, capacity: float | None) -> SpinConfi
     for `capacity` bytes per Train worker by train_memory: the rule spin-ray plan prints and the Train workers apply
     with their device's memory (train.fit_device_memory).
 
-    The cheapest recompute policy (RECOMPUTE) under which a forward of the smallest budget, 2 x data.max_length (any
-    pair fits), fits; under it the largest budget that fits, up to the worker's share of a step. Where none fits:
+    The fastest recompute policy (RECOMPUTE) under which a forward of the smallest budget, 2 x data.max_length (any
+    pair fits), fits in AUTO_FILL of `capacity`; under it the largest budget that fits, up to the worker's share of a
+    step. Where none fits:
     full recompute at the smallest budget (spin-ray plan reports the shortfall). `capacity` None, a CPU worker, whose
     host RAM the node's other processes share: no recompute and micro_batch_size pairs at data.max_length, fixed.
     """
@@ -651,7 +658,7 @@ def fit_memory(cfg: SpinConfig, arch: Arch, capacity: float | None) -> SpinConfi
                                                                   micro_batch_tokens=tokens))
 
     def fits(policy: str, tokens: int | None) -> bool:
-        return sum(train_memory(arch, sized(policy, tokens)).values()) <= capacity
+        return sum(train_memory(arch, sized(policy, tokens)).values()) <= AUTO_FILL * capacity
 
     policies = RECOMPUTE if t.activation_checkpointing == "auto" else (t.activation_checkpointing,)
     if capacity is None:
@@ -719,9 +726,9 @@ def _memory_note(asked: TrainConfig, cfg: SpinConfig, on_gpu: bool, capacity: fl
     if not on_gpu:
         why = "fixed on CPU, not sized from host RAM: no recompute, train.micro_batch_size pairs at data.max_length"
     elif fits:
-        why = (f"the cheapest recompute (none, selective, full) and the largest token budget (at most a worker's "
-               f"share of a step at data.max_length, {share}) that fit {capacity / GB:.1f} GB, by the memory below; "
-               "each Train worker applies the same rule to the memory its device reports")
+        why = (f"the fastest recompute (none, else full) and the largest token budget (at most a worker's share of "
+               f"a step at data.max_length, {share}) that fit {AUTO_FILL:.0%} of {capacity / GB:.1f} GB, by the "
+               "memory below; each Train worker applies the same rule to the memory its device reports")
     else:
         why = (f"nothing fits {capacity / GB:.1f} GB, not even full recompute at the smallest budget "
                "(2 x data.max_length)")

@@ -15,7 +15,7 @@ import torch
 from spin_ray import sizing
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.plan import resolve
-from spin_ray.sizing import GB, Arch, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
+from spin_ray.sizing import AUTO_FILL, GB, Arch, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
 
 
 def cfg(*overrides: str) -> SpinConfig:
@@ -84,32 +84,36 @@ FIXED = 16 * 394304 + 4 * 41088 + 2e9
 NONE, SELECTIVE, FULL = 8 * 2304 + 5120, 8 * 1408 + 2304 + 5120, 8 * 128 + 2304 + 5120  # 23552, 18688, 8448
 
 
-@pytest.mark.parametrize("capacity, chosen", [
+@pytest.mark.parametrize("filled, chosen", [
     (FIXED + NONE * 300, ("none", 300)),             # no recompute, 300 tokens fit
-    (FIXED + SELECTIVE * 150, ("selective", 150)),   # none needs 23552 x 128 at the smallest budget (2 x 64): no
-    (FIXED + FULL * 200, ("full", 200)),             # selective needs 18688 x 128: no
+    (FIXED + NONE * 127, ("full", 354)),             # none needs 23552 x 128 at the smallest budget (2 x 64): full,
+                                                     # 127 x 23552 / 8448 = 354.06 tokens
+    (FIXED + FULL * 200, ("full", 200)),             # none does not fit: full, 200 tokens
     (FIXED + FULL * 100, ("full", 128)),             # nothing fits: full at the smallest budget (plan: does NOT fit)
     (80 * GB, ("none", 8192)),                       # a worker's whole share: 64 pairs x 2 x 64 tokens
 ])
-def test_auto_memory_settings_by_hand(capacity, chosen):
+def test_auto_memory_settings_by_hand(filled, chosen):
+    # `auto` fills AUTO_FILL of the device: a device of filled / AUTO_FILL bytes (+1 for the division's rounding)
     c = resolve(cfg("train.use_gpu=true", "train.num_workers=1", "train.micro_batch_tokens=auto",
                     "train.activation_checkpointing=auto"), {"CPU": 8.0, "GPU": 1.0})
-    t = fit_memory(c, EIGHT, capacity).train
+    t = fit_memory(c, EIGHT, filled / AUTO_FILL + 1).train
     assert (t.activation_checkpointing, t.micro_batch_tokens) == chosen
 
 
 def test_auto_memory_settings_keep_what_is_stated():
     c = resolve(cfg("train.use_gpu=true", "train.num_workers=1"), {"CPU": 8.0, "GPU": 1.0})
 
-    def fit(capacity, **train):
-        t = fit_memory(dataclasses.replace(c, train=dataclasses.replace(c.train, **train)), EIGHT, capacity).train
+    def fit(filled, **train):  # a device whose AUTO_FILL share is `filled` bytes
+        device = None if filled is None else filled / AUTO_FILL + 1
+        t = fit_memory(dataclasses.replace(c, train=dataclasses.replace(c.train, **train)), EIGHT, device).train
         return t.activation_checkpointing, t.micro_batch_tokens
 
     # a stated policy takes the largest budget under it, even where none would fit (it recomputes as asked)
     assert fit(FIXED + NONE * 300, activation_checkpointing="full", micro_batch_tokens="auto") == ("full", 836)
-    # a stated budget (or micro_batch_size pairs, None) takes the cheapest policy it fits under: 150 tokens need
-    # 150 x 23552 without recompute, 150 x 18688 selective; 8 pairs x 2 x 64 = 1024 tokens fit without it in 80 GB
-    assert fit(FIXED + SELECTIVE * 150, activation_checkpointing="auto", micro_batch_tokens=150) == ("selective", 150)
+    # a stated budget (or micro_batch_size pairs, None) takes the fastest policy it fits under: 150 tokens need
+    # 150 x 23552 without recompute; 8 pairs x 2 x 64 = 1024 tokens fit without it in 80 GB
+    assert fit(FIXED + SELECTIVE * 150, activation_checkpointing="auto", micro_batch_tokens=150) == ("full", 150)
+    assert fit(FIXED + NONE * 150, activation_checkpointing="auto", micro_batch_tokens=150) == ("none", 150)
     assert fit(80 * GB, activation_checkpointing="auto", micro_batch_tokens=None) == ("none", None)
     # on CPU (no device memory): no recompute and micro_batch_size (8) pairs at data.max_length, fixed
     assert fit(None, activation_checkpointing="auto", micro_batch_tokens="auto") == ("none", 8 * 2 * 64)
