@@ -137,7 +137,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective", "auto"] = "none"
     """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
     layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
-    recomputes only the element-wise ops between them (little extra compute); `none` keeps everything. `auto`: the
+    recomputes only the element-wise ops between them (little extra compute); `none` keeps everything. `auto`:
     none if its memory fits 85% of the worker's device, else full (sizing.fit_memory); none on CPU."""
     compile: bool = False
     """torch.compile each decoder layer with dynamic shapes (fused element-wise kernels; the first step pays the
