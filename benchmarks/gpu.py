@@ -362,12 +362,14 @@ def main() -> None:
     # 4. What spin-ray plan says for this config on this device.
     mem = planner.train_memory(arch, cfg)
     b = (fit.get("varlen") or next((rs for rs in fit.values() if rs), [None]))[-1]
+    eff = planner.train_efficiency(peak, args.activation_checkpointing, args.compile) if peak else None
     results["plan"] = {} if b is None else {
         "train_memory_gb": {k: v / 1e9 for k, v in mem.items()}, "train_memory_total_gb": sum(mem.values()) / 1e9,
         "train_seconds_for_timed_tokens": planner.train_seconds(
             arch, b["timed_tokens"], int(b["mean_seq_len"]), 1, peak,
-            4 if args.activation_checkpointing == "full" else 3) if peak else None,
-        "measured_seconds": b["timed_seconds"], "stated_mfu": planner.MFU["gpu_train"]}
+            4 if args.activation_checkpointing == "full" else 3, eff.utilisation) if eff else None,
+        "measured_seconds": b["timed_seconds"], "plan_utilisation": eff.utilisation if eff else None,
+        "plan_measurement": eff.measurement.source if eff else None}
     save()
     print(json.dumps({"summary": summary, "plan": results["plan"]}, indent=1), flush=True)
     torch.distributed.destroy_process_group()

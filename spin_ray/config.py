@@ -109,10 +109,12 @@ class TrainConfig:
     """Pairs per optimizer step, reached by gradient accumulation whatever the worker count (paper: 64)."""
     micro_batch_size: int = 8
     """Pairs per worker forward (each pair is two sequences), grouped by length; see micro_batch_tokens."""
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: int | Literal["auto"] | None = None
     """Token budget per worker forward instead of micro_batch_size: length-grouped pairs are added while their tokens
     fit (a forward is their sequences flattened one after another, with no padding); short pairs then go many to a
-    forward. None = off."""
+    forward. None = off. `auto`: the largest budget that fits the worker's device memory, up to its share of a step
+    (spin_ray/sizing.py fit_memory, the rule `spin-ray plan` prints); on CPU, micro_batch_size pairs at
+    data.max_length."""
     lr: float = 5e-7
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
@@ -132,10 +134,11 @@ class TrainConfig:
     hsdp_shard_size: int | Literal["auto"] | None = None
     """fsdp across nodes: shard within groups of this many workers (a node's GPUs) and replicate across groups
     (HSDP); None shards across all workers; `auto`: a node's GPUs when the workers span several nodes, else None."""
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Literal["none", "full", "selective", "auto"] = "none"
     """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
     layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
-    recomputes only the element-wise ops between them (little extra compute); `none` keeps everything."""
+    recomputes only the element-wise ops between them (little extra compute); `none` keeps everything. `auto`:
+    none if its memory fits 85% of the worker's device, else full (sizing.fit_memory); none on CPU."""
     compile: bool = False
     """torch.compile each decoder layer with dynamic shapes (fused element-wise kernels; the first step pays the
     compilation, micro-batches of new lengths reuse its graph)."""
@@ -346,9 +349,10 @@ class SpinConfig:
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.num_cpus_per_worker", self.train.num_cpus_per_worker > 0, "must be > 0"),
             ("train.micro_batch_size", self.train.micro_batch_size >= 1, "must be >= 1"),
-            ("train.micro_batch_tokens",
-             self.train.micro_batch_tokens is None or self.train.micro_batch_tokens >= 2 * self.data.max_length,
-             f"must be null or >= 2 x data.max_length ({2 * self.data.max_length}) so that any pair fits"),
+            ("train.micro_batch_tokens", self.train.micro_batch_tokens in (None, "auto")
+             or self.train.micro_batch_tokens >= 2 * self.data.max_length,
+             f"must be null or >= 2 x data.max_length ({2 * self.data.max_length}) so that any pair fits, or auto "
+             "(sized from the device's memory)"),
             ("train.hsdp_shard_size", self.train.hsdp_shard_size in (None, "auto") or (
                 self.train.strategy == "fsdp" and self.train.hsdp_shard_size >= 1
                 and (auto_workers or self.train.num_workers % self.train.hsdp_shard_size == 0)),

@@ -20,6 +20,7 @@ from spin_ray.template import CHUNK_TOKENS
 
 ASSETS = Path(__file__).parent / "assets" / "arch"
 
+
 @dataclass(frozen=True)
 class Device:
     name: str
@@ -45,13 +46,11 @@ DEVICES = {
 }
 CPU_TFLOPS_PER_CORE = 32 * 3.0e9 / 1e12
 CPU_BANDWIDTH_TBS = 0.02
-# Efficiencies (share of peak reached). GPU training: measured on one H100 (benchmarks/gpu_session.sh, SmolLM2-1.7B
-# architecture, FSDP2 bf16, long-tailed chat lengths, flattened micro-batches through per-sequence SDPA): 17.4-17.9%
-# of peak without recompute, 17.2% of the computed FLOPs with full recompute (benchmarks/results/gpu); also used for
-# the reference pass, which is the training step's forward. GPU prefill in vLLM: stated, not measured here.
-# CPU: calibrated on this machine's SmolLM2-135M Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU);
-# see docs/plan.md ("Checked against measured runs").
-MFU = {"gpu_train": 0.17, "gpu_prefill": 0.40, "cpu": 0.60}
+# Efficiencies (share of peak reached) that are not the training step's, which comes from measured_steps.json
+# (train_efficiency). GPU prefill in vLLM: stated, not measured here. CPU: calibrated on this machine's SmolLM2-135M
+# Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see docs/plan.md ("Checked against measured runs").
+MFU = {"gpu_prefill": 0.40, "cpu": 0.60}
+MEASURED_STEPS = Path(__file__).parent / "assets" / "measured_steps.json"
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
@@ -62,6 +61,78 @@ def cpu_device(cores: int | None = None, memory_gb: float | None = None) -> Devi
     if memory_gb is None:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     return Device(f"CPU ({cores} cores, AVX2 fp32)", memory_gb, cores * CPU_TFLOPS_PER_CORE, CPU_BANDWIDTH_TBS)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured training step (an entry of measured_steps.json)."""
+
+    device: str
+    """Its key in DEVICES."""
+    date: str
+    model: str
+    attention: str
+    activation_checkpointing: str
+    compile: bool
+    mfu: float
+    """Model FLOPs of the real tokens (3 forwards, recompute not counted) over the device's dense bf16 peak."""
+    source: str
+    figure: str
+
+    @property
+    def utilisation(self) -> float:
+        """Share of peak in computed FLOPs, the figure train_seconds divides by: full recompute computes a fourth
+        forward (selective recomputes element-wise ops only, not counted)."""
+        return self.mfu * (4 if self.activation_checkpointing == "full" else 3) / 3
+
+    def describe(self) -> str:
+        policy = self.activation_checkpointing + (" + compile" if self.compile else "")
+        return (f"measured on {DEVICES[self.device].name} on {self.date} ({self.model}, {self.attention}, "
+                f"activation checkpointing {policy}: {self.mfu:.1%} MFU; {self.source})")
+
+
+def load_measurements(path: Path | None = None) -> list[Measurement]:
+    """The measured training steps in `path`, by default those shipped with the package (MEASURED_STEPS)."""
+    entries = json.loads(Path(path or MEASURED_STEPS).read_text())["measurements"]
+    return [Measurement(**e) for e in entries]
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The share of peak the plan's training and reference time assume, and where it comes from."""
+
+    utilisation: float
+    """Of the computed FLOPs (recompute included)."""
+    measurement: Measurement
+    note: str
+    """How the measurement applies: as measured, under another recompute policy, or from another device."""
+    extrapolated: bool
+    """The device itself was never measured."""
+
+
+def train_efficiency(device: Device, activation_checkpointing: str, compile: bool,
+                     measurements: list[Measurement] | None = None) -> Efficiency:
+    """The training step's share of peak on `device`: its own measurement with the same recompute policy (and
+    train.compile) where one exists, else its closest one (carried over per computed FLOP); a device never measured
+    takes the measured device nearest in peak FLOPs, the same share of its own peak: an extrapolation, said so."""
+    measurements = load_measurements() if measurements is None else measurements
+    if not measurements:
+        raise ConfigError(f"{MEASURED_STEPS}: no measured training step to take the GPU efficiency from")
+    own = [m for m in measurements if DEVICES[m.device] == device]
+    if own:
+        pool, note = own, "as measured on this device"
+    else:
+        nearest = max(measurements, key=lambda m: (-abs(DEVICES[m.device].peak_tflops - device.peak_tflops), m.date))
+        pool = [m for m in measurements if m.device == nearest.device]
+        note = (f"no measurement on {device.name}: {DEVICES[nearest.device].name}'s share of peak applied to "
+                f"{device.peak_tflops:g} TFLOP/s (scaled by peak FLOPs), an extrapolation")
+    m = max(pool, key=lambda m: (m.activation_checkpointing == activation_checkpointing, m.compile == compile,
+                                 m.date))
+    if m.activation_checkpointing != activation_checkpointing or m.compile != compile:
+        note += (f"; train.activation_checkpointing {activation_checkpointing}"
+                 f"{' + compile' if compile else ''} not measured there: the closest measured policy's share of "
+                 "the computed FLOPs")
+    return Efficiency(m.utilisation, m, note, not own)
 
 
 @dataclass(frozen=True)
@@ -196,8 +267,8 @@ GB = 1e9
 
 
 def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per training device of `cfg` (resolved: plan.resolve), by part (worst case: every sequence of a worker's largest forward, `forward_pairs`,
-    at data.max_length).
+    """Bytes per training device of `cfg` (resolved: plan.resolve and fit_memory), by part (worst case: a worker's
+    largest forward, `forward_tokens`, full).
 
     fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
     fsdp (over a shard group of train.hsdp_shard_size under HSDP). In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
@@ -209,7 +280,9 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     (benchmarks/results/gpu). Activations and logits are freed by then, so the sum is an upper bound.
     Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
     q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
-    checkpointing only each layer's input is kept, plus one layer's activations during recompute. Logits: bf16, their
+    checkpointing only each layer's input is kept, plus one layer's activations during recompute; with selective
+    checkpointing each layer's input and the outputs it keeps (trainer.SAVED_OPS: q, k, v, attention, o, gate, up,
+    down), 5·hidden + 2·kv_dim + 2·intermediate values, plus one layer's recompute. Logits: bf16, their
     fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
     CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
     With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
@@ -217,6 +290,8 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     output (r values per token) and, under dropout, its dropped input.
     """
     t, p = cfg.train, arch.params
+    if "auto" in (t.micro_batch_tokens, t.activation_checkpointing):
+        raise ValueError("train_memory takes a config whose `auto` memory settings are chosen: fit_memory")
     trained = p if t.lora is None else arch.lora_params(t.lora.r, t.lora.target_modules)
     dtype = resolve_dtype(t.dtype, t.use_gpu)
     reduced = dtype != "float32"
@@ -224,14 +299,17 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     fsdp = t.strategy == "fsdp"
     shards = (t.hsdp_shard_size or t.num_workers) if fsdp else 1  # HSDP: sharded within a group, replicated across
     states = 2 if t.optimizer == "adamw" else 1
-    tokens = 2 * forward_pairs(cfg) * cfg.data.max_length
-    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2
+    tokens = forward_tokens(cfg)
+    adapters = 0
     if t.lora is not None:
         shapes = arch.linear_shapes()
-        per_layer += width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
-    # selective checkpointing keeps the matmul and attention outputs, most of per_layer: counted as none (upper bound)
-    acts = (arch.layers * tokens * arch.hidden * width + tokens * per_layer if t.activation_checkpointing == "full"
-            else arch.layers * tokens * per_layer)
+        adapters = width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
+    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2 + adapters
+    kept = {"none": arch.layers * per_layer,
+            "selective": arch.layers * (width * (5 * arch.hidden + 2 * arch.kv_dim + 2 * arch.intermediate)
+                                        + adapters) + per_layer,
+            "full": arch.layers * arch.hidden * width + per_layer}[t.activation_checkpointing]
+    acts = tokens * kept
     ddp_buckets = not fsdp and not reduced and t.num_workers > 1
     frozen = {} if t.lora is None else {f"frozen base ({dtype})": width * p / shards}  # the adapters are extra
     return {
@@ -261,17 +339,14 @@ def kv_bytes_per_token(arch: Arch) -> int:
     return 2 * arch.layers * arch.kv_dim * 2  # K and V, bf16
 
 
-def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int) -> float:
-    """`passes` forwards' FLOPs over `tokens` at the stated MFU: training is forward + backward (2x forward; 1x with a
-    frozen base under LoRA, whose weight gradients are never computed: the adapters' are negligible), plus the
-    recompute forward under full activation checkpointing (selective recomputes only element-wise ops: not counted);
-    the reference pass is one forward."""
+def train_seconds(arch: Arch, tokens: float, context: int, workers: int, device: Device, passes: int,
+                  utilisation: float) -> float:
+    """`passes` forwards' FLOPs over `tokens` at `utilisation` of the device's peak: training is forward + backward
+    (2x forward; 1x with a frozen base under LoRA, whose weight gradients are never computed: the adapters' are
+    negligible), plus the recompute forward under full activation checkpointing (selective recomputes only
+    element-wise ops: not counted); the reference pass is one forward."""
     flops = passes * arch.forward_flops_per_token(context) * tokens
-    return flops / (workers * device.peak_tflops * 1e12 * _mfu(device))
-
-
-def _mfu(device: Device) -> float:
-    return MFU["cpu" if device.name.startswith("CPU") else "gpu_train"]
+    return flops / (workers * device.peak_tflops * 1e12 * utilisation)
 
 
 # Prompt counts of the preset configs' data sets (rows of the split they use).
@@ -408,6 +483,8 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         problems.append(str(e))
         cfg = resolve(cfg, cluster.total, nodes)
     dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
+    on_gpu = cluster.gpus_per_node > 0 and cfg.train.use_gpu
+    cfg = fit_memory(cfg, arch, dev.memory_gb * GB if on_gpu else None)
     prompts = prompts or prompt_count(cfg)
     if prompts is None:
         raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
@@ -435,20 +512,21 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
                    f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
 
-    on_gpu = cluster.gpus_per_node > 0 and t.use_gpu
     capacity = dev.memory_gb * GB
     train_mem = train_memory(arch, cfg)
     if not on_gpu:
         capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
+    micro = (f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound)"
+             if t.micro_batch_tokens is None else f"micro-batch {forward_tokens(cfg)} tokens")
     lora = "" if t.lora is None else (
         f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
         f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
     out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}"
                 f"{f', HSDP shards of {t.hsdp_shard_size}' if t.hsdp_shard_size else ''}, {t.num_workers} worker(s), "
-                f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound), "
-                f"activation checkpointing {t.activation_checkpointing}):"]
-    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
+                f"{micro}, activation checkpointing {t.activation_checkpointing}):"]
     total = sum(train_mem.values())
+    out += _memory_note(asked, cfg, on_gpu, capacity, total <= capacity)
+    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
     out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
     if total > capacity:
         problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
@@ -495,12 +573,13 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                                                        name="CPU")
     window_tokens = window_pairs * tok.pair
     passes = (2 if t.lora is not None else 3) + (1 if t.activation_checkpointing == "full" else 0)
-    train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes)
-    reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1)
+    eff = train_efficiency(dev, t.activation_checkpointing, t.compile) if on_gpu else None
+    mfu = eff.utilisation if eff else MFU["cpu"]
+    train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes, mfu)
+    reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1, mfu)
     fixed_s = (ENGINE_START_S + TRAIN_START_S) if on_gpu else 0.0
     iteration_s = gen_s + reference_s + train_s + fixed_s
     flops = arch.forward_flops_per_token(tok.sequence)
-    mfu = _mfu(train_dev)
     out += ["", "time per iteration (at the full window):",
             f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
             f"max(prefill compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} "
@@ -521,20 +600,81 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
                    f"max_num_seqs {max_seqs}, KV cache {seqs}); a generate.batch_size of "
                    f"{math.ceil(2 * max_seqs / g.batches_in_flight)} keeps it full")
     if on_gpu:
-        out += _goal(goal_hours, iteration_s, train_s + reference_s, mfu)
+        out += _goal(goal_hours, iteration_s, train_s + reference_s, eff)
+    trainer = (f"training and its reference pass (the same forward) at {mfu:.0%} of peak in computed FLOPs, from "
+               f"the step {eff.measurement.describe()}, {eff.note}" if eff else
+               f"training at {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU (calibrated on a measured CPU run)")
     out += ["", "assumptions: " + "; ".join([
-        f"MFU on GPU {MFU['gpu_train']:.0%} for training and its reference pass (measured on one H100 with "
-        "SmolLM2-1.7B, flattened micro-batches through per-sequence SDPA; the fused varlen kernel not yet timed), "
-        f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated); {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
+        trainer, f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated)" if gen_gpu
+        else f"generation at {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
         f"vLLM: bf16 weights, {concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
         "KV cache holds and generate.batch_size x batches_in_flight bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
         "generate.max_tokens",
         "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
-        "with every sequence at data.max_length",
+        "with a worker's largest forward full (train.micro_batch_tokens, else train.micro_batch_size pairs at "
+        "data.max_length)",
         "checkpoints, held-out evaluation and Ray overheads excluded"])]
     out.append("")
     out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
     return Plan(out, problems, iteration_s, gpus_by_phase)
+
+
+def forward_tokens(cfg: SpinConfig) -> int:
+    """Tokens in one worker's largest forward (`cfg` resolved): train.micro_batch_tokens, else train.micro_batch_size
+    pairs (`forward_pairs`) at data.max_length; never more than the worker's share of a step at data.max_length."""
+    t, length = cfg.train, cfg.data.max_length
+    if t.micro_batch_tokens is None:
+        return 2 * forward_pairs(cfg) * length
+    return min(t.micro_batch_tokens, 2 * (t.global_batch_size // t.num_workers) * length)
+
+
+RECOMPUTE = ("none", "full")
+"""What `auto` tries for train.activation_checkpointing, the faster first: by the measured steps (measured_steps.json)
+full recompute ran at 12.9% MFU on the H100 and selective at 8.8%, and selective keeps more memory than full, so
+`auto` never picks it (it stays available when stated)."""
+AUTO_FILL = 0.85
+"""The share of a device `auto` fills by train_memory: PyTorch's caching allocator reserved 7% (H100, 36.7 of 34.3 GB
+allocated, benchmarks/results/gpu/h100-per-sequence-sdpa/compile.json) to 15% (H200, 97.5 of 85.2 GB,
+benchmarks/results/gpu/h200-smollm2-1.7b.json) more than the peak allocated."""
+
+
+def fit_memory(cfg: SpinConfig, arch: Arch, capacity: float | None) -> SpinConfig:
+    """`cfg` (resolved: plan.resolve) with `auto` train.activation_checkpointing and train.micro_batch_tokens chosen
+    for `capacity` bytes per Train worker by train_memory: the rule spin-ray plan prints and the Train workers apply
+    with their device's memory (train.fit_device_memory).
+
+    The fastest recompute policy (RECOMPUTE) under which a forward of the smallest budget, 2 x data.max_length (any
+    pair fits), fits in AUTO_FILL of `capacity`; under it the largest budget that fits, up to the worker's share of a
+    step. Where none fits:
+    full recompute at the smallest budget (spin-ray plan reports the shortfall). `capacity` None, a CPU worker, whose
+    host RAM the node's other processes share: no recompute and micro_batch_size pairs at data.max_length, fixed.
+    """
+    t = cfg.train
+    if "auto" not in (t.micro_batch_tokens, t.activation_checkpointing):
+        return cfg
+
+    def sized(policy: str, tokens: int | None) -> SpinConfig:
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, activation_checkpointing=policy,
+                                                                  micro_batch_tokens=tokens))
+
+    def fits(policy: str, tokens: int | None) -> bool:
+        return sum(train_memory(arch, sized(policy, tokens)).values()) <= AUTO_FILL * capacity
+
+    policies = RECOMPUTE if t.activation_checkpointing == "auto" else (t.activation_checkpointing,)
+    if capacity is None:
+        return sized(policies[0], 2 * forward_pairs(cfg) * cfg.data.max_length if t.micro_batch_tokens == "auto"
+                     else t.micro_batch_tokens)
+    if t.micro_batch_tokens != "auto":
+        return sized(next((p for p in policies if fits(p, t.micro_batch_tokens)), policies[-1]), t.micro_batch_tokens)
+    smallest = 2 * cfg.data.max_length
+    policy = next((p for p in policies if fits(p, smallest)), None)
+    if policy is None:
+        return sized(policies[-1], smallest)
+    low, high = smallest, 2 * (t.global_batch_size // t.num_workers) * cfg.data.max_length + 1
+    while high - low > 1:  # fits(policy, low) holds; memory grows with the budget: bisect to the last that fits
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(policy, mid) else (low, mid)
+    return sized(policy, low)
 
 
 def forward_pairs(cfg: SpinConfig) -> int:
@@ -569,25 +709,46 @@ def _workers_note(asked: TrainConfig, t: TrainConfig, cluster: ClusterSpec) -> l
     if gpus and per_worker < t.micro_batch_size:
         lines.append(f"  the global batch is small for {t.num_workers} GPUs: {t.global_batch_size} pairs per step = "
                      f"{per_worker} per GPU, below train.micro_batch_size {t.micro_batch_size}, so each forward holds "
-                     f"{per_worker} pair(s) (~{per_worker * 2} sequences) and the stated MFU may not be reached; kept "
-                     f"(a larger train.global_batch_size departs from the paper's recipe, fewer train.num_workers "
-                     f"leave GPUs idle)")
+                     f"{per_worker} pair(s) (~{per_worker * 2} sequences) and the measured MFU may not be reached; "
+                     "kept (a larger train.global_batch_size departs from the paper's recipe, fewer "
+                     "train.num_workers leave GPUs idle)")
     return lines
 
 
-def _goal(goal_hours: float, iteration_s: float, trainer_s: float, mfu: float) -> list[str]:
+def _memory_note(asked: TrainConfig, cfg: SpinConfig, on_gpu: bool, capacity: float, fits: bool) -> list[str]:
+    """What `auto` chose for train.activation_checkpointing and train.micro_batch_tokens (fit_memory), and why."""
+    t = cfg.train
+    chose = [f"train.{k} auto = {getattr(t, k)}" for k in ("activation_checkpointing", "micro_batch_tokens")
+             if getattr(asked, k) == "auto"]
+    if not chose:
+        return []
+    share = 2 * (t.global_batch_size // t.num_workers) * cfg.data.max_length
+    if not on_gpu:
+        why = "fixed on CPU, not sized from host RAM: no recompute, train.micro_batch_size pairs at data.max_length"
+    elif fits:
+        why = (f"the fastest recompute (none, else full) and the largest token budget (at most a worker's share of "
+               f"a step at data.max_length, {share}) that fit {AUTO_FILL:.0%} of {capacity / GB:.1f} GB, by the "
+               "memory below; each Train worker applies the same rule to the memory its device reports")
+    else:
+        why = (f"nothing fits {capacity / GB:.1f} GB, not even full recompute at the smallest budget "
+               "(2 x data.max_length)")
+    return [f"  {', '.join(chose)}: {why}"]
+
+
+def _goal(goal_hours: float, iteration_s: float, trainer_s: float, eff: Efficiency) -> list[str]:
     """The iteration against the time goal; where it misses, the term that does and the MFU that would meet it."""
     goal_s = goal_hours * 3600
     if iteration_s <= goal_s:
         return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): met, {_dur(iteration_s)}"]
     rest = iteration_s - trainer_s
-    need = mfu * trainer_s / (goal_s - rest) if goal_s > rest else math.inf
+    need = eff.utilisation * trainer_s / (goal_s - rest) if goal_s > rest else math.inf
     needs = (f"{need:.0%} MFU on them (peers report 40-57% for FSDP 7B); measure with benchmarks/gpu.py" if need <= 1
              else "more than their peak: more or larger GPUs")
+    m = eff.measurement
+    source = f"extrapolated from {DEVICES[m.device].name}" if eff.extrapolated else "measured on this device"
     return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): NOT met, {_dur(iteration_s)}; the Train "
-            f"workers' training and reference pass take {_dur(trainer_s)} of it at the stated {mfu:.0%} MFU, a "
-            f"figure measured with per-sequence attention (the fused varlen kernel not yet timed); the goal needs "
-            f"{needs}"]
+            f"workers' training and reference pass take {_dur(trainer_s)} of it at {eff.utilisation:.0%} MFU, "
+            f"{source} ({m.date}, {m.attention.split(' (')[0]}); the goal needs {needs}"]
 
 
 def _dur(seconds: float) -> str:

@@ -34,6 +34,7 @@ from spin_ray.failures import stage
 from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file, quiet_ray_data
 from spin_ray.plan import preflight
 from spin_ray.schemas import IDS, LOGPS, TOKENS
+from spin_ray.sizing import fit_memory, load_arch
 from spin_ray.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,27 @@ def final_metrics(lines: list[str], n_rows: int, epochs: int) -> dict[str, Any]:
     return final
 
 
+def fit_device_memory(cfg: SpinConfig, source: str, device: torch.device, rank: int, world: int) -> SpinConfig:
+    """`auto` train.activation_checkpointing and train.micro_batch_tokens by spin-ray plan's rule (sizing.fit_memory)
+    for this worker's device: on CUDA the smallest total memory of the workers' devices (every worker must run as
+    many forwards, each a collective under FSDP2, under one recompute policy); on CPU the fixed choice."""
+    tc = cfg.train
+    if "auto" not in (tc.micro_batch_tokens, tc.activation_checkpointing):
+        return cfg
+    capacity = None
+    if device.type == "cuda":
+        memory = torch.tensor([torch.cuda.get_device_properties(device).total_memory], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MIN)
+        capacity = float(memory.item())
+    sized = fit_memory(cfg, load_arch(source), capacity)
+    if rank == 0:
+        where = f"{capacity / 1e9:.1f} GB per device" if capacity else "CPU: fixed, not sized from host RAM"
+        log.info("train.activation_checkpointing = %s, train.micro_batch_tokens = %s (auto: %s)",
+                 sized.train.activation_checkpointing, sized.train.micro_batch_tokens, where)
+    return sized
+
+
 def train_loop_per_worker(c: dict[str, Any]) -> None:
     """One Ray Train worker: SPIN updates over seeded global batches, with resumable checkpoints."""
     import ray.train
@@ -243,7 +265,6 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     from spin_ray.models import load_tokenizer, local_model
 
     cfg: SpinConfig = c["cfg"]
-    tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     output_to_file(logs_dir(cfg.storage) / f"train-iter{cfg.iteration}-rank{rank}.log")
@@ -253,6 +274,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     source = local_model(c["model"])
+    cfg = fit_device_memory(cfg, source, device, rank, world)
+    tc = cfg.train
     trust = dict(trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, **trust)
     steps = plan_steps(c["n_rows"], tc.global_batch_size, world)

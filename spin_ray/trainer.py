@@ -223,6 +223,9 @@ class Trainer:
         self.source, self.tc, self.total_steps = source, tc, total_steps
         self.rank, self.world, self.device = rank, world, device
         self.trust_remote_code = trust_remote_code
+        if tc.activation_checkpointing == "auto":
+            raise ValueError("train.activation_checkpointing = 'auto' is chosen from the device's memory before the "
+                             "Trainer is built (train.fit_device_memory)")
         self.dtype = resolve_dtype(tc.dtype, device.type == "cuda")
         # Reduced precision always goes through FSDP2's MixedPrecisionPolicy (DDP = replicate-only mesh): fp32 master
         # weights, computed in `dtype` (as frozen_model computes for the held-out evaluation).

@@ -115,10 +115,26 @@ def test_non_utf8_yaml_names_the_line(tmp_path):
     ("train.weight_decay=-0.1", r"train.weight_decay = -0.1"),
     ("eval.split=train", r"eval.split = 'train': must differ from data.split"),
     ("data.duplicates=keep", r"data.duplicates = 'keep': must be one of 'drop', 'error'"),
+    ("train.micro_batch_tokens=big", r"train.micro_batch_tokens = 'big': expected int or 'auto' or null"),
+    ("train.micro_batch_tokens=100", r"train.micro_batch_tokens = 100: must be null or >= 2 x data.max_length "
+                                     r"\(2048\) so that any pair fits, or auto"),
+    ("train.activation_checkpointing=automatic",
+     r"train.activation_checkpointing = 'automatic': must be one of 'none', 'full', 'selective', 'auto'"),
 ])
 def test_values_that_would_break_later_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
         SpinConfig.load(None, [override])
+
+
+def test_memory_settings_take_auto():
+    """`auto` token budget and recompute: accepted, the GPU presets use them, the CPU preset keeps its own values."""
+    c = SpinConfig.load(None, ["train.micro_batch_tokens=auto", "train.activation_checkpointing=auto"])
+    assert (c.train.micro_batch_tokens, c.train.activation_checkpointing) == ("auto", "auto")
+    for preset in ("jobs/configs/paper_zephyr7b.yaml", "jobs/configs/gpu_mid.yaml"):
+        t = SpinConfig.load(preset).train
+        assert (t.micro_batch_tokens, t.activation_checkpointing) == ("auto", "auto"), preset
+    cpu = SpinConfig.load("jobs/configs/cpu_default.yaml").train
+    assert (cpu.micro_batch_tokens, cpu.activation_checkpointing, cpu.micro_batch_size) == (None, "none", 32)
 
 
 def test_non_text_key_in_an_override():
