@@ -276,6 +276,7 @@ def main() -> None:
     from spin_ray.batching import even_micro_batches, worker_shares
     cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
         "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
+        "train.micro_batch_tokens=null",  # each variant lays out its own micro-batches from --micro-batch
         f"train.global_batch_size={args.pairs_per_step}", f"data.max_length={args.max_length}",
         f"data.max_prompt_length={args.max_prompt_length}", "train.dtype=bfloat16",
         f"train.activation_checkpointing={args.activation_checkpointing}", f"train.compile={args.compile}"])

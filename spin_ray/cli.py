@@ -365,7 +365,7 @@ SCREENS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "prepare": lambda out: [_prepared_line("prompts", out)] + ([_prepared_line("held-out prompts", out["eval"])]
                                                                if "eval" in out else []),
     "generate": lambda out: [f"pairs: {out['rows']} at {out['pairs']}" + (" (already there)" if out["skipped"] else
-                                                                          f" in {out['seconds']:.1f} s")],
+                                                                          f" in {out['seconds']['pairs']:.1f} s")],
     "train": lambda out: [f"model: {out['model']}" + (" (already there)" if out["skipped"] else
                                                       f", trained in {out['seconds']:.1f} s")],
     "run": lambda out: _run_screen(out),

@@ -15,7 +15,8 @@ import torch
 from spin_ray import sizing
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.plan import resolve
-from spin_ray.sizing import AUTO_FILL, GB, Arch, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster, train_memory
+from spin_ray.sizing import (AUTO_FILL, GB, Arch, _dur, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster,
+                             train_memory)
 
 
 def cfg(*overrides: str) -> SpinConfig:
@@ -366,7 +367,7 @@ def test_plan_cli_exit_codes():
     assert scripted.stderr.strip() == ok.stdout.strip()
     assert out["fits"] is True and out["problems"] == [] and out["gpus_by_phase"] == {"pairs": 8, "train": 8}
     iteration = next(line for line in ok.stdout.splitlines() if line.startswith("  iteration "))
-    assert f"{out['seconds_per_iteration'] / 3600:.1f} h" in iteration
+    assert f"iteration {_dur(out['seconds_per_iteration'])};" in iteration
     tight = run_cli("--config", "jobs/configs/paper_zephyr7b.yaml", "--cluster", "1x1xA10G",
                     "--set", "train.num_workers=1", "--set", "generate.num_actors=1")
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "training needs" in tight.stdout
