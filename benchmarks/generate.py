@@ -133,7 +133,7 @@ if __name__ == "__main__":
     from spin_ray.data import load_sft
     from spin_ray.schemas import PROMPT_SCHEMA
     from spin_ray.loop import make_pairs
-    from spin_ray.models import resolve_model
+    from spin_ray.builder import resolve_model
     from spin_ray.template import prompt_ids, truncate_prompt
 
     load_start = loadavg()

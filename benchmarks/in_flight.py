@@ -61,7 +61,8 @@ def main() -> None:
     from spin_ray.config import DataConfig, GenerateConfig
     from spin_ray.data import load_sft
     from spin_ray.generate import VllmEngine, sample_seed
-    from spin_ray.models import load_tokenizer, local_model, resolve_model
+    from spin_ray.models import load_tokenizer, local_model
+    from spin_ray.builder import resolve_model
     from spin_ray.template import prompt_ids
 
     model = local_model(resolve_model(args.model))

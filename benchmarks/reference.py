@@ -53,7 +53,8 @@ def main() -> None:
 
     from _common import loadavg, machine, synthetic_pairs, write_json
     from spin_ray.config import TrainConfig
-    from spin_ray.models import load_model, resolve_model
+    from spin_ray.models import load_model
+    from spin_ray.builder import resolve_model
     from spin_ray.template import encode_pair
     from spin_ray.batching import even_micro_batches, worker_shares
     from spin_ray.trainer import Trainer

@@ -49,7 +49,8 @@ def main() -> None:
     from spin_ray.config import DataConfig
     from spin_ray.data import load_sft
     from spin_ray.generate import sample_seed, vllm_device_args
-    from spin_ray.models import load_tokenizer, resolve_model
+    from spin_ray.models import load_tokenizer
+    from spin_ray.builder import resolve_model
     from spin_ray.template import prompt_ids, truncate_prompt
 
     model = resolve_model(args.model)

@@ -146,7 +146,7 @@ if __name__ == "__main__":
 
     from spin_ray import records
     from spin_ray.config import SpinConfig
-    from spin_ray.models import resolve_model
+    from spin_ray.builder import resolve_model
     from spin_ray.config import TrainConfig
     from spin_ray.schemas import IDS, LOGPS
     from spin_ray.template import encode_pair

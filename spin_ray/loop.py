@@ -16,12 +16,13 @@ from typing import Any, Callable, Union
 import pyarrow as pa
 
 from spin_ray import records
+from spin_ray.builder import resolve_model
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.generate import EnginePool, generate
 from spin_ray.harness import check_data, check_tasks
 from spin_ray.failures import stage
 from spin_ray.logs import quiet, quiet_ray_data
-from spin_ray.models import check_model, resolve_model
+from spin_ray.models import check_model
 from spin_ray.plan import preflight
 from spin_ray.prepare import Prepared, data_config, data_parts, prepare
 from spin_ray.tracking import Tracker, check_backend

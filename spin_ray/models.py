@@ -1,6 +1,7 @@
-"""Which model a spec names, and the only ways stages load one: safetensors weights, remote code only when trusted.
+"""The model cache and the only ways stages load a model: safetensors weights, remote code only when trusted.
 
-Named models (tiny, tasks-sft, smollm2-135m) are built once by builder.py and cached here."""
+Named models (tiny, tasks-sft, smollm2-135m) are built once by builder.py (which also resolves a spec to a folder)
+and cached here."""
 
 from __future__ import annotations
 
@@ -84,48 +85,6 @@ def local_model(uri: str, cache_dir: str | None = None) -> str:
     files = sorted((f.path[len(root):], f.size, f.mtime_ns) for f in listing if f.type == pafs.FileType.File)
     key = hashlib.sha256(repr((uri, files)).encode()).hexdigest()[:16]
     return build_once(cache_root(cache_dir) / "remote" / key, lambda tmp: pafs.copy_files(uri, str(tmp)))
-
-
-def resolve_model(spec: str, cache_dir: str | None = None) -> str:
-    """Model folder (or hub id) for ``spec``: "tiny", "tasks-sft", "smollm2-135m", a local HF folder, or "org/name"."""
-    from spin_ray import builder  # builds named models once; it imports data.py, which needs this module
-
-    if spec == "tiny":
-        return builder.build_tiny_model(cache_root(cache_dir) / builder.TINY_DIRNAME)
-    if spec == "smollm2-135m":
-        return builder.smollm2_path(cache_dir)
-    if spec == "tasks-sft":
-        # Shipped (built by build_tasks_sft_model on a 2-core CPU: minutes); rebuilt into the cache if absent.
-        if is_model_dir(builder.TASKS_SFT_SHIPPED):
-            return str(builder.TASKS_SFT_SHIPPED)
-        return builder.build_tasks_sft_model(cache_root(cache_dir) / builder.TASKS_SFT_DIRNAME)
-    if "://" in spec:  # object store: each actor copies it locally (local_model)
-        return spec
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not is_model_dir(path):
-            raise ConfigError(f"model {str(path)!r} must be an HF model folder with config.json (or a checkpoint of one)")
-        # Absolute, so Ray workers with another working directory find it too.
-        return str(path.resolve())
-    if looks_like_hub_id(spec):
-        return spec
-    raise FileNotFoundError(
-        f"model {spec!r} not found: {path.absolute()} does not exist. Build one with `spin-ray tiny-model OUT`, "
-        'or use "tiny" or "smollm2-135m".'
-    )
-
-
-def model_at_hand(spec: str, cache_dir: str | None = None) -> str | None:
-    """The local folder of `spec` where it is there already, with nothing to build, convert or download (for
-    `spin-ray plan`, which loads no weights); else None."""
-    from spin_ray import builder  # where the named models are built (it imports this module)
-
-    built = {"tiny": cache_root(cache_dir) / builder.TINY_DIRNAME,
-             "smollm2-135m": cache_root(cache_dir) / builder.SMOLLM2_DIRNAME, "tasks-sft": builder.TASKS_SFT_SHIPPED}
-    path = built.get(spec) or Path(spec).expanduser()
-    if spec == "tasks-sft" and not is_model_dir(path):
-        path = cache_root(cache_dir) / builder.TASKS_SFT_DIRNAME
-    return str(path.resolve()) if "://" not in spec and is_model_dir(path) else None
 
 
 # Suffixes of data, weight and config files: `runs/model.safetensors` is a mistyped path, never a hub id.

@@ -147,7 +147,7 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
 
 def _base_model(state: dict[str, Any], manifest: Path) -> str:
     """θ_0: the run's `model` as the loop resolves it (a stage's `model` is θ_{t+1} once it is done)."""
-    from spin_ray.models import resolve_model
+    from spin_ray.builder import resolve_model
 
     spec = state.get("model")
     if not spec:

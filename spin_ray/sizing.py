@@ -452,7 +452,7 @@ def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
 def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
     """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
     model's tokenizer is not at hand (a download, or a model still to be built)."""
-    from spin_ray.models import model_at_hand
+    from spin_ray.builder import model_at_hand
 
     d = cfg.data
     model = model_at_hand(cfg.model)

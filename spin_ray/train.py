@@ -396,7 +396,8 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from spin_ray.models import check_model, resolve_model
+    from spin_ray.models import check_model
+    from spin_ray.builder import resolve_model
 
     # Refused before any actor starts (plan.py decides what each stage asks for). Warm engines are the loop's, which
     # checks them with training (loop.run's preflight); this starts none.

@@ -39,7 +39,7 @@ def _ready(url: str, model: str) -> bool:
 
 @pytest.fixture(scope="module")
 def sft_model() -> str:
-    from spin_ray.models import resolve_model
+    from spin_ray.builder import resolve_model
 
     return resolve_model("tasks-sft")  # the embedded default's θ_0: answers some held-out prompts right
 

@@ -12,7 +12,7 @@ import pytest
 from spin_ray import builder, models
 from spin_ray.assets.make_tasks import TASKS_PATH, check_answer, make_tasks, solve, write_tasks
 from spin_ray.builder import build_tiny_model, smollm2_path
-from spin_ray.models import resolve_model
+from spin_ray.builder import resolve_model
 
 
 @pytest.fixture(scope="module")
