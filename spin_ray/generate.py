@@ -412,16 +412,16 @@ class PooledGenerator:
     """Ray Data stage in front of an EnginePool: each of these actors owns one engine for the execution."""
 
     def __init__(self, pool: EnginePool):
-        import ray
-
         self.pool = pool
         self.engine = self._claim()
         self.replacing = threading.Lock()  # batches in flight see a dead engine together; one replaces it
 
-    def _claim(self) -> Any:
-        """An unclaimed engine of the pool. Ray Data restarts a stage actor whose node was lost, and by then its engine
-        may be gone with the node and the others claimed: it then shares a live engine (batches on one engine share
-        its scheduler), or starts a new one when none is left."""
+    def _claim(self, why: str = "a generation stage actor restarted") -> Any:
+        """An engine of the pool for this actor: an unclaimed one, else a live one to share (batches on one engine
+        share its scheduler), else a new one. Unclaimed is the normal start; the others happen when engines are gone:
+        Ray Data restarts a stage actor whose node was lost (its engine may be gone with the node, the rest claimed),
+        or this actor's engine died mid-batch. A new engine takes a CPU or GPU, which after a lost node may be the last
+        one the stage's reads and writes had, so a live engine is shared first."""
         import ray
 
         live = []
@@ -430,12 +430,12 @@ class PooledGenerator:
                 if ray.get(engine.claim.remote()):
                     return engine
                 live.append(engine)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError:  # dead: claim() never runs
                 continue
         if live:
-            log.warning("a generation stage actor restarted; sharing a live engine of the pool")
+            log.warning("%s; sharing a live engine of the pool", why)
             return live[0]
-        log.warning("a generation stage actor restarted and no engine of the pool is alive; starting a new one")
+        log.warning("%s and no engine of the pool is alive; starting a new one", why)
         return self.pool.spawn()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -446,29 +446,13 @@ class PooledGenerator:
             return ray.get(engine.__call__.remote(batch))
         except ray.exceptions.RayActorError:
             # The engine died inside this batch: redo it (answers are seeded per prompt, so they are the same) on
-            # another engine of the pool, or on a new one when none is left. A new engine takes a CPU or GPU, which
-            # after a lost node may be the last one the stage's reads and writes had. This actor keeps the engine
-            # until the execution ends; the pool replaces its dead one at next use.
+            # another engine. This actor keeps that engine until the execution ends; the pool replaces its dead one
+            # at next use.
             with self.replacing:
                 if self.engine is engine:
-                    self.engine = self._survivor(engine)
+                    self.engine = self._claim("a generation engine died mid-batch")
                 engine = self.engine
             return ray.get(engine.__call__.remote(batch))
-
-    def _survivor(self, dead: Any) -> Any:
-        import ray
-
-        for other in self.pool.engines:
-            if other._actor_id == dead._actor_id:
-                continue
-            try:
-                ray.get(other.__ray_ready__.remote())
-            except ray.exceptions.RayActorError:
-                continue
-            log.warning("a generation engine died mid-batch; redoing the batch on another engine of the pool")
-            return other
-        log.warning("a generation engine died mid-batch; redoing the batch on a new engine")
-        return self.pool.spawn()
 
 
 def generate(ds: "ray.data.Dataset", model: str, cfg: GenerateConfig, *, iteration: int, seed: int, max_length: int,
