@@ -47,6 +47,8 @@ def test_readme_library_example_runs_as_written_in_a_plain_ray_program(ray_clust
     # Ray Data's INFO lines: none for spin_ray's own executions and writes, one for the caller's `.count()`.
     assert not any("Data sink" in line for line in seen)
     assert sum("execution finished" in line for line in seen) == 1, "\n".join(seen)
+    # The held-out prompts are prepared once (fresh storage): each θ's evaluation reads them without a second line.
+    assert sum("prompts_eval" in line for line in seen) == 1 and "reusing them" not in out.stdout + out.stderr, seen
     logs = list((storage / "logs").glob("engine-*.log"))
     assert logs and any("vllm" in p.read_text().lower() for p in logs)
     assert list((storage / "logs").glob("train-iter0-rank0.log"))
