@@ -89,7 +89,7 @@ def synthetic_pairs(tok, n: int, response_tokens: int) -> list[dict]:
     """`n` pairs over the bundled prompts (cycled, unique ids) whose answers are other rows' prompt text cut to a
     fixed token count: realistic lengths, any content will do for speed."""
     from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
+    from spin_ray.data.sources import load_sft
 
     base = load_sft(DataConfig(path="bundled")).rows
     filler = [t for r in base for m in r["prompt"]

@@ -48,7 +48,7 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], float], 
 
 def kernels(device: torch.device) -> dict[str, Kernel]:
     """The ops under test on `device`: (q, k, v, bounds, scale) -> out, bounds the cumulative lengths (host ints)."""
-    from spin_ray.template import fused_attention, per_sequence_attention
+    from spin_ray.training.template import fused_attention, per_sequence_attention
 
     def custom_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float) -> torch.Tensor:
         return torch.ops.spin_ray.per_sequence_attention(q, k, v, torch.tensor(bounds), scale)

@@ -128,7 +128,7 @@ def main() -> None:
                           row["prepare_s_per_100k"], row["command_wall_s"]])
             print(row, flush=True)
             if i == 0 and not a.no_baseline:
-                code = ("import sys, time; from spin_ray.config import DataConfig; from spin_ray.data import load_sft; "
+                code = ("import sys, time; from spin_ray.config import DataConfig; from spin_ray.data.sources import load_sft; "
                         "t = time.perf_counter(); d = load_sft(DataConfig(path=sys.argv[1], max_rows=None, "
                         "on_bad_rows='skip')); print(len(d.rows), round(time.perf_counter() - t, 2))")
                 base = measure([sys.executable, "-c", code, str(work / "data")], env)

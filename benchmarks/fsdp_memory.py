@@ -1,9 +1,9 @@
 """Per-worker memory of FSDP2 vs DDP training on CPU (gloo): whether sharding holds at most 0.6 of DDP's per-worker memory.
 
 Each run starts `--workers` processes (torch.multiprocessing, gloo), builds the model the way spin_ray's Train workers
-do (`strategy=fsdp`: spin_ray.trainer.build_sharded, meta-device init, fully_shard per decoder layer, rank-0 broadcast;
+do (`strategy=fsdp`: spin_ray.training.step.build_sharded, meta-device init, fully_shard per decoder layer, rank-0 broadcast;
 `strategy=ddp`: the whole fp32 model in every worker, wrapped in DistributedDataParallel as ray.train.torch's
-prepare_model does; both through spin_ray.trainer.Trainer, the workers' own setup), takes one Trainer.train_step on
+prepare_model does; both through spin_ray.training.step.Trainer, the workers' own setup), takes one Trainer.train_step on
 random token pairs, and then counts, per rank, the bytes of the tensors it
 holds: parameters (an FSDP2 parameter's local shard), gradients, optimizer state (the local shards of AdamW's or
 RMSprop's buffers). Peak RSS (getrusage) and RSS growth from just before the model is built are reported beside them;
@@ -51,7 +51,7 @@ def worker(rank: int, world: int, port: int, strategy: str, model_path: str, opt
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from spin_ray.config import TrainConfig
-    from spin_ray.trainer import Trainer
+    from spin_ray.training.step import Trainer
 
     before = psutil.Process().memory_info().rss
     # The Train workers' own setup and step: DDP (the whole fp32 model per worker) or FSDP2 (trainer.build_sharded).

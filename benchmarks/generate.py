@@ -1,8 +1,8 @@
 """Output tokens/s of spin_ray's generation stage (Ray Data -> pool of vLLM actors) vs vLLM's `LLM.generate` direct.
 
-Same prompts (bundled tasks, cycled to --prompts rows with unique prompt ids, rendered by spin_ray.template.prompt_ids),
+Same prompts (bundled tasks, cycled to --prompts rows with unique prompt ids, rendered by spin_ray.training.template.prompt_ids),
 same engine settings (float32, enforce_eager, the pipeline's max_model_len; see direct_run on chunked prefill) and the
-same per-prompt SamplingParams (temperature 1.0, top_p 1.0, max_tokens, seed = spin_ray.generate.sample_seed). Every
+same per-prompt SamplingParams (temperature 1.0, top_p 1.0, max_tokens, seed = spin_ray.stages.generate.sample_seed). Every
 run is sequential, never two at once: the direct engine and the actors would otherwise share the same 2 cores.
 
 Baselines, "direct": a spawned process (its own memory and thread binding) imports vLLM, builds `vllm.LLM` and calls
@@ -12,10 +12,10 @@ such process per --direct-threads entry: vLLM's CPU worker binds one OpenMP thre
 OMP_NUM_THREADS is set, and Ray sets OMP_NUM_THREADS=num_cpus in a 1-CPU actor, so "direct, OMP_NUM_THREADS=1" is the
 like-for-like baseline and "direct, default" (2 threads here) what a plain `LLM(...)` gets on this machine.
 
-Pipeline: spin_ray.generate.generate on `ray.data.from_arrow(blocks of --batch-size)`, materialized, with 1 and 2
+Pipeline: spin_ray.stages.generate.generate on `ray.data.from_arrow(blocks of --batch-size)`, materialized, with 1 and 2
 actors of 1 CPU (GenerateConfig.num_cpus_per_actor=1, the default) and 1 actor of 2 CPUs; measured two ways:
   (a) end-to-end: wall time of `materialize()`, actor start, vLLM import and engine start included;
-  (b) steady state: spin_ray.generate.Generator is swapped, for the benchmark only, for a subclass that stamps each
+  (b) steady state: spin_ray.stages.generate.Generator is swapped, for the benchmark only, for a subclass that stamps each
       batch with the wall-clock start/end of its `__call__` (and the actor's pid, __init__ time and torch threads).
       Steady tokens/s = all output tokens / (last batch end - first batch start): engine start-up is excluded, what
       Ray Data costs between batches (scheduling, object transfer, an idle actor) stays in.
@@ -27,12 +27,12 @@ both run at niceness 0 (RAY_worker_niceness=0: at Ray's default 15 they starved 
 users' load on a shared machine hits both sides alike; "others' CPU" says how much of the cores processes outside the
 benchmark took during each run.
 
-Warm pool (--pool): the embedded default's path (GenerateConfig.keep_warm): spin_ray.generate.EnginePool starts the
+Warm pool (--pool): the embedded default's path (GenerateConfig.keep_warm): spin_ray.stages.generate.EnginePool starts the
 engines once (timed), `reload` swaps weights in (timed), then two generations run on the same warm engines through
 PooledGenerator stages; steady as above, and a whole materialize() (Ray Data included, no engine start) against the
 direct engine's generate call.
 
-For context, the full `spin_ray.loop.make_pairs` (generate + tokenise + parquet write) on the same prompts is timed too.
+For context, the full `spin_ray.stages.loop.make_pairs` (generate + tokenise + parquet write) on the same prompts is timed too.
 
     python benchmarks/generate.py                      # SmolLM2-135M, 256 prompts x 48 tokens, 4 batches
     python benchmarks/generate.py --model tiny --prompts 64 --max-tokens 16
@@ -128,13 +128,13 @@ if __name__ == "__main__":
     import ray.data
     from transformers import AutoTokenizer
 
-    import spin_ray.generate as gen
+    import spin_ray.stages.generate as gen
     from spin_ray.config import DataConfig, GenerateConfig, SpinConfig
-    from spin_ray.data import load_sft
-    from spin_ray.schemas import PROMPT_SCHEMA
-    from spin_ray.loop import make_pairs
-    from spin_ray.builder import resolve_model
-    from spin_ray.template import prompt_ids, truncate_prompt
+    from spin_ray.data.sources import load_sft
+    from spin_ray.data.schemas import PROMPT_SCHEMA
+    from spin_ray.stages.loop import make_pairs
+    from spin_ray.models.builders import resolve_model
+    from spin_ray.training.template import prompt_ids, truncate_prompt
 
     load_start = loadavg()
     print(f"load average at start: {load_start}")

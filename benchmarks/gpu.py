@@ -10,10 +10,10 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
 0. kernel   the attention ops' test at the op (benchmarks/attention_check.py: fused and per-sequence kernels against
             fp32, bounded by naive bf16, with negative controls), then template.VARLEN (torch's fused varlen flash
             attention on CUDA) against VARLEN_SDPA (one SDPA call per sequence) on one micro-batch: seconds
-1. reference  Trainer.logps over every pair before the first step (spin_ray.train's reference pass: the policy is
+1. reference  Trainer.logps over every pair before the first step (spin_ray.stages.train's reference pass: the policy is
             θ_t), length-grouped micro-batches of micro_batch_size pairs: tokens/s and MFU (one forward's FLOPs)
 2. ln 2     the trainer's first step on those reference log-probs: loss − ln 2 (the same forward, so 0 up to rounding)
-3. train    spin_ray.trainer.Trainer (FSDP2 meta init, MixedPrecisionPolicy bf16/fp32, weights broadcast from
+3. train    spin_ray.training.step.Trainer (FSDP2 meta init, MixedPrecisionPolicy bf16/fp32, weights broadcast from
             rank 0) and its train_step, with the trainer's micro-batching; variants of how a step's pairs are cut
             into forwards:
               before   random micro_batch_size pairs per forward, 2B sequences padded to the longest (the old rule,
@@ -25,7 +25,7 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
               budget   the same under train.micro_batch_tokens = 2 × micro_batch_size × max_length
             each run --repeats times, interleaved; real tokens/s, MFU (model FLOPs of real tokens, plan's formula,
             over the device's dense bf16 peak), peak allocated memory
-4. plan     spin_ray.sizing.train_memory and train_seconds for the same config, next to the measurements
+4. plan     spin_ray.tools.plan.train_memory and train_seconds for the same config, next to the measurements
 
     python benchmarks/gpu.py --out DIR                  # on a GPU
     SPIN_GPU_TRACE=1 python benchmarks/gpu.py ...       # also print GPU memory after every optimizer step
@@ -161,7 +161,7 @@ def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> 
     trainer keeps VARLEN: a model the fused kernel cannot serve falls back by itself, and says so in the log."""
     from attention_check import run
 
-    from spin_ray.template import VARLEN, VARLEN_SDPA, pack_varlen, varlen_logps
+    from spin_ray.training.template import VARLEN, VARLEN_SDPA, pack_varlen, varlen_logps
 
     t0 = time.perf_counter()
     op_test = run(device)
@@ -185,7 +185,7 @@ def kernel_check(trainer, pairs: list, idx: list[int], device: torch.device) -> 
 
 def reference(trainer, pairs: list, plan: list[list[int]], arch, peak, device: torch.device,
               results: dict) -> tuple[list, list]:
-    """spin_ray.train's reference pass on one worker: Trainer.logps over `plan`'s micro-batches (every pair once),
+    """spin_ray.stages.train's reference pass on one worker: Trainer.logps over `plan`'s micro-batches (every pair once),
     before any step, so the policy is θ_t: tokens/s and MFU."""
     trainer.logps([[pairs[i] for i in plan[0]]])  # warm-up
     sync(device)
@@ -242,7 +242,7 @@ def main() -> None:
     import importlib
 
     from padding import long_tailed_pairs, plans
-    from spin_ray import sizing as planner
+    from spin_ray.tools import plan as planner
     from spin_ray.config import SpinConfig
 
     cuda = torch.cuda.is_available()
@@ -273,7 +273,7 @@ def main() -> None:
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     from padding import layout_trainer
 
-    from spin_ray.batching import even_micro_batches, worker_shares
+    from spin_ray.training.batching import even_micro_batches, worker_shares
     cfg = SpinConfig.load(os.path.join(os.path.dirname(HERE), "jobs", "configs", "gpu_mid.yaml"), [
         "train.num_workers=1", "train.strategy=fsdp", f"train.micro_batch_size={args.micro_batch}",
         "train.micro_batch_tokens=null",  # each variant lays out its own micro-batches from --micro-batch
@@ -285,7 +285,7 @@ def main() -> None:
     trainer = layout_trainer(source, cfg.train, total_steps=100 * args.steps * args.repeats, device=device)
     trainer.setup()
     if args.attention == "per-sequence":
-        from spin_ray.template import VARLEN_SDPA
+        from spin_ray.training.template import VARLEN_SDPA
 
         trainer.model.set_attn_implementation(VARLEN_SDPA)  # varlen_logps keeps it
     results["fsdp_build_s"] = time.perf_counter() - t0

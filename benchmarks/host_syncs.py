@@ -85,9 +85,9 @@ def count_step(micro_batches: int = 4, pairs_per_micro_batch: int = 4, seed: int
     sys.path.insert(0, HERE)
     from padding import long_tailed_pairs
 
-    from spin_ray.builder import build_tiny_model
+    from spin_ray.models.builders import build_tiny_model
     from spin_ray.config import TrainConfig
-    from spin_ray.trainer import Trainer
+    from spin_ray.training.step import Trainer
 
     source = build_tiny_model(os.path.join(tempfile.gettempdir(), "spin-host-syncs-tiny"))
     torch.manual_seed(seed)

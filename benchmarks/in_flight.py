@@ -1,4 +1,4 @@
-"""Output tokens/s of one vLLM engine (spin_ray.generate.VllmEngine) fed calls of --batch-size prompts one at a time
+"""Output tokens/s of one vLLM engine (spin_ray.stages.generate.VllmEngine) fed calls of --batch-size prompts one at a time
 (generate.batches_in_flight 1, the baseline) against 2 and 4 calls in flight from as many threads, and against the
 whole shard in one call (no call boundary at all), in the same process, repeated --repeats times in rotation.
 
@@ -59,11 +59,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from spin_ray.config import DataConfig, GenerateConfig
-    from spin_ray.data import load_sft
-    from spin_ray.generate import VllmEngine, sample_seed
-    from spin_ray.models import load_tokenizer, local_model
-    from spin_ray.builder import resolve_model
-    from spin_ray.template import prompt_ids
+    from spin_ray.data.sources import load_sft
+    from spin_ray.stages.generate import VllmEngine, sample_seed
+    from spin_ray.models.loading import load_tokenizer, local_model
+    from spin_ray.models.builders import resolve_model
+    from spin_ray.training.template import prompt_ids
 
     model = local_model(resolve_model(args.model))
     tokenizer = load_tokenizer(model)

@@ -1,6 +1,6 @@
 """One full SPIN iteration of the embedded default, split by stage, and how each stage's time grows with the prompts.
 
-`spin_ray.loop.run` with spin_ray/assets/cpu_default.yaml (model tasks-sft, warm engines, 2-CPU Train worker) and
+`spin_ray.stages.loop.run` with spin_ray/assets/cpu_default.yaml (model tasks-sft, warm engines, 2-CPU Train worker) and
 loop.iterations=2, loop.window=2, so that iteration 1 has every stage: engines (θ_1 reloaded into the warm engines),
 evaluation of θ_1 and θ_2, generation + write of its pairs, training, whose first pass is θ_1's reference log-probs
 of both iterations' pairs. Iteration 0's `engines` is their start instead of a reload, and its reference pass
@@ -56,7 +56,7 @@ if __name__ == "__main__":
     import ray
 
     from spin_ray.config import SpinConfig
-    from spin_ray.loop import run
+    from spin_ray.stages.loop import run
 
     logging.basicConfig(level=logging.WARNING)
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "spin_ray", "assets", "cpu_default.yaml")

@@ -34,7 +34,7 @@ def full_logits_packed_logps(model, batch):
     """The trainer's log-probs before: the model's logits at every position, fp32 log-softmax, masked to labels."""
     import torch.nn.functional as F
 
-    from spin_ray.template import IGNORE
+    from spin_ray.training.template import IGNORE
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits[:, :-1]
@@ -56,8 +56,8 @@ def step_memory(variant: str, args: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spin_ray.config import TrainConfig
-    from spin_ray.template import pack_pairs
-    from spin_ray.trainer import Trainer
+    from spin_ray.training.template import pack_pairs
+    from spin_ray.training.step import Trainer
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args["vocab"], hidden_size=576, intermediate_size=1536,

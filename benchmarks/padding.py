@@ -2,18 +2,18 @@
 
 before          the old rule: each worker's pairs in random order, micro_batch_size pairs per forward, padded to the
                 longest of the 2B sequences (template.collate)
-grouped         length grouping (spin_ray.batching.worker_shares + even_micro_batches) at the same micro_batch_size, still
+grouped         length grouping (spin_ray.training.batching.worker_shares + even_micro_batches) at the same micro_batch_size, still
                 2B padded sequences: what grouping alone buys
 packed          the rule before flattening: each pair packed in one row (template.pack_pairs: both sequences side by
                 side, own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
-                train.micro_batch_tokens with at most spin_ray.batching.MAX_PADDING of a forward's tokens padding
+                train.micro_batch_tokens with at most spin_ray.training.batching.MAX_PADDING of a forward's tokens padding
 varlen          spin_ray.train today: Trainer.train_step on flattened micro-batches (template.pack_varlen: whole
                 sequences one after another, per-sequence attention, no padding, no mask), as many pairs per forward
                 as fit train.micro_batch_tokens
 
 One process, no Ray: the same model, seeded global batches and sequences for every variant, run one after another;
 only how a step's pairs are cut into forwards differs (the loss is the same mean either way). Every variant runs
-the trainer's own step (spin_ray.trainer.Trainer.train_step) on the same model and optimizer; the padded ones
+the trainer's own step (spin_ray.training.step.Trainer.train_step) on the same model and optimizer; the padded ones
 override only its forward (`layout_trainer`). Reference log-probs are 0 (speed does not depend on them). Real tokens/s = real tokens of
 steps 2..N / their wall time; padding share = 1 − real / processed tokens; "max tok/fwd" = the largest forward
 (padding included), a proxy for peak activation memory.
@@ -51,9 +51,9 @@ def bundled_pairs(max_length: int, max_prompt_length: int) -> list[dict[str, lis
     from transformers import AutoTokenizer
 
     from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
-    from spin_ray.builder import build_tiny_model
-    from spin_ray.template import encode_pair
+    from spin_ray.data.sources import load_sft
+    from spin_ray.models.builders import build_tiny_model
+    from spin_ray.training.template import encode_pair
 
     tok = AutoTokenizer.from_pretrained(build_tiny_model(tempfile.mkdtemp(prefix="spin-bench-pad-") + "/tiny"))
     rows = load_sft(DataConfig(path="bundled", split=None)).rows
@@ -63,7 +63,7 @@ def bundled_pairs(max_length: int, max_prompt_length: int) -> list[dict[str, lis
 
 def long_tailed_pairs(n: int, vocab: int, max_length: int, max_prompt_length: int,
                       seed: int) -> list[dict[str, list[int]]]:
-    from spin_ray.template import truncate_prompt
+    from spin_ray.training.template import truncate_prompt
 
     rng = random.Random(seed)
 
@@ -83,8 +83,8 @@ def layout_trainer(*args, **kwargs):
     sequences padded to the longest) and `pack_pairs` (each pair in one row, both sequences side by side with a
     block-diagonal causal mask, rows padded to the longest) are the padded layouts it replaced. Only
     Trainer.forward differs: every layout's step is Trainer.train_step (loss, accumulation, clipping, optimizer)."""
-    from spin_ray.template import collate, pack_pairs, packed_logps, sequence_logps
-    from spin_ray.trainer import Trainer
+    from spin_ray.training.template import collate, pack_pairs, packed_logps, sequence_logps
+    from spin_ray.training.step import Trainer
 
     class LayoutTrainer(Trainer):
         layout = "varlen"
@@ -135,7 +135,7 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     """Each variant's micro-batches for the same seeded global batches (one worker), and its layout."""
     import torch
 
-    from spin_ray.batching import even_micro_batches, worker_shares
+    from spin_ray.training.batching import even_micro_batches, worker_shares
 
     padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
     packed = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]

@@ -31,8 +31,8 @@ from _common import loadavg, machine, print_table, write_json  # noqa: E402
 MEASURE = """
 import json, sys, time, resource
 import numpy as np
-from spin_ray import records
-from spin_ray.train import index_pairs, load_share, packed_lengths
+from spin_ray.data import records
+from spin_ray.stages.train import index_pairs, load_share, packed_lengths
 folder, side = sys.argv[1:3]
 print("ready", flush=True)
 sys.stdin.readline()

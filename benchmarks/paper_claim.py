@@ -5,15 +5,15 @@
 --sft-weight sets SPIN's train.sft_weight (the human answer's NLL added to the loss); --heldout validation evaluates
 every model on the validation slice of train instead of `test`, which is where such a value is chosen.
 
-Once (--sft-seed), a small char-level Llama is SFT'd offline (spin_ray.models.sft) on the first 2600 bundled train
+Once (--sft-seed), a small char-level Llama is SFT'd offline (spin_ray.models.builders.sft) on the first 2600 bundled train
 prompts (rows 2600-2999 of train are the validation slice the step counts were chosen on), giving two starting points:
   (a) weak: stopped early at a constant lr (under-trained; more SFT is the easy win there);
   (b) plateau: (a) trained on with the lr decayed to 0, to where more SFT no longer improves the held-out score (the
       paper's regime; the table's more-SFT rows show it for the test split too).
-From each θ_0: SPIN iterations 0..T−1 through spin_ray's own loop (`spin_ray.loop.run`: Ray Data + vLLM CPU engines,
+From each θ_0: SPIN iterations 0..T−1 through spin_ray's own loop (`spin_ray.stages.loop.run`: Ray Data + vLLM CPU engines,
 Ray Train), and "more SFT": the same SFT function continued from θ_0 on the same prompts' human answers, one segment per
 SPIN iteration with that iteration's optimizer steps, batch, optimizer, peak lr and schedule (only the loss differs).
-Every model is measured by `spin_ray.evaluate.evaluate` on the held-out `test` prompts (never trained on): task score
+Every model is measured by `spin_ray.stages.evaluate.evaluate` on the held-out `test` prompts (never trained on): task score
 (exact match of greedy answers), NLL per token of the human answers, and the reward accuracy against the model before.
 Hyperparameters are the small-model values that worked on these tasks before (β 1, AdamW lr 1e-4, sampled y' at
 temperature 1; the paper's β 0.1 made the model worse here), not chosen on the test split.
@@ -121,14 +121,14 @@ def task_score(prompt: list[dict[str, str]], reference: str, answer: str) -> flo
 
 def train_rows(n: int) -> list[dict[str, Any]]:
     from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
+    from spin_ray.data.sources import load_sft
 
     return load_sft(DataConfig(path="bundled", split="train", max_rows=n)).rows
 
 
 def build_sft_models(sizes: Sizes, seed: int, out: Path) -> dict[str, Any]:
     """θ_0 of both regimes: (a), then (b) continued from (a) with the lr decayed to 0. Built models are reused."""
-    from spin_ray.builder import sft
+    from spin_ray.models.builders import sft
 
     done = out / "sft.json"
     if done.is_file():
@@ -165,8 +165,8 @@ def same_answers_share(pairs_dir: str) -> float:
 
 def run_spin(cfg: "SpinConfig") -> list[dict[str, Any]]:
     """SPIN iterations 0..T−1 through spin_ray's loop; θ_0's evaluation first, then θ_1..θ_T's."""
-    from spin_ray.evaluate import read_eval
-    from spin_ray.loop import run
+    from spin_ray.stages.evaluate import read_eval
+    from spin_ray.stages.loop import run
 
     results = run(cfg)
     rows = [_row(read_eval(cfg.storage, 0), steps=0, seconds=None)]
@@ -181,8 +181,8 @@ def run_more_sft(cfg: "SpinConfig", sizes: Sizes, spin_rows: list[dict[str, Any]
                  pool: Callable[["SpinConfig"], Any], storage: Path) -> list[dict[str, Any]]:
     """More SFT from θ_0 on the SPIN prompts' human answers: segment t has SPIN iteration t's steps, batch, optimizer,
     peak lr and schedule (warmup then linear decay, restarted each iteration as spin_ray.train does)."""
-    from spin_ray.evaluate import RESULT, SAMPLES, eval_dir, evaluate
-    from spin_ray.builder import sft
+    from spin_ray.stages.evaluate import RESULT, SAMPLES, eval_dir, evaluate
+    from spin_ray.models.builders import sft
 
     sft_cfg = dataclasses.replace(cfg, storage=str(storage))
     # θ_0 is the same model on the same prompts: its evaluation (and sampled answers, for the reward accuracy of
@@ -294,7 +294,7 @@ def write_markdown(path: Path, summary: dict[str, Any], meta: dict[str, Any]) ->
         "the previous model's sampled answer (0.5 = the paper's fixed point).", "",
         f"θ_0: {sizes['sft_rows']} bundled train prompts, char-level Llama (0.9M parameters), AdamW, batch 32, peak lr "
         f"{sizes['sft_lr']}; (a) {sizes['weak_steps']} steps (10% warmup, then constant), (b) (a) + "
-        f"{sizes['plateau_steps']} steps with the lr decayed linearly to 0. SPIN: spin_ray.loop.run, "
+        f"{sizes['plateau_steps']} steps with the lr decayed linearly to 0. SPIN: spin_ray.stages.loop.run, "
         f"{sizes['spin_prompts']} prompts per iteration (the first of the SFT prompts), y' sampled at temperature 1, "
         f"β {sizes['beta']}, train.sft_weight {meta.get('sft_weight', 0.0):g}, AdamW lr {sizes['lr']} (10% warmup, "
         f"linear decay, per iteration), {sizes['epochs']} "
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import RssSampler, loadavg
-    from spin_ray.generate import EnginePool
+    from spin_ray.stages.generate import EnginePool
 
     wall = time.perf_counter()
     load_before = loadavg()

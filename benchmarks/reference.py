@@ -53,11 +53,11 @@ def main() -> None:
 
     from _common import loadavg, machine, synthetic_pairs, write_json
     from spin_ray.config import TrainConfig
-    from spin_ray.models import load_model
-    from spin_ray.builder import resolve_model
-    from spin_ray.template import encode_pair
-    from spin_ray.batching import even_micro_batches, worker_shares
-    from spin_ray.trainer import Trainer
+    from spin_ray.models.loading import load_model
+    from spin_ray.models.builders import resolve_model
+    from spin_ray.training.template import encode_pair
+    from spin_ray.training.batching import even_micro_batches, worker_shares
+    from spin_ray.training.step import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tasks-sft", help='"tasks-sft", "tiny", "smollm2-135m" or an HF folder')
@@ -80,7 +80,7 @@ def main() -> None:
              for r in synthetic_pairs(tok, args.pairs, args.response_tokens)]
     lengths = [2 * len(p["prompt_ids"]) + len(p["real_ids"]) + len(p["generated_ids"]) for p in pairs]
     tokens = sum(lengths)  # as processed: each pair's prompt twice, both answers
-    # The reference pass's micro-batches on one worker, as spin_ray.train.reference_pass forms them.
+    # The reference pass's micro-batches on one worker, as spin_ray.stages.train.reference_pass forms them.
     plan = even_micro_batches(worker_shares(range(len(pairs)), lengths, 1), lengths, max_pairs=args.micro_batch,
                               max_tokens=None)[0]
     steps = [list(range(s, min(s + args.global_batch, len(pairs)))) for s in range(0, len(pairs), args.global_batch)]

@@ -352,7 +352,7 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
         "generate": ("Generation: pipeline vs direct vLLM, and the warm-engine path",
                      "benchmarks/generate.py: tasks-sft (the embedded default's model), float32, eager. *steady* = "
                      "output tokens / (first batch start → last batch end) inside the actors; *e2e* includes actor "
-                     "and engine start. *warm pool* = spin_ray.generate.EnginePool (keep_warm, the embedded "
+                     "and engine start. *warm pool* = spin_ray.stages.generate.EnginePool (keep_warm, the embedded "
                      "default): engines started once, `reload` between iterations, batches forwarded by "
                      "PooledGenerator; its *materialize / direct generate call* compares a whole warm generation "
                      "(Ray Data included, no engine start) with the direct engine's generate call alone."),
@@ -375,7 +375,7 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
                          "process, exact and load-free, at three micro_batch_tokens budgets (the default 2 x micro x "
                          "max_length, the smallest allowed 2 x max_length, and 4x the default)."),
         "iteration": ("One iteration of the embedded default, by stage; growth with prompts",
-                      "benchmarks/iteration.py: `spin_ray.loop.run` with cpu_default.yaml, loop.iterations=2, "
+                      "benchmarks/iteration.py: `spin_ray.stages.loop.run` with cpu_default.yaml, loop.iterations=2, "
                       "loop.window=2 (so iteration 1's reference pass covers iteration 0's pairs too), "
                       "data.max_rows = N, 2N, 4N. Shares are of the iteration's wall time; train is the fit's wall "
                       "less its reference pass. Growth = seconds per prompt (both "

@@ -1,11 +1,11 @@
 """What per-request sampling seeds cost in vLLM, against one seed per batch, and what they buy.
 
-spin_ray seeds every prompt's answer (spin_ray.generate.sample_seed: seed, prompt id, iteration), so a rerun or a batch
+spin_ray seeds every prompt's answer (spin_ray.stages.generate.sample_seed: seed, prompt id, iteration), so a rerun or a batch
 redone on another engine samples the same answer whatever the batching. vLLM samples a seeded request with its own
 torch.Generator, one request at a time, while unseeded requests share one batched draw from the engine's RNG.
 
-One vLLM engine in this process with the pipeline's CPU settings (spin_ray.generate.vllm_device_args), the same
-prompts (bundled tasks, cycled to --prompts rows, rendered by spin_ray.template.prompt_ids), temperature 1.0:
+One vLLM engine in this process with the pipeline's CPU settings (spin_ray.stages.generate.vllm_device_args), the same
+prompts (bundled tasks, cycled to --prompts rows, rendered by spin_ray.training.template.prompt_ids), temperature 1.0:
   seeded    SamplingParams(seed=sample_seed(...)) per request, the pipeline's call;
   unseeded  SamplingParams(seed=None): the engine's RNG, i.e. one seed per batch.
 Each variant runs --repeats times, interleaved; figures are medians of output tokens/s (prefix cache off, as in the
@@ -47,11 +47,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
-    from spin_ray.generate import sample_seed, vllm_device_args
-    from spin_ray.models import load_tokenizer
-    from spin_ray.builder import resolve_model
-    from spin_ray.template import prompt_ids, truncate_prompt
+    from spin_ray.data.sources import load_sft
+    from spin_ray.stages.generate import sample_seed, vllm_device_args
+    from spin_ray.models.loading import load_tokenizer
+    from spin_ray.models.builders import resolve_model
+    from spin_ray.training.template import prompt_ids, truncate_prompt
 
     model = resolve_model(args.model)
     tok = load_tokenizer(model)

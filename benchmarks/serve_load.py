@@ -84,7 +84,7 @@ async def load(url: str, key: str, models: list[str], requests: int, concurrency
 
 def start_server(port: int, key: str, workdir: Path) -> tuple[subprocess.Popen, Path]:
     """`spin-ray serve` on a hand-built run layout: base = tiny model (seed 0), iter_0 = tiny model (seed 1)."""
-    from spin_ray.builder import build_tiny_model
+    from spin_ray.models.builders import build_tiny_model
 
     run = workdir / "run"
     base = build_tiny_model(workdir / "base", seed=0)

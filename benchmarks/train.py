@@ -2,15 +2,15 @@
 
 Pairs: synthesized from the bundled prompts (real/generated answers filled to --response-tokens tokens, so sequences
 have a realistic length rather than the tasks' 2-token answers), with reference log-probs precomputed by
-spin_ray.trainer.pair_logps (the trainer's own forward, timed: the work the Ray run's reference pass does once); or an existing pairs folder
+spin_ray.training.step.pair_logps (the trainer's own forward, timed: the work the Ray run's reference pass does once); or an existing pairs folder
 (--pairs, e.g. from `spin-ray generate`).
 
-Plain loop: one spawned process running spin_ray's own step (spin_ray.trainer.Trainer.train_step) over
-spin_ray.batching's batches (plan_steps, epoch_plan, even_micro_batches): the same seeded batch order, micro/global
+Plain loop: one spawned process running spin_ray's own step (spin_ray.training.step.Trainer.train_step) over
+spin_ray.training.batching's batches (plan_steps, epoch_plan, even_micro_batches): the same seeded batch order, micro/global
 batch, AdamW, lr schedule and grad clipping as the Ray Train workers. Two variants:
   precomputed  reference log-probs read from the pairs, as spin_ray does (one model);
   ref-model    a second copy of the model (Trainer.logps, no grad) scores every micro-batch (as uclaml/SPIN did).
-Ray Train: spin_ray.train.train(cfg, pairs=[folder]) with 1 and 2 workers of 1 CPU each (and 1 worker of 2 CPUs).
+Ray Train: spin_ray.stages.train.train(cfg, pairs=[folder]) with 1 and 2 workers of 1 CPU each (and 1 worker of 2 CPUs).
 
 Threads: Ray sets OMP_NUM_THREADS=num_cpus in a worker that asks for CPUs, so a 1-CPU Train worker runs torch on one
 thread. The plain loop therefore runs with OMP_NUM_THREADS=1 (like-for-like with a 1-CPU worker) and with the default
@@ -38,7 +38,7 @@ os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"
 
 def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: int, epochs: int, lr: float,
                beta: float, warmup_ratio: float, max_grad_norm: float, seed: int, ref_model: bool) -> dict:
-    """spin_ray's own step (Trainer.train_step) over spin_ray.batching's batches, single process, no Ray; `ref_model`:
+    """spin_ray's own step (Trainer.train_step) over spin_ray.training.batching's batches, single process, no Ray; `ref_model`:
     a second Trainer's no-grad `logps` give the reference on every micro-batch instead of the stored column."""
     import resource
     import time
@@ -47,9 +47,9 @@ def plain_loop(model_path: str, rows: list[dict], *, micro: int, global_batch: i
     import torch
 
     from spin_ray.config import TrainConfig
-    from spin_ray.batching import epoch_plan, even_micro_batches, plan_steps
-    from spin_ray.train import packed_lengths
-    from spin_ray.trainer import Trainer
+    from spin_ray.training.batching import epoch_plan, even_micro_batches, plan_steps
+    from spin_ray.stages.train import packed_lengths
+    from spin_ray.training.step import Trainer
 
     t_start = time.time()
     torch.manual_seed(seed)
@@ -144,13 +144,13 @@ if __name__ == "__main__":
     import torch
     from transformers import AutoTokenizer
 
-    from spin_ray import records
+    from spin_ray.data import records
     from spin_ray.config import SpinConfig
-    from spin_ray.builder import resolve_model
+    from spin_ray.models.builders import resolve_model
     from spin_ray.config import TrainConfig
-    from spin_ray.schemas import IDS, LOGPS
-    from spin_ray.template import encode_pair
-    from spin_ray.trainer import frozen_model, pair_logps
+    from spin_ray.data.schemas import IDS, LOGPS
+    from spin_ray.training.template import encode_pair
+    from spin_ray.training.step import frozen_model, pair_logps
 
     load_start = loadavg()
     print(f"load average at start: {load_start}")
@@ -239,7 +239,7 @@ if __name__ == "__main__":
     import ray
     import ray.data
 
-    from spin_ray.train import train
+    from spin_ray.stages.train import train
 
     def train_workers(p: psutil.Process) -> str | None:
         cmd = " ".join(p.cmdline())

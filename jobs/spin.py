@@ -11,7 +11,7 @@ from pathlib import Path
 # The submitted working dir's spin_ray wins over an installed one (Ray puts the working dir on workers' path too).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spin_ray.cli import main  # noqa: E402
+from spin_ray.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

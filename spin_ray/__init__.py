@@ -11,16 +11,16 @@ Library API (Ray must be initialised by the caller; nothing here calls ray.init 
     write_report(cfg.storage)  # report.md + PNGs from the run's records
 """
 
-import sys
 from importlib import import_module
-from types import ModuleType
 from typing import Any
 
 # Each name from the module that defines it, imported on first use: `import spin_ray` (and every `spin-ray` command,
-# whose bad input is refused before anything heavy loads) does not pay for torch, transformers and Ray up front.
-_HOMES = {"ConfigError": "config", "SpinConfig": "config", "evaluate": "evaluate", "IterationResult": "loop",
-          "PairsResult": "loop", "make_pairs": "loop", "run": "loop", "run_iteration": "loop", "spin_loss": "loss",
-          "write_report": "report", "TrainResult": "train", "train": "train"}
+# whose bad input is refused before anything heavy loads) does not pay for torch, transformers and Ray up front. No
+# submodule or subpackage bears an API name, so `spin_ray.train` is always the function.
+_HOMES = {"ConfigError": "config", "SpinConfig": "config", "evaluate": "stages.evaluate",
+          "IterationResult": "stages.loop", "PairsResult": "stages.loop", "make_pairs": "stages.loop",
+          "run": "stages.loop", "run_iteration": "stages.loop", "spin_loss": "training.loss",
+          "write_report": "tools.report", "TrainResult": "stages.train", "train": "stages.train"}
 __all__ = sorted(_HOMES)
 
 
@@ -28,15 +28,3 @@ def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module 'spin_ray' has no attribute {name!r}")
     return getattr(import_module(f"spin_ray.{_HOMES[name]}"), name)
-
-
-class _Package(ModuleType):
-    """Python sets a package's attribute to each submodule it loads; `spin_ray.train` and `spin_ray.evaluate` stay
-    the API's functions, as when this file imported them eagerly."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not (isinstance(value, ModuleType) and _HOMES.get(name) == name):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

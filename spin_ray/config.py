@@ -101,7 +101,7 @@ class LoraConfig:
 class TrainConfig:
     num_workers: int | Literal["auto"] = 1
     """Ray Train workers (one GPU each on GPU). `auto`: every GPU of the cluster, as many as divide
-    global_batch_size (spin_ray/plan.py auto_workers); 1 on a CPU cluster."""
+    global_batch_size (spin_ray/stages/resources.py auto_workers); 1 on a CPU cluster."""
     use_gpu: bool = False
     num_cpus_per_worker: float = 1.0
     epochs: int = 2
@@ -113,13 +113,13 @@ class TrainConfig:
     """Token budget per worker forward instead of micro_batch_size: length-grouped pairs are added while their tokens
     fit (a forward is their sequences flattened one after another, with no padding); short pairs then go many to a
     forward. None = off. `auto`: the largest budget that fits the worker's device memory, up to its share of a step
-    (spin_ray/sizing.py fit_memory, the rule `spin-ray plan` prints); on CPU, micro_batch_size pairs at
+    (spin_ray/tools/plan.py fit_memory, the rule `spin-ray plan` prints); on CPU, micro_batch_size pairs at
     data.max_length."""
     lr: float = 5e-7
     beta: float = 0.1
     loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
     sft_weight: float = 0.0
-    """Adds this weight x the human answer's NLL per token to the loss (spin_ray/loss.py); 0 = the paper's loss."""
+    """Adds this weight x the human answer's NLL per token to the loss (spin_ray/training/loss.py); 0 = the paper's loss."""
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -190,7 +190,7 @@ class LoopConfig:
 @dataclass
 class LmEvalConfig:
     """EleutherAI's lm-evaluation-harness (lm-eval) on θ_0 and every θ_{t+1}, beside the held-out evaluation: its HF
-    backend in a Ray task with a training worker's resources (spin_ray/harness.py); scores in eval.json."""
+    backend in a Ray task with a training worker's resources (spin_ray/stages/harness.py); scores in eval.json."""
     tasks: list[str] = field(default_factory=list)
     """lm-eval task or group names; empty: off. Bundled (offline): spin_tasks_gen, spin_tasks_ll (both: spin_tasks)
     on the bundled held-out prompts; spin_open_llm_leaderboard: the paper's Table 1 tasks at the leaderboard's
@@ -225,7 +225,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     backend: Literal["none", "mlflow", "wandb", "tensorboard"] = "none"
-    """Mirror the run's records into an experiment tracker (spin_ray/tracking.py): per-step training metrics,
+    """Mirror the run's records into an experiment tracker (spin_ray/tools/tracking.py): per-step training metrics,
     held-out evaluation per model, seconds per stage, the config as params; one tracker run per `storage`."""
     uri: str | None = None
     """mlflow: the tracking URI (default: sqlite:///<storage>/mlflow.db, a local storage only); wandb: the local
@@ -259,7 +259,7 @@ class SpinConfig:
     trust_remote_code: bool = False
     """Allow a model whose config.json asks for its own Python code (`auto_map`); that code runs on every node."""
     resources: Literal["auto", "cpu", "gpu"] = "auto"
-    """What the actors and Train workers ask Ray for (spin_ray/plan.py): `gpu` asks for GPUs even while the cluster
+    """What the actors and Train workers ask Ray for (spin_ray/stages/resources.py): `gpu` asks for GPUs even while the cluster
     has none yet, so an autoscaler that starts from zero GPU nodes sees the demand; `cpu` never asks for GPUs; `auto`
     is `gpu` when train.use_gpu is set or the cluster has GPUs (or reports GPU node types it can add), else `cpu`."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -16,7 +16,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def logs_dir(storage: str) -> Path:
     """`<storage>/logs`; runs on an object store log under ~/.cache/spin_ray/logs/<bucket path> on each node."""
-    from spin_ray.models import cache_root
+    from spin_ray.models.loading import cache_root
 
     root = Path(storage).expanduser() if "://" not in storage else cache_root() / "logs" / storage.split("://", 1)[1]
     return root.resolve() / "logs"

@@ -1,1 +1,5 @@
-"""Bundled data: toy SFT tasks with exactly checkable answers (see make_tasks)."""
+"""Files shipped with the package: the bundled tasks, the embedded default config, architecture facts, measured steps."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent

@@ -7,7 +7,7 @@ AutoscalingCluster.start/shutdown run `ray stop --force`, which would kill every
 session's cluster included), and its template (fake_multi_node/example.yaml) is not in the Ray wheel. It runs in a
 subprocess of its own session on its own port and temp dir; the test kills that process group, and nothing else.
 
-What is real: the GPU request of each actor is spin_ray.plan's (`preflight` → `requests`, from `resources: gpu`),
+What is real: the GPU request of each actor is spin_ray.stages.resources's (`preflight` → `requests`, from `resources: gpu`),
 and the capacity preflight checks is what the autoscaler can reach (`cluster_capacity`); the actors are trivial
 (they record the node they landed on and the GPU ids Ray gave them) so that the test stays fast — the same numbers
 go to Ray Data's map_batches and EnginePool in generate.py/train.py.
@@ -28,7 +28,7 @@ import ray
 from ray._private import ray_constants
 from ray.experimental.internal_kv import _internal_kv_get
 from spin_ray.config import SpinConfig
-from spin_ray.plan import cluster_capacity, preflight, requests
+from spin_ray.stages.resources import cluster_capacity, preflight, requests
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from spin_ray import records
+from spin_ray.data import records
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_ray.config import SpinConfig
-from spin_ray.evaluate import eval_dir, evaluate
+from spin_ray.stages.evaluate import eval_dir, evaluate
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray import records, schemas
-from spin_ray.cli import EMBEDDED
+from spin_ray.data import records
+
+from spin_ray.data import schemas
+from spin_ray.cli.main import EMBEDDED
 from spin_ray.config import ConfigError, SpinConfig
 
 pytestmark = pytest.mark.integration
@@ -64,7 +66,7 @@ def row_hashes(folder) -> dict[str, str]:
 def test_remote_model_retrained_at_the_same_uri_is_not_served_stale(tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from spin_ray.models import local_model
+    from spin_ray.models.loading import local_model
 
     remote = tmp_path / "bucket" / "model"
     shutil.copytree(tiny_model, remote)
@@ -98,8 +100,8 @@ def cpu_seconds(pid):
 
 
 def test_engine_killed_mid_batch_is_replaced_and_the_batch_redone(tiny_model, ray_cluster, tmp_path):
-    from spin_ray.data import load_sft
-    from spin_ray.loop import make_pairs
+    from spin_ray.data.sources import load_sft
+    from spin_ray.stages.loop import make_pairs
 
     # Few large batches of long answers, so that the engine is inside a batch for a while.
     cfg = cfg_for(tiny_model, tmp_path, "data.max_rows=48", "data.max_length=256", "generate.max_tokens=160",
@@ -137,9 +139,9 @@ def test_engine_killed_mid_batch_is_replaced_and_the_batch_redone(tiny_model, ra
 
 
 def test_warm_engine_killed_mid_batch_is_replaced_and_the_batch_redone(tiny_model, ray_cluster, tmp_path):
-    from spin_ray.data import load_sft
-    from spin_ray.generate import EnginePool
-    from spin_ray.loop import make_pairs
+    from spin_ray.data.sources import load_sft
+    from spin_ray.stages.generate import EnginePool
+    from spin_ray.stages.loop import make_pairs
 
     cfg = cfg_for(tiny_model, tmp_path / "killed", "data.max_rows=48", "data.max_length=256", "generate.max_tokens=160",
                   "generate.batch_size=24", "generate.num_actors=1", "generate.keep_warm=true")
@@ -219,7 +221,7 @@ def artifacts(storage):
 
 def test_driver_killed_inside_generate_and_the_reference_pass_resumes_to_identical_artifacts(
         tiny_model, ray_cluster, tmp_path):
-    from spin_ray.loop import run
+    from spin_ray.stages.loop import run
 
     # The uninterrupted run: the same config as the CLI's (its embedded default under the same --set), in this
     # driver. The reference pass's micro-batches follow from the pairs' lengths alone, so fp32 results repeat bit for
@@ -255,8 +257,8 @@ def test_driver_killed_inside_generate_and_the_reference_pass_resumes_to_identic
 
 def test_train_worker_killed_mid_epoch_restarts_from_the_checkpoint_and_uses_each_pair_epochs_times(
         tiny_model, ray_cluster, tmp_path):
-    from spin_ray.loop import make_pairs
-    from spin_ray.train import train
+    from spin_ray.stages.loop import make_pairs
+    from spin_ray.stages.train import train
 
     # 16 pairs, 4 per step: 4 steps per epoch, 16 in all, a checkpoint every 3.
     cfg = cfg_for(tiny_model, tmp_path, "data.max_rows=16", "train.global_batch_size=4", "train.epochs=4",
@@ -330,8 +332,8 @@ import ray
 from ray._private import state
 from ray.cluster_utils import Cluster
 from spin_ray.config import SpinConfig
-from spin_ray.data import load_sft
-from spin_ray.loop import make_pairs
+from spin_ray.data.sources import load_sft
+from spin_ray.stages.loop import make_pairs
 
 model, storage = sys.argv[1:3]
 # The head runs no engine (0 CPUs): every engine is on a worker node, so the first one loaded decides the victim.

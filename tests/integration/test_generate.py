@@ -7,11 +7,13 @@ import pyarrow.dataset as pads
 import pytest
 from transformers import AutoTokenizer
 
-from spin_ray import records, schemas
+from spin_ray.data import records
+
+from spin_ray.data import schemas
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.generate import engine_env
-from spin_ray.schemas import MESSAGE
-from spin_ray.loop import make_pairs
+from spin_ray.stages.generate import engine_env
+from spin_ray.data.schemas import MESSAGE
+from spin_ray.stages.loop import make_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +36,7 @@ def read(path):
 
 
 def test_every_prompt_once_with_the_schema(pairs):
-    from spin_ray.data import load_sft
+    from spin_ray.data.sources import load_sft
 
     cfg, result = pairs
     table = read(result.path)
@@ -52,7 +54,7 @@ def test_every_prompt_once_with_the_schema(pairs):
 
 
 def test_token_ids_are_the_chat_template_and_the_answers(pairs, tiny_model):
-    """The stored ids, written independently of spin_ray.template: the chat template with the generation prompt, then
+    """The stored ids, written independently of spin_ray.training.template: the chat template with the generation prompt, then
     each answer and EOS (nothing is cut at these lengths)."""
     _, result = pairs
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -136,7 +138,7 @@ def test_pairs_not_exactly_once_are_refused_unfinished(ray_cluster, tmp_path, mo
 
 def test_prompts_reach_the_engines_in_blocks_of_one_batch(ray_cluster, tmp_path):
     # Read as it is, the prepared folder is one block here, which Ray Data would hand to a single engine of the pool.
-    from spin_ray.loop import as_prompts
+    from spin_ray.stages.loop import as_prompts
 
     prompts = as_prompts(None, config(tmp_path, "data.max_rows=20"))
     assert prompts.dataset().materialize().num_blocks() == 1
@@ -156,7 +158,7 @@ def test_batches_in_flight_share_one_engine_and_keep_every_answer(tiny_model, ra
         from transformers import AutoTokenizer
 
         from spin_ray.config import GenerateConfig
-        from spin_ray.generate import VllmEngine
+        from spin_ray.stages.generate import VllmEngine
 
         tokenizer = AutoTokenizer.from_pretrained(model)
         prompts = [tokenizer.encode(f"Count the letters: {'ab' * (1 + i % 5)}{i}") for i in range(24)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_ray import records
+from spin_ray.data import records
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.harness import BUNDLED
+from spin_ray.stages.harness import BUNDLED
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def _ready(url: str, model: str) -> bool:
 
 @pytest.fixture(scope="module")
 def sft_model() -> str:
-    from spin_ray.builder import resolve_model
+    from spin_ray.models.builders import resolve_model
 
     return resolve_model("tasks-sft")  # the embedded default's θ_0: answers some held-out prompts right
 
@@ -67,7 +67,7 @@ def spin_ray_eval(sft_model, ray_cluster, tmp_path_factory):
     whole, as lm-eval sends them: the model's tokenizer has a token per character, so the embedded default's
     data.max_prompt_length = 64 would cut the system turn off the prompts that have one."""
     from spin_ray.config import SpinConfig
-    from spin_ray.evaluate import SAMPLES, evaluate, eval_dir
+    from spin_ray.stages.evaluate import SAMPLES, evaluate, eval_dir
 
     storage = tmp_path_factory.mktemp("evaluated")
     cfg = SpinConfig.load(None, [f"model={sft_model}", f"storage={storage}", "data.max_length=192",
@@ -91,8 +91,8 @@ def test_bundled_tasks_through_serve_equal_spin_ray_evaluate(served, spin_ray_ev
     import torch
 
     from spin_ray.config import TrainConfig
-    from spin_ray.models import load_tokenizer
-    from spin_ray.trainer import frozen_model, pair_logps
+    from spin_ray.models.loading import load_tokenizer
+    from spin_ray.training.step import frozen_model, pair_logps
 
     result, samples = spin_ray_eval
     res = _lm_eval("local-completions", f"{served}/completions", ["spin_tasks_gen", "spin_tasks_ll"],
@@ -141,7 +141,7 @@ def _run(*sets: str) -> subprocess.CompletedProcess:
 def test_lm_eval_scores_every_iterate_once(tiny_model, tmp_path):
     from conftest import tensorboard_scalars
 
-    from spin_ray.evaluate import read_eval
+    from spin_ray.stages.evaluate import read_eval
 
     sets = [f"model={tiny_model}", f"storage={tmp_path}", *TINY]
     out = _run(*sets)

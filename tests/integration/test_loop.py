@@ -13,10 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray import records
+from spin_ray.data import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.evaluate import read_eval
-from spin_ray.loop import model_path, run, run_iteration
+from spin_ray.stages.evaluate import read_eval
+from spin_ray.stages.loop import model_path, run, run_iteration
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
     assert [r.evaluation for r in results] == evals[1:] and results[0].evaluation_before == evals[0]
     assert all(e["task_score"] is not None and math.isfinite(e["nll_per_token"]) for e in evals)
     # The report: one row per model, and plots with content.
-    from spin_ray.report import write_report
+    from spin_ray.tools.report import write_report
 
     report = write_report(str(tmp_path))
     text = open(report).read()
@@ -250,7 +250,7 @@ def test_cli_user_errors_are_one_paragraph(tmp_path):
 
 
 def test_warm_engines_take_the_new_weights(tiny_model, ray_cluster, tmp_path):
-    from spin_ray.loop import make_pairs
+    from spin_ray.stages.loop import make_pairs
 
     greedy = ["generate.temperature=0", "generate.keep_warm=true", "generate.num_actors=1"]
     results = run(cfg_for(tiny_model, tmp_path / "warm", *greedy))

@@ -13,7 +13,7 @@ SCRIPT = """
 import ray
 from ray.cluster_utils import Cluster
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.loop import check_storage
+from spin_ray.stages.loop import check_storage
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
@@ -28,7 +28,7 @@ check_storage(SpinConfig.load(None, ["storage=s3://bucket/spin"]))
 check_storage(SpinConfig.load(None, ["storage=/mnt/shared/spin", "storage_shared=true"]))
 
 # No autoscaler here: the capacity preflight checks is what the two nodes have (1 + 1 CPU, no GPU).
-from spin_ray.plan import cluster_capacity, preflight, requests
+from spin_ray.stages.resources import cluster_capacity, preflight, requests
 assert cluster_capacity()["CPU"] == 2 and cluster_capacity().get("GPU", 0) == 0, cluster_capacity()
 small = ["model=tiny", "data.max_length=64", "data.max_prompt_length=32", "generate.max_tokens=16"]
 assert requests(preflight(SpinConfig.load(None, small)))["generate"].gpus == 0  # auto without GPUs: CPU

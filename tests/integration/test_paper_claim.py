@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_ray.evaluate import evaluate
+from spin_ray.stages.evaluate import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, ray_cluster):
         assert len({r["model"] for r in run["spin"] + run["more_sft"]}) == 1 + 2 * n_iter
         assert {r["rows"] for r in run["spin"] + run["more_sft"]} == {claim.QUICK.eval_rows}
 
-        # The SFT row is spin_ray.evaluate's measurement of θ_0: evaluating that model again, in a storage of its
+        # The SFT row is spin_ray.stages.evaluate's measurement of θ_0: evaluating that model again, in a storage of its
         # own, gives the same greedy answers (task score) and the same log-probs (NLL).
         sft = run["sft"]["path"]
         assert run["spin"][0]["model"] == sft

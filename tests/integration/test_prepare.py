@@ -1,4 +1,4 @@
-"""The prepare stage (spin_ray/prepare.py) on the session's real Ray cluster, with real files: what it writes equals
+"""The prepare stage (spin_ray/data/prepare.py) on the session's real Ray cluster, with real files: what it writes equals
 the in-driver reader's result (data.load_sft, the oracle), bad rows and repeats are found across files and
 partitions, a caller's Dataset goes through the same stage, and a finished folder is reused while an interrupted
 one is redone."""
@@ -15,11 +15,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray import prepare as prepare_module
+from spin_ray.data import prepare as prepare_module
 from spin_ray.config import ConfigError, DataConfig, SpinConfig
-from spin_ray.data import load_sft, normalize
-from spin_ray.loop import as_prompts
-from spin_ray.prepare import prepare
+from spin_ray.data.sources import load_sft, normalize
+from spin_ray.stages.loop import as_prompts
+from spin_ray.data.prepare import prepare
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_every_local_shape_streams_the_records_the_driver_reader_sees(tmp_path):
     # No Ray: the listing and the chunked reads the read tasks run, against data.read_records.
     import datasets
 
-    from spin_ray.data import read_records
+    from spin_ray.data.sources import read_records
 
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(7)]
     (tmp_path / "d.jsonl").write_text("\n" + "\n".join(json.dumps(r) for r in rows))  # line numbers count blanks

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from spin_ray import records
+from spin_ray.data import records
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory, tiny_model):
-    from spin_ray.builder import build_tiny_model
+    from spin_ray.models.builders import build_tiny_model
 
     root = tmp_path_factory.mktemp("served_run")
     theta1 = build_tiny_model(root / "iter_0" / "model", seed=1)
@@ -136,8 +136,8 @@ def test_completions_plain_and_streamed(client):
 @pytest.fixture(scope="module")
 def pair(storage):
     """A held-out prompt of the bundled tasks as iter_0's trainer sees it (token ids), with two answers."""
-    from spin_ray.models import load_tokenizer
-    from spin_ray.template import prompt_ids, response_ids
+    from spin_ray.models.loading import load_tokenizer
+    from spin_ray.training.template import prompt_ids, response_ids
 
     tok = load_tokenizer(str(storage / "iter_0" / "model"))
     messages = [{"role": "user", "content": "Reverse the letters: hello"}]
@@ -151,7 +151,7 @@ def test_echoed_log_probs_equal_the_trainers(client, storage, pair):
     import torch
 
     from spin_ray.config import TrainConfig
-    from spin_ray.trainer import frozen_model, pair_logps
+    from spin_ray.training.step import frozen_model, pair_logps
 
     model = frozen_model(str(storage / "iter_0" / "model"), TrainConfig(), torch.device("cpu"))
     ((real, generated),) = pair_logps(model, [[pair]], torch.device("cpu"))
@@ -317,9 +317,9 @@ def _command(command, tiny_model, storage, rows):
 def _finished_with_its_pairs(proc, command, storage, rows):
     import pyarrow.parquet as pq
 
-    from spin_ray.cli import EMBEDDED
+    from spin_ray.cli.main import EMBEDDED
     from spin_ray.config import SpinConfig
-    from spin_ray.data import load_sft
+    from spin_ray.data.sources import load_sft
 
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -397,7 +397,7 @@ def test_unknown_iteration_is_refused(storage):
 
 def test_replica_resources_share_the_cluster_or_refuse():
     from spin_ray.config import ConfigError
-    from spin_ray.serve import ServeConfig, replica_resources
+    from spin_ray.tools.serve import ServeConfig, replica_resources
 
     cfg = ServeConfig("run", models={"base": "a", "iter_0": "b"})
     # 2 CPUs − 0.1 for the ingress, shared by 2 engines: 0.95 each (rounded down to 0.01); GPUs: 1 each if any.
@@ -412,7 +412,7 @@ def test_replica_resources_share_the_cluster_or_refuse():
 
 
 def test_resolve_names_base_and_finished_iterations(storage, tiny_model):
-    from spin_ray.serve import ServeConfig, resolve
+    from spin_ray.tools.serve import ServeConfig, resolve
 
     assert resolve(ServeConfig(str(storage))) == {"base": tiny_model, "iter_0": str(storage / "iter_0" / "model")}
     assert resolve(ServeConfig(str(storage), iterations=["0"])) == {"iter_0": str(storage / "iter_0" / "model")}
@@ -427,7 +427,7 @@ def test_engine_refuses_one_request_alone_and_frees_an_abandoned_one(tiny_model)
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from spin_ray.serve import AsyncEngine
+    from spin_ray.tools.serve import AsyncEngine
 
     async def main():
         engine = AsyncEngine(tiny_model, dtype="auto", max_model_len=128, on_gpu=False)

@@ -14,11 +14,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray import records, schemas
+from spin_ray.data import records
+
+from spin_ray.data import schemas
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.loop import make_pairs
-from spin_ray.checkpoint import STATE
-from spin_ray.train import train
+from spin_ray.stages.loop import make_pairs
+from spin_ray.training.checkpoint import STATE
+from spin_ray.stages.train import train
 
 pytestmark = pytest.mark.integration
 
@@ -276,7 +278,7 @@ def test_generate_then_train_compose_at_iteration_1(tiny_model, pairs, tmp_path)
 
 def test_checkpoint_cadence():
     from spin_ray.config import TrainConfig
-    from spin_ray.train import checkpoint_due
+    from spin_ray.stages.train import checkpoint_due
 
     # 10 steps in all, 4 per epoch; never after the last step (step index 9), whose result is the exported model.
     steps = TrainConfig(checkpoint_every=3, checkpoint_every_minutes=None)
@@ -294,8 +296,8 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
     import io
     import pickle
 
-    from spin_ray.models import load_model
-    from spin_ray.checkpoint import _safe_planner, load_state, save_state
+    from spin_ray.models.loading import load_model
+    from spin_ray.training.checkpoint import _safe_planner, load_state, save_state
 
     def make():
         model = load_model(tiny_model, dtype=torch.float32)
@@ -339,8 +341,8 @@ def test_sharded_state_resumes_exactly_and_is_read_without_running_code(tiny_mod
 
 
 def test_workers_read_only_their_rows_from_storage(pairs, tmp_path):
-    from spin_ray.batching import epoch_plan, plan_steps
-    from spin_ray.train import index_pairs, load_share, packed_lengths
+    from spin_ray.training.batching import epoch_plan, plan_steps
+    from spin_ray.stages.train import index_pairs, load_share, packed_lengths
 
     columns = ["iteration", "prompt_id", *schemas.IDS]
     table = records.read_pairs_table([pairs], columns=columns)  # the training table, in prompt-id order
@@ -380,7 +382,7 @@ def test_model_is_exported_in_its_own_dtype(tiny_model, pairs, tmp_path):
     """A bf16 θ_t gives a bf16 θ_{t+1} (trained on fp32 master weights), with the epoch checkpoint cadence on."""
     from safetensors import safe_open
 
-    from spin_ray.models import load_model
+    from spin_ray.models.loading import load_model
 
     bf16 = tmp_path / "bf16_model"
     load_model(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16)

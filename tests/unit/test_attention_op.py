@@ -43,7 +43,7 @@ def test_a_varlen_model_on_cuda_runs_the_fused_kernel_for_plain_and_grouped_head
     about a fallback."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from spin_ray.template import pack_varlen, varlen_logps
+    from spin_ray.training.template import pack_varlen, varlen_logps
 
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=kv_heads, head_dim=64, vocab_size=1024)
@@ -58,7 +58,7 @@ def test_a_varlen_model_on_cuda_runs_the_fused_kernel_for_plain_and_grouped_head
 
 def test_the_fused_path_names_why_it_cannot_serve_a_call():
     """The reasons a CUDA call falls back to per-sequence attention (logged once per model by varlen_attention)."""
-    from spin_ray.template import _fused_unsupported
+    from spin_ray.training.template import _fused_unsupported
 
     q = torch.zeros(3, 4, 64, dtype=torch.float32)
     assert "float16 or bfloat16" in _fused_unsupported(q, q, 0.0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spin_ray.config import TrainConfig
-from spin_ray.trainer import Trainer
+from spin_ray.training.step import Trainer
 
 pytestmark = pytest.mark.integration  # torch.compile takes minutes on 2 CPUs: not the fast tier
 

@@ -66,7 +66,7 @@ def test_per_iteration_epochs():
 
 
 def test_fixed_point_decision():
-    from spin_ray.loop import at_fixed_point
+    from spin_ray.stages.loop import at_fixed_point
 
     assert at_fixed_point(0.52, 0.05) and at_fixed_point(0.45, 0.05) and at_fixed_point(1.0, 0.5)
     assert not at_fixed_point(0.56, 0.05) and not at_fixed_point(0.3, 0.05)
@@ -182,7 +182,7 @@ def test_bad_lora_values_name_the_field(override, match):
 
 
 def test_lora_is_another_config_for_resume():
-    from spin_ray.manifest import config_hash
+    from spin_ray.data.manifest import config_hash
 
     # (lora: null is left out of the hash, so runs started before train.lora existed resume without --force.)
     assert config_hash(SpinConfig.load()) != config_hash(SpinConfig.load(None, ["train.lora.r=8"]))

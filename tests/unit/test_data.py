@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.config import ConfigError, DataConfig
-from spin_ray.data import BadRowError, load_sft, normalize, prompt_id
+from spin_ray.data.sources import BadRowError, load_sft, normalize, prompt_id
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},

@@ -1,4 +1,4 @@
-"""Gradient accumulation under FSDP2 (spin_ray.trainer.grad_sync): every micro-batch lands in the sharded gradients.
+"""Gradient accumulation under FSDP2 (spin_ray.training.step.grad_sync): every micro-batch lands in the sharded gradients.
 
 One gloo process (world 1), the trainer's own build_sharded; the 2- and 4-worker invariance test (tests/integration/
 test_train.py) checks that the accumulated step equals the unsplit one across workers, FSDP2 and HSDP.
@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from spin_ray.config import TrainConfig
-from spin_ray.template import pack_pairs, packed_logps
-from spin_ray.trainer import build_sharded, grad_sync
+from spin_ray.training.template import pack_pairs, packed_logps
+from spin_ray.training.step import build_sharded, grad_sync
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from host_syncs import HostSyncs  # noqa: E402
 from padding import long_tailed_pairs  # noqa: E402
 
 from spin_ray.config import TrainConfig  # noqa: E402
-from spin_ray.trainer import Trainer  # noqa: E402
+from spin_ray.training.step import Trainer  # noqa: E402
 
 
 def test_the_counter_sees_python_reads_and_reads_inside_aten_ops():

@@ -1,4 +1,4 @@
-"""Every stage loads θ through spin_ray.models.load_*: safetensors only, a model's own Python code only
+"""Every stage loads θ through spin_ray.models.loading.load_*: safetensors only, a model's own Python code only
 with trust_remote_code. Real transformers on a tiny model folder; the vLLM side is checked in
 tests/integration/test_generate.py."""
 
@@ -14,8 +14,8 @@ import torch
 
 import spin_ray
 from spin_ray.config import ConfigError
-from spin_ray.builder import build_tiny_model
-from spin_ray.models import load_config, load_model, load_tokenizer
+from spin_ray.models.builders import build_tiny_model
+from spin_ray.models.loading import load_config, load_model, load_tokenizer
 
 # Imported by transformers only when remote code is allowed: it leaves a file behind to prove it ran.
 CUSTOM_CODE = '''
@@ -75,22 +75,23 @@ def test_remote_code_runs_only_when_trusted(tiny: Path, tmp_path: Path, monkeypa
 
 
 def test_no_stage_loads_weights_around_the_loaders() -> None:
-    """A stage that called from_pretrained itself would skip both rules (only models.py may; builder.py only to
+    """A stage that called from_pretrained itself would skip both rules (only models/loading.py may; models/builders.py only to
     convert the GGUF shipped in a pip package), and each vLLM engine must be told both."""
     root = Path(spin_ray.__file__).parent
     offenders, engines = [], 0
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
+        name = path.relative_to(root).as_posix()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained" and not (
-                    path.name == "models.py" or path.name == "builder.py" and
+                    name == "models/loading.py" or name == "models/builders.py" and
                     "gguf_file" in {k.arg for k in node.keywords}):
-                offenders.append(f"{path.name}:{node.lineno} from_pretrained")
+                offenders.append(f"{name}:{node.lineno} from_pretrained")
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("LLM", "EngineArgs"):
                 engines += 1
                 keywords = {k.arg: k.value for k in node.keywords}
                 if getattr(keywords.get("load_format"), "value", None) != "safetensors" or \
                         "trust_remote_code" not in keywords:
-                    offenders.append(f"{path.name}:{node.lineno} {node.func.id} without load_format/trust_remote_code")
+                    offenders.append(f"{name}:{node.lineno} {node.func.id} without load_format/trust_remote_code")
     assert offenders == [] and engines == 2  # generate.VllmEngine and serve.AsyncEngine
 
 

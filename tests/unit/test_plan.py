@@ -1,4 +1,4 @@
-"""spin_ray.plan: what each stage asks for and the pre-flight refusals (`spin-ray plan`'s sizing: test_sizing.py).
+"""spin_ray.stages.resources: what each stage asks for and the pre-flight refusals (`spin-ray plan`'s sizing: test_sizing.py).
 
 No Ray: every check takes the cluster's resources as a dict. Expected numbers are derived by hand in the comments.
 """
@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.plan import auto_shard_size, auto_workers, phases, preflight, requests, resolve
-from spin_ray.sizing import load_arch, make_plan, parse_cluster
+from spin_ray.stages.resources import auto_shard_size, auto_workers, phases, preflight, requests, resolve
+from spin_ray.tools.plan import load_arch, make_plan, parse_cluster
 
 CPU4 = {"CPU": 4.0}
 

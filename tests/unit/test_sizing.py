@@ -1,4 +1,4 @@
-"""spin_ray.sizing: `spin-ray plan`'s memory and time arithmetic on stated clusters, and its CLI.
+"""spin_ray.tools.plan: `spin-ray plan`'s memory and time arithmetic on stated clusters, and its CLI.
 
 No Ray, no weights. Expected numbers are derived by hand in the comments.
 """
@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from spin_ray import sizing
+from spin_ray.tools import plan as sizing
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.plan import resolve
-from spin_ray.sizing import (AUTO_FILL, GB, Arch, _dur, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster,
+from spin_ray.stages.resources import resolve
+from spin_ray.tools.plan import (AUTO_FILL, GB, Arch, _dur, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster,
                              train_memory)
 
 
@@ -379,10 +379,10 @@ def test_a_cpu_train_worker_takes_the_fixed_choice(tmp_path):
     """The Train worker's side of the rule (train.fit_device_memory): a CPU device has no memory to size from, so no
     recompute and micro_batch_size (8) pairs at data.max_length (64) = 1024 tokens; a Trainer refuses an unchosen
     `auto` rather than reading it as some policy."""
-    from spin_ray.train import fit_device_memory
-    from spin_ray.trainer import Trainer
+    from spin_ray.stages.train import fit_device_memory
+    from spin_ray.training.step import Trainer
 
-    (tmp_path / "config.json").write_text((sizing.ASSETS / "tiny-llama.json").read_text())
+    (tmp_path / "config.json").write_text((sizing.ARCH_DIR / "tiny-llama.json").read_text())
     c = resolve(cfg("train.activation_checkpointing=auto", "train.micro_batch_tokens=auto"), {"CPU": 4.0})
     t = fit_device_memory(c, str(tmp_path), torch.device("cpu"), rank=0, world=1).train
     assert (t.activation_checkpointing, t.micro_batch_tokens) == ("none", 1024)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.template import IGNORE, collate, encode_pair, prompt_ids, response_ids, sequence_logps
+from spin_ray.training.template import IGNORE, collate, encode_pair, prompt_ids, response_ids, sequence_logps
 
 PROMPT = [{"role": "system", "content": "Be precise."}, {"role": "user", "content": "Reverse the letters: abc"}]
 
@@ -41,7 +41,7 @@ def test_generator_samples_on_the_prompt_ids_the_trainer_uses(tok, tiny_model):
     import pyarrow as pa
 
     from spin_ray.config import GenerateConfig
-    from spin_ray.generate import Answer, Generator
+    from spin_ray.stages.generate import Answer, Generator
 
     class Recorder:  # stands in for the engine (our own class, not vLLM): records the prompt ids it is fed
         def generate(self, prompts, seeds):
@@ -89,7 +89,7 @@ def test_logps_sum_response_tokens_only(tok, tiny_model):
 
 
 def test_packed_pairs_give_the_padded_log_probs(tok, tiny_model):
-    from spin_ray.template import pack_pairs, packed_logps
+    from spin_ray.training.template import pack_pairs, packed_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     pairs = [encode_pair(tok, PROMPT, "cba", "a much longer wrong answer than the real one", max_length=128,

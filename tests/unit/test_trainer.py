@@ -1,4 +1,4 @@
-"""spin_ray.trainer.Trainer in one process (world 1, no Ray): the step that the Ray Train workers and the benchmarks
+"""spin_ray.training.step.Trainer in one process (world 1, no Ray): the step that the Ray Train workers and the benchmarks
 call. The multi-worker invariance (1x4 = 2x2 = FSDP2 = HSDP) is tests/integration/test_train.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spin_ray.config import TrainConfig
-from spin_ray.trainer import Trainer
+from spin_ray.training.step import Trainer
 
 PAIRS = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
          {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]},
@@ -68,7 +68,7 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
 
 @pytest.mark.parametrize("policy, compiled", [("full", False), ("selective", False), ("none", True)])
 def test_recompute_policies_and_compile_give_the_same_gradients(tiny_model, policy, compiled):
-    from spin_ray.template import pack_varlen, varlen_logps
+    from spin_ray.training.template import pack_varlen, varlen_logps
 
     def gradients(trainer: Trainer) -> list[torch.Tensor]:
         real, generated = varlen_logps(trainer.model, pack_varlen(PAIRS))
@@ -96,7 +96,7 @@ def test_selective_recomputes_no_matmul_and_full_recomputes_every_layer(tiny_mod
     outputs, so it runs no more of them than no checkpointing; full recomputes each layer's forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from spin_ray.template import pack_varlen, varlen_logps
+    from spin_ray.training.template import pack_varlen, varlen_logps
 
     def flops(policy: str) -> int:
         trainer = make(tiny_model, activation_checkpointing=policy)
@@ -137,7 +137,7 @@ def test_lora_export_is_theta_t_plus_the_scaled_adapters_with_no_adapter_files(t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spin_ray.checkpoint import export_hf
+    from spin_ray.training.checkpoint import export_hf
 
     trainer = lora_trainer(tiny_model)
     for _ in range(2):
@@ -159,7 +159,7 @@ def test_lora_export_is_theta_t_plus_the_scaled_adapters_with_no_adapter_files(t
         else:
             assert torch.equal(merged[key], w), key
     # The merged model computes what the trained adapters do.
-    from spin_ray.template import pack_varlen, varlen_logps
+    from spin_ray.training.template import pack_varlen, varlen_logps
 
     trainer.model.eval()
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_lora_export_is_theta_t_plus_the_scaled_adapters_with_no_adapter_files(t
 
 
 def test_lora_state_resumes_exactly(tiny_model, tmp_path):
-    from spin_ray.checkpoint import STATE, load_state, save_state
+    from spin_ray.training.checkpoint import STATE, load_state, save_state
 
     pairs = with_refs(make(tiny_model), [PAIRS])
     a = lora_trainer(tiny_model)
@@ -211,7 +211,7 @@ def world_of_one():
 def test_sharded_bf16_lora_holds_a_bf16_base_and_resumes_exactly(world_of_one, tiny_model, tmp_path):
     """FSDP2 (meta init) in bf16: the frozen base is bf16 (no fp32 master copy), the adapters fp32; a resumed trainer
     built without θ_t's weights (load_weights off) takes the checkpoint's base and adapters and the same next step."""
-    from spin_ray.checkpoint import STATE, load_state, save_state
+    from spin_ray.training.checkpoint import STATE, load_state, save_state
 
     a = lora_trainer(tiny_model, {"strategy": "fsdp", "dtype": "bfloat16"})
     dtypes = {name: p.dtype for name, p in a.model.named_parameters()}

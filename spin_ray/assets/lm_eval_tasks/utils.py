@@ -1,6 +1,6 @@
 """spin_ray's bundled held-out prompts as an lm-eval dataset, for the tasks in this folder (`--include_path`).
 
-The rows are the ones `spin_ray.evaluate` scores with data.path = bundled: the `split` rows (eval.split, `test`) of
+The rows are the ones `spin_ray.stages.evaluate` scores with data.path = bundled: the `split` rows (eval.split, `test`) of
 spin_ray/assets/tasks.parquet, normalised by spin_ray.data, in the same order, so lm-eval's `--limit N` takes the same
 prompts as eval.rows = N. Each prompt is a system turn (empty when it has none: lm-eval then sends none) and one user
 turn; `answer` is the reference, and `target` the reference as the trainer scores it, followed by the EOS text.
@@ -18,7 +18,7 @@ def heldout(split: str = "test", eos: str = "<|im_end|>", **_: Any) -> dict[str,
     """lm-eval's `custom_dataset`: called with the task's metadata (`--metadata '{"eos": "</s>"}'` for a model whose
     EOS is not ChatML's); the other metadata keys (version, ...) are lm-eval's own."""
     from spin_ray.config import DataConfig
-    from spin_ray.data import load_sft
+    from spin_ray.data.sources import load_sft
 
     rows = []
     for row in load_sft(DataConfig(path="bundled", split=split)).rows:

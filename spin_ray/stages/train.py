@@ -7,7 +7,7 @@ step 0's loss is ln 2), and stores them in `iter_<t>/reference/` so that a resta
 holds one model and runs one forward per micro-batch of pairs grouped by length, their sequences flattened into one
 row without padding (template.pack_varlen).
 Here: which pairs each worker takes at each step, the reference pass, and the Ray glue around
-spin_ray.trainer.Trainer (the step) and spin_ray.checkpoint (the state on disk).
+spin_ray.training.step.Trainer (the step) and spin_ray.checkpoint (the state on disk).
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from spin_ray import records
-from spin_ray.batching import epoch_plan, even_micro_batches, plan_steps, worker_shares
-from spin_ray.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
+from spin_ray.data import records
+from spin_ray.training.batching import epoch_plan, even_micro_batches, plan_steps, worker_shares
+from spin_ray.training.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.failures import stage
 from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file, quiet_ray_data
-from spin_ray.plan import preflight
-from spin_ray.schemas import IDS, LOGPS, TOKENS
-from spin_ray.sizing import fit_memory, load_arch
-from spin_ray.trainer import Trainer
+from spin_ray.stages.resources import preflight
+from spin_ray.data.schemas import IDS, LOGPS, TOKENS
+from spin_ray.tools.plan import fit_memory, load_arch
+from spin_ray.training.step import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from spin_ray.models import load_tokenizer, local_model
+    from spin_ray.models.loading import load_tokenizer, local_model
 
     cfg: SpinConfig = c["cfg"]
     ctx = ray.train.get_context()
@@ -396,8 +396,8 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from spin_ray.models import check_model
-    from spin_ray.builder import resolve_model
+    from spin_ray.models.loading import check_model
+    from spin_ray.models.builders import resolve_model
 
     # Refused before any actor starts (plan.py decides what each stage asks for). Warm engines are the loop's, which
     # checks them with training (loop.run's preflight); this starts none.

@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from spin_ray.config import ConfigError
-from spin_ray.schemas import PAIRS_COLUMNS
+from spin_ray.data.schemas import PAIRS_COLUMNS
 
 MARKER = "_SUCCESS.json"
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
+from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, SpinConfig
 
-EMBEDDED = str(Path(__file__).parent / "assets" / "cpu_default.yaml")
+EMBEDDED = str(ASSETS / "cpu_default.yaml")
 
 if TYPE_CHECKING:
-    from spin_ray.serve import ServeConfig
+    from spin_ray.tools.serve import ServeConfig
 
 log = logging.getLogger("spin_ray")
 
@@ -256,7 +257,7 @@ class CommandCluster:
 
 
 def _prepare(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.prepare import prepare
+    from spin_ray.data.prepare import prepare
 
     out = prepare(cfg).summary()
     if cfg.eval.enabled:  # what `run` evaluates on, refused now if bad
@@ -265,7 +266,7 @@ def _prepare(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.loop import make_pairs
+    from spin_ray.stages.loop import make_pairs
 
     result = make_pairs(cfg)
     return {"pairs": result.path, "rows": result.rows, "skipped": result.skipped, "bad_rows": result.bad_rows,
@@ -273,7 +274,7 @@ def _generate(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.train import train
+    from spin_ray.stages.train import train
 
     result = train(cfg)
     return {"model": result.model, "skipped": result.skipped, "seconds": result.seconds, "metrics": result.metrics}
@@ -286,10 +287,10 @@ PHASES = {"engines": "engine start", "pairs": "generation", "train": "training",
 
 
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.evaluate import read_eval
-    from spin_ray.loop import run
-    from spin_ray.manifest import Manifest
-    from spin_ray.report import write_report
+    from spin_ray.stages.evaluate import read_eval
+    from spin_ray.stages.loop import run
+    from spin_ray.data.manifest import Manifest
+    from spin_ray.tools.report import write_report
 
     results = run(cfg, force=args.force)
     report = write_report(cfg.storage)
@@ -334,7 +335,7 @@ def _num(x: float | None, spec: str = ".3f") -> str:
 
 
 def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.sizing import load_arch, make_plan, parse_cluster
+    from spin_ray.tools.plan import load_arch, make_plan, parse_cluster
 
     plan = make_plan(cfg, parse_cluster(args.cluster, args.cpus_per_node), load_arch(cfg.model, args.model_config),
                      prompts=args.prompts, prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
@@ -345,7 +346,7 @@ def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.report import print_table, write_report
+    from spin_ray.tools.report import print_table, write_report
 
     path = write_report(args.storage)
     say(*print_table(args.storage))
@@ -377,13 +378,13 @@ SCREENS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
 
 
 def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.builder import build_tiny_model
+    from spin_ray.models.builders import build_tiny_model
 
     return {"model": build_tiny_model(args.out, seed=args.seed)}
 
 
 def _serve_config(args: argparse.Namespace) -> "ServeConfig":
-    from spin_ray.serve import ServeConfig, resolve
+    from spin_ray.tools.serve import ServeConfig, resolve
 
     iterations = [i.strip() for i in args.iterations.split(",") if i.strip()] if args.iterations else None
     cfg = ServeConfig(target=args.target, iterations=iterations, host=args.host, port=args.port, api_key=args.api_key,
@@ -398,7 +399,7 @@ def _serve_config(args: argparse.Namespace) -> "ServeConfig":
 
 def _serve_log(target: str) -> Path:
     """A run's `<storage>/logs/serve-<time>.log`; a model folder is not written to, so ~/.cache/spin_ray/logs."""
-    from spin_ray.models import cache_root
+    from spin_ray.models.loading import cache_root
 
     if (Path(target).expanduser() / "manifest.json").is_file():
         return log_file_for(target, "serve")
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             out = _report(args)
         elif args.command == "serve":
-            from spin_ray.serve import serve_until_stopped
+            from spin_ray.tools.serve import serve_until_stopped
 
             serve_cfg = _serve_config(args)
             if not args.verbose:  # Ray's, Serve's and vLLM's lines (and one per request) go to the file
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             # No --config: the embedded CPU default (small real model, bundled data), so `spin-ray run` just works.
             cfg = SpinConfig.load(args.config or EMBEDDED, args.overrides)
             if args.command in QUIET:
-                from spin_ray.loop import check_inputs
+                from spin_ray.stages.loop import check_inputs
 
                 check_inputs(cfg, args.command)  # bad storage, data or model: one paragraph before Ray starts
                 if not args.verbose:
@@ -594,6 +595,3 @@ def _logs_only() -> None:
         return
     sys.stdout, sys.stderr = _LogSink(sys.stdout), _LogSink(sys.stderr)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, LmEvalConfig, SpinConfig
 
-BUNDLED = Path(__file__).parent / "assets" / "lm_eval_tasks"
+BUNDLED = ASSETS / "lm_eval_tasks"
 """spin_ray's own task folder, always included: spin_tasks_gen, spin_tasks_ll, spin_tasks, spin_open_llm_leaderboard."""
 INSTALL = "pip install 'lm-eval[api,hf]==0.4.13'"
 VERSION = 1
@@ -114,7 +115,7 @@ def _check_all(lm: LmEvalConfig) -> None:
 def check_data(cfg: SpinConfig) -> None:
     """Every eval.lm_eval task built once on the cluster (where lm-eval will run): one paragraph naming a task whose
     data cannot be reached, before any engine starts. Nothing to do without tasks."""
-    from spin_ray.plan import resolve
+    from spin_ray.stages.resources import resolve
 
     if cfg.eval.enabled and cfg.eval.lm_eval.tasks:
         cfg = resolve(cfg)
@@ -144,7 +145,7 @@ def _run(model: str, cfg: SpinConfig, tasks: list[str]) -> dict[str, Any]:
     import torch
 
     from spin_ray.config import resolve_dtype
-    from spin_ray.models import local_model
+    from spin_ray.models.loading import local_model
 
     lm = cfg.eval.lm_eval
     on_gpu = torch.cuda.is_available()
@@ -169,7 +170,7 @@ def _run(model: str, cfg: SpinConfig, tasks: list[str]) -> dict[str, Any]:
 def score(cfg: SpinConfig, model: str, evaluation: dict[str, Any]) -> dict[str, Any] | None:
     """θ's (`model`'s) lm-eval scores of the configured tasks missing from `evaluation` (its eval.json), run in a
     Ray task and merged with the stored ones: the new `lm_eval` entry, or None when nothing was missing."""
-    from spin_ray.plan import resolve
+    from spin_ray.stages.resources import resolve
 
     todo = missing(cfg.eval.lm_eval, evaluation)
     if not todo:

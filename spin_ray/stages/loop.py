@@ -15,17 +15,17 @@ from typing import Any, Callable, Union
 
 import pyarrow as pa
 
-from spin_ray import records
-from spin_ray.builder import resolve_model
+from spin_ray.data import records
+from spin_ray.models.builders import resolve_model
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.generate import EnginePool, generate
-from spin_ray.harness import check_data, check_tasks
+from spin_ray.stages.generate import EnginePool, generate
+from spin_ray.stages.harness import check_data, check_tasks
 from spin_ray.failures import stage
 from spin_ray.logs import quiet, quiet_ray_data
-from spin_ray.models import check_model
-from spin_ray.plan import preflight
-from spin_ray.prepare import Prepared, data_config, data_parts, prepare
-from spin_ray.tracking import Tracker, check_backend
+from spin_ray.models.loading import check_model
+from spin_ray.stages.resources import preflight
+from spin_ray.data.prepare import Prepared, data_config, data_parts, prepare
+from spin_ray.tools.tracking import Tracker, check_backend
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class _Opponent:
 def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | None) -> _Opponent:
     """θ_t's engine work on one engine start: the held-out answers of θ_t's evaluation (unless it is stored) and the
     iteration's pairs. Then, with those engines gone and their devices free, the evaluation's log-prob pass."""
-    from spin_ray.evaluate import evaluate, heldout_answers, read_eval
+    from spin_ray.stages.evaluate import evaluate, heldout_answers, read_eval
 
     t = cfg.iteration
     start = time.perf_counter()
@@ -187,8 +187,8 @@ def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | 
 
 def _learn(cfg: SpinConfig, opponent: _Opponent, pool: EnginePool | None, evaluate_after: bool) -> IterationResult:
     """θ_{t+1} trained against θ_t (its first pass: θ_t's reference log-probs), and evaluated if `evaluate_after`."""
-    from spin_ray.evaluate import evaluate
-    from spin_ray.train import train
+    from spin_ray.stages.evaluate import evaluate
+    from spin_ray.stages.train import train
 
     t = cfg.iteration
     start = time.perf_counter()
@@ -277,8 +277,8 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     called after each iteration (progress). Needs Ray to be initialised (the CLI does it; inside a Ray program it is
     already up).
     """
-    from spin_ray.evaluate import read_eval
-    from spin_ray.manifest import Manifest
+    from spin_ray.stages.evaluate import read_eval
+    from spin_ray.data.manifest import Manifest
 
     # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
     resolved = preflight(cfg)
@@ -335,7 +335,7 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
 
 def _select(cfg: SpinConfig, manifest: "Manifest", models: list[str]) -> None:
     """Record the iterate the run keeps (loop.select) among θ_0 … θ_T (`models`)."""
-    from spin_ray.evaluate import best_iterate, read_eval
+    from spin_ray.stages.evaluate import best_iterate, read_eval
 
     theta, by = len(models) - 1, None
     evaluations = [read_eval(cfg.storage, k) for k in range(len(models))]
@@ -355,7 +355,7 @@ def at_fixed_point(reward_accuracy: float | None, epsilon: float | None) -> bool
 
 def _stopped(c: SpinConfig, manifest: "Manifest") -> bool:
     """θ_t's stored held-out evaluation puts it at the fixed point (loop.early_stop_epsilon): no iteration t."""
-    from spin_ray.evaluate import read_eval
+    from spin_ray.stages.evaluate import read_eval
 
     t = c.iteration
     accuracy = (read_eval(c.storage, t) or {}).get("reward_accuracy")

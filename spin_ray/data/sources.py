@@ -22,16 +22,17 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, DataConfig, decode_utf8
-from spin_ray.models import looks_like_hub_id
-from spin_ray.schemas import PROMPT_SCHEMA
+from spin_ray.models.loading import looks_like_hub_id
+from spin_ray.data.schemas import PROMPT_SCHEMA
 
 if TYPE_CHECKING:
     import datasets
 
 log = logging.getLogger(__name__)
 
-BUNDLED = Path(__file__).parent / "assets" / "tasks.parquet"
+BUNDLED = ASSETS / "tasks.parquet"
 ROLES = ("system", "user", "assistant")
 SHAPES = {"messages": ("messages",), "trl": ("prompt", "completion"), "spin": ("real",)}
 

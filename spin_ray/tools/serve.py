@@ -38,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from spin_ray import records
+from spin_ray.data import records
 from spin_ray.config import ConfigError, resolve_dtype
-from spin_ray.generate import vllm_device_args
-from spin_ray.models import check_model
+from spin_ray.stages.generate import vllm_device_args
+from spin_ray.models.loading import check_model
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
 
 def _base_model(state: dict[str, Any], manifest: Path) -> str:
     """θ_0: the run's `model` as the loop resolves it (a stage's `model` is θ_{t+1} once it is done)."""
-    from spin_ray.builder import resolve_model
+    from spin_ray.models.builders import resolve_model
 
     spec = state.get("model")
     if not spec:
@@ -176,7 +176,7 @@ class AsyncEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         # On CPU without a prefix cache, as the generation engines: an answer does not depend on what was served
-        # before, so the served greedy answers are spin_ray.evaluate's.
+        # before, so the served greedy answers are spin_ray.stages.evaluate's.
         args = EngineArgs(model=model, dtype=resolve_dtype(dtype, on_gpu), load_format="safetensors",
                           trust_remote_code=trust_remote_code, max_model_len=max_model_len, disable_log_stats=True,
                           **vllm_device_args(on_gpu, max_model_len), **({} if on_gpu else {"enable_prefix_caching": False}))
@@ -278,7 +278,7 @@ class ModelServer:
     def __init__(self, model: str, dtype: str, max_model_len: int | None, trust_remote_code: bool = False):
         import torch
 
-        from spin_ray.models import local_model
+        from spin_ray.models.loading import local_model
 
         self.engine = AsyncEngine(local_model(model), dtype=dtype, max_model_len=max_model_len,
                                   on_gpu=torch.cuda.is_available(), trust_remote_code=trust_remote_code)
@@ -502,7 +502,7 @@ class Ingress:
 
     def __init__(self, handles: dict[str, Any], paths: dict[str, str], limits: dict[str, Any],
                  trust_remote_code: bool = False):
-        from spin_ray.models import load_tokenizer, local_model
+        from spin_ray.models.loading import load_tokenizer, local_model
 
         self.handles, self.limits = handles, limits
         self.tokenizers = {name: load_tokenizer(local_model(p), trust_remote_code=trust_remote_code)
@@ -612,7 +612,7 @@ class Ingress:
                              "usage": _usage(prompts, tokens)})
 
     def _tokenize(self, req: Any, chat: bool) -> list[Prompt]:
-        from spin_ray.template import prompt_ids
+        from spin_ray.training.template import prompt_ids
 
         tok = self.tokenizers[req.model]
         if chat:

@@ -1,6 +1,6 @@
 """How a window's pairs become optimizer steps and micro-batches: the steps of an epoch, each step's pairs dealt to
 the workers by length, each worker's share cut into micro-batches (by pairs or by a token budget) and evened out
-across workers. Pure Python, no Ray or Arrow: the Train workers (spin_ray.train) and the benchmarks share it."""
+across workers. Pure Python, no Ray or Arrow: the Train workers (spin_ray.stages.train) and the benchmarks share it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`spin-ray plan`: sizes a run on a stated cluster from the model's HF config, the recipe, the data and stated
-hardware figures, without loading weights. What each stage asks Ray for comes from spin_ray/plan.py, the same
+hardware figures, without loading weights. What each stage asks Ray for comes from spin_ray/stages/resources.py, the same
 rules the run applies.
 """
 
@@ -14,11 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig, resolve_dtype
-from spin_ray.plan import Request, phases, preflight, requests, resolve
-from spin_ray.template import CHUNK_TOKENS
+from spin_ray.stages.resources import Request, phases, preflight, requests, resolve
+from spin_ray.training.template import CHUNK_TOKENS
 
-ASSETS = Path(__file__).parent / "assets" / "arch"
+ARCH_DIR = ASSETS / "arch"
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ CPU_BANDWIDTH_TBS = 0.02
 # (train_efficiency). GPU prefill in vLLM: stated, not measured here. CPU: calibrated on this machine's SmolLM2-135M
 # Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see docs/plan.md ("Checked against measured runs").
 MFU = {"gpu_prefill": 0.40, "cpu": 0.60}
-MEASURED_STEPS = Path(__file__).parent / "assets" / "measured_steps.json"
+MEASURED_STEPS = ASSETS / "measured_steps.json"
 OVERHEAD_GB = 2.0
 """Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
@@ -258,7 +259,7 @@ def load_arch(model: str, model_config: str | None = None) -> Arch:
         raise ConfigError(f"--model-config {model_config!r}: no config.json there; pass a model's config.json or "
                           "the folder holding it")
     if model in ARCH_FILES:
-        return Arch.from_hf(json.loads((ASSETS / ARCH_FILES[model]).read_text()), model)
+        return Arch.from_hf(json.loads((ARCH_DIR / ARCH_FILES[model]).read_text()), model)
     raise ConfigError(f"model = {model!r}: spin-ray plan has no architecture facts for it offline; pass its HF "
                       f"config.json with --model-config (shipped: {', '.join(sorted(ARCH_FILES))})")
 
@@ -411,7 +412,7 @@ def prompt_count(cfg: SpinConfig) -> int | None:
     if cfg.data.path == "bundled":
         import pyarrow.parquet as pq
 
-        split = pq.read_table(Path(__file__).parent / "assets" / "tasks.parquet", columns=["split"]).column("split")
+        split = pq.read_table(ASSETS / "tasks.parquet", columns=["split"]).column("split")
         return sum(1 for s in split.to_pylist() if cfg.data.split is None or s == cfg.data.split)
     return DATASET_ROWS.get(cfg.data.path)
 
@@ -452,15 +453,15 @@ def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
 def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
     """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
     model's tokenizer is not at hand (a download, or a model still to be built)."""
-    from spin_ray.builder import model_at_hand
+    from spin_ray.models.builders import model_at_hand
 
     d = cfg.data
     model = model_at_hand(cfg.model)
     if model is None or "://" in d.path or (d.path != "bundled" and not Path(d.path).expanduser().exists()):
         return None
-    from spin_ray.data import load_sft
-    from spin_ray.models import load_tokenizer
-    from spin_ray.template import encode_pair
+    from spin_ray.data.sources import load_sft
+    from spin_ray.models.loading import load_tokenizer
+    from spin_ray.training.template import encode_pair
 
     rows = load_sft(d).rows
     rows = random.Random(cfg.seed).sample(rows, min(SAMPLE_ROWS, len(rows)))

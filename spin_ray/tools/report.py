@@ -10,8 +10,8 @@ import io
 import json
 from typing import Any
 
-from spin_ray import records
-from spin_ray.evaluate import RESULT, eval_dir
+from spin_ray.data import records
+from spin_ray.stages.evaluate import RESULT, eval_dir
 
 COLUMNS = ("model", "task score", "NLL/token", "reward acc", "reward margin", "answer tokens", "hit max_tokens",
            "pairs s", "train s", "eval s")

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any, Iterable
 
-from spin_ray import records
+from spin_ray.data import records
 from spin_ray.config import ConfigError, SpinConfig
 
 # Keys that change how fast a run goes, not what it computes.

@@ -1,5 +1,5 @@
 """The one place that decides what each stage asks Ray for and checks a config against a cluster before any actor
-starts (used at run time; `spin_ray/sizing.py` sizes a run without weights for `spin-ray plan`).
+starts (used at run time; `spin_ray/tools/plan.py` sizes a run without weights for `spin-ray plan`).
 
 Stages and what runs at the same time (loop.py):
   pairs   generation actors (or the warm EnginePool), fed by Ray Data

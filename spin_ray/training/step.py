@@ -2,7 +2,7 @@
 
 The shape torchtune and torchtitan use: `Trainer.setup()` builds, `train_step(micro_batches)` is one optimizer step
 over this worker's micro-batches, `logps(micro_batches)` the same forward without gradients. It imports no Ray, so the
-Ray Train workers (spin_ray.train), the benchmarks and the tests call the same step; with world > 1 the caller has
+Ray Train workers (spin_ray.stages.train), the benchmarks and the tests call the same step; with world > 1 the caller has
 initialised torch.distributed (Ray Train does).
 """
 
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from spin_ray.config import ConfigError, TrainConfig, resolve_dtype
-from spin_ray.loss import spin_loss
-from spin_ray.template import pack_varlen, to_device, varlen_logps
+from spin_ray.training.loss import spin_loss
+from spin_ray.training.template import pack_varlen, to_device, varlen_logps
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -137,7 +137,7 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spin_ray.models import load_config, load_model
+    from spin_ray.models.loading import load_config, load_model
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
@@ -176,7 +176,7 @@ def frozen_model(source: str, tc: TrainConfig, device: torch.device,
                  trust_remote_code: bool = False) -> torch.nn.Module:
     """θ for `pair_logps` alone, on one device without torch.distributed: computed as a Trainer would compute it
     (train.dtype's compute copy), no optimizer, no gradients."""
-    from spin_ray.models import load_model
+    from spin_ray.models.loading import load_model
 
     model = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     dtype = resolve_dtype(tc.dtype, device.type == "cuda")
@@ -234,7 +234,7 @@ class Trainer:
     def setup(self, load_weights: bool = True) -> None:
         """Model, optimizer and lr scheduler. `load_weights` off: the model is left for a checkpoint's state
         (checkpoint.load_state) instead of reading θ_t."""
-        from spin_ray.models import load_model
+        from spin_ray.models.loading import load_model
 
         tc, trust = self.tc, dict(trust_remote_code=self.trust_remote_code)
         if self.sharded:
@@ -317,7 +317,7 @@ class Trainer:
     def logps(self, micro_batches: Sequence[Sequence[Pair]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The policy's summed log-probs (real, generated) of each micro-batch's pairs, float64 on the CPU: the
         forward of `train_step` without gradients. Before the first step the policy is θ_t, so these are the
-        reference log-probs of iteration t (spin_ray.train's reference pass)."""
+        reference log-probs of iteration t (spin_ray.stages.train's reference pass)."""
         # Under DDP the wrapped module: DDP's forward would broadcast buffers, a collective for nothing here.
         model = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
         was_training = model.training

@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spin_ray import records
+from spin_ray.data import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.logs import QUIET_ENV, quiet_ray_data
-from spin_ray.prepare import prepare
+from spin_ray.data.prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,9 @@ def _score_rows(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
     forward in train.dtype (trainer.pair_logps) on one device, in micro-batches of train.micro_batch_size pairs."""
     import torch
 
-    from spin_ray.models import load_tokenizer, local_model
-    from spin_ray.template import encode_pair
-    from spin_ray.trainer import frozen_model, pair_logps
+    from spin_ray.models.loading import load_tokenizer, local_model
+    from spin_ray.training.template import encode_pair
+    from spin_ray.training.step import frozen_model, pair_logps
 
     source = local_model(model)
     trust = dict(trust_remote_code=cfg.trust_remote_code)
@@ -160,8 +160,8 @@ def heldout_answers(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) ->
     `pool` is an EnginePool already holding θ_k (warm, or the one that also writes iteration k's pairs: one engine
     start for both); without one, engines are started for these answers and stopped after them.
     """
-    from spin_ray.generate import EnginePool
-    from spin_ray.plan import resolve
+    from spin_ray.stages.generate import EnginePool
+    from spin_ray.stages.resources import resolve
 
     cfg = resolve(cfg)  # GPU requests made explicit, as for the other stages
     prompts = heldout_prompts(cfg)
@@ -192,7 +192,7 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
     (see heldout_answers). The log-prob pass is one task with a training worker's resources. θ_{k−1}'s evaluation,
     if stored, gives the discriminator view. A stored result is returned as is.
     """
-    from spin_ray.plan import resolve
+    from spin_ray.stages.resources import resolve
 
     here = eval_dir(cfg.storage, k)
     cached = read_eval(cfg.storage, k)
@@ -231,7 +231,7 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
 
 def _with_lm_eval(cfg: SpinConfig, model: str, k: int, result: dict[str, Any]) -> dict[str, Any]:
     """θ_k's stored evaluation with the eval.lm_eval tasks it lacks scored (harness.py) and written into it."""
-    from spin_ray import harness
+    from spin_ray.stages import harness
 
     entry = harness.score(cfg, model, result)
     if entry is None:

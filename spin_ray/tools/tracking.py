@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from spin_ray import records
+from spin_ray.data import records
 from spin_ray.config import ConfigError, SpinConfig, TrackingConfig
-from spin_ray.evaluate import read_eval
+from spin_ray.stages.evaluate import read_eval
 
 STATE = "tracking.json"
 PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny sqlalchemy alembic"), "wandb": ("wandb", "pip install wandb"),

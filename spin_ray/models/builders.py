@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, DataConfig
-from spin_ray.models import build_once, cache_root, is_model_dir, load_model, load_tokenizer, looks_like_hub_id
+from spin_ray.models.loading import build_once, cache_root, is_model_dir, load_model, load_tokenizer, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
 
 
 TASKS_SFT_DIRNAME = "tasks-sft-v1"  # bump the suffix when the recipe below changes: the cache is keyed by it
-TASKS_SFT_SHIPPED = Path(__file__).parent / "assets" / "tasks-sft"
+TASKS_SFT_SHIPPED = ASSETS / "tasks-sft"
 TASKS_SFT_STEPS = 400
 
 
@@ -168,7 +169,7 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    from spin_ray.template import IGNORE, prompt_ids, response_ids
+    from spin_ray.training.template import IGNORE, prompt_ids, response_ids
 
     tokenizer = _char_tokenizer() if start is None else load_tokenizer(str(start))
     examples = [(prompt_ids(tokenizer, r["prompt"]), response_ids(tokenizer, r["real"])) for r in rows]
@@ -206,7 +207,7 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
 def _build_tasks_sft(out: Path, seed: int, steps: int) -> None:
     """A 0.9M-parameter Llama SFT'd from scratch on the bundled tasks' train split: `steps` AdamW steps of 32
     answers at peak lr 2e-3. Deliberately short of convergence: a weak SFT model with room to improve, as SPIN's θ_0."""
-    from spin_ray.data import load_sft  # deferred: pyarrow, only for this build
+    from spin_ray.data.sources import load_sft  # deferred: pyarrow, only for this build
 
     sft(load_sft(DataConfig(path="bundled", split="train")).rows, steps=steps, seed=seed).save(out)
 

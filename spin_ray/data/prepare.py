@@ -2,7 +2,7 @@
 `_SUCCESS.json` last); the held-out split to `<storage>/prompts_eval/`.
 
 The first stage of `generate` and `run`, and `spin-ray prepare`; CPU only, so bad data is refused before any GPU
-work. Ray Data carries the rows: one task per data file streams it in chunks and normalises each row with data.py's
+work. Ray Data carries the rows: one task per data file streams it in chunks and normalises each row with sources.py's
 rules (bad rows are counted or reported, never shipped on); the good rows are hash-partitioned on prompt_id, so each
 exact repeat meets its first occurrence in one task; the kept rows are written as they come. The driver gets only
 summaries from a small actor (per file: shape, split names, counts, the earliest bad row; per partition: duplicates;
@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Union
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from spin_ray import data, records
+from spin_ray.data import sources
+
+from spin_ray.data import records
 from spin_ray.config import ConfigError, DataConfig, SpinConfig
 from spin_ray.logs import QUIET_DATA, quiet, quiet_ray_data
-from spin_ray.manifest import block_digest, fingerprint
-from spin_ray.schemas import PROMPT_SCHEMA
+from spin_ray.data.manifest import block_digest, fingerprint
+from spin_ray.data.schemas import PROMPT_SCHEMA
 
 if TYPE_CHECKING:
     import ray.data
@@ -172,13 +174,13 @@ def data_config(cfg: SpinConfig, heldout: bool = False) -> DataConfig:
 def data_parts(cfg: DataConfig) -> list[Part]:
     """The data files of `cfg.path`, in the order their rows count: listed in the driver (a missing path, a folder
     of no data files or a missing datasets split is refused here, before Ray starts), read by the workers."""
-    path = str(data.BUNDLED) if cfg.path == "bundled" else cfg.path
+    path = str(sources.BUNDLED) if cfg.path == "bundled" else cfg.path
     if "://" in path:
         fs, root = pafs.FileSystem.from_uri(path)
         scheme = path.split("://", 1)[0]
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
-            raise data.not_found(path)
+            raise sources.not_found(path)
         infos = [info] if info.type == pafs.FileType.File else sorted(
             (i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File and i.extension == "parquet" and not i.base_name.startswith(("_", "."))),
@@ -188,13 +190,13 @@ def data_parts(cfg: DataConfig) -> list[Part]:
         return [Part(f"{scheme}://{i.path}", "parquet", f"{scheme}://{i.path}", i.size, i.mtime_ns) for i in infos]
     if os.path.exists(path):
         local = Path(path)
-        if data.is_saved_dataset(local):
-            return _arrow_parts(data.load_saved(local, cfg.split), path)
+        if sources.is_saved_dataset(local):
+            return _arrow_parts(sources.load_saved(local, cfg.split), path)
         return [Part(str(f.absolute()), f.suffix[1:], str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                for f in data.data_files(local)]
-    if data.looks_like_hub_id(path):
-        return _arrow_parts(data.load_hub(path, cfg.split), path)
-    raise data.not_found(path)
+                for f in sources.data_files(local)]
+    if sources.looks_like_hub_id(path):
+        return _arrow_parts(sources.load_hub(path, cfg.split), path)
+    raise sources.not_found(path)
 
 
 def _arrow_parts(ds: Any, source: str) -> list[Part]:
@@ -208,7 +210,7 @@ def _chunks(part: Part) -> Iterator[tuple[list[Any], list[int]]]:
     """(records, their line or row numbers) of one file, CHUNK at a time; an unreadable file is a ConfigError."""
     if part.kind == "jsonl":
         numbered: list[tuple[int, Any]] = []
-        for n, record in data.iter_jsonl(Path(part.uri)):
+        for n, record in sources.iter_jsonl(Path(part.uri)):
             numbered.append((n, record))
             if len(numbered) == CHUNK:
                 yield [r for _, r in numbered], [n for n, _ in numbered]
@@ -217,7 +219,7 @@ def _chunks(part: Part) -> Iterator[tuple[list[Any], list[int]]]:
             yield [r for _, r in numbered], [n for n, _ in numbered]
         return
     if part.kind == "json":
-        rows, _ = data.read_file(Path(part.uri))
+        rows, _ = sources.read_file(Path(part.uri))
         for i in range(0, len(rows), CHUNK):
             yield rows[i:i + CHUNK], list(range(i, min(i + CHUNK, len(rows))))
         return
@@ -236,7 +238,7 @@ def _chunks(part: Part) -> Iterator[tuple[list[Any], list[int]]]:
                 yield rows, list(range(at, at + len(rows)))
                 at += len(rows)
     except (pa.ArrowException, OSError) as e:
-        raise data.unreadable_parquet(part.label, e) from None
+        raise sources.unreadable_parquet(part.label, e) from None
 
 
 # --- the pipeline -----------------------------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def _pipeline(cfg: DataConfig, parts: list[Part], prompts: Source, tally: Any) -
         ds = prompts if isinstance(prompts, ray.data.Dataset) else ray.data.from_arrow(prompts)
         columns = ds.schema().names
         normalised = set(PROMPT_SCHEMA.names) <= set(columns)
-        shape = None if normalised else data.detect_shape(columns, DATASET)
+        shape = None if normalised else sources.detect_shape(columns, DATASET)
         ds = ds.map_batches(_read_dataset, batch_format="pyarrow",
                             fn_kwargs=dict(shape=shape, n_parts=n_parts, tally=tally))
     ds = ds.groupby("part", num_partitions=min(n_parts, 4 * cpus)).map_groups(
@@ -315,16 +317,16 @@ def _read_files(batch: dict[str, Any], *, parts: list[Part], split: str | None, 
                     if isinstance(record, dict):
                         summary["records"] += 1
                         if summary["shape"] is None:
-                            summary["shape"] = data.detect_shape(record.keys(), part.label)
+                            summary["shape"] = sources.detect_shape(record.keys(), part.label)
                         if split is not None and "split" in record:
                             splits.add(record["split"])
                             if record["split"] != split:
                                 continue
                     summary["rows"] += 1
                     try:
-                        prompt, real = data.split_pair(record, summary["shape"])
+                        prompt, real = sources.split_pair(record, summary["shape"])
                     except ValueError as e:
-                        bad[data.bad_kind(e)] += 1
+                        bad[sources.bad_kind(e)] += 1
                         summary["first_bad"] = summary["first_bad"] or (i, at, part.where(at), str(e))
                         continue
                     rows.append(_row(prompt, real, i, at, n_parts))
@@ -354,9 +356,9 @@ def _read_dataset(table: pa.Table, *, shape: str | None, n_parts: int, tally: An
         rows, bad, first_bad = [], Counter(), None
         for record in table.to_pylist():
             try:
-                prompt, real = data.split_pair(record, shape)
+                prompt, real = sources.split_pair(record, shape)
             except ValueError as e:
-                bad[data.bad_kind(e)] += 1
+                bad[sources.bad_kind(e)] += 1
                 first_bad = first_bad or (0, 0, f"a row of {DATASET} ({json.dumps(record, default=str)[:200]})",
                                           str(e))
                 continue
@@ -367,7 +369,7 @@ def _read_dataset(table: pa.Table, *, shape: str | None, n_parts: int, tally: An
 
 
 def _row(prompt: list[dict[str, str]], real: str, file: int, at: int, n_parts: int) -> dict[str, Any]:
-    pid = data.prompt_id(prompt, real)
+    pid = sources.prompt_id(prompt, real)
     return {"prompt_id": pid, "prompt": prompt, "real": real, "file": file, "at": at,
             "part": records.id_part(pid, n_parts)}
 
@@ -416,10 +418,10 @@ def _check(tally: dict[str, Any], cfg: DataConfig, parts: list[Part]) -> None:
         if tally["files"][k]["shape"] and parts:
             shapes.setdefault(tally["files"][k]["shape"], parts[k].label)
     if len(shapes) > 1:
-        raise data.mixed_shapes(shapes)
+        raise sources.mixed_shapes(shapes)
     present = {s for f in files for s in f["splits"]}
     if cfg.split is not None and present and cfg.split not in present:
-        raise data.no_split(cfg.split, sorted(str(s) for s in present if s is not None), cfg.path)
+        raise sources.no_split(cfg.split, sorted(str(s) for s in present if s is not None), cfg.path)
     n_input = sum(f["rows"] for f in files)
     if n_input == 0:
         raise ConfigError(f"{source!r} has no rows (after the split filter); check data.path and data.split")
@@ -429,15 +431,15 @@ def _check(tally: dict[str, Any], cfg: DataConfig, parts: list[Part]) -> None:
     first_bad = min((tuple(f["first_bad"]) for f in files if f["first_bad"]), default=None)
     repeat = tally["first_duplicate"] if cfg.duplicates == "error" else None
     if cfg.on_bad_rows == "error" and first_bad and (repeat is None or first_bad[:2] < tuple(repeat[:2])):
-        raise data.bad_row(first_bad[2], ValueError(first_bad[3]))
+        raise sources.bad_row(first_bad[2], ValueError(first_bad[3]))
     if repeat is not None:
         def where(file: int, at: int) -> str:
             return parts[file].where(at) if parts else f"a row of {DATASET}"
 
-        raise data.repeated_row(where(*repeat[:2]), where(*repeat[2:]))
-    data.report_dropped(source, n_input, bad, tally["duplicates"])
+        raise sources.repeated_row(where(*repeat[:2]), where(*repeat[2:]))
+    sources.report_dropped(source, n_input, bad, tally["duplicates"])
     if not tally["rows"]:
-        raise data.all_bad(source, bad)
+        raise sources.all_bad(source, bad)
 
 
 def _write(dest: str, pipeline: Any, cfg: DataConfig, parts: list[Part], source: Any) -> Prepared:

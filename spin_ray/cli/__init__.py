@@ -1,0 +1,2 @@
+"""The `spin-ray` command: parsing and dispatch (`main`), which cluster a command joins and its watch (`cluster`), where
+progress and logs go (`output`), and the screens people read (`screens`)."""
