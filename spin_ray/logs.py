@@ -9,15 +9,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from spin_ray.models.loading import cache_root
+
+if TYPE_CHECKING:
+    import ray.data
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def logs_dir(storage: str) -> Path:
     """`<storage>/logs`; runs on an object store log under ~/.cache/spin_ray/logs/<bucket path> on each node."""
-    from spin_ray.models.loading import cache_root
-
     root = Path(storage).expanduser() if "://" not in storage else cache_root() / "logs" / storage.split("://", 1)[1]
     return root.resolve() / "logs"
 
@@ -27,6 +30,7 @@ def output_to_file(path: Path) -> None:
 
     For the processes spin_ray owns (an engine actor, a Train worker): Ray forwards what they print to the driver's
     terminal, and a library caller's terminal is theirs. Errors still reach the caller, as the exceptions Ray raises.
+    The CLI's quiet mode points its own process here too, having kept the terminal's descriptors first.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()

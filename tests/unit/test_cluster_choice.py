@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from spin_ray.cli.main import ClusterWatch, choose_cluster
+from spin_ray.cli.cluster import ClusterWatch, choose_cluster
 from spin_ray.config import SpinConfig
 
 
