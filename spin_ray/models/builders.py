@@ -169,6 +169,7 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
+    from spin_ray.training.step import lr_factor
     from spin_ray.training.template import IGNORE, prompt_ids, response_ids
 
     tokenizer = _char_tokenizer() if start is None else load_tokenizer(str(start))
@@ -181,8 +182,7 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
                  else load_model(str(start), dtype=torch.float32))
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else (
-            max(0.0, (steps - s) / max(1, steps - warmup)) if decay else 1.0))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, decay))
         order = torch.randperm(len(examples) * (steps * batch_size // len(examples) + 1)) % len(examples)
         for step in range(steps):
             batch = [examples[i] for i in order[step * batch_size:(step + 1) * batch_size].tolist()]
