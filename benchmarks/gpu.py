@@ -25,7 +25,8 @@ Data: the long-tailed length mix of benchmarks/padding.py (log-normal prompts an
               budget   the same under train.micro_batch_tokens = 2 × micro_batch_size × max_length
             each run --repeats times, interleaved; real tokens/s, MFU (model FLOPs of real tokens, plan's formula,
             over the device's dense bf16 peak), peak allocated memory
-4. plan     spin_ray.tools.plan.train_memory and train_seconds for the same config, next to the measurements
+4. plan     train_memory (spin_ray.training.memory) and train_seconds (spin_ray.tools.plan) for the same config, next
+            to the measurements
 
     python benchmarks/gpu.py --out DIR                  # on a GPU
     SPIN_GPU_TRACE=1 python benchmarks/gpu.py ...       # also print GPU memory after every optimizer step
@@ -243,6 +244,7 @@ def main() -> None:
 
     from padding import long_tailed_pairs, plans
     from spin_ray.tools import plan as planner
+    from spin_ray.training.memory import Arch, train_memory
     from spin_ray.config import SpinConfig
 
     cuda = torch.cuda.is_available()
@@ -259,7 +261,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     source, facts = build_model(args.arch, args.layers, device)
-    arch = planner.Arch.from_hf(facts, os.path.basename(args.arch))
+    arch = Arch.from_hf(facts, os.path.basename(args.arch))
     results["model"] = {"arch": os.path.basename(args.arch), "params": arch.params, "layers": arch.layers,
                         "build_s": time.perf_counter() - t0}
     print(f"model: {arch.params / 1e9:.2f}B params, {arch.layers} layers ({time.perf_counter() - t0:.0f}s), "
@@ -361,7 +363,7 @@ def main() -> None:
     results["summary"] = summary
 
     # 4. What spin-ray plan says for this config on this device.
-    mem = planner.train_memory(arch, cfg)
+    mem = train_memory(arch, cfg)
     b = (fit.get("varlen") or next((rs for rs in fit.values() if rs), [None]))[-1]
     eff = planner.train_efficiency(peak, args.activation_checkpointing, args.compile) if peak else None
     results["plan"] = {} if b is None else {

@@ -169,11 +169,14 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
+    from spin_ray.training.step import lr_factor
     from spin_ray.training.template import IGNORE, prompt_ids, response_ids
 
     tokenizer = _char_tokenizer() if start is None else load_tokenizer(str(start))
     examples = [(prompt_ids(tokenizer, r["prompt"]), response_ids(tokenizer, r["real"])) for r in rows]
     warmup = max(1, steps // 10) if warmup is None else warmup
+    # Right padding masked by length, not by id: EOS, the pad where the model has none, also ends every answer.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
     with torch.random.fork_rng(devices=[]):  # seeding here must not reset the caller's global torch RNG
         torch.manual_seed(seed)
@@ -181,18 +184,19 @@ def sft(rows: Sequence[dict[str, Any]], *, steps: int, lr: float = 2e-3, batch_s
                  else load_model(str(start), dtype=torch.float32))
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else (
-            max(0.0, (steps - s) / max(1, steps - warmup)) if decay else 1.0))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, decay))
         order = torch.randperm(len(examples) * (steps * batch_size // len(examples) + 1)) % len(examples)
         for step in range(steps):
             batch = [examples[i] for i in order[step * batch_size:(step + 1) * batch_size].tolist()]
             width = max(len(p) + len(a) for p, a in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            ids = torch.full((len(batch), width), pad)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE)
             for i, (p, a) in enumerate(batch):
                 ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+                mask[i, :len(p) + len(a)] = 1
                 labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-            logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
+            logits = model(input_ids=ids, attention_mask=mask).logits
             loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

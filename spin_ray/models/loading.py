@@ -127,8 +127,10 @@ def load_config(path: str, *, trust_remote_code: bool = False) -> "PretrainedCon
 
 def check_model(path: str, trust_remote_code: bool = False) -> None:
     """Refuse, before any actor loads it, a local model folder that would fail or be unsafe later: weights only in
-    pickle files, custom code that trust_remote_code has not allowed, no chat template or no pad token (every prompt
-    is rendered with the template; scoring and training pad batches). Reads JSON files only, no weights."""
+    pickle files, custom code that trust_remote_code has not allowed, no tokenizer or no chat template (every prompt
+    is rendered with the template). A pad token is not needed: training and scoring pack sequences without padding
+    (template.pack_varlen), and the transformers generation fallback pads with EOS where there is none. Reads JSON
+    files only, no weights."""
     import json
 
     folder = Path(path)
@@ -157,9 +159,3 @@ def check_model(path: str, trust_remote_code: bool = False) -> None:
         raise ConfigError(f"model {path!r} has no chat template (none in tokenizer_config.json, no "
                           "chat_template.jinja): SPIN renders every prompt with it. Use a chat/instruct (SFT) model, "
                           "or set `tokenizer.chat_template = ...` and `tokenizer.save_pretrained(FOLDER)`")
-    special = folder / "special_tokens_map.json"
-    pad = tok.get("pad_token") or (json.loads(special.read_text()).get("pad_token") if special.is_file() else None)
-    if not pad:
-        raise ConfigError(f"model {path!r} has no pad token (tokenizer_config.json pad_token): scoring and training "
-                          "pad batches with it. Set `tokenizer.pad_token = ...` (a token other than EOS, so padding "
-                          "is never mistaken for the end of an answer) and `tokenizer.save_pretrained(FOLDER)`")

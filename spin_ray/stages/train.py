@@ -34,7 +34,7 @@ from spin_ray.failures import stage
 from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file, quiet_ray_data
 from spin_ray.stages.resources import preflight
 from spin_ray.data.schemas import IDS, LOGPS, TOKENS
-from spin_ray.tools.plan import fit_memory, load_arch
+from spin_ray.training.memory import fit_memory, load_arch
 from spin_ray.training.step import Trainer
 
 log = logging.getLogger(__name__)

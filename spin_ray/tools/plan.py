@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spin_ray.assets import ASSETS
-from spin_ray.config import ConfigError, SpinConfig, TrainConfig, resolve_dtype
+from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.stages.resources import Request, phases, preflight, requests, resolve
-from spin_ray.training.template import CHUNK_TOKENS
-
-ARCH_DIR = ASSETS / "arch"
+from spin_ray.training.memory import AUTO_FILL, GB, Arch, fit_memory, forward_pairs, forward_tokens, train_memory
+from spin_ray.training.memory import load_arch  # noqa: F401  (cli.main's `plan` imports it from here)
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,6 @@ CPU_BANDWIDTH_TBS = 0.02
 # Ray Train run (benchmarks/results/train.json, 1 worker x 1 CPU); see docs/plan.md ("Checked against measured runs").
 MFU = {"gpu_prefill": 0.40, "cpu": 0.60}
 MEASURED_STEPS = ASSETS / "measured_steps.json"
-OVERHEAD_GB = 2.0
-"""Per GPU process: CUDA context, NCCL and cuBLAS workspaces."""
 
 
 def cpu_device(cores: int | None = None, memory_gb: float | None = None) -> Device:
@@ -171,161 +168,6 @@ def parse_cluster(spec: str, cpus_per_node: int | None = None) -> ClusterSpec:
     return ClusterSpec(nodes, gpus, device, cpus_per_node or 12 * gpus)
 
 
-@dataclass(frozen=True)
-class Arch:
-    """The architecture facts of a decoder-only (Llama/Mistral/Qwen-style, gated MLP) model's HF config."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def from_hf(cls, config: dict, name: str) -> Arch:
-        try:
-            heads = config["num_attention_heads"]
-            return cls(name, config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
-                       config.get("num_key_value_heads") or heads,
-                       config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
-                       bool(config.get("tie_word_embeddings", False)))
-        except KeyError as e:
-            raise ConfigError(f"model config for {name!r} lacks {e.args[0]!r}; spin-ray plan reads decoder-only HF "
-                              "configs (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
-                              "vocab_size)") from None
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @property
-    def layer_params(self) -> int:
-        q = self.heads * self.head_dim
-        # q and o projections, k and v, gate/up/down, two RMSNorm weights
-        return 2 * self.hidden * q + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.intermediate + \
-            2 * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each decoder layer's linear projections, by their Llama-style module names."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-                "up_proj": (h, i), "down_proj": (i, h)}
-
-    def lora_params(self, r: int, targets: list[str]) -> int:
-        """Adapter weights of rank `r` on the named projections of every layer: r·(in + out) each (A and B)."""
-        shapes = self.linear_shapes()
-        unknown = sorted(set(targets) - set(shapes))
-        if unknown:
-            raise ConfigError(f"train.lora.target_modules: spin-ray plan knows the sizes of {', '.join(shapes)}, "
-                              f"not {', '.join(unknown)}")
-        return self.layers * sum(r * sum(shapes[t]) for t in set(targets))
-
-    def forward_flops_per_token(self, context: int) -> float:
-        """2 FLOPs per weight of every matmul (the LM head too, tied or not) plus causal attention over `context`
-        tokens (QKᵀ and AV, each 2·q_dim per attended token, half the context on average)."""
-        matmul = self.layers * (self.layer_params - 2 * self.hidden) + self.vocab * self.hidden
-        return 2 * matmul + 2 * self.layers * self.heads * self.head_dim * context
-
-
-# Model names the configs use → shipped HF config.json facts (this machine is offline).
-ARCH_FILES = {
-    "alignment-handbook/zephyr-7b-sft-full": "zephyr-7b-sft-full.json",
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "SmolLM2-1.7B-Instruct.json",
-    "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct.json",
-    "smollm2-135m": "SmolLM2-135M-Instruct.json",
-    "tiny": "tiny-llama.json",
-    "tasks-sft": "tasks-sft.json",
-}
-
-
-def load_arch(model: str, model_config: str | None = None) -> Arch:
-    """Architecture of `model` from `model_config` (a config.json or a folder holding one), a local model folder,
-    or the facts shipped for the preset configs' models."""
-    source = model_config or model
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        return Arch.from_hf(json.loads(path.read_text()), source)
-    if model_config is not None:
-        raise ConfigError(f"--model-config {model_config!r}: no config.json there; pass a model's config.json or "
-                          "the folder holding it")
-    if model in ARCH_FILES:
-        return Arch.from_hf(json.loads((ARCH_DIR / ARCH_FILES[model]).read_text()), model)
-    raise ConfigError(f"model = {model!r}: spin-ray plan has no architecture facts for it offline; pass its HF "
-                      f"config.json with --model-config (shipped: {', '.join(sorted(ARCH_FILES))})")
-
-
-GB = 1e9
-
-
-def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
-    """Bytes per training device of `cfg` (resolved: plan.resolve and fit_memory), by part (worst case: a worker's
-    largest forward, `forward_tokens`, full).
-
-    fp32 master parameters, gradients and optimizer state (RMSprop 1 state, AdamW 2), sharded over the workers under
-    fsdp (over a shard group of train.hsdp_shard_size under HSDP). In reduced precision (train.dtype; bf16 by default on GPU) both strategies run through FSDP2's
-    MixedPrecisionPolicy (ddp as a replicate-only mesh, train.py): a layer is gathered in bf16 when it is used (two in
-    flight with prefetch) and gradients are reduced in fp32 in place, with no bucket copy. Only fp32 DDP with more than
-    one worker (Ray Train wraps no single worker) keeps DDP's fp32 gradient buckets.
-    The optimizer step's foreach kernels hold one more fp32 buffer the size of the (local) parameters (AdamW's and
-    RMSprop's sqrt of the second moment): a 7B AdamW step on one H200 peaked at 144.9 GB, 5 x 29 GB
-    (benchmarks/results/gpu). Activations and logits are freed by then, so the sum is an upper bound.
-    Activations per token per layer: 16·hidden + 4·kv_dim + 8·intermediate bytes in bf16 (RMSNorm inputs in fp32,
-    q/k/v, attention output, gate/up/act outputs; SDPA keeps no seq² matrix), twice that in fp32; with gradient
-    checkpointing only each layer's input is kept, plus one layer's activations during recompute; with selective
-    checkpointing each layer's input and the outputs it keeps (trainer.SAVED_OPS: q, k, v, attention, o, gate, up,
-    down), 5·hidden + 2·kv_dim + 2·intermediate values, plus one layer's recompute. Logits: bf16, their
-    fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
-    CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
-    With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
-    state; those, the fp32 master copy and the step's buffer are the adapters' only. Each adapter also keeps its A
-    output (r values per token) and, under dropout, its dropped input.
-    """
-    t, p = cfg.train, arch.params
-    if "auto" in (t.micro_batch_tokens, t.activation_checkpointing):
-        raise ValueError("train_memory takes a config whose `auto` memory settings are chosen: fit_memory")
-    trained = p if t.lora is None else arch.lora_params(t.lora.r, t.lora.target_modules)
-    dtype = resolve_dtype(t.dtype, t.use_gpu)
-    reduced = dtype != "float32"
-    width = 2 if reduced else 4  # bytes per activation value
-    fsdp = t.strategy == "fsdp"
-    shards = (t.hsdp_shard_size or t.num_workers) if fsdp else 1  # HSDP: sharded within a group, replicated across
-    states = 2 if t.optimizer == "adamw" else 1
-    tokens = forward_tokens(cfg)
-    adapters = 0
-    if t.lora is not None:
-        shapes = arch.linear_shapes()
-        adapters = width * sum(t.lora.r + (shapes[m][0] if t.lora.dropout else 0) for m in set(t.lora.target_modules))
-    per_layer = (16 * arch.hidden + 4 * arch.kv_dim + 8 * arch.intermediate) * width // 2 + adapters
-    kept = {"none": arch.layers * per_layer,
-            "selective": arch.layers * (width * (5 * arch.hidden + 2 * arch.kv_dim + 2 * arch.intermediate)
-                                        + adapters) + per_layer,
-            "full": arch.layers * arch.hidden * width + per_layer}[t.activation_checkpointing]
-    acts = tokens * kept
-    ddp_buckets = not fsdp and not reduced and t.num_workers > 1
-    frozen = {} if t.lora is None else {f"frozen base ({dtype})": width * p / shards}  # the adapters are extra
-    return {
-        **frozen,
-        "parameters (fp32)" if t.lora is None else "adapters (fp32)": 4 * trained / shards,
-        "gradients (fp32)": 4 * trained / shards + (4 * trained if ddp_buckets else 0),
-        f"optimizer ({t.optimizer}, fp32)": 4 * states * trained / shards,
-        "optimizer step (foreach)": 4 * trained / shards,
-        "weights in use": 2 * 2 * arch.layer_params if reduced else 4 * 2 * arch.layer_params if fsdp else 0,
-        "activations": acts,
-        "logits": (10 if reduced else 8) * min(tokens, CHUNK_TOKENS) * arch.vocab,
-        "runtime overhead": OVERHEAD_GB * GB if t.use_gpu else 0,
-    }
-
-
 def vllm_memory(arch: Arch, cfg: SpinConfig, device: Device) -> dict[str, float]:
     """Bytes per vLLM actor's GPU: bf16 weights split over tensor_parallel_size, the KV cache gets the rest of
     gpu_memory_utilization after 1.5 GB for activations and CUDA graphs."""
@@ -373,17 +215,88 @@ GOAL_HOURS = 1.5
 """The time goal the plan compares a GPU iteration with (the paper's recipe on one 8-GPU node); --goal-hours."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Generation:
+    """One generation phase at the full window: what a vLLM engine holds and how long its share of prompts takes."""
+
+    memory: dict[str, float] | None
+    """Bytes per vLLM actor's GPU by part (vllm_memory); None where generation runs on CPU."""
+    seqs: int
+    """Sequences of `context` tokens an engine's KV cache holds (generate.batch_size on CPU)."""
+    context: float
+    per_actor: int
+    """Prompts per actor."""
+    queued: int
+    """Sequences an engine is handed at once: generate.batch_size x batches_in_flight."""
+    max_seqs: int
+    concurrency: int
+    """Sequences decoded together."""
+    compute_s: float
+    """Prefill compute bound."""
+    memory_s: float
+    """Decode bound: weights and half the KV cache read per step."""
+
+    @property
+    def seconds(self) -> float:
+        return max(self.compute_s, self.memory_s)
+
+
+@dataclass(frozen=True)
 class Plan:
-    lines: list[str]
+    """What `spin-ray plan` finds for a config on a cluster (make_plan); `render` writes it as the printed lines."""
+
+    cfg: SpinConfig
+    """Resolved for the cluster, `auto` memory settings chosen (fit_memory)."""
+    asked: TrainConfig
+    """train as configured, before anything `auto` was chosen."""
+    cluster: ClusterSpec
+    arch: Arch
+    prompts: int
+    tokens: PairTokens
+    requests: dict[str, Request]
+    phases: dict[str, list[str]]
+    """Phase name → the stages that run together in it."""
+    on_gpu: bool
+    capacity: float
+    """Bytes per training device: a GPU's memory, or a CPU worker's share of its node's RAM."""
+    train_memory: dict[str, float]
+    generation: Generation
+    train_device: Device
+    passes: int
+    """Forwards' worth of FLOPs per trained token (train_seconds)."""
+    efficiency: Efficiency | None
+    """The measured GPU step the training time assumes; None on CPU."""
+    utilisation: float
+    window_pairs: int
+    window_tokens: float
+    train_s: float
+    reference_s: float
+    fixed_s: float
+    goal_hours: float
     problems: list[str]
-    seconds_per_iteration: float
-    gpus_by_phase: dict[str, float]
-    """GPUs each phase holds (phase name → GPUs), from the same requests the run makes."""
 
     @property
     def fits(self) -> bool:
         return not self.problems
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        return self.generation.seconds + self.reference_s + self.train_s + self.fixed_s
+
+    @property
+    def needs(self) -> dict[str, dict[str, float]]:
+        """GPUs and CPUs each phase holds, from the same requests the run makes."""
+        return {phase: {k: sum(self.requests[m].total()[k] for m in members) for k in ("GPU", "CPU")}
+                for phase, members in self.phases.items()}
+
+    @property
+    def gpus_by_phase(self) -> dict[str, float]:
+        """GPUs each phase holds (phase name → GPUs)."""
+        return {phase: need["GPU"] for phase, need in self.needs.items()}
+
+    @property
+    def lines(self) -> list[str]:
+        return render(self)
 
 
 @dataclass(frozen=True)
@@ -474,7 +387,8 @@ def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
 def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int | None = None,
               prompt_tokens: float | None = None, answer_tokens: float | None = None,
               goal_hours: float = GOAL_HOURS) -> Plan:
-    """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`."""
+    """Stages, their devices and what runs together, memory per device and time per stage for `cfg` on `cluster`
+    (`render` writes it out)."""
     problems: list[str] = []
     asked = cfg.train
     nodes = [cluster.node] * cluster.nodes
@@ -483,7 +397,7 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     except ConfigError as e:
         problems.append(str(e))
         cfg = resolve(cfg, cluster.total, nodes)
-    dev, gb = cluster.device, lambda b: f"{b / GB:.1f} GB"
+    dev = cluster.device
     on_gpu = cluster.gpus_per_node > 0 and cfg.train.use_gpu
     cfg = fit_memory(cfg, arch, dev.memory_gb * GB if on_gpu else None)
     prompts = prompts or prompt_count(cfg)
@@ -491,84 +405,19 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
         raise ConfigError(f"data.path = {cfg.data.path!r}: spin-ray plan does not know its size offline; set "
                           "data.max_rows or pass --prompts N")
     tok = pair_tokens(cfg, prompt_tokens=prompt_tokens, answer_tokens=answer_tokens)
-    g, t = cfg.generate, cfg.train
+    t = cfg.train
     reqs = requests(cfg)
-    out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
-           f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
-           f"cluster {cluster.nodes} node(s) x {cluster.gpus_per_node} x {dev.name}, {cluster.cpus_per_node} CPUs per "
-           f"node: {dev.peak_tflops:g} TFLOP/s peak, {dev.bandwidth_tbs:g} TB/s, {dev.memory_gb:.4g} GB per device",
-           f"data {prompts} prompts per iteration, window {cfg.loop.window}; tokens per pair {tok.pair:.0f} = 2 x "
-           f"{tok.prompt:.0f} prompt + {tok.real:.0f} human answer + {tok.generated:.0f} generated (at most "
-           f"generate.max_tokens + EOS), from {tok.source}",
-           "", "stages (resources per actor/worker):"]
-    for name, r in reqs.items():
-        where = f"{r.gpus:g} GPU + {r.cpus:g} CPU" if r.gpus else f"{r.cpus:g} CPU"
-        out.append(f"  {name:<9} {r.count} x {r.what} [{r.field}], {where} each")
-    out += _workers_note(asked, t, cluster)
-    out.append("at the same time (the phases take turns):")
-    gpus_by_phase = {}
-    for phase, members in phases(cfg).items():
-        need = {k: sum(reqs[m].total()[k] for m in members) for k in ("GPU", "CPU")}
-        gpus_by_phase[phase] = need["GPU"]
-        out.append(f"  {phase:<7} {' + '.join(members):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
-                   f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
-
-    capacity = dev.memory_gb * GB
+    # CPU workers share their node's RAM
+    capacity = dev.memory_gb * GB if on_gpu else dev.memory_gb * GB * cluster.nodes / t.num_workers
     train_mem = train_memory(arch, cfg)
-    if not on_gpu:
-        capacity = dev.memory_gb * GB * cluster.nodes / t.num_workers  # workers share their node's RAM
-    micro = (f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound)"
-             if t.micro_batch_tokens is None else f"micro-batch {forward_tokens(cfg)} tokens")
-    lora = "" if t.lora is None else (
-        f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
-        f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
-    out += ["", f"memory per training {'GPU' if on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}"
-                f"{f', HSDP shards of {t.hsdp_shard_size}' if t.hsdp_shard_size else ''}, {t.num_workers} worker(s), "
-                f"{micro}, activation checkpointing {t.activation_checkpointing}):"]
     total = sum(train_mem.values())
-    out += _memory_note(asked, cfg, on_gpu, capacity, total <= capacity)
-    out += [f"  {k:<26} {gb(v):>10}" for k, v in train_mem.items()]
-    out.append(f"  {'total':<26} {gb(total):>10} of {gb(capacity)}")
     if total > capacity:
-        problems.append(f"training needs {gb(total)} per {'GPU' if on_gpu else 'worker'} but has {gb(capacity)}: "
+        problems.append(f"training needs {_gb(total)} per {'GPU' if on_gpu else 'worker'} but has {_gb(capacity)}: "
                         "use train.strategy=fsdp with more train.num_workers, train.activation_checkpointing=full, a "
                         "smaller train.micro_batch_size or data.max_length, "
                         f"{'train.lora (adapters only), ' if t.lora is None else ''}or larger devices")
-    context = tok.prompt + g.max_tokens
-    if reqs["generate"].gpus:
-        v = vllm_memory(arch, cfg, dev)
-        seqs = int(v["KV cache"] // (kv_bytes_per_token(arch) * context))
-        out += ["", f"memory per vLLM actor ({g.tensor_parallel_size} GPU, gpu_memory_utilization "
-                    f"{g.gpu_memory_utilization}):"]
-        out += [f"  {k:<26} {gb(val):>10}" for k, val in v.items()]
-        out.append(f"  KV cache holds {seqs} sequences of {context:.0f} tokens ({kv_bytes_per_token(arch)} B/token)")
-        if g.tensor_parallel_size > cluster.gpus_per_node:
-            problems.append(f"generate.tensor_parallel_size = {g.tensor_parallel_size} exceeds the "
-                            f"{cluster.gpus_per_node} GPUs of a node; one engine runs on one node")
-        if seqs < 1:
-            problems.append(f"a vLLM engine's bf16 weights ({gb(v['weights (bf16)'])}) leave no KV cache for one "
-                            f"{context:.0f}-token sequence in {g.gpu_memory_utilization} x "
-                            f"{dev.memory_gb:g} GB: raise generate.tensor_parallel_size or "
-                            "generate.gpu_memory_utilization")
-    else:
-        seqs = g.batch_size
-
-    def unit_tflops(r: Request) -> float:
-        return (r.gpus * dev.peak_tflops if r.gpus else r.cpus * CPU_TFLOPS_PER_CORE) * 1e12
-
-    gen_gpu = bool(reqs["generate"].gpus)
-    gen_dev_mfu = MFU["gpu_prefill"] if gen_gpu else MFU["cpu"]
-    per_actor = math.ceil(prompts / g.num_actors)
-    gen_compute = 2 * arch.params * context * per_actor / (unit_tflops(reqs["generate"]) * gen_dev_mfu)
-    # An engine holds batches_in_flight calls of batch_size prompts: vLLM decodes at most that many together.
-    queued = g.batch_size * g.batches_in_flight
-    max_seqs = vllm_max_num_seqs(dev) if gen_gpu else queued
-    concurrency = max(1, min(per_actor, seqs, max_seqs, queued))
-    bandwidth = (dev.bandwidth_tbs if gen_gpu else CPU_BANDWIDTH_TBS) * 1e12 * (g.tensor_parallel_size if gen_gpu
-                                                                                else 1)
-    step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
-    gen_memory = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
-    gen_s = max(gen_compute, gen_memory)
+    generation, gen_problems = _generation(cfg, arch, cluster, prompts, tok, reqs["generate"])
+    problems += gen_problems
     window_pairs = prompts * min(cfg.loop.window, cfg.loop.iterations)
     train_dev = dev if on_gpu else dataclasses.replace(dev, peak_tflops=t.num_cpus_per_worker * CPU_TFLOPS_PER_CORE,
                                                        name="CPU")
@@ -579,109 +428,125 @@ def make_plan(cfg: SpinConfig, cluster: ClusterSpec, arch: Arch, *, prompts: int
     train_s = train_seconds(arch, window_tokens * t.epochs, tok.sequence, t.num_workers, train_dev, passes, mfu)
     reference_s = train_seconds(arch, window_tokens, tok.sequence, t.num_workers, train_dev, 1, mfu)
     fixed_s = (ENGINE_START_S + TRAIN_START_S) if on_gpu else 0.0
-    iteration_s = gen_s + reference_s + train_s + fixed_s
+    return Plan(cfg, asked, cluster, arch, prompts, tok, reqs, phases(cfg), on_gpu, capacity, train_mem, generation,
+                train_dev, passes, eff, mfu, window_pairs, window_tokens, train_s, reference_s, fixed_s, goal_hours,
+                problems)
+
+
+def _generation(cfg: SpinConfig, arch: Arch, cluster: ClusterSpec, prompts: int, tok: PairTokens,
+                request: Request) -> tuple[Generation, list[str]]:
+    """One generation phase on `request`'s devices, and why its engines would not run."""
+    g, dev, problems = cfg.generate, cluster.device, []
+    context = tok.prompt + g.max_tokens
+    memory = None
+    if request.gpus:
+        memory = vllm_memory(arch, cfg, dev)
+        seqs = int(memory["KV cache"] // (kv_bytes_per_token(arch) * context))
+        if g.tensor_parallel_size > cluster.gpus_per_node:
+            problems.append(f"generate.tensor_parallel_size = {g.tensor_parallel_size} exceeds the "
+                            f"{cluster.gpus_per_node} GPUs of a node; one engine runs on one node")
+        if seqs < 1:
+            problems.append(f"a vLLM engine's bf16 weights ({_gb(memory['weights (bf16)'])}) leave no KV cache for one "
+                            f"{context:.0f}-token sequence in {g.gpu_memory_utilization} x "
+                            f"{dev.memory_gb:g} GB: raise generate.tensor_parallel_size or "
+                            "generate.gpu_memory_utilization")
+    else:
+        seqs = g.batch_size
+    flops = (request.gpus * dev.peak_tflops if request.gpus else request.cpus * CPU_TFLOPS_PER_CORE) * 1e12
+    per_actor = math.ceil(prompts / g.num_actors)
+    compute_s = 2 * arch.params * context * per_actor / (flops * (MFU["gpu_prefill"] if request.gpus else MFU["cpu"]))
+    # An engine holds batches_in_flight calls of batch_size prompts: vLLM decodes at most that many together.
+    queued = g.batch_size * g.batches_in_flight
+    max_seqs = vllm_max_num_seqs(dev) if request.gpus else queued
+    concurrency = max(1, min(per_actor, seqs, max_seqs, queued))
+    bandwidth = (dev.bandwidth_tbs if request.gpus else CPU_BANDWIDTH_TBS) * 1e12 * (g.tensor_parallel_size
+                                                                                  if request.gpus else 1)
+    step_bytes = 2 * arch.params + concurrency * context / 2 * kv_bytes_per_token(arch)
+    memory_s = math.ceil(per_actor / concurrency) * g.max_tokens * step_bytes / bandwidth
+    return Generation(memory, seqs, context, per_actor, queued, max_seqs, concurrency, compute_s, memory_s), problems
+
+
+def render(plan: Plan) -> list[str]:
+    """The lines `spin-ray plan` prints for `plan`."""
+    cfg, cluster, arch, tok, gen = plan.cfg, plan.cluster, plan.arch, plan.tokens, plan.generation
+    g, t, dev = cfg.generate, cfg.train, cluster.device
+    out = [f"model {arch.name}: {arch.params / 1e9:.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
+           f"{arch.heads}/{arch.kv_heads} q/kv heads, vocab {arch.vocab}{', tied' if arch.tied else ''})",
+           f"cluster {cluster.nodes} node(s) x {cluster.gpus_per_node} x {dev.name}, {cluster.cpus_per_node} CPUs per "
+           f"node: {dev.peak_tflops:g} TFLOP/s peak, {dev.bandwidth_tbs:g} TB/s, {dev.memory_gb:.4g} GB per device",
+           f"data {plan.prompts} prompts per iteration, window {cfg.loop.window}; tokens per pair {tok.pair:.0f} = 2 x "
+           f"{tok.prompt:.0f} prompt + {tok.real:.0f} human answer + {tok.generated:.0f} generated (at most "
+           f"generate.max_tokens + EOS), from {tok.source}",
+           "", "stages (resources per actor/worker):"]
+    for name, r in plan.requests.items():
+        where = f"{r.gpus:g} GPU + {r.cpus:g} CPU" if r.gpus else f"{r.cpus:g} CPU"
+        out.append(f"  {name:<9} {r.count} x {r.what} [{r.field}], {where} each")
+    out += _workers_note(plan.asked, t, cluster)
+    out.append("at the same time (the phases take turns):")
+    for phase, need in plan.needs.items():
+        out.append(f"  {phase:<7} {' + '.join(plan.phases[phase]):<22} {need['GPU']:g} GPU, {need['CPU']:g} CPU "
+                   f"of {cluster.total['GPU']:g} GPU, {cluster.total['CPU']:g} CPU")
+
+    micro = (f"micro-batch {forward_pairs(cfg)} pairs x {cfg.data.max_length} tokens (bound)"
+             if t.micro_batch_tokens is None else f"micro-batch {forward_tokens(cfg)} tokens")
+    lora = "" if t.lora is None else (
+        f"LoRA r={t.lora.r} on {', '.join(t.lora.target_modules)}: "
+        f"{arch.lora_params(t.lora.r, t.lora.target_modules) / 1e6:.1f} M trained parameters, ")
+    out += ["", f"memory per training {'GPU' if plan.on_gpu else 'worker (host RAM)'} ({lora}{t.strategy}"
+                f"{f', HSDP shards of {t.hsdp_shard_size}' if t.hsdp_shard_size else ''}, {t.num_workers} worker(s), "
+                f"{micro}, activation checkpointing {t.activation_checkpointing}):"]
+    total = sum(plan.train_memory.values())
+    out += _memory_note(plan.asked, cfg, plan.on_gpu, plan.capacity, total <= plan.capacity)
+    out += [f"  {k:<26} {_gb(v):>10}" for k, v in plan.train_memory.items()]
+    out.append(f"  {'total':<26} {_gb(total):>10} of {_gb(plan.capacity)}")
+    if gen.memory is not None:
+        out += ["", f"memory per vLLM actor ({g.tensor_parallel_size} GPU, gpu_memory_utilization "
+                    f"{g.gpu_memory_utilization}):"]
+        out += [f"  {k:<26} {_gb(val):>10}" for k, val in gen.memory.items()]
+        out.append(f"  KV cache holds {gen.seqs} sequences of {gen.context:.0f} tokens ({kv_bytes_per_token(arch)} "
+                   "B/token)")
+
+    mfu, iteration_s, eff = plan.utilisation, plan.seconds_per_iteration, plan.efficiency
     flops = arch.forward_flops_per_token(tok.sequence)
     out += ["", "time per iteration (at the full window):",
-            f"  generate  {_dur(gen_s):>9}  {prompts} x {g.max_tokens} new tokens on {g.num_actors} actor(s); "
-            f"max(prefill compute {_dur(gen_compute)}, weight+KV reads {_dur(gen_memory)} at {concurrency} "
-            "sequences/step)",
-            f"  reference {_dur(reference_s):>9}  θ_t's log-probs of {window_pairs} pairs: {window_tokens / 1e6:.1f} M "
-            f"tokens x 1 forward x {flops / 1e9:.3g} GFLOP/token on {t.num_workers} worker(s) at {mfu:.0%} MFU",
-            f"  train     {_dur(train_s):>9}  {window_pairs} pairs x {tok.pair:.0f} tokens x {t.epochs} epochs = "
-            f"{window_tokens * t.epochs / 1e6:.1f} M tokens x {passes} forwards ({_passes(t)}) x {flops / 1e9:.3g} "
-            f"GFLOP/token on {t.num_workers} worker(s) x {train_dev.peak_tflops:g} TFLOP/s at {mfu:.0%} MFU"]
-    if on_gpu:
-        out.append(f"  fixed     {_dur(fixed_s):>9}  engine start and weight load {ENGINE_START_S:.0f} s, Train "
+            f"  generate  {_dur(gen.seconds):>9}  {plan.prompts} x {g.max_tokens} new tokens on {g.num_actors} "
+            f"actor(s); max(prefill compute {_dur(gen.compute_s)}, weight+KV reads {_dur(gen.memory_s)} at "
+            f"{gen.concurrency} sequences/step)",
+            f"  reference {_dur(plan.reference_s):>9}  θ_t's log-probs of {plan.window_pairs} pairs: "
+            f"{plan.window_tokens / 1e6:.1f} M tokens x 1 forward x {flops / 1e9:.3g} GFLOP/token on "
+            f"{t.num_workers} worker(s) at {mfu:.0%} MFU",
+            f"  train     {_dur(plan.train_s):>9}  {plan.window_pairs} pairs x {tok.pair:.0f} tokens x {t.epochs} "
+            f"epochs = {plan.window_tokens * t.epochs / 1e6:.1f} M tokens x {plan.passes} forwards ({_passes(t)}) x "
+            f"{flops / 1e9:.3g} GFLOP/token on {t.num_workers} worker(s) x {plan.train_device.peak_tflops:g} TFLOP/s "
+            f"at {mfu:.0%} MFU"]
+    if plan.on_gpu:
+        out.append(f"  fixed     {_dur(plan.fixed_s):>9}  engine start and weight load {ENGINE_START_S:.0f} s, Train "
                    f"workers' start, weight broadcast and export {TRAIN_START_S:.0f} s (stated)")
     out.append(f"  iteration {_dur(iteration_s):>9}; {cfg.loop.iterations} iterations "
                f"{_dur(iteration_s * cfg.loop.iterations)}")
-    if gen_gpu and queued < min(per_actor, seqs, max_seqs):
+    if gen.memory is not None and gen.queued < min(gen.per_actor, gen.seqs, gen.max_seqs):
         out.append(f"  generate.batch_size {g.batch_size} x batches_in_flight {g.batches_in_flight} keeps at most "
-                   f"{queued} sequences decoding per engine where vLLM would run {min(seqs, max_seqs)} ({dev.name}: "
-                   f"max_num_seqs {max_seqs}, KV cache {seqs}); a generate.batch_size of "
-                   f"{math.ceil(2 * max_seqs / g.batches_in_flight)} keeps it full")
-    if on_gpu:
-        out += _goal(goal_hours, iteration_s, train_s + reference_s, eff)
+                   f"{gen.queued} sequences decoding per engine where vLLM would run {min(gen.seqs, gen.max_seqs)} "
+                   f"({dev.name}: max_num_seqs {gen.max_seqs}, KV cache {gen.seqs}); a generate.batch_size of "
+                   f"{math.ceil(2 * gen.max_seqs / g.batches_in_flight)} keeps it full")
+    if eff is not None:
+        out += _goal(plan.goal_hours, iteration_s, plan.train_s + plan.reference_s, eff)
     trainer = (f"training and its reference pass (the same forward) at {mfu:.0%} of peak in computed FLOPs, from "
                f"the step {eff.measurement.describe()}, {eff.note}" if eff else
                f"training at {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU (calibrated on a measured CPU run)")
     out += ["", "assumptions: " + "; ".join([
-        trainer, f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated)" if gen_gpu
+        trainer, f"{MFU['gpu_prefill']:.0%} vLLM prefill (stated)" if gen.memory is not None
         else f"generation at {MFU['cpu']:.0%} of AVX2 fp32 peak on CPU",
-        f"vLLM: bf16 weights, {concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
-        "KV cache holds and generate.batch_size x batches_in_flight bound it), decode bandwidth-bound (all weights and half the KV read per step), every answer runs to "
-        "generate.max_tokens",
+        f"vLLM: bf16 weights, {gen.concurrency} sequences decoded together per engine (vLLM's max_num_seqs, what its "
+        "KV cache holds and generate.batch_size x batches_in_flight bound it), decode bandwidth-bound (all weights "
+        "and half the KV read per step), every answer runs to generate.max_tokens",
         "training and the reference pass compute real tokens only (pack_varlen: no padding); memory is bounded "
         "with a worker's largest forward full (train.micro_batch_tokens, else train.micro_batch_size pairs at "
         "data.max_length)",
         "checkpoints, held-out evaluation and Ray overheads excluded"])]
     out.append("")
-    out.append("fits" if not problems else "does NOT fit:\n  - " + "\n  - ".join(problems))
-    return Plan(out, problems, iteration_s, gpus_by_phase)
-
-
-def forward_tokens(cfg: SpinConfig) -> int:
-    """Tokens in one worker's largest forward (`cfg` resolved): train.micro_batch_tokens, else train.micro_batch_size
-    pairs (`forward_pairs`) at data.max_length; never more than the worker's share of a step at data.max_length."""
-    t, length = cfg.train, cfg.data.max_length
-    if t.micro_batch_tokens is None:
-        return 2 * forward_pairs(cfg) * length
-    return min(t.micro_batch_tokens, 2 * (t.global_batch_size // t.num_workers) * length)
-
-
-RECOMPUTE = ("none", "full")
-"""What `auto` tries for train.activation_checkpointing, the faster first: by the measured steps (measured_steps.json)
-full recompute ran at 12.9% MFU on the H100 and selective at 8.8%, and selective keeps more memory than full, so
-`auto` never picks it (it stays available when stated)."""
-AUTO_FILL = 0.85
-"""The share of a device `auto` fills by train_memory: PyTorch's caching allocator reserved 7% (H100, 36.7 of 34.3 GB
-allocated, benchmarks/results/gpu/h100-per-sequence-sdpa/compile.json) to 15% (H200, 97.5 of 85.2 GB,
-benchmarks/results/gpu/h200-smollm2-1.7b.json) more than the peak allocated."""
-
-
-def fit_memory(cfg: SpinConfig, arch: Arch, capacity: float | None) -> SpinConfig:
-    """`cfg` (resolved: plan.resolve) with `auto` train.activation_checkpointing and train.micro_batch_tokens chosen
-    for `capacity` bytes per Train worker by train_memory: the rule spin-ray plan prints and the Train workers apply
-    with their device's memory (train.fit_device_memory).
-
-    The fastest recompute policy (RECOMPUTE) under which a forward of the smallest budget, 2 x data.max_length (any
-    pair fits), fits in AUTO_FILL of `capacity`; under it the largest budget that fits, up to the worker's share of a
-    step. Where none fits:
-    full recompute at the smallest budget (spin-ray plan reports the shortfall). `capacity` None, a CPU worker, whose
-    host RAM the node's other processes share: no recompute and micro_batch_size pairs at data.max_length, fixed.
-    """
-    t = cfg.train
-    if "auto" not in (t.micro_batch_tokens, t.activation_checkpointing):
-        return cfg
-
-    def sized(policy: str, tokens: int | None) -> SpinConfig:
-        return dataclasses.replace(cfg, train=dataclasses.replace(t, activation_checkpointing=policy,
-                                                                  micro_batch_tokens=tokens))
-
-    def fits(policy: str, tokens: int | None) -> bool:
-        return sum(train_memory(arch, sized(policy, tokens)).values()) <= AUTO_FILL * capacity
-
-    policies = RECOMPUTE if t.activation_checkpointing == "auto" else (t.activation_checkpointing,)
-    if capacity is None:
-        return sized(policies[0], 2 * forward_pairs(cfg) * cfg.data.max_length if t.micro_batch_tokens == "auto"
-                     else t.micro_batch_tokens)
-    if t.micro_batch_tokens != "auto":
-        return sized(next((p for p in policies if fits(p, t.micro_batch_tokens)), policies[-1]), t.micro_batch_tokens)
-    smallest = 2 * cfg.data.max_length
-    policy = next((p for p in policies if fits(p, smallest)), None)
-    if policy is None:
-        return sized(policies[-1], smallest)
-    low, high = smallest, 2 * (t.global_batch_size // t.num_workers) * cfg.data.max_length + 1
-    while high - low > 1:  # fits(policy, low) holds; memory grows with the budget: bisect to the last that fits
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(policy, mid) else (low, mid)
-    return sized(policy, low)
-
-
-def forward_pairs(cfg: SpinConfig) -> int:
-    """Pairs in one worker's largest forward: train.micro_batch_size caps it, a worker's share of the global batch
-    too (`cfg` resolved)."""
-    return min(cfg.train.micro_batch_size, cfg.train.global_batch_size // cfg.train.num_workers)
+    out.append("fits" if plan.fits else "does NOT fit:\n  - " + "\n  - ".join(plan.problems))
+    return out
 
 
 def _passes(t: TrainConfig) -> str:
@@ -750,6 +615,10 @@ def _goal(goal_hours: float, iteration_s: float, trainer_s: float, eff: Efficien
     return [f"  goal      {goal_hours:g} h per iteration (--goal-hours): NOT met, {_dur(iteration_s)}; the Train "
             f"workers' training and reference pass take {_dur(trainer_s)} of it at {eff.utilisation:.0%} MFU, "
             f"{source} ({m.date}, {m.attention.split(' (')[0]}); the goal needs {needs}"]
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.1f} GB"
 
 
 def _dur(seconds: float) -> str:

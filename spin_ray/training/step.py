@@ -27,12 +27,13 @@ Pair = Mapping[str, Any]
 `ref_logp_real`, `ref_logp_generated`."""
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then linear decay to 0, as HF's `linear` schedule, except that step 0 already gets
-    1/warmup of the peak (HF spends the first update at lr 0)."""
+def lr_factor(step: int, total: int, warmup: int, decay: bool = True) -> float:
+    """Linear warmup then linear decay to 0 at `total` (or, without `decay`, the peak held), as HF's `linear`
+    schedule, except that step 0 already gets 1/warmup of the peak (HF spends the first update at lr 0). The trainer's
+    schedule and models.builders.sft's."""
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    return max(0.0, (total - step) / max(1, total - warmup)) if decay else 1.0
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention (most of the recompute's FLOPs); the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 import spin_ray
-from spin_ray.config import ConfigError
+from spin_ray.config import ConfigError, GenerateConfig, TrainConfig
 from spin_ray.models.builders import build_tiny_model
 from spin_ray.models.loading import load_config, load_model, load_tokenizer
+from spin_ray.stages.generate import TransformersEngine
+from spin_ray.training.step import Trainer
 
 # Imported by transformers only when remote code is allowed: it leaves a file behind to prove it ran.
 CUSTOM_CODE = '''
@@ -101,3 +104,30 @@ def test_a_stage_names_the_fix_before_loading(tiny: Path, tmp_path: Path) -> Non
     (model / "model.safetensors").rename(model / "pytorch_model.bin")
     with pytest.raises(ConfigError, match=r"holds only pickle weights \(pytorch_model.bin\).*save_pretrained"):
         load_tokenizer(str(model))
+
+
+def test_a_model_without_a_pad_token_is_accepted_trains_and_generates(tiny: Path, tmp_path: Path) -> None:
+    """Nothing pads in training or scoring (template.pack_varlen); the transformers generation fallback pads prompts
+    of different lengths with EOS."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        if (model / name).is_file():
+            facts = {k: v for k, v in json.loads((model / name).read_text()).items()
+                     if k not in ("pad_token", "pad_token_id")}
+            (model / name).write_text(json.dumps(facts))
+    tokenizer = load_tokenizer(str(model))
+    assert tokenizer.pad_token is None
+
+    trainer = Trainer(str(model), TrainConfig(optimizer="adamw", lr=1e-3), total_steps=1)
+    trainer.setup()
+    pairs = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
+             {"prompt_ids": [5], "real_ids": [12, 2], "generated_ids": [15, 16, 17, 2]}]
+    (real, generated), = trainer.logps([pairs])
+    metrics = trainer.train_step([[{**p, "ref_logp_real": float(r), "ref_logp_generated": float(g)}
+                                   for p, r, g in zip(pairs, real, generated)]])
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["grad_norm"] > 0
+
+    engine = TransformersEngine(str(model), GenerateConfig(max_tokens=4), on_gpu=False, tokenizer=tokenizer)
+    answers = engine.generate([[5, 6, 7, 8], [5]], seeds=[0, 1])
+    assert len(answers) == 2 and all(a.num_tokens <= 4 for a in answers)

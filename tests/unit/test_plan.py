@@ -9,7 +9,8 @@ import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.stages.resources import auto_shard_size, auto_workers, phases, preflight, requests, resolve
-from spin_ray.tools.plan import load_arch, make_plan, parse_cluster
+from spin_ray.tools.plan import make_plan, parse_cluster
+from spin_ray.training.memory import load_arch
 
 CPU4 = {"CPU": 4.0}
 

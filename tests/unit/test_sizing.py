@@ -1,4 +1,5 @@
-"""spin_ray.tools.plan: `spin-ray plan`'s memory and time arithmetic on stated clusters, and its CLI.
+"""spin_ray.training.memory and spin_ray.tools.plan: `spin-ray plan`'s memory and time arithmetic on stated clusters,
+and its CLI.
 
 No Ray, no weights. Expected numbers are derived by hand in the comments.
 """
@@ -15,8 +16,8 @@ import torch
 from spin_ray.tools import plan as sizing
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.stages.resources import resolve
-from spin_ray.tools.plan import (AUTO_FILL, GB, Arch, _dur, fit_memory, load_arch, make_plan, pair_tokens, parse_cluster,
-                             train_memory)
+from spin_ray.tools.plan import _dur, make_plan, pair_tokens, parse_cluster
+from spin_ray.training.memory import ARCH_DIR, AUTO_FILL, GB, Arch, fit_memory, load_arch, train_memory
 
 
 def cfg(*overrides: str) -> SpinConfig:
@@ -382,7 +383,7 @@ def test_a_cpu_train_worker_takes_the_fixed_choice(tmp_path):
     from spin_ray.stages.train import fit_device_memory
     from spin_ray.training.step import Trainer
 
-    (tmp_path / "config.json").write_text((sizing.ARCH_DIR / "tiny-llama.json").read_text())
+    (tmp_path / "config.json").write_text((ARCH_DIR / "tiny-llama.json").read_text())
     c = resolve(cfg("train.activation_checkpointing=auto", "train.micro_batch_tokens=auto"), {"CPU": 4.0})
     t = fit_device_memory(c, str(tmp_path), torch.device("cpu"), rank=0, world=1).train
     assert (t.activation_checkpointing, t.micro_batch_tokens) == ("none", 1024)

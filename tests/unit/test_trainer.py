@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spin_ray.config import TrainConfig
-from spin_ray.training.step import Trainer
+from spin_ray.training.step import Trainer, lr_factor
 
 PAIRS = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
          {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]},
@@ -64,6 +64,13 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tiny_model):
     far = [(x - y).abs() for x, y in zip(one.model.parameters(), four.model.parameters())]
     assert max(d.max().item() for d in far) <= 2.01e-3
     assert sum(int((d > 1e-6).sum()) for d in far) <= 1e-4 * sum(d.numel() for d in far)
+
+
+def test_lr_schedule_warms_up_from_the_first_step_then_decays_to_zero_or_holds():
+    """The one schedule of the trainer and of models.builders.sft: warmup 2 of 6 steps."""
+    assert [lr_factor(s, 6, 2) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [lr_factor(s, 6, 2, decay=False) for s in range(7)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 3, 0) for s in range(4)] == [1.0, 2 / 3, 1 / 3, 0.0]  # no warmup: the peak at step 0
 
 
 @pytest.mark.parametrize("policy, compiled", [("full", False), ("selective", False), ("none", True)])
