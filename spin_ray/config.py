@@ -113,7 +113,7 @@ class TrainConfig:
     """Token budget per worker forward instead of micro_batch_size: length-grouped pairs are added while their tokens
     fit (a forward is their sequences flattened one after another, with no padding); short pairs then go many to a
     forward. None = off. `auto`: the largest budget that fits the worker's device memory, up to its share of a step
-    (spin_ray/tools/plan.py fit_memory, the rule `spin-ray plan` prints); on CPU, micro_batch_size pairs at
+    (spin_ray/training/memory.py fit_memory, the rule `spin-ray plan` prints); on CPU, micro_batch_size pairs at
     data.max_length."""
     lr: float = 5e-7
     beta: float = 0.1
@@ -138,7 +138,7 @@ class TrainConfig:
     """Recompute in the backward pass instead of keeping activations, per decoder layer: `full` keeps only each
     layer's input (least memory, one more forward); `selective` also keeps the matmul and attention outputs and
     recomputes only the element-wise ops between them (little extra compute); `none` keeps everything. `auto`:
-    none if its memory fits 85% of the worker's device, else full (sizing.fit_memory); none on CPU."""
+    none if its memory fits 85% of the worker's device, else full (memory.fit_memory); none on CPU."""
     compile: bool = False
     """torch.compile each decoder layer with dynamic shapes (fused element-wise kernels; the first step pays the
     compilation, micro-batches of new lengths reuse its graph)."""

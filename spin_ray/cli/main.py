@@ -72,7 +72,8 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plan(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from spin_ray.tools.plan import load_arch, make_plan, parse_cluster  # deferred (torch): bad input is refused first
+    from spin_ray.tools.plan import make_plan, parse_cluster  # deferred (torch): bad input is refused first
+    from spin_ray.training.memory import load_arch
 
     plan = make_plan(cfg, parse_cluster(args.cluster, args.cpus_per_node), load_arch(cfg.model, args.model_config),
                      prompts=args.prompts, prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,

@@ -237,7 +237,7 @@ def final_metrics(lines: list[str], n_rows: int, epochs: int) -> dict[str, Any]:
 
 
 def fit_device_memory(cfg: SpinConfig, source: str, device: torch.device, rank: int, world: int) -> SpinConfig:
-    """`auto` train.activation_checkpointing and train.micro_batch_tokens by spin-ray plan's rule (sizing.fit_memory)
+    """`auto` train.activation_checkpointing and train.micro_batch_tokens by spin-ray plan's rule (memory.fit_memory)
     for this worker's device: on CUDA the smallest total memory of the workers' devices (every worker must run as
     many forwards, each a collective under FSDP2, under one recompute policy); on CPU the fixed choice."""
     tc = cfg.train

@@ -18,7 +18,6 @@ from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.stages.resources import Request, phases, preflight, requests, resolve
 from spin_ray.training.memory import AUTO_FILL, GB, Arch, fit_memory, forward_pairs, forward_tokens, train_memory
-from spin_ray.training.memory import load_arch  # noqa: F401  (cli.main's `plan` imports it from here)
 
 
 @dataclass(frozen=True)
