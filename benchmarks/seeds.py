@@ -4,7 +4,7 @@ spin_ray seeds every prompt's answer (spin_ray.stages.generate.sample_seed: seed
 redone on another engine samples the same answer whatever the batching. vLLM samples a seeded request with its own
 torch.Generator, one request at a time, while unseeded requests share one batched draw from the engine's RNG.
 
-One vLLM engine in this process with the pipeline's CPU settings (spin_ray.stages.generate.vllm_device_args), the same
+One vLLM engine in this process with the pipeline's CPU settings (spin_ray.stages.engine.vllm_device_args), the same
 prompts (bundled tasks, cycled to --prompts rows, rendered by spin_ray.training.template.prompt_ids), temperature 1.0:
   seeded    SamplingParams(seed=sample_seed(...)) per request, the pipeline's call;
   unseeded  SamplingParams(seed=None): the engine's RNG, i.e. one seed per batch.
@@ -48,7 +48,8 @@ def main() -> None:
 
     from spin_ray.config import DataConfig
     from spin_ray.data.sources import load_sft
-    from spin_ray.stages.generate import sample_seed, vllm_device_args
+    from spin_ray.stages.engine import vllm_device_args
+    from spin_ray.stages.generate import sample_seed
     from spin_ray.models.loading import load_tokenizer
     from spin_ray.models.builders import resolve_model
     from spin_ray.training.template import prompt_ids, truncate_prompt

