@@ -7,9 +7,12 @@ import os
 import platform
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import psutil
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class RssSampler:
@@ -155,3 +158,19 @@ def start_ray(**kwargs) -> None:
                 raise
             ray.shutdown()
             print(f"ray.init timed out (load average {loadavg()}); retrying", flush=True)
+
+
+def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Complete pairs folders as one pyarrow Table, each in prompt-id order (the training table that the driver read
+    before `train.index_pairs`); a missing column or an unfinished folder is an error naming it."""
+    import pyarrow as pa  # deferred: a heavy import most benchmarks here do not need
+
+    from spin_ray.data import records
+    from spin_ray.data.schemas import PAIRS_COLUMNS
+
+    tables = []
+    for uri in uris:
+        records.pairs_files(uri, columns)
+        # In prompt-id order, not in the order the pipeline happened to write the rows: the same table in every run.
+        tables.append(records.read_table(uri).sort_by("prompt_id").select(columns or list(PAIRS_COLUMNS)))
+    return pa.concat_tables(tables)

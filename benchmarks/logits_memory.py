@@ -4,7 +4,7 @@ labelled positions only, in chunks), same model, same micro-batch, same AdamW st
 
 Model: a random Llama with SmolLM2-135M's widths (576 hidden, 9/3 heads, 1536 MLP), --layers layers and a --vocab
 vocabulary (default 32000), float32 on CPU; --recompute turns on full activation checkpointing on both sides.
-Micro-batch: --tokens tokens (default 8192) of pairs (before: template.pack_pairs rows; after: flattened), each pair a
+Micro-batch: --tokens tokens (default 8192) of pairs (before: baselines.pack_pairs rows; after: flattened), each pair a
 prompt of --prompt tokens twice and two answers filling the rest of --row tokens, so answers are (row − 2·prompt)/row
 of the tokens, as in SPIN pairs.
 
@@ -55,8 +55,9 @@ def step_memory(variant: str, args: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from baselines import pack_pairs
+
     from spin_ray.config import TrainConfig
-    from spin_ray.training.template import pack_pairs
     from spin_ray.training.step import Trainer
 
     torch.manual_seed(0)

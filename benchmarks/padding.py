@@ -1,10 +1,10 @@
 """Padding-free batching: real tokens/s and padding share of the trainer's micro-batches, before and after, same run.
 
 before          the old rule: each worker's pairs in random order, micro_batch_size pairs per forward, padded to the
-                longest of the 2B sequences (template.collate)
+                longest of the 2B sequences (baselines.collate)
 grouped         length grouping (spin_ray.training.batching.worker_shares + even_micro_batches) at the same micro_batch_size, still
                 2B padded sequences: what grouping alone buys
-packed          the rule before flattening: each pair packed in one row (template.pack_pairs: both sequences side by
+packed          the rule before flattening: each pair packed in one row (baselines.pack_pairs: both sequences side by
                 side, own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
                 train.micro_batch_tokens with at most spin_ray.training.batching.MAX_PADDING of a forward's tokens padding
 varlen          spin_ray.train today: Trainer.train_step on flattened micro-batches (template.pack_varlen: whole
@@ -83,7 +83,7 @@ def layout_trainer(*args, **kwargs):
     sequences padded to the longest) and `pack_pairs` (each pair in one row, both sequences side by side with a
     block-diagonal causal mask, rows padded to the longest) are the padded layouts it replaced. Only
     Trainer.forward differs: every layout's step is Trainer.train_step (loss, accumulation, clipping, optimizer)."""
-    from spin_ray.training.template import collate, pack_pairs, packed_logps, sequence_logps
+    from baselines import collate, pack_pairs, packed_logps, sequence_logps
     from spin_ray.training.step import Trainer
 
     class LayoutTrainer(Trainer):
@@ -149,8 +149,8 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
                 for b in batches]
 
     return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], "collate"),
-            "grouped": (grouped, "collate"), "packed": (budgeted(), "pack_pairs"),
-            "varlen": (budgeted(padded=False), "varlen")}
+            "grouped": (grouped, "collate"), "packed": (budgeted(padded=True), "pack_pairs"),
+            "varlen": (budgeted(), "varlen")}
 
 
 def planned_padding(pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], layout: str) -> float:

@@ -1,5 +1,5 @@
 """What training's driver holds of the pairs: `train.index_pairs` (keys, lengths, where each row is) against the old
-path, the whole training table read into the driver (`records.read_pairs_table` with the token ids, then
+path, the whole training table read into the driver (`_common.read_pairs_table` with the token ids, then
 `packed_lengths`), as the baseline.
 
 Data: a synthetic pairs folder like generation writes (prompt ids, iteration, token ids with lognormal lengths:
@@ -31,9 +31,10 @@ from _common import loadavg, machine, print_table, write_json  # noqa: E402
 MEASURE = """
 import json, sys, time, resource
 import numpy as np
-from spin_ray.data import records
 from spin_ray.stages.train import index_pairs, load_share, packed_lengths
-folder, side = sys.argv[1:3]
+folder, side, here = sys.argv[1:4]
+sys.path.insert(0, here)
+from _common import read_pairs_table
 print("ready", flush=True)
 sys.stdin.readline()
 t = time.perf_counter()
@@ -41,8 +42,7 @@ if side in ("index", "share"):
     index, keys = index_pairs([folder])
     n = len(index.lengths)
 else:
-    table = records.read_pairs_table([folder], columns=["iteration", "prompt_id", "prompt_ids", "real_ids",
-                                                        "generated_ids"])
+    table = read_pairs_table([folder], columns=["iteration", "prompt_id", "prompt_ids", "real_ids", "generated_ids"])
     lengths = packed_lengths(table).tolist()
     n = table.num_rows
 seconds = time.perf_counter() - t
@@ -83,7 +83,8 @@ def write_pairs(folder: Path, rows: int, files: int, seed: int = 0) -> None:
 
 
 def measure(folder: Path, side: str) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(folder), side], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(folder), side,
+                             os.path.dirname(os.path.abspath(__file__))], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     p = psutil.Process(proc.pid)

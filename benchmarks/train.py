@@ -116,7 +116,8 @@ if __name__ == "__main__":
     import pyarrow.parquet as pq
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import RssSampler, loadavg, machine, pid_in, print_table, start_ray, synthetic_pairs, write_json
+    from _common import (RssSampler, loadavg, machine, pid_in, print_table, read_pairs_table, start_ray,
+                         synthetic_pairs, write_json)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help='"smollm2-135m", "tiny" or an HF folder')
@@ -184,7 +185,7 @@ if __name__ == "__main__":
         with open(os.path.join(pairs_dir, records.MARKER), "w") as f:
             json.dump({"rows": len(rows)}, f)
     # the ids the trainer reads, and the synthesized pairs' reference
-    rows = records.read_pairs_table([pairs_dir], columns=list(IDS) + (list(LOGPS) if score_s else [])).to_pylist()
+    rows = read_pairs_table([pairs_dir], columns=list(IDS) + (list(LOGPS) if score_s else [])).to_pylist()
     if score_s is None:  # an existing pairs folder: θ_0's log-probs as the reference, as above
         ref_model = frozen_model(model, TrainConfig(), torch.device("cpu"))
         logps = pair_logps(ref_model, [rows[i:i + 8] for i in range(0, len(rows), 8)], torch.device("cpu"))

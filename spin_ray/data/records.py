@@ -200,15 +200,3 @@ def pairs_files(uri: str, columns: list[str] | None = None) -> list[str]:
         if missing:
             raise ConfigError(f"pairs at {uri} lack column(s) {missing}; regenerate them with `spin-ray generate`")
     return files
-
-
-def read_pairs_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
-    """Complete pairs folders as one table, each in prompt-id order; a missing column or an unfinished folder is an
-    error naming it."""
-    tables = []
-    for uri in uris:
-        pairs_files(uri, columns)
-        # In prompt-id order, not in the order the pipeline happened to write the rows: training's seeded batches
-        # are then the same in every run (a resumed run trains the same model).
-        tables.append(read_table(uri).sort_by("prompt_id").select(columns or list(PAIRS_COLUMNS)))
-    return pa.concat_tables(tables)

@@ -30,15 +30,15 @@ def worker_shares(step_rows: Sequence[int], lengths: Sequence[int], world: int) 
 
 
 def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None, max_tokens: int | None,
-                  max_padding: float = MAX_PADDING, padded: bool = True) -> list[list[int]]:
+                  max_padding: float = MAX_PADDING, padded: bool = False) -> list[list[int]]:
     """A worker's share split into length-grouped micro-batches.
 
     `lengths[i]` is pair i's two sequences' tokens (prompt twice, both answers); `max_pairs` bounds the pairs of a
-    micro-batch and `max_tokens` its cost. `padded`: B pairs are B rows padded to the longest (template.pack_pairs),
-    costing B·max(length) tokens, and under a token budget a micro-batch also ends before its padding would pass
-    `max_padding` of its tokens (a large budget would otherwise take a whole long-tailed share in one forward, padded
-    to its longest row). Not `padded`: the pairs' sequences are flattened without padding (template.pack_varlen), and
-    a micro-batch costs the sum of its lengths.
+    micro-batch and `max_tokens` its cost. By default, the trainer's layout: the pairs' sequences are flattened
+    without padding (template.pack_varlen), and a micro-batch costs the sum of its lengths. `padded` (the benchmarks'
+    baseline, benchmarks/baselines.pack_pairs): B pairs are B rows padded to the longest, costing B·max(length)
+    tokens, and under a token budget a micro-batch also ends before its padding would pass `max_padding` of its tokens
+    (a large budget would otherwise take a whole long-tailed share in one forward, padded to its longest row).
     """
     out: list[list[int]] = []
     current: list[int] = []
@@ -58,7 +58,7 @@ def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int
 
 def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_pairs: int | None,
                        max_tokens: int | None, max_padding: float = MAX_PADDING,
-                       padded: bool = True) -> list[list[list[int]]]:
+                       padded: bool = False) -> list[list[list[int]]]:
     """Every worker's micro-batches, the larger ones split until all workers run the same number: each FSDP2
     forward all-gathers across workers, so one worker with an extra micro-batch would wait forever."""
     plans = [micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens, max_padding=max_padding,

@@ -3,9 +3,9 @@
 uclaml/SPIN sampled y' under an Alpaca prompt and scored it under the Zephyr chat template (uclaml/SPIN#9, #33); here
 the generator is fed exactly the prompt token ids that the trainer puts in front of the response.
 
-Also the batch layouts of those ids and their log-probs: `pack_varlen` + `varlen_attention` (the scorer's and the
-trainer's: whole sequences flattened, no padding), `collate` and `pack_pairs` (padded layouts, kept as exact
-references and benchmark baselines), and `label_logps` (the LM head at the labelled positions only, in chunks).
+Also the batch layout of those ids and its log-probs: `pack_varlen` + `varlen_attention` (the scorer's and the
+trainer's: whole sequences flattened, no padding) and `head_logps` (the LM head at the labelled positions only, in
+chunks). The padded layouts it replaced are benchmarks/baselines.py's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 IGNORE = -100
 CHUNK_TOKENS = 1024
-"""Labelled positions per LM-head chunk in `label_logps`: the most fp32 logits held at once (1024 x vocab x 4 bytes,
+"""Labelled positions per LM-head chunk in `head_logps`: the most fp32 logits held at once (1024 x vocab x 4 bytes,
 128 MB at a 32k vocabulary), instead of every position's."""
 
 
@@ -69,24 +69,6 @@ def answer_ids(tokenizer: Any, prompt: list[int], real: str, generated: str, *,
             "generated_ids": response_ids(tokenizer, generated)[:room]}
 
 
-def collate(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B sequences: the B real ones first, then the B generated ones.
-
-    `labels` holds the token ids at response positions and IGNORE at prompt and padding positions.
-    """
-    seqs = [(p["prompt_ids"], p[key]) for key in ("real_ids", "generated_ids") for p in pairs]
-    width = max(len(q) + len(a) for q, a in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (q, a) in enumerate(seqs):
-        n = len(q) + len(a)
-        input_ids[i, :n] = torch.tensor(q + a)
-        labels[i, len(q):n] = torch.tensor(a)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log-softmax of the head's logits gathered at `targets`: (N, H) -> (N,), float32."""
     return -F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
@@ -123,64 +105,6 @@ def head_logps(model: torch.nn.Module, positions: torch.Tensor, targets: torch.T
         return model(**inputs).logits
     finally:
         del head.forward
-
-
-def label_logps(model: torch.nn.Module, labels: torch.Tensor, *, chunk_tokens: int = CHUNK_TOKENS,
-                **inputs: torch.Tensor) -> torch.Tensor:
-    """log π(labels[:, t+1] | tokens ≤ t) at every position t whose next label is not IGNORE, 0 elsewhere: shape
-    (B, W − 1), float32, by `head_logps`. For the padded layouts (collate, pack_pairs)."""
-    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    logps = head_logps(model, rows * labels.shape[1] + cols, labels[rows, cols + 1], chunk_tokens=chunk_tokens,
-                       **inputs)
-    return logps.new_zeros(labels.shape[0], labels.shape[1] - 1).index_put((rows, cols), logps)
-
-
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log π(response | prompt) per sequence, shape (N,), in float32.
-
-    Only positions with a label count: prompt and padding are masked, the appended EOS is included.
-    """
-    return label_logps(model, batch["labels"], input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).sum(-1)
-
-
-def pack_pairs(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row per pair, padding-free inside it: [prompt + real][prompt + generated] side by side, each sequence
-    with its own positions from 0 and a block-diagonal causal mask, so neither attends to the other; rows are
-    right-padded to the longest (length-grouped micro-batches keep that small).
-
-    `attention_mask` is 4D boolean (B, 1, W, W), which transformers passes to SDPA as it is; a padding position
-    attends to itself only (a query that attends to nothing gives NaN). `segment` is 1 on the real sequence's
-    tokens, 2 on the generated one's, 0 on padding; `labels` as in `collate`.
-    """
-    seqs = [(p["prompt_ids"] + p["real_ids"], p["prompt_ids"] + p["generated_ids"], len(p["prompt_ids"]))
-            for p in pairs]
-    width = max(len(a) + len(b) for a, b, _ in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    segment = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.eye(width, dtype=torch.bool).repeat(len(seqs), 1, 1, 1)
-    for i, (a, b, n_prompt) in enumerate(seqs):
-        start = 0
-        for seg, seq in ((1, a), (2, b)):
-            end = start + len(seq)
-            input_ids[i, start:end] = torch.tensor(seq)
-            position_ids[i, start:end] = torch.arange(len(seq))
-            labels[i, start + n_prompt:end] = torch.tensor(seq[n_prompt:])
-            segment[i, start:end] = seg
-            mask[i, 0, start:end, start:end] = torch.ones(len(seq), len(seq), dtype=torch.bool).tril()
-            start = end
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "labels": labels,
-            "segment": segment}
-
-
-def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log π(response | prompt) of the real and of the generated sequence of each packed row, float32."""
-    token_logps = label_logps(model, batch["labels"], input_ids=batch["input_ids"],
-                              attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
-    segment = batch["segment"][:, 1:]
-    return (token_logps * (segment == 1)).sum(-1), (token_logps * (segment == 2)).sum(-1)
 
 
 VARLEN = "spin_varlen"
@@ -382,9 +306,9 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """Causal attention within each sequence of a flattened batch (`varlen_logps` passes its VarlenBatch's
     `cu_seqlens`, `max_length` and host `bounds`), so no mask exists and no query meets another sequence's keys: on
     CUDA (with `fused`) `fused_attention`, else `per_sequence_attention`. Without `cu_seq_lens_q` it is
-    transformers' SDPA attention: a 4D mask (pack_pairs) is used as given; for a 2D padding mask transformers builds
-    none under a custom attention, and causal attention never reaches a right-padded batch's padding (collate), so
-    such batches compute as before."""
+    transformers' SDPA attention: a 4D mask (benchmarks/baselines.pack_pairs) is used as given; for a 2D padding mask
+    transformers builds none under a custom attention, and causal attention never reaches a right-padded batch's
+    padding (baselines.collate), so such batches compute as before."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

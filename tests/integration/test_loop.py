@@ -17,6 +17,7 @@ from spin_ray.data import records
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.stages.evaluate import read_eval
 from spin_ray.stages.loop import model_path, run, run_iteration
+from spin_ray.training.batching import plan_steps
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +47,16 @@ def engines():
 
 def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
     seen, started = [], engines()
+    t0 = time.perf_counter()
     results = run(cfg_for(tiny_model, tmp_path), on_iteration=seen.append)
+    wall = time.perf_counter() - t0
     assert [r.iteration for r in results] == [0, 1] and seen == results
+    # The phases are disjoint spans of this call: together they fit in its wall time, the reference pass inside
+    # training. Each iteration starts its own engines (no keep_warm), which takes vLLM seconds, not microseconds.
+    phases = [{k: r.seconds[k] for k in ("engines", "pairs", "train", "eval")} for r in results]
+    assert sum(sum(p.values()) for p in phases) <= wall, (phases, wall)
+    assert all(r.seconds["reference"] <= r.seconds["train"] for r in results)
+    assert all(p["engines"] > 1.0 and p["pairs"] > 0.1 and p["train"] > 1.0 for p in phases), phases
     # One engine start per iteration serves its pairs and its θ_t's held-out answers; θ_2's evaluation starts one more.
     assert len(engines() - started) == 3
     it0, it1 = (os.path.join(tmp_path, f"iter_{t}") for t in (0, 1))
@@ -67,8 +76,6 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
         assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines(tmp_path, t))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {k: v["status"] for k, v in manifest["stages"].items()} == {"iter_0": "done", "iter_1": "done"}
-    # Every stage reports its seconds (their values are benchmarks' business, not this test's).
-    assert {"pairs", "reference", "train", "generate", "engines", "eval"} <= results[1].seconds.keys()
     # θ_0, θ_1 and θ_2 are evaluated on the same held-out prompts; each iterate against the one before it.
     evals = [read_eval(str(tmp_path), k) for k in range(3)]
     assert [e["theta"] for e in evals] == [0, 1, 2] and all(e["rows"] == 8 for e in evals)
@@ -86,7 +93,8 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
     assert all(os.path.getsize(tmp_path / f) > 5000 for f in ("report_training.png", "report_eval.png"))
     cli = subprocess.run(spin_ray_cli("report", str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and "| θ_2 (iter_1) **kept** (last) |" in cli.stdout and report in cli.stdout, cli.stderr[-2000:]
-    assert all(v >= 0 for v in results[1].seconds.values()) and results[1].seconds["generate"] > 0
+    # The engines' busy time, parsed from Ray Data's stats (a stats line the parser misses leaves no key).
+    assert all(r.seconds["generate"] > 0 for r in results), [r.seconds for r in results]
 
     # The same command again redoes nothing; another config is refused unless forced.
     mtimes = {f: os.path.getmtime(os.path.join(it0, "pairs", f)) for f in os.listdir(os.path.join(it0, "pairs"))}
@@ -224,13 +232,17 @@ def test_resume_after_kills_inside_and_between_stages(tiny_model, ray_cluster, t
                         screen[-1]), screen[-1]
     assert not any(line.startswith(("{", '"')) for line in done.stdout.splitlines())  # the object is behind --json
     # The terminal gets progress, the table and the report; Ray's, vLLM's and the workers' logs go to the file.
-    assert "full log in" in done.stdout and "train step" in done.stdout and "report:" in done.stdout
-    # Every step of iteration 1 (trained by this run) is a line stamped with the step's own time, before θ_2's
-    # "saved" line.
+    assert "full log in" in done.stdout and "report:" in done.stdout
+    # Every step line is one of iteration 1's optimizer steps (iteration 0 was finished before this run), each once
+    # and in order, out of as many as the config makes: 16 pairs in global batches of 8, 20 epochs. Each is stamped
+    # with the step's own time, before θ_2's "saved" line.
+    cfg = SpinConfig.load(None, sets)
+    total = len(plan_steps(16, cfg.train.global_batch_size, cfg.train.num_workers)) * cfg.train.epochs
     lines = done.stdout.splitlines()
     saved_at = next(i for i, line in enumerate(lines) if "iteration 1: θ_2 saved" in line)
-    step_lines = [(i, line) for i, line in enumerate(lines) if "iteration 1: train step" in line]
-    assert [int(line.split("train step ")[1].split("/")[0]) for _, line in step_lines] == list(range(1, 41))
+    step_lines = [(i, line) for i, line in enumerate(lines) if "train step" in line]
+    assert [re.search(r"iteration (\d+): train step (\d+)/(\d+) ", line).groups() for _, line in step_lines] == [
+        ("1", str(k), str(total)) for k in range(1, total + 1)], [line for _, line in step_lines]
     assert max(i for i, _ in step_lines) < saved_at
     step_times = [time.strftime("%H:%M:%S", time.localtime(json.loads(line)["time"]))
                   for line in (tmp_path / "iter_1" / "train_metrics.jsonl").read_text().splitlines()]

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from spin_ray.config import TrainConfig
-from spin_ray.training.template import pack_pairs, packed_logps
-from spin_ray.training.step import build_sharded, grad_sync
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+from baselines import pack_pairs, packed_logps  # noqa: E402
+
+from spin_ray.config import TrainConfig  # noqa: E402
+from spin_ray.training.step import build_sharded, grad_sync  # noqa: E402
 
 
 @pytest.fixture

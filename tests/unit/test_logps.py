@@ -1,14 +1,22 @@
-"""Log-probs through the LM head at the labelled positions only, in chunks (template.label_logps), against the
+"""Log-probs through the LM head at the labelled positions only, in chunks (template.head_logps, by the padded
+layouts of benchmarks/baselines.py and by the trainer's flattened one), against the
 full-vocabulary logits at every position that the trainer and scorer computed before: equal values and gradients."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from spin_ray.models.loading import load_model
-from spin_ray.training.template import IGNORE, collate, label_logps, pack_pairs, packed_logps, sequence_logps
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+from baselines import collate, label_logps, pack_pairs, packed_logps, sequence_logps  # noqa: E402
+
+from spin_ray.models.loading import load_model  # noqa: E402
+from spin_ray.training.template import IGNORE  # noqa: E402
 
 PAIRS = [{"prompt_ids": [5, 6, 7], "real_ids": [8, 9, 2], "generated_ids": [10, 2]},
          {"prompt_ids": [5, 11], "real_ids": [12, 13, 14, 2], "generated_ids": [15, 16, 2]},

@@ -1,10 +1,17 @@
 """The shared rendering/tokenisation/truncation and the masked log-prob sum, with the tiny offline model."""
 
+import os
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.training.template import IGNORE, collate, encode_pair, prompt_ids, response_ids, sequence_logps
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+from baselines import collate, pack_pairs, packed_logps, sequence_logps  # noqa: E402
+
+from spin_ray.training.template import IGNORE, encode_pair, prompt_ids, response_ids  # noqa: E402
 
 PROMPT = [{"role": "system", "content": "Be precise."}, {"role": "user", "content": "Reverse the letters: abc"}]
 
@@ -89,8 +96,6 @@ def test_logps_sum_response_tokens_only(tok, tiny_model):
 
 
 def test_packed_pairs_give_the_padded_log_probs(tok, tiny_model):
-    from spin_ray.training.template import pack_pairs, packed_logps
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     pairs = [encode_pair(tok, PROMPT, "cba", "a much longer wrong answer than the real one", max_length=128,
                          max_prompt_length=64),
