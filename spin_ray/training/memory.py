@@ -134,7 +134,7 @@ def train_memory(arch: Arch, cfg: SpinConfig) -> dict[str, float]:
     checkpointing each layer's input and the outputs it keeps (step.SAVED_OPS: q, k, v, attention, o, gate, up,
     down), 5·hidden + 2·kv_dim + 2·intermediate values, plus one layer's recompute. Logits: bf16, their
     fp32 copy and cross-entropy's fp32 log-softmax, 10 bytes per token per vocab entry (8 in fp32), for at most
-    CHUNK_TOKENS positions at once (template.label_logps: only labelled positions, chunk by chunk).
+    CHUNK_TOKENS positions at once (template.head_logps: only labelled positions, chunk by chunk).
     With train.lora the frozen base is held in the compute dtype, sharded under fsdp, with no gradients or optimizer
     state; those, the fp32 master copy and the step's buffer are the adapters' only. Each adapter also keeps its A
     output (r values per token) and, under dropout, its dropped input.

@@ -237,7 +237,7 @@ def test_driver_killed_inside_generate_and_the_reference_pass_resumes_to_identic
               and any(a["State"] == "ALIVE" for a in actors("Generator")))
     assert not records.is_complete(str(pairs0)) and not pairs0.exists()
     with pytest.raises(ConfigError, match="no finished pairs"):
-        records.read_pairs_table([str(pairs0)])
+        records.pairs_files(str(pairs0))
 
     # Kill 2: inside iteration 1's training, which starts with θ_1's reference pass over both iterations' pairs.
     kill_when(cmd, lambda: logged(storage, "iteration 1: training θ_2")

@@ -345,7 +345,7 @@ def test_workers_read_only_their_rows_from_storage(pairs, tmp_path):
     from spin_ray.stages.train import index_pairs, load_share, packed_lengths
 
     columns = ["iteration", "prompt_id", *schemas.IDS]
-    table = records.read_pairs_table([pairs], columns=columns)  # the training table, in prompt-id order
+    table = records.read_table(pairs).sort_by("prompt_id").select(columns)  # the training table, in prompt-id order
     # The driver's index: keys in the table's order, lengths from the stored pair_tokens (no token ids read).
     index, keys = index_pairs([pairs])
     assert keys.column("prompt_id").to_pylist() == table.column("prompt_id").to_pylist()
