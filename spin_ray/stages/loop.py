@@ -291,14 +291,14 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     if cfg.eval.enabled:
         prepare(cfg, heldout=True)  # its bad rows, too, before any GPU work
         check_data(cfg)  # eval.lm_eval's task data, loaded on the cluster: one unreachable stops the run here
-    manifest = Manifest(cfg.storage)
+    layout, manifest = RunLayout(cfg.storage), Manifest(cfg.storage)
     manifest.check(cfg, prompts.fingerprint, force=force)
     tracker = Tracker(cfg) if cfg.tracking.backend != "none" else None
     model, results, pool, pending, ok = model_path(None, cfg), [], None, None, False
 
     def finish(result: IterationResult) -> None:
         if cfg.eval.enabled and result.evaluation is None:  # θ_{t+1}'s, made by iteration t+1 (or stored before)
-            result.evaluation = RunLayout(cfg.storage).evaluation(result.iteration + 1)
+            result.evaluation = layout.evaluation(result.iteration + 1)
         manifest.stage(f"iter_{result.iteration}", "done", model=result.model, seconds=result.seconds,
                        metrics=result.metrics, evaluation=result.evaluation)
         results.append(result)
