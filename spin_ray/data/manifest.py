@@ -1,6 +1,6 @@
 """`<storage>/manifest.json`: the run's config and inputs, and each stage's status, so a rerun resumes safely.
 
-Whether a stage is finished is decided by its own completion marker (records.py); the manifest adds what the markers
+Whether a stage is finished is decided by its output alone (layout.RunLayout.done); the manifest adds what the markers
 cannot: which config and data produced them (a rerun with another config is refused unless forced) and timings.
 """
 
@@ -12,6 +12,7 @@ import time
 from typing import Any, Iterable
 
 from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.config import ConfigError, SpinConfig
 
 # Keys that change how fast a run goes, not what it computes.
@@ -47,7 +48,7 @@ def fingerprint(block_digests: Iterable[int], rows: int) -> str:
 
 class Manifest:
     def __init__(self, storage: str):
-        self.uri = records.join(records.absolute(storage), "manifest.json")
+        self.uri = RunLayout(storage).manifest
         self.state: dict[str, Any] = records.read_json(self.uri) if records.exists(self.uri) else {}
 
     def check(self, cfg: SpinConfig, data: str, *, force: bool = False) -> None:

@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 from spin_ray.data import sources
 
 from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.config import ConfigError, DataConfig, SpinConfig
 from spin_ray.logs import QUIET_DATA, quiet, quiet_ray_data
 from spin_ray.data.manifest import block_digest, fingerprint
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAIN, HELDOUT = "prompts", "prompts_eval"
 CHUNK = 4096
 """Rows a read task normalises and ships at a time: bounds its memory whatever a file's size."""
 PARTITION_BYTES = 256 << 20
@@ -115,14 +115,15 @@ def prepare(cfg: SpinConfig, prompts: Source = None, *, heldout: bool = False, s
     stage reading what its run prepared at the start); a Dataset is always prepared again (it has no identity to
     compare). Needs Ray."""
     dcfg = data_config(cfg, heldout)
-    dest = records.join(records.absolute(cfg.storage), HELDOUT if heldout else TRAIN)
+    layout = RunLayout(cfg.storage)
+    dest = layout.prompts_eval if heldout else layout.prompts
     start = time.perf_counter()
     if prompts is None:
         parts = data_parts(dcfg)
         settings = {k: getattr(dcfg, k) for k in ("path", "split", "on_bad_rows", "duplicates", "max_rows")}
         source = json.loads(json.dumps({"data": settings, "files": [(p.label, p.size, p.mtime_ns) for p in parts]}))
-        if records.is_complete(dest):
-            marker = records.read_json(records.join(dest, records.MARKER))
+        if layout.done(dest):
+            marker = records.marker(dest)
             if marker.get("source") == source:
                 if say_reused:
                     log.info("prompts already at %s (%d rows, same data); reusing them", dest, marker["rows"])

@@ -1,12 +1,5 @@
-"""Where records live and how they are written: atomically, so a crash never leaves half a stage behind.
-
-Layout under `storage` (a local path or an s3:// / gs:// URI):
-    prompts/*.parquet + _SUCCESS.json             the normalised prompts (prepare.py), read by every iteration
-    prompts_eval/                                 the same for the held-out split
-    iter_<t>/pairs/*.parquet + _SUCCESS.json      one iteration's SPIN pairs, with their token ids
-    iter_<t>/reference/*.parquet + _SUCCESS.json  θ_t's log-probs of the window's pairs (train.py's reference pass)
-    iter_<t>/model/                               θ_{t+1} in HF format
-    iter_<t>/train_metrics.jsonl                  one line per optimizer step
+"""How records are stored and written: atomically, so a crash never leaves half a stage behind. Where each record
+lives, and when a stage's output counts as complete, is layout.py's (RunLayout).
 """
 
 from __future__ import annotations
@@ -35,10 +28,6 @@ def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts)
 
 
-def iter_dir(storage: str, t: int) -> str:
-    return join(absolute(storage), f"iter_{t}")
-
-
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
@@ -51,8 +40,14 @@ def exists(uri: str) -> bool:
 
 
 def is_complete(uri: str) -> bool:
-    """A folder of records is complete once its marker is written (the marker is always written last)."""
+    """A folder of records is complete once its marker is written (the marker is always written last); stages ask
+    RunLayout.done, which applies this to folders."""
     return exists(join(uri, MARKER))
+
+
+def marker(uri: str) -> dict[str, Any]:
+    """A complete records folder's marker: what its writer recorded (rows, the model's final metrics, ...)."""
+    return read_json(join(uri, MARKER))
 
 
 def read_json(uri: str) -> Any:

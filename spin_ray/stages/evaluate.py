@@ -28,25 +28,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spin_ray.data import records
+from spin_ray.data.layout import RESULT, SAMPLES, RunLayout  # noqa: F401  RESULT, SAMPLES: re-exported (see eval_dir)
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.logs import QUIET_ENV, quiet_ray_data
 from spin_ray.data.prepare import prepare
 
 log = logging.getLogger(__name__)
 
-RESULT = "eval.json"
-SAMPLES = "eval_samples.parquet"
 TaskScorer = Callable[[list[dict[str, str]], str, str], float]
 
 
+# By storage, for callers that hold no RunLayout (the CLI, tests, benchmarks/paper_claim.py; RESULT and SAMPLES too).
 def eval_dir(storage: str, k: int) -> str:
-    """Where θ_k's evaluation lives: beside its model (`iter_<k−1>/`), or `base/` for θ_0."""
-    return records.join(records.absolute(storage), "base") if k == 0 else records.iter_dir(storage, k - 1)
+    return RunLayout(storage).eval_dir(k)
 
 
 def read_eval(storage: str, k: int) -> dict[str, Any] | None:
-    uri = records.join(eval_dir(storage, k), RESULT)
-    return records.read_json(uri) if records.exists(uri) else None
+    return RunLayout(storage).evaluation(k)
 
 
 def best_iterate(evaluations: Sequence[dict[str, Any] | None]) -> tuple[int, str] | None:
@@ -185,7 +183,7 @@ def heldout_answers(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) ->
 @quiet_ray_data
 def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
              answers: HeldoutAnswers | None = None) -> dict[str, Any]:
-    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `eval_dir(storage, k)`; with
+    """Evaluate θ_k (`model`) and store `eval.json` + `eval_samples.parquet` in `RunLayout.eval_dir(k)`; with
     eval.lm_eval, lm-eval's scores too (those missing from a stored eval.json are added to it).
 
     The answers are `answers` (heldout_answers, made earlier on engines that are gone now), else made here on `pool`
@@ -194,8 +192,8 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
     """
     from spin_ray.stages.resources import resolve
 
-    here = eval_dir(cfg.storage, k)
-    cached = read_eval(cfg.storage, k)
+    layout = RunLayout(cfg.storage)
+    cached = layout.evaluation(k)
     if cached is not None:
         return _with_lm_eval(cfg, model, k, cached)
     cfg = resolve(cfg)
@@ -223,8 +221,8 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
         "generated": sampled.column("generated"),
         "logp_real": own_rows.column("logp_real"), "logp_generated": own_rows.column("logp_generated"),
     })
-    _write_parquet(records.join(here, SAMPLES), samples)
-    records.write_json_atomic(records.join(here, RESULT), result)
+    _write_parquet(layout.eval_samples(k), samples)
+    records.write_json_atomic(layout.eval_result(k), result)
     log.info("θ_%d: %s", k, summary(result))
     return _with_lm_eval(cfg, model, k, result)
 
@@ -237,7 +235,7 @@ def _with_lm_eval(cfg: SpinConfig, model: str, k: int, result: dict[str, Any]) -
     if entry is None:
         return result
     result = {**result, "lm_eval": entry}
-    records.write_json_atomic(records.join(eval_dir(cfg.storage, k), RESULT), result)
+    records.write_json_atomic(RunLayout(cfg.storage).eval_result(k), result)
     log.info("θ_%d: lm-eval %s", k, harness.summary(entry))
     return result
 
@@ -253,8 +251,8 @@ def _previous_samples(cfg: SpinConfig, k: int) -> pa.Table | None:
     """θ_{k−1}'s stored held-out samples, matched to this evaluation's prompts (None for θ_0 or if absent)."""
     if k == 0:
         return None
-    uri = records.join(eval_dir(cfg.storage, k - 1), SAMPLES)
-    if not records.exists(uri):
+    uri = RunLayout(cfg.storage).eval_samples(k - 1)
+    if not RunLayout.done(uri):
         return None
     fs, path = records.filesystem(uri)
     return pq.read_table(path, filesystem=fs)

@@ -18,8 +18,9 @@ from typing import Any
 import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, SpinConfig, resolve_dtype
+from spin_ray.data.layout import RunLayout
 from spin_ray.failures import EngineStartError
-from spin_ray.logs import logs_dir, output_to_file
+from spin_ray.logs import output_to_file
 from spin_ray.stages.engine import GiB, Engine, engine_env
 from spin_ray.stages.resources import actor_gpus
 from spin_ray.data.schemas import IDS, TOKENS
@@ -256,11 +257,11 @@ class EnginePool:
         n = cfg.generate.num_actors
         backend = {"vllm": "vLLM", "transformers": "transformers"}[resolve_backend(cfg.generate.backend)]
         log.info("starting %d %s engine%s for θ_%d (output: %s)", n, backend, "s" * (n > 1), iteration,
-                 logs_dir(cfg.storage))
+                 RunLayout(cfg.storage).logs)
         start = time.perf_counter()
         pool = cls(model, cfg.generate, iteration=iteration, seed=cfg.seed, max_length=cfg.data.max_length,
                    max_prompt_length=cfg.data.max_prompt_length, trust_remote_code=cfg.trust_remote_code,
-                   log_dir=str(logs_dir(cfg.storage)))
+                   log_dir=str(RunLayout(cfg.storage).logs))
         log.info("engines for θ_%d ready in %.1f s", iteration, time.perf_counter() - start)
         return pool
 

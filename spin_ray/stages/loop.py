@@ -16,6 +16,7 @@ from typing import Any, Callable, Union
 import pyarrow as pa
 
 from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.models.builders import resolve_model
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.stages.generate import EnginePool, generate
@@ -93,9 +94,10 @@ def make_pairs(cfg: SpinConfig, prompts: Prompts = None, *, model: Model = None,
     must already hold θ_t. A finished pairs folder is kept as it is.
     """
     cfg = preflight(cfg, stages=("pairs",))
-    dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
-    if records.is_complete(dest):
-        rows = records.read_json(records.join(dest, records.MARKER))["rows"]
+    layout = RunLayout(cfg.storage)
+    dest = layout.pairs(cfg.iteration)
+    if layout.done(dest):
+        rows = records.marker(dest)["rows"]
         log.info("iteration %d: pairs already at %s (%d rows); skipping generation", cfg.iteration, dest, rows)
         return PairsResult(dest, rows, skipped=True)
 
@@ -159,13 +161,14 @@ class _Opponent:
 def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | None) -> _Opponent:
     """θ_t's engine work on one engine start: the held-out answers of θ_t's evaluation (unless it is stored) and the
     iteration's pairs. Then, with those engines gone and their devices free, the evaluation's log-prob pass."""
-    from spin_ray.stages.evaluate import evaluate, heldout_answers, read_eval
+    from spin_ray.stages.evaluate import evaluate, heldout_answers
 
     t = cfg.iteration
+    layout = RunLayout(cfg.storage)
     start = time.perf_counter()
-    heldout = cfg.eval.enabled and read_eval(cfg.storage, t) is None
+    heldout = cfg.eval.enabled and not layout.done(layout.eval_result(t))
     own = None
-    if pool is None and heldout and not records.is_complete(records.join(records.iter_dir(cfg.storage, t), "pairs")):
+    if pool is None and heldout and not layout.done(layout.pairs(t)):
         with stage("generation"):
             pool = own = EnginePool.start(cfg, model, t)
     engines = time.perf_counter() - start  # starting them, as iteration t's first stage
@@ -277,7 +280,6 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     called after each iteration (progress). Needs Ray to be initialised (the CLI does it; inside a Ray program it is
     already up).
     """
-    from spin_ray.stages.evaluate import read_eval
     from spin_ray.data.manifest import Manifest
 
     # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
@@ -289,14 +291,14 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     if cfg.eval.enabled:
         prepare(cfg, heldout=True)  # its bad rows, too, before any GPU work
         check_data(cfg)  # eval.lm_eval's task data, loaded on the cluster: one unreachable stops the run here
-    manifest = Manifest(cfg.storage)
+    layout, manifest = RunLayout(cfg.storage), Manifest(cfg.storage)
     manifest.check(cfg, prompts.fingerprint, force=force)
     tracker = Tracker(cfg) if cfg.tracking.backend != "none" else None
     model, results, pool, pending, ok = model_path(None, cfg), [], None, None, False
 
     def finish(result: IterationResult) -> None:
         if cfg.eval.enabled and result.evaluation is None:  # θ_{t+1}'s, made by iteration t+1 (or stored before)
-            result.evaluation = read_eval(cfg.storage, result.iteration + 1)
+            result.evaluation = layout.evaluation(result.iteration + 1)
         manifest.stage(f"iter_{result.iteration}", "done", model=result.model, seconds=result.seconds,
                        metrics=result.metrics, evaluation=result.evaluation)
         results.append(result)
@@ -335,10 +337,10 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
 
 def _select(cfg: SpinConfig, manifest: "Manifest", models: list[str]) -> None:
     """Record the iterate the run keeps (loop.select) among θ_0 … θ_T (`models`)."""
-    from spin_ray.stages.evaluate import best_iterate, read_eval
+    from spin_ray.stages.evaluate import best_iterate
 
     theta, by = len(models) - 1, None
-    evaluations = [read_eval(cfg.storage, k) for k in range(len(models))]
+    evaluations = [RunLayout(cfg.storage).evaluation(k) for k in range(len(models))]
     if cfg.loop.select == "best":
         theta, by = best_iterate(evaluations) or (theta, None)
     value = (evaluations[theta] or {}).get(by) if by else None
@@ -355,10 +357,8 @@ def at_fixed_point(reward_accuracy: float | None, epsilon: float | None) -> bool
 
 def _stopped(c: SpinConfig, manifest: "Manifest") -> bool:
     """θ_t's stored held-out evaluation puts it at the fixed point (loop.early_stop_epsilon): no iteration t."""
-    from spin_ray.stages.evaluate import read_eval
-
     t = c.iteration
-    accuracy = (read_eval(c.storage, t) or {}).get("reward_accuracy")
+    accuracy = (RunLayout(c.storage).evaluation(t) or {}).get("reward_accuracy")
     if not at_fixed_point(accuracy, c.loop.early_stop_epsilon):
         return False
     log.info("stopping before iteration %d: θ_%d's held-out reward accuracy %.3f is within %g of 0.5", t, t, accuracy,
@@ -370,7 +370,8 @@ def _stopped(c: SpinConfig, manifest: "Manifest") -> bool:
 def _warm(c: SpinConfig, model: str, pool: EnginePool | None) -> tuple[EnginePool | None, float]:
     """With generate.keep_warm, the loop's engines brought to θ_t (started once, then reloaded in place), unless
     iteration t is finished; and the seconds that took."""
-    if not c.generate.keep_warm or records.is_complete(records.join(records.iter_dir(c.storage, c.iteration), "model")):
+    layout = RunLayout(c.storage)
+    if not c.generate.keep_warm or layout.done(layout.model(c.iteration)):
         return pool, 0.0
     start = time.perf_counter()
     with stage("generation"):

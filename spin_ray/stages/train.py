@@ -27,11 +27,12 @@ import pyarrow as pa
 import torch
 
 from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.training.batching import epoch_plan, even_micro_batches, plan_steps, worker_shares
 from spin_ray.training.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.failures import stage
-from spin_ray.logs import QUIET_ENV, logs_dir, output_to_file, quiet_ray_data
+from spin_ray.logs import QUIET_ENV, output_to_file, quiet_ray_data
 from spin_ray.stages.resources import preflight
 from spin_ray.data.schemas import IDS, LOGPS, TOKENS
 from spin_ray.training.memory import fit_memory, load_arch
@@ -39,8 +40,6 @@ from spin_ray.training.step import Trainer
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "reference"
-"""`iter_<t>/reference/`: θ_t's log-probs of the window's pairs (schemas.REFERENCE_COLUMNS)."""
 KEYS = ["iteration", "prompt_id"]
 """A pair of the window: the iteration that generated it and its prompt."""
 @dataclass
@@ -206,7 +205,7 @@ def reference_pass(trainer: Trainer, index: PairsIndex, lengths: Sequence[int], 
 def read_reference(uri: str, keys: pa.Table) -> np.ndarray | None:
     """The stored reference log-probs when they are those of these pairs (`keys`, in order); None when there are none
     yet, or when the pairs changed since (they were regenerated): then they are computed again."""
-    if not records.is_complete(uri):
+    if not RunLayout.done(uri):
         return None
     table = records.read_table(uri)
     if table.select(KEYS) != keys.select(KEYS):
@@ -267,7 +266,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     cfg: SpinConfig = c["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    output_to_file(logs_dir(cfg.storage) / f"train-iter{cfg.iteration}-rank{rank}.log")
+    output_to_file(RunLayout(cfg.storage).logs / f"train-iter{cfg.iteration}-rank{rank}.log")
     # Ray names a CUDA device wherever it assigned a GPU; a logical GPU without CUDA (a CPU test cluster) computes on CPU.
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -363,15 +362,16 @@ def pairs_uris(cfg: SpinConfig) -> list[str]:
     uclaml/SPIN trains iteration t on its own and the previous iteration's pairs with θ_t as the reference for both
     (paper §5.1; its configs/config_iter{1,2,3}.yaml use a window of two iterations); the older y' stay as θ_{s}
     sampled them, and the reference pass scores them under θ_t."""
-    here = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs")
-    if not records.is_complete(here):
+    layout = RunLayout(cfg.storage)
+    here = layout.pairs(cfg.iteration)
+    if not layout.done(here):
         raise ConfigError(
             f"no finished pairs for iteration {cfg.iteration} at {here}: run `spin-ray generate --set "
             f"iteration={cfg.iteration}` with the same storage and model (θ_{cfg.iteration}) first")
     out = [here]
     for s in window_iterations(cfg):
-        uri = records.join(records.iter_dir(cfg.storage, s), "pairs")
-        if not records.is_complete(uri):
+        uri = layout.pairs(s)
+        if not layout.done(uri):
             raise ConfigError(
                 f"iteration {cfg.iteration} trains on its own pairs and those of the loop.window = {cfg.loop.window} "
                 f"- 1 iterations before it, but iteration {s}'s pairs at {uri} are not finished: run "
@@ -402,12 +402,13 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     # Refused before any actor starts (plan.py decides what each stage asks for). Warm engines are the loop's, which
     # checks them with training (loop.run's preflight); this starts none.
     cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("train",), warm_engines=False)
-    here = records.iter_dir(cfg.storage, cfg.iteration)
-    out = records.join(here, "model")
-    if records.is_complete(out):
+    layout = RunLayout(cfg.storage)
+    out = layout.model(cfg.iteration)
+    if layout.done(out):
         log.info("iteration %d: trained model already at %s; skipping training", cfg.iteration, out)
-        _drop_resumable_state(here)  # left if the driver died between the export and its cleanup
-        return TrainResult(out, records.read_json(records.join(out, records.MARKER)), skipped=True)
+        # Left if the driver died between the export and its cleanup.
+        _drop_resumable_state(layout.checkpoints(cfg.iteration))
+        return TrainResult(out, records.marker(out), skipped=True)
     model = resolve_model(model or cfg.model)
     check_model(model, cfg.trust_remote_code)
     index, keys = index_pairs(_pairs_folders(cfg, pairs))
@@ -415,7 +416,7 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     tc = cfg.train
     if not plan_steps(n_rows, tc.global_batch_size, tc.num_workers):
         raise ConfigError(f"{n_rows} pairs give no optimizer step with train.num_workers = {tc.num_workers}")
-    metrics_uri = records.join(here, "train_metrics.jsonl")
+    metrics_uri = layout.train_metrics(cfg.iteration)
     log.info("iteration %d: training θ_%d on %d pairs with %d worker(s)", cfg.iteration, cfg.iteration + 1,
              n_rows, tc.num_workers)
 
@@ -425,7 +426,7 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     # trains on (load_share). The token ids never pass through this process.
     config = {"cfg": cfg, "model": model, "n_rows": n_rows, "metrics_uri": metrics_uri, "out": out,
               "lengths": index.lengths.tolist(), "pairs": ray.put(index), "keys": ray.put(keys),
-              "reference": records.join(here, REFERENCE), "progress": progress}
+              "reference": layout.reference(cfg.iteration), "progress": progress}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -434,7 +435,7 @@ def train(cfg: SpinConfig, *, model: str | None = None,
         torch_config=TorchConfig(backend=tc.dist_backend if tc.dist_backend != "auto"
                                  else "nccl" if tc.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=records.join(here, "ray_train"),
+            name="train", storage_path=layout.checkpoints(cfg.iteration),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             # The worker group's start and stop lines are the log file's, not the caller's terminal's.
@@ -445,12 +446,12 @@ def train(cfg: SpinConfig, *, model: str | None = None,
         trainer.fit()
     seconds = time.perf_counter() - t0
     # Rank 0 exported θ_{t+1} to `out` with its marker (the final metrics); the resumable state is only disk now.
-    final = records.read_json(records.join(out, records.MARKER))
+    final = records.marker(out)
     if final["pairs_not_used_epochs_times"]:
         log.warning("iteration %d: %d of %d pairs were not used train.epochs = %d times", cfg.iteration,
                     final["pairs_not_used_epochs_times"], n_rows, tc.epochs)
-    _drop_resumable_state(here)
-    reference = records.read_json(records.join(config["reference"], records.MARKER))
+    _drop_resumable_state(layout.checkpoints(cfg.iteration))
+    reference = records.marker(config["reference"])
     log.info("iteration %d: θ_%d saved to %s (%.1f s, of which %.1f s for θ_%d's reference log-probs of %d pairs)",
              cfg.iteration, cfg.iteration + 1, out, seconds, reference["seconds"], cfg.iteration, reference["rows"])
     return TrainResult(out, final, skipped=False, seconds=seconds, reference_seconds=reference["seconds"])
@@ -531,7 +532,7 @@ def _pairs_folders(cfg: SpinConfig, pairs: str | list[str] | "ray.data.Dataset" 
     if missing:
         raise ConfigError(f"the pairs Dataset given to train has no column {', '.join(missing)}: train on "
                           "make_pairs' records (PairsResult.dataset()), filtered or transformed, keeping its columns")
-    dest = records.join(records.iter_dir(cfg.storage, cfg.iteration), "pairs_given")
+    dest = RunLayout(cfg.storage).pairs_given(cfg.iteration)
     rows = records.write_dataset(pairs, dest)
     log.info("iteration %d: %d given pairs written to %s", cfg.iteration, rows, dest)
     return [dest]
@@ -553,9 +554,9 @@ def _health_check_interval() -> Iterator[None]:
         os.environ.pop(key, None)
 
 
-def _drop_resumable_state(here: str) -> None:
+def _drop_resumable_state(checkpoints: str) -> None:
     import pyarrow.fs as pafs
 
-    fs, path = records.filesystem(records.join(here, "ray_train"))
+    fs, path = records.filesystem(checkpoints)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)

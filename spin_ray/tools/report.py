@@ -8,38 +8,31 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 from typing import Any
 
 from spin_ray.data import records
-from spin_ray.stages.evaluate import RESULT, eval_dir
+from spin_ray.data.layout import RunLayout
 
 COLUMNS = ("model", "task score", "NLL/token", "reward acc", "reward margin", "answer tokens", "hit max_tokens",
            "pairs s", "train s", "eval s")
 
 
-def _iterations(storage: str) -> list[int]:
-    ts = []
-    while records.exists(records.iter_dir(storage, len(ts))):
-        ts.append(len(ts))
-    return ts
-
-
 def collect(storage: str) -> dict[str, Any]:
     """Per model θ_0, θ_1, …: its evaluation and the seconds of the iteration that made it; per iteration: its steps."""
-    manifest_uri = records.join(records.absolute(storage), "manifest.json")
-    manifest = records.read_json(manifest_uri) if records.exists(manifest_uri) else {}
+    layout = RunLayout(storage)
+    manifest = records.read_json(layout.manifest) if records.exists(layout.manifest) else {}
     stages = manifest.get("stages", {})
+    iterations = layout.iterations()
     models, steps = [], {}
-    for k in range(len(_iterations(storage)) + 1):
-        uri = records.join(eval_dir(storage, k), RESULT)
-        evaluation = records.read_json(uri) if records.exists(uri) else None
+    for k in range(len(iterations) + 1):
+        evaluation = layout.evaluation(k)
         seconds = stages.get(f"iter_{k - 1}", {}).get("seconds", {}) if k else {}
-        if evaluation is None and not (k and records.is_complete(records.join(records.iter_dir(storage, k - 1), "model"))):
+        if evaluation is None and not (k and layout.done(layout.model(k - 1))):
             continue
         models.append({"theta": k, "evaluation": evaluation, "seconds": seconds})
-    for t in _iterations(storage):
-        steps[t] = [json.loads(line) for line in
-                    records.read_lines(records.join(records.iter_dir(storage, t), "train_metrics.jsonl"))]
+    for t in iterations:
+        steps[t] = [json.loads(line) for line in records.read_lines(layout.train_metrics(t))]
     return {"models": models, "steps": steps, "selected": manifest.get("selected")}
 
 
@@ -162,12 +155,13 @@ def _png(fig: Any, plt: Any) -> bytes:
 def write_report(storage: str) -> str:
     """Write `<storage>/report.md`, `report_training.png` and `report_eval.png`; return the report's path."""
     data = collect(storage)
-    root = records.absolute(storage)
+    layout = RunLayout(storage)
+    root = layout.root
     if not data["models"]:
         raise FileNotFoundError(f"no evaluation or trained model under {root}: is it a spin-ray run's storage?")
     training, evaluation = _plot(data)
-    records.write_bytes_atomic(records.join(root, "report_training.png"), training)
-    records.write_bytes_atomic(records.join(root, "report_eval.png"), evaluation)
+    records.write_bytes_atomic(layout.report_training, training)
+    records.write_bytes_atomic(layout.report_eval, evaluation)
     split = next((m["evaluation"] for m in data["models"] if m["evaluation"]), {})
     lines = [f"# SPIN run report: {root}", "",
              f"Held-out evaluation on {split.get('rows', '?')} prompts of split {split.get('split', '?')!r} "
@@ -184,10 +178,11 @@ def write_report(storage: str) -> str:
     harness = _lm_eval_table(data)
     if harness:
         lines += ["lm-eval (EleutherAI's harness, eval.lm_eval; settings in each eval.json):", "", *harness, ""]
-    lines += ["![training](report_training.png)", "", "![evaluation](report_eval.png)", ""]
-    uri = records.join(root, "report.md")
-    records.write_bytes_atomic(uri, "\n".join(lines).encode())
-    return uri
+    # Links relative to report.md, which lies beside the plots.
+    lines += [f"![training]({posixpath.basename(layout.report_training)})", "",
+              f"![evaluation]({posixpath.basename(layout.report_eval)})", ""]
+    records.write_bytes_atomic(layout.report, "\n".join(lines).encode())
+    return layout.report
 
 
 def print_table(storage: str) -> list[str]:

@@ -13,16 +13,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import posixpath
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.config import ConfigError, SpinConfig, TrackingConfig
-from spin_ray.stages.evaluate import read_eval
 
-STATE = "tracking.json"
 PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny sqlalchemy alembic"), "wandb": ("wandb", "pip install wandb"),
             "tensorboard": ("tensorboardX", "pip install tensorboardX")}
 AXES = {"train": "train/step", "eval": "eval/theta", "seconds": "seconds/iteration"}
@@ -76,12 +76,14 @@ class Tracker:
     def __init__(self, cfg: SpinConfig):
         check_backend(cfg.tracking)
         self.cfg, self.tc = cfg, cfg.tracking
-        self.root = records.absolute(cfg.storage)
-        self.state_uri = records.join(self.root, STATE)
+        self.layout = RunLayout(cfg.storage)
+        self.root = self.layout.root
+        self.state_uri = self.layout.tracking
         self.state: dict[str, Any] = records.read_json(self.state_uri) if records.exists(self.state_uri) else {}
         if self.state and self.state.get("backend") != self.tc.backend:
             raise ConfigError(f"{self.state_uri} tracks this run with tracking.backend = {self.state.get('backend')}; "
-                              f"keep it, or delete {STATE} to start a new tracker run with {self.tc.backend}")
+                              f"keep it, or delete {posixpath.basename(self.state_uri)} to start a new tracker run "
+                              f"with {self.tc.backend}")
         self.state.update(backend=self.tc.backend)
         self.state.setdefault("steps", {})  # iteration -> training steps logged
         self.state.setdefault("evals", [])  # θ indices whose evaluation was logged
@@ -91,7 +93,7 @@ class Tracker:
         if self.tc.backend == "mlflow":
             import mlflow
 
-            self.client = mlflow.MlflowClient(self.tc.uri or f"sqlite:///{Path(self.root, 'mlflow.db')}")
+            self.client = mlflow.MlflowClient(self.tc.uri or f"sqlite:///{self.layout.mlflow_db}")
             if "run_id" not in self.state:
                 experiment = self.client.get_experiment_by_name(self.tc.project)
                 experiment_id = (experiment.experiment_id if experiment
@@ -115,7 +117,7 @@ class Tracker:
 
             # A new event file per session (TensorBoard reads them all); its own suffix, or a rerun within the same
             # second would reuse the name and truncate the earlier file.
-            self.writer = SummaryWriter(self.tc.uri or records.join(self.root, "tensorboard", name),
+            self.writer = SummaryWriter(self.tc.uri or self.layout.tensorboard(name),
                                         filename_suffix=f".{time.time_ns()}")
         if not self.state.get("params"):
             self._params(flat(cfg.to_dict()))
@@ -125,10 +127,9 @@ class Tracker:
     def sync(self) -> None:
         """Log what the stages wrote since the last call."""
         step0 = 0
-        t = 0
-        while records.exists(records.iter_dir(self.root, t)):
-            here = records.iter_dir(self.root, t)
-            lines = records.read_lines(records.join(here, "train_metrics.jsonl"))
+        iterations = self.layout.iterations()
+        for t in iterations:
+            lines = records.read_lines(self.layout.train_metrics(t))
             done = self.state["steps"].get(str(t), 0)
             for line in lines[done:]:
                 m = json.loads(line)
@@ -136,9 +137,8 @@ class Tracker:
                               step0 + m["step"])
             self.state["steps"][str(t)] = max(done, len(lines))
             step0 += len(lines)
-            t += 1
-        for k in range(t + 1):
-            evaluation = read_eval(self.root, k)
+        for k in range(len(iterations) + 1):
+            evaluation = self.layout.evaluation(k)
             if evaluation is not None and k not in self.state["evals"]:
                 self._metrics({f"eval/{key}": evaluation.get(key) for key in EVAL_KEYS}, k)
                 self.state["evals"].append(k)
@@ -151,7 +151,7 @@ class Tracker:
                                for row, metrics in harness[task]["scores"].items()
                                for metric, value in metrics.items()}, k)
                 logged += new
-        manifest = records.join(self.root, "manifest.json")
+        manifest = self.layout.manifest
         stages = records.read_json(manifest).get("stages", {}) if records.exists(manifest) else {}
         for name, stage in stages.items():
             t = int(name.removeprefix("iter_"))
