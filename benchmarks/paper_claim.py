@@ -165,11 +165,11 @@ def same_answers_share(pairs_dir: str) -> float:
 
 def run_spin(cfg: "SpinConfig") -> list[dict[str, Any]]:
     """SPIN iterations 0..T−1 through spin_ray's loop; θ_0's evaluation first, then θ_1..θ_T's."""
-    from spin_ray.stages.evaluate import read_eval
+    from spin_ray.data.layout import RunLayout
     from spin_ray.stages.loop import run
 
     results = run(cfg)
-    rows = [_row(read_eval(cfg.storage, 0), steps=0, seconds=None)]
+    rows = [_row(RunLayout(cfg.storage).evaluation(0), steps=0, seconds=None)]
     for r in results:
         rows.append(_row(r.evaluation, steps=int(r.metrics["total_steps"]), seconds=r.seconds,
                          same_share=same_answers_share(r.pairs.path), train_loss=r.metrics.get("loss"),
@@ -181,16 +181,17 @@ def run_more_sft(cfg: "SpinConfig", sizes: Sizes, spin_rows: list[dict[str, Any]
                  pool: Callable[["SpinConfig"], Any], storage: Path) -> list[dict[str, Any]]:
     """More SFT from θ_0 on the SPIN prompts' human answers: segment t has SPIN iteration t's steps, batch, optimizer,
     peak lr and schedule (warmup then linear decay, restarted each iteration as spin_ray.train does)."""
-    from spin_ray.stages.evaluate import RESULT, SAMPLES, eval_dir, evaluate
+    from spin_ray.data.layout import RunLayout
+    from spin_ray.stages.evaluate import evaluate
     from spin_ray.models.builders import sft
 
     sft_cfg = dataclasses.replace(cfg, storage=str(storage))
     # θ_0 is the same model on the same prompts: its evaluation (and sampled answers, for the reward accuracy of
     # the next model) is copied, not recomputed.
-    base = Path(eval_dir(str(storage), 0))
-    base.mkdir(parents=True, exist_ok=True)
-    for name in (RESULT, SAMPLES):
-        shutil.copy(Path(eval_dir(cfg.storage, 0)) / name, base / name)
+    source, copy = RunLayout(cfg.storage), RunLayout(str(storage))
+    Path(copy.eval_dir(0)).mkdir(parents=True, exist_ok=True)
+    for name in ("eval_result", "eval_samples"):
+        shutil.copy(getattr(source, name)(0), getattr(copy, name)(0))
     prompts = train_rows(sizes.spin_prompts)
     model, rows = cfg.model, []
     for t, spin_row in enumerate(spin_rows[1:]):

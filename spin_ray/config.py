@@ -225,7 +225,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     backend: Literal["none", "mlflow", "wandb", "tensorboard"] = "none"
-    """Mirror the run's records into an experiment tracker (spin_ray/tools/tracking.py): per-step training metrics,
+    """Mirror the run's records into an experiment tracker (spin_ray/stages/tracking.py): per-step training metrics,
     held-out evaluation per model, seconds per stage, the config as params; one tracker run per `storage`."""
     uri: str | None = None
     """mlflow: the tracking URI (default: sqlite:///<storage>/mlflow.db, a local storage only); wandb: the local

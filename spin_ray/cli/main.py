@@ -54,7 +54,7 @@ def _train(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     # Deferred (Ray, vLLM, torch, pyarrow): bad input is refused first.
-    from spin_ray.stages.evaluate import read_eval
+    from spin_ray.data.layout import RunLayout
     from spin_ray.stages.loop import run
     from spin_ray.data.manifest import Manifest
     from spin_ray.tools.report import write_report
@@ -63,7 +63,8 @@ def _run(cfg: SpinConfig, args: argparse.Namespace) -> dict[str, Any]:
     report = write_report(cfg.storage)
     state = Manifest(cfg.storage).state
     selected = state.get("selected", {})
-    thetas = [{"theta": 0, "model": state.get("model"), "evaluation": read_eval(cfg.storage, 0), "train": None}]
+    thetas = [{"theta": 0, "model": state.get("model"), "evaluation": RunLayout(cfg.storage).evaluation(0),
+               "train": None}]
     thetas += [{"theta": r.iteration + 1, "model": r.model, "evaluation": r.evaluation, "train": r.metrics}
                for r in results]
     phases = {k: round(sum(r.seconds.get(k, 0.0) for r in results), 1) for k in PHASES}

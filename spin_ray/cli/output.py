@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from spin_ray.logs import logs_dir, output_to_file
+from spin_ray.logs import output_to_file
 from spin_ray.models.loading import cache_root
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -63,12 +63,16 @@ def _stamped(command: str) -> str:
 
 def log_file_for(storage: str, command: str) -> Path:
     """`<storage>/logs/<command>-<time>.log`; object-store runs log under ~/.cache/spin_ray/logs."""
-    return logs_dir(storage) / _stamped(command)
+    from spin_ray.data.layout import RunLayout  # deferred (pyarrow): bad input is refused first
+
+    return RunLayout(storage).logs / _stamped(command)
 
 
 def serve_log_file(target: str) -> Path:
     """A run's `<storage>/logs/serve-<time>.log`; a model folder is not written to, so ~/.cache/spin_ray/logs."""
-    if (Path(target).expanduser() / "manifest.json").is_file():
+    from spin_ray.data.layout import RunLayout  # deferred (pyarrow): bad input is refused first
+
+    if Path(RunLayout(str(Path(target).expanduser())).manifest).is_file():
         return log_file_for(target, "serve")
     return cache_root() / "logs" / _stamped("serve")
 

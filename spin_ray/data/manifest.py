@@ -11,9 +11,9 @@ import json
 import time
 from typing import Any, Iterable
 
+from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.data import records
 from spin_ray.data.layout import RunLayout
-from spin_ray.config import ConfigError, SpinConfig
 
 # Keys that change how fast a run goes, not what it computes.
 NOT_HASHED = ("ray", "tracking", "loop.iterations", "loop.select", "generate.num_actors", "generate.batch_size",

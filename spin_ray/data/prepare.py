@@ -31,12 +31,12 @@ import pyarrow.fs as pafs
 
 from spin_ray.data import sources
 
+from spin_ray.config import ConfigError, DataConfig, SpinConfig
 from spin_ray.data import records
 from spin_ray.data.layout import RunLayout
-from spin_ray.config import ConfigError, DataConfig, SpinConfig
-from spin_ray.logs import QUIET_DATA, quiet, quiet_ray_data
 from spin_ray.data.manifest import block_digest, fingerprint
 from spin_ray.data.schemas import PROMPT_SCHEMA
+from spin_ray.logs import QUIET_DATA, quiet, quiet_ray_data
 
 if TYPE_CHECKING:
     import ray.data

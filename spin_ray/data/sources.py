@@ -24,8 +24,8 @@ import pyarrow.fs as pafs
 
 from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, DataConfig, decode_utf8
-from spin_ray.models.loading import looks_like_hub_id
 from spin_ray.data.schemas import PROMPT_SCHEMA
+from spin_ray.models.loading import looks_like_hub_id
 
 if TYPE_CHECKING:
     import datasets

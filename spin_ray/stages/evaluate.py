@@ -27,24 +27,19 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spin_ray.data import records
-from spin_ray.data.layout import RESULT, SAMPLES, RunLayout  # noqa: F401  RESULT, SAMPLES: re-exported (see eval_dir)
+from spin_ray.assets.make_tasks import check_answer, task_kind
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.logs import QUIET_ENV, quiet_ray_data
+from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.data.prepare import prepare
+from spin_ray.logs import QUIET_ENV, quiet_ray_data
+from spin_ray.models.loading import load_tokenizer, local_model
+from spin_ray.stages import harness
+from spin_ray.stages.resources import resolve
 
 log = logging.getLogger(__name__)
 
 TaskScorer = Callable[[list[dict[str, str]], str, str], float]
-
-
-# By storage, for callers that hold no RunLayout (the CLI, tests, benchmarks/paper_claim.py; RESULT and SAMPLES too).
-def eval_dir(storage: str, k: int) -> str:
-    return RunLayout(storage).eval_dir(k)
-
-
-def read_eval(storage: str, k: int) -> dict[str, Any] | None:
-    return RunLayout(storage).evaluation(k)
 
 
 def best_iterate(evaluations: Sequence[dict[str, Any] | None]) -> tuple[int, str] | None:
@@ -66,8 +61,6 @@ def task_scorer(cfg: SpinConfig) -> TaskScorer | None:
     if name == "none" or (name == "auto" and cfg.data.path != "bundled"):
         return None
     if name == "auto":
-        from spin_ray.assets.make_tasks import check_answer
-
         return lambda prompt, reference, answer: float(check_answer(prompt[-1]["content"], answer))
     module, _, function = name.partition(":")
     try:
@@ -79,8 +72,6 @@ def task_scorer(cfg: SpinConfig) -> TaskScorer | None:
 
 
 def _kind(prompt: list[dict[str, str]]) -> str | None:
-    from spin_ray.assets.make_tasks import task_kind
-
     try:
         return task_kind(prompt[-1]["content"])
     except ValueError:
@@ -112,7 +103,6 @@ def _score_rows(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
     forward in train.dtype (trainer.pair_logps) on one device, in micro-batches of train.micro_batch_size pairs."""
     import torch
 
-    from spin_ray.models.loading import load_tokenizer, local_model
     from spin_ray.training.template import encode_pair
     from spin_ray.training.step import frozen_model, pair_logps
 
@@ -159,7 +149,6 @@ def heldout_answers(cfg: SpinConfig, model: str, k: int, *, pool: Any = None) ->
     start for both); without one, engines are started for these answers and stopped after them.
     """
     from spin_ray.stages.generate import EnginePool
-    from spin_ray.stages.resources import resolve
 
     cfg = resolve(cfg)  # GPU requests made explicit, as for the other stages
     prompts = heldout_prompts(cfg)
@@ -190,8 +179,6 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
     (see heldout_answers). The log-prob pass is one task with a training worker's resources. θ_{k−1}'s evaluation,
     if stored, gives the discriminator view. A stored result is returned as is.
     """
-    from spin_ray.stages.resources import resolve
-
     layout = RunLayout(cfg.storage)
     cached = layout.evaluation(k)
     if cached is not None:
@@ -229,8 +216,6 @@ def evaluate(cfg: SpinConfig, model: str, k: int, *, pool: Any = None,
 
 def _with_lm_eval(cfg: SpinConfig, model: str, k: int, result: dict[str, Any]) -> dict[str, Any]:
     """θ_k's stored evaluation with the eval.lm_eval tasks it lacks scored (harness.py) and written into it."""
-    from spin_ray.stages import harness
-
     entry = harness.score(cfg, model, result)
     if entry is None:
         return result

@@ -19,11 +19,12 @@ import pyarrow as pa
 
 from spin_ray.config import GenerateConfig, SpinConfig, resolve_dtype
 from spin_ray.data.layout import RunLayout
+from spin_ray.data.schemas import IDS, TOKENS
 from spin_ray.failures import EngineStartError
 from spin_ray.logs import output_to_file
+from spin_ray.models.loading import load_model, load_tokenizer, local_model
 from spin_ray.stages.engine import GiB, Engine, engine_env
 from spin_ray.stages.resources import actor_gpus
-from spin_ray.data.schemas import IDS, TOKENS
 from spin_ray.training.template import answer_ids, prompt_ids, truncate_prompt
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ class TransformersEngine:
                  trust_remote_code: bool = False):
         import torch
 
-        from spin_ray.models.loading import load_model
-
         self.cfg, self.tokenizer, self.trust_remote_code = cfg, tokenizer, trust_remote_code
         self.lock = threading.Lock()  # one call at a time: batches in flight queue here
         self.device = "cuda" if on_gpu else "cpu"
@@ -136,8 +135,6 @@ class TransformersEngine:
         return answers
 
     def reload(self, model: str) -> None:
-        from spin_ray.models.loading import load_model
-
         state = load_model(model, dtype=self.model.dtype, trust_remote_code=self.trust_remote_code).state_dict()
         with self.lock:
             self.model.load_state_dict(state)
@@ -169,8 +166,6 @@ class Generator:
                max_prompt_length: int, trust_remote_code: bool) -> None:
         import torch
 
-        from spin_ray.models.loading import load_tokenizer, local_model
-
         on_gpu = torch.cuda.is_available()
         model = local_model(model)
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
@@ -188,8 +183,6 @@ class Generator:
 
     def reload(self, model: str, iteration: int) -> None:
         """Become θ_{t+1}'s engine for iteration t+1 without a restart (same architecture)."""
-        from spin_ray.models.loading import local_model
-
         self.engine.reload(local_model(model))
         self.iteration = iteration
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from spin_ray.assets import ASSETS
-from spin_ray.config import ConfigError, LmEvalConfig, SpinConfig
+from spin_ray.config import ConfigError, LmEvalConfig, SpinConfig, resolve_dtype
+from spin_ray.models.loading import local_model
+from spin_ray.stages.resources import resolve
 
 BUNDLED = ASSETS / "lm_eval_tasks"
 """spin_ray's own task folder, always included: spin_tasks_gen, spin_tasks_ll, spin_tasks, spin_open_llm_leaderboard."""
@@ -115,8 +117,6 @@ def _check_all(lm: LmEvalConfig) -> None:
 def check_data(cfg: SpinConfig) -> None:
     """Every eval.lm_eval task built once on the cluster (where lm-eval will run): one paragraph naming a task whose
     data cannot be reached, before any engine starts. Nothing to do without tasks."""
-    from spin_ray.stages.resources import resolve
-
     if cfg.eval.enabled and cfg.eval.lm_eval.tasks:
         cfg = resolve(cfg)
         _remote(cfg, _check_all, cfg.eval.lm_eval)
@@ -144,9 +144,6 @@ def _run(model: str, cfg: SpinConfig, tasks: list[str]) -> dict[str, Any]:
     import lm_eval
     import torch
 
-    from spin_ray.config import resolve_dtype
-    from spin_ray.models.loading import local_model
-
     lm = cfg.eval.lm_eval
     on_gpu = torch.cuda.is_available()
     args = {"pretrained": local_model(model), "dtype": resolve_dtype(cfg.train.dtype, on_gpu),
@@ -170,8 +167,6 @@ def _run(model: str, cfg: SpinConfig, tasks: list[str]) -> dict[str, Any]:
 def score(cfg: SpinConfig, model: str, evaluation: dict[str, Any]) -> dict[str, Any] | None:
     """θ's (`model`'s) lm-eval scores of the configured tasks missing from `evaluation` (its eval.json), run in a
     Ray task and merged with the stored ones: the new `lm_eval` entry, or None when nothing was missing."""
-    from spin_ray.stages.resources import resolve
-
     todo = missing(cfg.eval.lm_eval, evaluation)
     if not todo:
         return None

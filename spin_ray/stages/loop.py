@@ -15,18 +15,20 @@ from typing import Any, Callable, Union
 
 import pyarrow as pa
 
+from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.data import records
 from spin_ray.data.layout import RunLayout
-from spin_ray.models.builders import resolve_model
-from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.stages.generate import EnginePool, generate
-from spin_ray.stages.harness import check_data, check_tasks
+from spin_ray.data.manifest import Manifest
+from spin_ray.data.prepare import Prepared, data_config, data_parts, prepare
 from spin_ray.failures import stage
 from spin_ray.logs import quiet, quiet_ray_data
+from spin_ray.models.builders import resolve_model
 from spin_ray.models.loading import check_model
+from spin_ray.stages.evaluate import best_iterate, evaluate, heldout_answers
+from spin_ray.stages.generate import EnginePool, generate
+from spin_ray.stages.harness import check_data, check_tasks
 from spin_ray.stages.resources import preflight
-from spin_ray.data.prepare import Prepared, data_config, data_parts, prepare
-from spin_ray.tools.tracking import Tracker, check_backend
+from spin_ray.stages.tracking import Tracker, check_backend
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,6 @@ class _Opponent:
 def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | None) -> _Opponent:
     """θ_t's engine work on one engine start: the held-out answers of θ_t's evaluation (unless it is stored) and the
     iteration's pairs. Then, with those engines gone and their devices free, the evaluation's log-prob pass."""
-    from spin_ray.stages.evaluate import evaluate, heldout_answers
-
     t = cfg.iteration
     layout = RunLayout(cfg.storage)
     start = time.perf_counter()
@@ -190,7 +190,6 @@ def _opponent(cfg: SpinConfig, prompts: Prompts, model: str, pool: EnginePool | 
 
 def _learn(cfg: SpinConfig, opponent: _Opponent, pool: EnginePool | None, evaluate_after: bool) -> IterationResult:
     """θ_{t+1} trained against θ_t (its first pass: θ_t's reference log-probs), and evaluated if `evaluate_after`."""
-    from spin_ray.stages.evaluate import evaluate
     from spin_ray.stages.train import train
 
     t = cfg.iteration
@@ -280,8 +279,6 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
     called after each iteration (progress). Needs Ray to be initialised (the CLI does it; inside a Ray program it is
     already up).
     """
-    from spin_ray.data.manifest import Manifest
-
     # Before the warm engines or any stage start; the manifest keeps the config as the user wrote it.
     resolved = preflight(cfg)
     check_storage(cfg)
@@ -337,8 +334,6 @@ def run(cfg: SpinConfig, prompts: Prompts = None, *, force: bool = False,
 
 def _select(cfg: SpinConfig, manifest: "Manifest", models: list[str]) -> None:
     """Record the iterate the run keeps (loop.select) among θ_0 … θ_T (`models`)."""
-    from spin_ray.stages.evaluate import best_iterate
-
     theta, by = len(models) - 1, None
     evaluations = [RunLayout(cfg.storage).evaluation(k) for k in range(len(models))]
     if cfg.loop.select == "best":

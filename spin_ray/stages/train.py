@@ -26,15 +26,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from spin_ray.config import ConfigError, SpinConfig, TrainConfig
 from spin_ray.data import records
 from spin_ray.data.layout import RunLayout
-from spin_ray.training.batching import epoch_plan, even_micro_batches, plan_steps, worker_shares
-from spin_ray.training.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
-from spin_ray.config import ConfigError, SpinConfig, TrainConfig
+from spin_ray.data.schemas import IDS, LOGPS, TOKENS
 from spin_ray.failures import stage
 from spin_ray.logs import QUIET_ENV, output_to_file, quiet_ray_data
+from spin_ray.models.builders import resolve_model
+from spin_ray.models.loading import check_model, load_tokenizer, local_model
 from spin_ray.stages.resources import preflight
-from spin_ray.data.schemas import IDS, LOGPS, TOKENS
+from spin_ray.training.batching import epoch_plan, even_micro_batches, plan_steps, worker_shares
+from spin_ray.training.checkpoint import STATE, export_hf, load_state, model_dtype, save_state
 from spin_ray.training.memory import fit_memory, load_arch
 from spin_ray.training.step import Trainer
 
@@ -261,8 +263,6 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from spin_ray.models.loading import load_tokenizer, local_model
-
     cfg: SpinConfig = c["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -395,9 +395,6 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from spin_ray.models.loading import check_model
-    from spin_ray.models.builders import resolve_model
 
     # Refused before any actor starts (plan.py decides what each stage asks for). Warm engines are the loop's, which
     # checks them with training (loop.run's preflight); this starts none.

@@ -16,8 +16,11 @@ from pathlib import Path
 
 from spin_ray.assets import ASSETS
 from spin_ray.config import ConfigError, SpinConfig, TrainConfig
+from spin_ray.models.builders import model_at_hand
+from spin_ray.models.loading import load_tokenizer
 from spin_ray.stages.resources import Request, phases, preflight, requests, resolve
 from spin_ray.training.memory import AUTO_FILL, GB, Arch, fit_memory, forward_pairs, forward_tokens, train_memory
+from spin_ray.training.template import encode_pair
 
 
 @dataclass(frozen=True)
@@ -365,15 +368,11 @@ def pair_tokens(cfg: SpinConfig, *, prompt_tokens: float | None = None,
 def _sample(cfg: SpinConfig) -> tuple[list[float], list[float]] | None:
     """Truncated prompt and human-answer lengths of up to SAMPLE_ROWS seeded rows, or None where the data or the
     model's tokenizer is not at hand (a download, or a model still to be built)."""
-    from spin_ray.models.builders import model_at_hand
-
     d = cfg.data
     model = model_at_hand(cfg.model)
     if model is None or "://" in d.path or (d.path != "bundled" and not Path(d.path).expanduser().exists()):
         return None
     from spin_ray.data.sources import load_sft
-    from spin_ray.models.loading import load_tokenizer
-    from spin_ray.training.template import encode_pair
 
     rows = load_sft(d).rows
     rows = random.Random(cfg.seed).sample(rows, min(SAMPLE_ROWS, len(rows)))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from spin_ray.data import records
+from spin_ray.models.loading import load_config, load_model
 
 STATE = "state"
 """The torch.distributed.checkpoint folder inside each Ray Train checkpoint."""
@@ -106,8 +107,6 @@ def _safe_planner() -> Any:
 
 def model_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
     """θ_t's own dtype (config.json's `dtype`, formerly `torch_dtype`), in which θ_{t+1} is exported; fp32 if unset."""
-    from spin_ray.models.loading import load_config
-
     config = load_config(source, trust_remote_code=trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -135,8 +134,6 @@ def merge_lora(model: torch.nn.Module, base: str, dtype: torch.dtype, rank: int,
     gathering the adapters, the only trained weights; the frozen ones are θ_t's, read from `base` exactly (the workers
     hold them in the compute dtype, which may be coarser than θ_t's own)."""
     from peft.tuners.lora import LoraLayer
-
-    from spin_ray.models.loading import load_model
 
     trained = getattr(model, "module", model)  # DDP's wrapper; the state dict's names are the inner model's
     scales = {name: m.scaling["default"] for name, m in trained.named_modules() if isinstance(m, LoraLayer)}

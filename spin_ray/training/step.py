@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from spin_ray.config import ConfigError, TrainConfig, resolve_dtype
+from spin_ray.models.loading import load_config, load_model
 from spin_ray.training.loss import spin_loss
 from spin_ray.training.template import pack_varlen, to_device, varlen_logps
 
@@ -138,8 +139,6 @@ def build_sharded(source: str, tc: TrainConfig, dtype: str, rank: int, world: in
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spin_ray.models.loading import load_config, load_model
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code=trust_remote_code),
                                                  dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -177,8 +176,6 @@ def frozen_model(source: str, tc: TrainConfig, device: torch.device,
                  trust_remote_code: bool = False) -> torch.nn.Module:
     """θ for `pair_logps` alone, on one device without torch.distributed: computed as a Trainer would compute it
     (train.dtype's compute copy), no optimizer, no gradients."""
-    from spin_ray.models.loading import load_model
-
     model = load_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     dtype = resolve_dtype(tc.dtype, device.type == "cuda")
     return cast_parameters(model, dtype).to(device).eval().requires_grad_(False)
@@ -235,8 +232,6 @@ class Trainer:
     def setup(self, load_weights: bool = True) -> None:
         """Model, optimizer and lr scheduler. `load_weights` off: the model is left for a checkpoint's state
         (checkpoint.load_state) instead of reading θ_t."""
-        from spin_ray.models.loading import load_model
-
         tc, trust = self.tc, dict(trust_remote_code=self.trust_remote_code)
         if self.sharded:
             model = build_sharded(self.source, tc, self.dtype, self.rank, self.world, self.device,

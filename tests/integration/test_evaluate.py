@@ -2,7 +2,6 @@
 greedy answers from transformers `generate`, log-probs from a plain forward, exact match and margins by hand."""
 
 import json
-import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_ray.config import SpinConfig
-from spin_ray.stages.evaluate import eval_dir, evaluate
+from spin_ray.data.layout import RunLayout
+from spin_ray.stages.evaluate import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -69,10 +69,10 @@ def test_evaluation_equals_an_independent_computation(tiny_model, changed_model,
               for k, m in [(0, tiny_model), (1, changed_model)]}
 
     results = {0: evaluate(cfg, tiny_model, 0), 1: evaluate(cfg, changed_model, 1)}
-    samples = {k: pq.read_table(os.path.join(eval_dir(cfg.storage, k), "eval_samples.parquet")).to_pylist()
+    samples = {k: pq.read_table(RunLayout(cfg.storage).eval_samples(k)).to_pylist()
                for k in (0, 1)}
     for k, result in results.items():
-        assert json.loads(open(os.path.join(eval_dir(cfg.storage, k), "eval.json")).read()) == result
+        assert json.loads(open(RunLayout(cfg.storage).eval_result(k)).read()) == result
         rows = samples[k]
         assert result["rows"] == len(rows) == 8
         # Greedy answers are the model's own (transformers agrees token for token), scored by the user's function.
@@ -105,7 +105,7 @@ def test_bundled_tasks_are_scored_by_exact_match(tiny_model, ray_cluster, tmp_pa
     from spin_ray.assets.make_tasks import check_answer
 
     result = evaluate(config(tiny_model, tmp_path), tiny_model, 0)
-    rows = pq.read_table(os.path.join(eval_dir(str(tmp_path), 0), "eval_samples.parquet")).to_pylist()
+    rows = pq.read_table(RunLayout(str(tmp_path)).eval_samples(0)).to_pylist()
     assert result["task_score"] == sum(check_answer(r["prompt"][-1]["content"], r["greedy"]) for r in rows) / 8
     kinds = {"Reverse": "reverse", "Sort": "sort", "Add": "add", "Count": "count"}
     by_kind = {}

@@ -16,9 +16,9 @@ import pytest
 
 from spin_ray.data import records
 
-from spin_ray.data import schemas
 from spin_ray.cli.main import EMBEDDED
 from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.data import schemas
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ from transformers import AutoTokenizer
 
 from spin_ray.data import records
 
-from spin_ray.data import schemas
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.stages.generate import engine_env
+from spin_ray.data import schemas
 from spin_ray.data.schemas import MESSAGE
+from spin_ray.stages.generate import engine_env
 from spin_ray.stages.loop import make_pairs
 
 pytestmark = pytest.mark.integration

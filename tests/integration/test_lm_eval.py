@@ -67,14 +67,15 @@ def spin_ray_eval(sft_model, ray_cluster, tmp_path_factory):
     whole, as lm-eval sends them: the model's tokenizer has a token per character, so the embedded default's
     data.max_prompt_length = 64 would cut the system turn off the prompts that have one."""
     from spin_ray.config import SpinConfig
-    from spin_ray.stages.evaluate import SAMPLES, evaluate, eval_dir
+    from spin_ray.data.layout import RunLayout
+    from spin_ray.stages.evaluate import evaluate
 
     storage = tmp_path_factory.mktemp("evaluated")
     cfg = SpinConfig.load(None, [f"model={sft_model}", f"storage={storage}", "data.max_length=192",
                                  "data.max_prompt_length=160", "generate.max_tokens=16", "generate.batch_size=8",
                                  "generate.num_cpus_per_actor=0.5", f"eval.rows={ROWS}"])
     result = evaluate(cfg, sft_model, 0)
-    samples = pq.read_table(os.path.join(eval_dir(str(storage), 0), SAMPLES)).to_pylist()
+    samples = pq.read_table(RunLayout(str(storage)).eval_samples(0)).to_pylist()
     return result, {s["prompt_id"]: s for s in samples}
 
 
@@ -141,12 +142,12 @@ def _run(*sets: str) -> subprocess.CompletedProcess:
 def test_lm_eval_scores_every_iterate_once(tiny_model, tmp_path):
     from conftest import tensorboard_scalars
 
-    from spin_ray.stages.evaluate import read_eval
+    from spin_ray.data.layout import RunLayout
 
     sets = [f"model={tiny_model}", f"storage={tmp_path}", *TINY]
     out = _run(*sets)
     assert out.returncode == 0, out.stderr[-3000:]
-    evals = [read_eval(str(tmp_path), k) for k in range(3)]
+    evals = [RunLayout(str(tmp_path)).evaluation(k) for k in range(3)]
     for e in evals:  # θ_0, θ_1, θ_2
         assert set(e["lm_eval"]) == {"spin_tasks_gen", "spin_tasks_ll"}
         assert e["lm_eval"]["spin_tasks_gen"]["settings"] == {"num_fewshot": None, "limit": 4, "chat_template": True,

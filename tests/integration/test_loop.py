@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.data import records
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.stages.evaluate import read_eval
+from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.stages.loop import model_path, run, run_iteration
 from spin_ray.training.batching import plan_steps
 
@@ -77,7 +77,7 @@ def test_two_iterations_end_to_end(tiny_model, ray_cluster, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {k: v["status"] for k, v in manifest["stages"].items()} == {"iter_0": "done", "iter_1": "done"}
     # θ_0, θ_1 and θ_2 are evaluated on the same held-out prompts; each iterate against the one before it.
-    evals = [read_eval(str(tmp_path), k) for k in range(3)]
+    evals = [RunLayout(str(tmp_path)).evaluation(k) for k in range(3)]
     assert [e["theta"] for e in evals] == [0, 1, 2] and all(e["rows"] == 8 for e in evals)
     assert evals[0]["reward_accuracy"] is None and all(0 <= e["reward_accuracy"] <= 1 for e in evals[1:])
     assert [r.evaluation for r in results] == evals[1:] and results[0].evaluation_before == evals[0]
@@ -166,7 +166,7 @@ def test_library_callers_get_the_cli_checks_before_any_actor(tiny_model, ray_clu
 def test_early_stop_reads_the_measured_fixed_point(tiny_model, ray_cluster, tmp_path):
     # One real iteration: θ_1 really differs from θ_0, so its held-out reward accuracy is a measurement, not 0.5.
     first = run(cfg_for(tiny_model, tmp_path, "loop.iterations=1"))
-    accuracy = read_eval(str(tmp_path), 1)["reward_accuracy"]
+    accuracy = RunLayout(str(tmp_path)).evaluation(1)["reward_accuracy"]
     assert first[0].evaluation["reward_accuracy"] == accuracy
     distance = abs(accuracy - 0.5)
     # Stops before iteration 1 exactly when that measurement is within ε of 0.5.

@@ -15,11 +15,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.data import prepare as prepare_module
 from spin_ray.config import ConfigError, DataConfig, SpinConfig
+from spin_ray.data import prepare as prepare_module
+from spin_ray.data.prepare import prepare
 from spin_ray.data.sources import load_sft, normalize
 from spin_ray.stages.loop import as_prompts
-from spin_ray.data.prepare import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_ray.data import records
 
-from spin_ray.data import schemas
 from spin_ray.config import ConfigError, SpinConfig
+from spin_ray.data import schemas
 from spin_ray.stages.loop import make_pairs
-from spin_ray.training.checkpoint import STATE
 from spin_ray.stages.train import train
+from spin_ray.training.checkpoint import STATE
 
 pytestmark = pytest.mark.integration
 

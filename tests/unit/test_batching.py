@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.training.batching import even_micro_batches, micro_batches, worker_shares
 from spin_ray.stages.train import PairArrays
+from spin_ray.training.batching import even_micro_batches, micro_batches, worker_shares
 
 
 def test_micro_batches_group_by_length_under_a_pair_cap():

@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from spin_ray.tools import plan as sizing
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.stages.resources import resolve
+from spin_ray.tools import plan as sizing
 from spin_ray.tools.plan import _dur, make_plan, pair_tokens, parse_cluster
 from spin_ray.training.memory import ARCH_DIR, AUTO_FILL, GB, Arch, fit_memory, load_arch, train_memory
 

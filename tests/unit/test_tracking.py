@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spin_ray.config import ConfigError, SpinConfig
-from spin_ray.tools.tracking import Tracker, check_backend
+from spin_ray.stages.tracking import Tracker, check_backend
 
 from conftest import tensorboard_scalars, wandb_records
 

@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from spin_ray.config import ConfigError, SpinConfig, TrackingConfig
 from spin_ray.data import records
 from spin_ray.data.layout import RunLayout
-from spin_ray.config import ConfigError, SpinConfig, TrackingConfig
 
 PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny sqlalchemy alembic"), "wandb": ("wandb", "pip install wandb"),
             "tensorboard": ("tensorboardX", "pip install tensorboardX")}
