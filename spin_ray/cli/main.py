@@ -97,7 +97,7 @@ def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve_config(args: argparse.Namespace) -> "ServeConfig":
-    from spin_ray.tools.serve import ServeConfig, resolve  # deferred (Ray Serve): bad input is refused first
+    from spin_ray.tools.serve import ServeConfig, resolve  # deferred (pyarrow): bad input is refused first
 
     iterations = [i.strip() for i in args.iterations.split(",") if i.strip()] if args.iterations else None
     cfg = ServeConfig(target=args.target, iterations=iterations, host=args.host, port=args.port, api_key=args.api_key,

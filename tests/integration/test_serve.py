@@ -397,7 +397,8 @@ def test_unknown_iteration_is_refused(storage):
 
 def test_replica_resources_share_the_cluster_or_refuse():
     from spin_ray.config import ConfigError
-    from spin_ray.tools.serve import ServeConfig, replica_resources
+    from spin_ray.tools.serve.app import replica_resources
+    from spin_ray.tools.serve.config import ServeConfig
 
     cfg = ServeConfig("run", models={"base": "a", "iter_0": "b"})
     # 2 CPUs − 0.1 for the ingress, shared by 2 engines: 0.95 each (rounded down to 0.01); GPUs: 1 each if any.
@@ -412,7 +413,7 @@ def test_replica_resources_share_the_cluster_or_refuse():
 
 
 def test_resolve_names_base_and_finished_iterations(storage, tiny_model):
-    from spin_ray.tools.serve import ServeConfig, resolve
+    from spin_ray.tools.serve.config import ServeConfig, resolve
 
     assert resolve(ServeConfig(str(storage))) == {"base": tiny_model, "iter_0": str(storage / "iter_0" / "model")}
     assert resolve(ServeConfig(str(storage), iterations=["0"])) == {"iter_0": str(storage / "iter_0" / "model")}
@@ -427,7 +428,7 @@ def test_engine_refuses_one_request_alone_and_frees_an_abandoned_one(tiny_model)
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from spin_ray.tools.serve import AsyncEngine
+    from spin_ray.stages.engine import AsyncEngine
 
     async def main():
         engine = AsyncEngine(tiny_model, dtype="auto", max_model_len=128, on_gpu=False)

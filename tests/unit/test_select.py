@@ -24,7 +24,7 @@ def test_best_by_nll_without_task_scores_and_none_without_evaluations():
 def test_the_kept_iterate_is_served_as_best_and_named_in_the_report(tiny_model, tmp_path):
     from spin_ray.models.builders import build_tiny_model
     from spin_ray.tools.report import table
-    from spin_ray.tools.serve import ServeConfig, resolve
+    from spin_ray.tools.serve.config import ServeConfig, resolve
 
     theta1 = build_tiny_model(tmp_path / "iter_0" / "model", seed=1)
     (tmp_path / "iter_0" / "model" / "_SUCCESS.json").write_text("{}")
