@@ -42,7 +42,7 @@ class DataConfig:
     """Tokens in prompt + response; longer pairs are truncated (uclaml/SPIN: 1024)."""
     max_prompt_length: int = 512
     """Prompt tokens kept (the last ones: the question is at the end) for generation, scoring and training alike;
-    the answers are then cut to max_length minus the prompt (template.py; uclaml/SPIN: 512)."""
+    the answers are then cut to max_length minus the prompt (training/template.py; uclaml/SPIN: 512)."""
 
 
 @dataclass
@@ -317,7 +317,7 @@ class SpinConfig:
 
     def validate(self) -> None:
         """Range checks that types alone cannot express; raises ConfigError naming the field. The rules on a worker
-        count wait for `auto` to be resolved (plan.preflight validates again after)."""
+        count wait for `auto` to be resolved (resources.preflight validates again after)."""
         auto_workers = self.train.num_workers == "auto"
         checks = [
             ("iteration", self.iteration >= 0, "must be >= 0"),

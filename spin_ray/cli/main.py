@@ -23,7 +23,7 @@ from spin_ray.models.builders import build_tiny_model
 EMBEDDED = str(ASSETS / "cpu_default.yaml")
 
 if TYPE_CHECKING:
-    from spin_ray.tools.serve import ServeConfig
+    from spin_ray.tools.serve.config import ServeConfig
 
 log = logging.getLogger("spin_ray")
 
@@ -97,7 +97,7 @@ def _tiny_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve_config(args: argparse.Namespace) -> "ServeConfig":
-    from spin_ray.tools.serve import ServeConfig, resolve  # deferred (pyarrow): bad input is refused first
+    from spin_ray.tools.serve.config import ServeConfig, resolve  # deferred (pyarrow): bad input is refused first
 
     iterations = [i.strip() for i in args.iterations.split(",") if i.strip()] if args.iterations else None
     cfg = ServeConfig(target=args.target, iterations=iterations, host=args.host, port=args.port, api_key=args.api_key,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             out = _report(args)
         elif args.command == "serve":
-            from spin_ray.tools.serve import serve_until_stopped  # deferred (Ray Serve): bad input is refused first
+            from spin_ray.tools.serve.app import serve_until_stopped  # deferred (Ray Serve): bad input is refused first
 
             serve_cfg = _serve_config(args)
             # Unless --verbose, Ray's, Serve's and vLLM's lines (and one per request) go to the file.

@@ -100,7 +100,7 @@ def _answers(engines: list, table: pa.Table, gen_cfg: Any) -> pa.Table:
 
 def _score_rows(cfg: SpinConfig, model: str, table: pa.Table) -> pa.Table:
     """Adds θ's summed log-probs `logp_real`, `logp_generated` and the pairs' `real_ids` to the rows: the trainer's
-    forward in train.dtype (trainer.pair_logps) on one device, in micro-batches of train.micro_batch_size pairs."""
+    forward in train.dtype (step.pair_logps) on one device, in micro-batches of train.micro_batch_size pairs."""
     import torch
 
     from spin_ray.training.template import encode_pair

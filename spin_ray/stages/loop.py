@@ -82,7 +82,7 @@ def model_path(model: Model, cfg: SpinConfig) -> str:
 
 def as_prompts(prompts: Prompts, cfg: SpinConfig) -> Prepared:
     """The prepared prompts folder (prepare.py) of `cfg.data` (None), a Ray Dataset or a pyarrow table of SFT rows
-    in any accepted shape (data.py; an already normalised one is taken as it is). The rows go through Ray Data,
+    in any accepted shape (data/sources.py; an already normalised one is taken as it is). The rows go through Ray Data,
     never through the driver; an already prepared folder is passed on."""
     return prompts if isinstance(prompts, Prepared) else prepare(cfg, prompts)
 

@@ -396,7 +396,7 @@ def train(cfg: SpinConfig, *, model: str | None = None,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Refused before any actor starts (plan.py decides what each stage asks for). Warm engines are the loop's, which
+    # Refused before any actor starts (resources.py decides what each stage asks for). Warm engines are the loop's, which
     # checks them with training (loop.run's preflight); this starts none.
     cfg = preflight(cfg.for_iteration(cfg.iteration), stages=("train",), warm_engines=False)
     layout = RunLayout(cfg.storage)

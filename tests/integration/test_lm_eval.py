@@ -106,7 +106,7 @@ def test_bundled_tasks_through_serve_equal_spin_ray_evaluate(served, spin_ray_ev
         {pid: s["greedy"] for pid, s in samples.items()}
     assert 0 < result["task_score"] < 1  # the comparison means something: some right, some wrong
     assert res["results"]["spin_tasks_gen"]["exact_match,none"] == pytest.approx(result["task_score"], abs=1e-12)
-    # Log-likelihood: each item's log-prob is the trainer's forward (trainer.pair_logps, fp32) on the same tokens.
+    # Log-likelihood: each item's log-prob is the trainer's forward (step.pair_logps, fp32) on the same tokens.
     # lm-eval moves the context's trailing whitespace (the template's "\n" after the assistant header) into the
     # continuation, so it scores that token too: the trainer's log-prob of the answer + EOS (eval_samples' logp_real)
     # plus that of the "\n".

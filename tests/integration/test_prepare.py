@@ -1,5 +1,5 @@
 """The prepare stage (spin_ray/data/prepare.py) on the session's real Ray cluster, with real files: what it writes equals
-the in-driver reader's result (data.load_sft, the oracle), bad rows and repeats are found across files and
+the in-driver reader's result (sources.load_sft, the oracle), bad rows and repeats are found across files and
 partitions, a caller's Dataset goes through the same stage, and a finished folder is reused while an interrupted
 one is redone."""
 

@@ -147,7 +147,7 @@ def pair(storage):
 
 def test_echoed_log_probs_equal_the_trainers(client, storage, pair):
     """A log-likelihood request as lm-eval's local-completions sends it (token ids, echo, logprobs, max_tokens 0
-    or 1): the answer's log-probs equal the trainer's own forward (trainer.pair_logps, fp32) for the same ids."""
+    or 1): the answer's log-probs equal the trainer's own forward (step.pair_logps, fp32) for the same ids."""
     import torch
 
     from spin_ray.config import TrainConfig

@@ -3,7 +3,7 @@
 `<storage>/iter_<t>/model` (θ_{t+1}) is served as `iter_<t>` and the run's starting model (manifest.json) as `base`;
 the request's `model` field picks one. One `ModelServer` deployment per model holds a vLLM engine; one `Ingress`
 deployment (FastAPI) checks the API key, body size, JSON and fields, renders and counts the prompt with the same chat
-template as training (template.py), and answers every refusal with a 4xx OpenAI-style JSON error.
+template as training (training/template.py), and answers every refusal with a 4xx OpenAI-style JSON error.
 
 Why our own deployments and not `ray.serve.llm` (tried here, 2026-11-25):
 - its `ray[llm]==2.60.0` extra does not install beside our vLLM: `pip install --dry-run` wants vllm 0.29.0 (the CUDA
@@ -18,17 +18,3 @@ By job: `config` (the options, and which models a storage holds), `api` (the Ope
 `model_server` (one model's engine replica), `ingress` (the FastAPI front deployment), `app` (the Serve application
 and the run loop).
 """
-
-from importlib import import_module
-from typing import Any
-
-# Each name from its module on first use: `from spin_ray.tools.serve import ServeConfig` and the `config` module do not
-# load Ray Serve, which only `build_app` and `serve_until_stopped` need.
-_HOMES = {"ServeConfig": "config", "resolve": "config", "build_app": "app", "serve_until_stopped": "app"}
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'spin_ray.tools.serve' has no attribute {name!r}")
-    return getattr(import_module(f"spin_ray.tools.serve.{_HOMES[name]}"), name)
