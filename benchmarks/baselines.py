@@ -1,13 +1,47 @@
 """The padded layouts the trainer's flattened one (spin_ray.training.template.pack_varlen) replaced, kept as exact
 references for its log-probs and as the baselines the benchmarks time it against: `collate` (2B sequences padded to
 the longest), `pack_pairs` (each pair in one row, a block-diagonal causal mask), their log-probs through the
-package's chunked LM head (`label_logps`)."""
+package's chunked LM head (`label_logps`); `padded_micro_batches`, how such rows were cut into micro-batches."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
+from spin_ray.training.batching import even_out
 from spin_ray.training.template import CHUNK_TOKENS, IGNORE, head_logps
+
+# Padding share a token-budget micro-batch of padded rows may reach by default: a forward costs about its padded
+# tokens, so a few more, narrower forwards cost less than the padding they avoid.
+MAX_PADDING = 0.1
+
+
+def padded_micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None,
+                         max_tokens: int | None, max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """batching.micro_batches for rows padded to the longest (`pack_pairs`, `collate`): B pairs cost B·max(length)
+    tokens, and under a token budget a micro-batch also ends before its padding would pass `max_padding` of its
+    tokens (a large budget would otherwise take a whole long-tailed share in one forward, padded to its longest row)."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    width = real = 0
+    for i in sorted(rows, key=lambda i: lengths[i]):
+        wider = max(width, lengths[i])
+        cost = (len(current) + 1) * wider
+        full = (max_pairs is not None and len(current) >= max_pairs) or (max_tokens is not None and (
+            cost > max_tokens or cost - real - lengths[i] > max_padding * cost))
+        if current and full:
+            out.append(current)
+            current, wider, real = [], lengths[i], 0
+        current.append(i)
+        width, real = wider, real + lengths[i]
+    return out + ([current] if current else [])
+
+
+def even_padded_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_pairs: int | None,
+                              max_tokens: int | None, max_padding: float = MAX_PADDING) -> list[list[list[int]]]:
+    return even_out([padded_micro_batches(s, lengths, max_pairs=max_pairs, max_tokens=max_tokens,
+                                          max_padding=max_padding) for s in shares])
 
 
 def collate(pairs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ grouped         length grouping (spin_ray.training.batching.worker_shares + even
                 2B padded sequences: what grouping alone buys
 packed          the rule before flattening: each pair packed in one row (baselines.pack_pairs: both sequences side by
                 side, own positions, block-diagonal causal mask), rows length-grouped, as many per forward as fit
-                train.micro_batch_tokens with at most spin_ray.training.batching.MAX_PADDING of a forward's tokens padding
+                train.micro_batch_tokens with at most baselines.MAX_PADDING of a forward's tokens padding
 varlen          spin_ray.train today: Trainer.train_step on flattened micro-batches (template.pack_varlen: whole
                 sequences one after another, per-sequence attention, no padding, no mask), as many pairs per forward
                 as fit train.micro_batch_tokens
@@ -39,6 +39,7 @@ import math
 import os
 import random
 import time
+from typing import Callable
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -135,6 +136,7 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     """Each variant's micro-batches for the same seeded global batches (one worker), and its layout."""
     import torch
 
+    from baselines import even_padded_micro_batches
     from spin_ray.training.batching import even_micro_batches, worker_shares
 
     padded = [len(p["prompt_ids"]) + max(len(p["real_ids"]), len(p["generated_ids"])) for p in pairs]
@@ -144,13 +146,12 @@ def plans(pairs: list[dict[str, list[int]]], *, steps: int, global_batch: int, m
     grouped = [even_micro_batches(worker_shares(b, padded, 1), padded, max_pairs=micro, max_tokens=None)[0]
                for b in batches]
 
-    def budgeted(**how: float | bool) -> list[list[list[int]]]:
-        return [even_micro_batches(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget, **how)[0]
-                for b in batches]
+    def budgeted(cut: Callable[..., list[list[list[int]]]]) -> list[list[list[int]]]:
+        return [cut(worker_shares(b, packed, 1), packed, max_pairs=None, max_tokens=budget)[0] for b in batches]
 
     return {"before": ([[b[i:i + micro] for i in range(0, len(b), micro)] for b in batches], "collate"),
-            "grouped": (grouped, "collate"), "packed": (budgeted(padded=True), "pack_pairs"),
-            "varlen": (budgeted(), "varlen")}
+            "grouped": (grouped, "collate"), "packed": (budgeted(even_padded_micro_batches), "pack_pairs"),
+            "varlen": (budgeted(even_micro_batches), "varlen")}
 
 
 def planned_padding(pairs: list[dict[str, list[int]]], plan: list[list[list[int]]], layout: str) -> float:

@@ -367,7 +367,7 @@ def render(summary: dict[str, dict], walls: dict[str, list[float | None]], total
                     "benchmarks/padding.py: one process, random Llama of SmolLM2 widths; *before* = random pairs "
                     "padded to the longest of 2B sequences, *grouped* = length grouping at the same pair count, "
                     "*packed* = spin_ray.train today (pairs packed in one row, length-grouped under "
-                    "micro_batch_tokens, at most batching.MAX_PADDING = 10% padding per forward), *packed-nocap* = the "
+                    "micro_batch_tokens, at most baselines.MAX_PADDING = 10% padding per forward), *packed-nocap* = the "
                     "same without that cap (the rule before this run). Targets on the long-tailed mix: padding "
                     "≤ 10%, real tok/s ≥ 1.5× before."),
         "padding-plan": ("Padding share of the same plans, from the lengths alone",

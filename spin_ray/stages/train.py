@@ -283,8 +283,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     lengths = c["lengths"]
     index = ray.get(c["pairs"])
     # The trainer's micro-batches are flattened whole sequences (template.pack_varlen): a budget counts real tokens.
-    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens,
-                  padded=False)
+    budget = dict(max_pairs=None if tc.micro_batch_tokens else tc.micro_batch_size, max_tokens=tc.micro_batch_tokens)
     # Rank 0 alone reads storage; every rank follows its answer (the pass below is collective).
     found = [read_reference(c["reference"], ray.get(c["keys"])) if rank == 0 else None]
     if world > 1:

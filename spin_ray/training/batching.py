@@ -9,11 +9,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# Padding share a token-budget micro-batch may reach by default: a forward costs about its padded tokens, so a few
-# more, narrower forwards cost less than the padding they avoid.
-MAX_PADDING = 0.1
-
-
 def plan_steps(n_rows: int, global_batch: int, num_workers: int) -> list[int]:
     """Rows per optimizer step in one epoch: full global batches, then the remainder cut to a multiple of the
     worker count (every DDP worker must take part in every step)."""
@@ -29,40 +24,30 @@ def worker_shares(step_rows: Sequence[int], lengths: Sequence[int], world: int) 
     return [ranked[r::world] for r in range(world)]
 
 
-def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None, max_tokens: int | None,
-                  max_padding: float = MAX_PADDING, padded: bool = False) -> list[list[int]]:
-    """A worker's share split into length-grouped micro-batches.
+def micro_batches(rows: Sequence[int], lengths: Sequence[int], *, max_pairs: int | None,
+                  max_tokens: int | None) -> list[list[int]]:
+    """A worker's share split into length-grouped micro-batches of the trainer's layout: the pairs' sequences
+    flattened without padding (template.pack_varlen), so a micro-batch costs the sum of its lengths.
 
     `lengths[i]` is pair i's two sequences' tokens (prompt twice, both answers); `max_pairs` bounds the pairs of a
-    micro-batch and `max_tokens` its cost. By default, the trainer's layout: the pairs' sequences are flattened
-    without padding (template.pack_varlen), and a micro-batch costs the sum of its lengths. `padded` (the benchmarks'
-    baseline, benchmarks/baselines.pack_pairs): B pairs are B rows padded to the longest, costing B·max(length)
-    tokens, and under a token budget a micro-batch also ends before its padding would pass `max_padding` of its tokens
-    (a large budget would otherwise take a whole long-tailed share in one forward, padded to its longest row).
-    """
+    micro-batch and `max_tokens` its tokens."""
     out: list[list[int]] = []
     current: list[int] = []
-    width = real = 0
+    tokens = 0
     for i in sorted(rows, key=lambda i: lengths[i]):
-        wider = max(width, lengths[i])
-        cost = (len(current) + 1) * wider if padded else real + lengths[i]
-        full = (max_pairs is not None and len(current) >= max_pairs) or (max_tokens is not None and (
-            cost > max_tokens or cost - real - lengths[i] > max_padding * cost))
+        full = (max_pairs is not None and len(current) >= max_pairs) or (
+            max_tokens is not None and tokens + lengths[i] > max_tokens)
         if current and full:
             out.append(current)
-            current, wider, real = [], lengths[i], 0
+            current, tokens = [], 0
         current.append(i)
-        width, real = wider, real + lengths[i]
+        tokens += lengths[i]
     return out + ([current] if current else [])
 
 
-def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_pairs: int | None,
-                       max_tokens: int | None, max_padding: float = MAX_PADDING,
-                       padded: bool = False) -> list[list[list[int]]]:
+def even_out(plans: list[list[list[int]]]) -> list[list[list[int]]]:
     """Every worker's micro-batches, the larger ones split until all workers run the same number: each FSDP2
     forward all-gathers across workers, so one worker with an extra micro-batch would wait forever."""
-    plans = [micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens, max_padding=max_padding,
-                           padded=padded) for share in shares]
     n = max(map(len, plans))
     for plan in plans:
         while len(plan) < n:  # each share has as many pairs as the largest plan's micro-batches, so this ends
@@ -70,6 +55,12 @@ def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_p
             half = len(plan[j]) // 2
             plan[j:j + 1] = [plan[j][:half], plan[j][half:]]
     return plans
+
+
+def even_micro_batches(shares: list[list[int]], lengths: Sequence[int], *, max_pairs: int | None,
+                       max_tokens: int | None) -> list[list[list[int]]]:
+    """Each worker's share cut into micro-batches, the same number for every worker (even_out)."""
+    return even_out([micro_batches(share, lengths, max_pairs=max_pairs, max_tokens=max_tokens) for share in shares])
 
 
 def epoch_plan(lengths: Sequence[int], steps: Sequence[int], seed: int, epoch: int,

@@ -1,4 +1,8 @@
-"""How the trainer forms its batches (length-grouped, token budget, even across workers) and which β/lr it uses."""
+"""How the trainer forms its batches (length-grouped, token budget, even across workers) and which β/lr it uses;
+and the padded baseline's batches the benchmarks time it against (benchmarks/baselines.py)."""
+
+import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -7,6 +11,10 @@ import pytest
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.stages.train import PairArrays
 from spin_ray.training.batching import even_micro_batches, micro_batches, worker_shares
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+from baselines import even_padded_micro_batches, padded_micro_batches  # noqa: E402
 
 
 def test_micro_batches_group_by_length_under_a_pair_cap():
@@ -18,16 +26,16 @@ def test_token_budget_counts_padding_of_the_packed_rows():
     lengths = [10, 10, 10, 30, 100]
     # Lengths are packed rows (both sequences): 3 x 10 = 30 <= 100; adding the 30 costs 4 x 30 = 120 > 100; then
     # 2 x 100 > 100, so the 100 goes alone.
-    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=100, padded=True) == [[0, 1, 2], [3], [4]]
+    assert padded_micro_batches(range(5), lengths, max_pairs=None, max_tokens=100) == [[0, 1, 2], [3], [4]]
 
 
 def test_token_budget_also_caps_the_padding_share():
     lengths = [10, 10, 11, 20, 21]
     # Budget 1000 fits all five, but with the 20: 4 x 20 = 80 tokens for 51 real, 36% padding > MAX_PADDING (10%);
     # [10, 10, 11] pads 2 of 33 (6%), [20, 21] 1 of 42 (2%).
-    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=1000, padded=True) == [[0, 1, 2], [3, 4]]
+    assert padded_micro_batches(range(5), lengths, max_pairs=None, max_tokens=1000) == [[0, 1, 2], [3, 4]]
     # A pair cap alone keeps its fixed count (the padding cap is part of the token budget).
-    assert micro_batches(range(5), lengths, max_pairs=5, max_tokens=None, padded=True) == [[0, 1, 2, 3, 4]]
+    assert padded_micro_batches(range(5), lengths, max_pairs=5, max_tokens=None) == [[0, 1, 2, 3, 4]]
 
 
 def test_workers_get_equal_shares_and_the_same_number_of_micro_batches():
@@ -39,8 +47,7 @@ def test_workers_get_equal_shares_and_the_same_number_of_micro_batches():
     # ([5, 1]: 9 + 100 = 109, then 6 and 7 alone: 109 + 101 > 150), so worker 0's forward is split into three too.
     assert plans == [[[0], [2], [3, 4]], [[5, 1], [6], [7]]]
     # Padded rows: worker 1 needs four ([5] then 1, 6, 7 alone: 2 x 100 > 150), and so does worker 0.
-    assert even_micro_batches([[0, 2, 3, 4], [1, 5, 6, 7]], lengths, max_pairs=None, max_tokens=150,
-                              padded=True) == [[[0], [2], [3], [4]], [[5], [1], [6], [7]]]
+    assert even_padded_micro_batches([[0, 2, 3, 4], [1, 5, 6, 7]], lengths, max_pairs=None, max_tokens=150) == [[[0], [2], [3], [4]], [[5], [1], [6], [7]]]
 
 
 def test_pair_arrays_hold_ids_and_lengths():
@@ -76,16 +83,16 @@ def test_batching_fields_are_validated():
 def test_padding_cap_is_a_parameter():
     lengths = [10, 10, 11, 20, 21]
     # Without the cap (1.0: any padding), a budget of 1000 takes the whole share in one forward, padded to 21.
-    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=1000, max_padding=1.0,
-                         padded=True) == [[0, 1, 2, 3, 4]]
-    assert even_micro_batches([list(range(5))], lengths, max_pairs=None, max_tokens=1000, max_padding=0.05,
-                              padded=True) == [[[0, 1], [2], [3, 4]]]
+    assert padded_micro_batches(range(5), lengths, max_pairs=None, max_tokens=1000,
+                                max_padding=1.0) == [[0, 1, 2, 3, 4]]
+    assert even_padded_micro_batches([list(range(5))], lengths, max_pairs=None, max_tokens=1000,
+                                     max_padding=0.05) == [[[0, 1], [2], [3, 4]]]
 
 
 def test_flattened_micro_batches_cost_their_real_tokens():
     lengths = [10, 10, 11, 20, 21]
-    # Flattened (template.pack_varlen, the default: the trainer's layout): a micro-batch costs the sum of its
+    # Flattened (template.pack_varlen, the trainer's layout): a micro-batch costs the sum of its
     # lengths, no padding: 10+10+11+20 = 51 <= 60.
     assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=60) == [[0, 1, 2, 3], [4]]
     # Padded rows: 4 x 20 = 80 > 60, and [20, 21] pads too little to split.
-    assert micro_batches(range(5), lengths, max_pairs=None, max_tokens=60, padded=True) == [[0, 1, 2], [3, 4]]
+    assert padded_micro_batches(range(5), lengths, max_pairs=None, max_tokens=60) == [[0, 1, 2], [3, 4]]
