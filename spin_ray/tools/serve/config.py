@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spin_ray.config import DTYPES, ConfigError
-from spin_ray.data import records
+from spin_ray.data.layout import RunLayout
 from spin_ray.models.builders import resolve_model
 from spin_ray.models.loading import check_model
 
@@ -81,7 +81,8 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
                               "to pick iterations, or leave --iterations out")
         check_model(str(target.resolve()), cfg.trust_remote_code)
         return {target.resolve().name: str(target.resolve())}
-    manifest = target / "manifest.json"
+    layout = RunLayout(str(target))
+    manifest = Path(layout.manifest)
     if not manifest.is_file():
         raise ConfigError(f"{target} is neither an HF model folder (config.json) nor a run's storage "
                           "(manifest.json); pass `storage` of a `spin-ray run`, or a model folder")
@@ -89,9 +90,7 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
         state = json.loads(manifest.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{manifest} cannot be read as JSON ({e}); is the run's storage intact?") from e
-    done = sorted(int(p.parent.parent.name.removeprefix("iter_"))
-                  for p in target.glob("iter_*/model/" + records.MARKER)
-                  if p.parent.parent.name.removeprefix("iter_").isdigit())
+    done = [t for t in layout.iterations() if layout.done(layout.model(t))]
     best = (state.get("selected") or {}) if (state.get("selected") or {}).get("rule") == "best" else {}
     wanted = cfg.iterations if cfg.iterations is not None else ["base", *map(str, done), *(["best"] if best else [])]
     models = {}
@@ -100,9 +99,9 @@ def resolve(cfg: ServeConfig) -> dict[str, str]:
             models["base"] = _base_model(state, manifest)
         elif name == "best" and best:  # loop.select = best: the iterate the run kept, beside the others
             models["best"] = _base_model(state, manifest) if best["theta"] == 0 else str(
-                (target / f"iter_{best['theta'] - 1}" / "model").resolve())
+                Path(layout.model(best["theta"] - 1)).resolve())
         elif name.isdigit() and int(name) in done:
-            models[f"iter_{int(name)}"] = str((target / f"iter_{int(name)}" / "model").resolve())
+            models[f"iter_{int(name)}"] = str(Path(layout.model(int(name))).resolve())
         else:
             raise ConfigError(f"--iterations names {name!r}, but {target} has finished models for iterations "
                               f"{done or 'none'} (iter_<t>/model holds θ_(t+1)); use those numbers, `base`, or `best` (runs with loop.select = best)")
