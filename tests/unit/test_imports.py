@@ -116,3 +116,15 @@ def test_every_module_imports_alone() -> None:
             "    importlib.import_module(name)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_api_names_stay_the_functions_after_their_modules_load() -> None:
+    """No submodule bears an API name, so loading a stage's module leaves `spin_ray.train` the function."""
+    code = ("import importlib, inspect, spin_ray\n"
+            "for name, home in spin_ray._HOMES.items():\n"
+            "    module = importlib.import_module(f'spin_ray.{home}')\n"
+            "    assert getattr(spin_ray, name) is getattr(module, name), name\n"
+            "import spin_ray.stages.train, spin_ray.stages.evaluate\n"
+            "assert inspect.isfunction(spin_ray.train) and inspect.isfunction(spin_ray.evaluate)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
