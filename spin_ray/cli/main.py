@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spin_ray.assets import ASSETS
-from spin_ray.cli import output
 from spin_ray.cli.cluster import CommandCluster
-from spin_ray.cli.output import complain, say
+from spin_ray.cli.output import (back_to_terminal, complain, log_file_for, logs_only, print_json, quiet_output, say,
+                                  serve_log_file, start_output)
 from spin_ray.cli.screens import PHASES, SCREENS
 from spin_ray.config import ConfigError, SpinConfig
 from spin_ray.models.builders import build_tiny_model
@@ -180,7 +180,7 @@ QUIET = ("prepare", "generate", "train", "run")
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parser().parse_args(argv)
-    output.start(args.json)
+    start_output(args.json)
     ray_cluster = CommandCluster(args.command)
     log_path = None
     try:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_cfg = _serve_config(args)
             # Unless --verbose, Ray's, Serve's and vLLM's lines (and one per request) go to the file.
-            log_path = None if args.verbose else output.serve_log_file(args.target)
+            log_path = None if args.verbose else serve_log_file(args.target)
             _start_ray(ray_cluster, SpinConfig(), None, log_path, "--verbose shows it here, with a line per request")
             out = serve_until_stopped(serve_cfg, on_ready=say)
         else:
@@ -203,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                 from spin_ray.stages.loop import check_inputs  # deferred (Ray, pyarrow): bad input is refused first
 
                 check_inputs(cfg, args.command)  # bad storage, data or model: one paragraph before Ray starts
-                log_path = None if args.verbose else output.log_file_for(cfg.storage, args.command)
+                log_path = None if args.verbose else log_file_for(cfg.storage, args.command)
                 _start_ray(ray_cluster, cfg, cfg.storage, log_path, "--verbose shows it here")
             out = COMMANDS[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         ray_cluster.stop_watching()
         if args.debug:
-            output.back_to_terminal()  # the traceback Python prints next belongs on the terminal
+            back_to_terminal()  # the traceback Python prints next belongs on the terminal
             raise
         complain(f"spin-ray {args.command}: error: {e}")
         return 2
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("spin-ray %s failed: the Ray cluster went away", args.command)
             return 1
         if args.debug or log_path is None:
-            output.back_to_terminal()
+            back_to_terminal()
             raise
         log.exception("spin-ray %s failed", args.command)
         if _disk_full(e):
@@ -233,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         ray_cluster.stop_watching()
-        output.logs_only()
+        logs_only()
     if args.command == "run":
         out["total_seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
-        output.print_json(out)
+        print_json(out)
     else:
         say(*SCREENS[args.command](out))
     return 1 if out.get("fits") is False else 0  # `plan`: the cluster cannot hold the run
@@ -247,7 +247,7 @@ def _start_ray(ray_cluster: CommandCluster, cfg: SpinConfig, storage: str | None
                verbose_note: str) -> None:
     """Start the command's Ray cluster, its output quiet (into `log_path`) unless that is None (--verbose)."""
     if log_path is not None:
-        output.quiet_output(log_path)
+        quiet_output(log_path)
     ray_cluster.start(cfg, storage, log_path)
     if log_path is not None:
         say(f"spin-ray {ray_cluster.command}: full log in {log_path} ({verbose_note})")

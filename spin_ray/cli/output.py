@@ -23,7 +23,7 @@ _console_err: IO[str] | None = None
 _json = False
 
 
-def start(as_json: bool) -> None:
+def start_output(as_json: bool) -> None:
     """Before the command runs: every log line to the process's stderr; `as_json`: the result alone on stdout."""
     global _json
     _json = as_json
