@@ -62,9 +62,7 @@ def test_train_takes_a_filtered_pairs_dataset_and_returns_a_checkpoint(ray_clust
     import ray.train
     from ray.data.expressions import col
 
-    from spin_ray.stages import train
-
-    from spin_ray import make_pairs
+    from spin_ray import make_pairs, train
     from spin_ray.config import SpinConfig
     from spin_ray.data.sources import BUNDLED
 
@@ -87,7 +85,7 @@ def test_train_takes_a_filtered_pairs_dataset_and_returns_a_checkpoint(ray_clust
 def test_pairs_dataset_without_the_training_columns_is_refused(ray_cluster, tiny_model, tmp_path):
     import ray.data
 
-    from spin_ray.stages import train
+    from spin_ray import train
     from spin_ray.config import ConfigError, SpinConfig
 
     cfg = SpinConfig.load(None, [f"model={tiny_model}", f"storage={tmp_path}"])
