@@ -7,7 +7,7 @@ step 0's loss is ln 2), and stores them in `iter_<t>/reference/` so that a resta
 holds one model and runs one forward per micro-batch of pairs grouped by length, their sequences flattened into one
 row without padding (template.pack_varlen).
 Here: which pairs each worker takes at each step, the reference pass, and the Ray glue around
-spin_ray.training.step.Trainer (the step) and spin_ray.checkpoint (the state on disk).
+spin_ray.training.step.Trainer (the step) and spin_ray.training.checkpoint (the state on disk).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def test_first_step_is_ln2_then_loss_falls(tiny_model, pairs, tmp_path):
 
 
 def direct_logp(model, tokenizer, prompt, answer):
-    """log π(answer | prompt) by a plain HF forward of one sequence, written independently of spin_ray.template."""
+    """log π(answer | prompt) by a plain HF forward of one sequence, written independently of spin_ray.training.template."""
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     p = tokenizer(text, add_special_tokens=False).input_ids
     a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
